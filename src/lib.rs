@@ -1,0 +1,13 @@
+//! # sso-token-proxy
+//!
+//! Obtains OAuth 2.0 bearer tokens from AWS IAM Identity Center OIDC
+//! (`CreateToken`), keeps them fresh, and puts `Authorization: Bearer …` on
+//! outbound requests — as a tower layer or as a sidecar reverse proxy.
+
+pub mod emulator;
+pub mod oidc;
+pub mod retry;
+pub mod secret;
+pub mod tls;
+
+pub use secret::Secret;
