@@ -253,13 +253,13 @@ impl Policy<CreateTokenRequest, CreateTokenResponse, OidcError> for OidcRetryPol
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oidc::{ErrorDetails, Operation, ServiceErrorKind};
+    use crate::oidc::{Operation, ServiceErrorKind};
 
     fn service(kind: ServiceErrorKind) -> OidcError {
         OidcError::Service {
             operation: Operation::CreateToken,
             kind,
-            details: ErrorDetails::default(),
+            details: Box::default(),
         }
     }
 

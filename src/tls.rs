@@ -55,7 +55,6 @@ pub fn client_config(extra_ca_file: Option<&Path>) -> Result<rustls::ClientConfi
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -321,7 +321,7 @@ pub enum OidcError {
         /// Which modelled error.
         kind: ServiceErrorKind,
         /// What the service said.
-        details: ErrorDetails,
+        details: Box<ErrorDetails>,
     },
     /// An error response whose type is not in the model, or has no type.
     #[error("{operation} failed with HTTP {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
@@ -333,7 +333,7 @@ pub enum OidcError {
         /// HTTP status.
         status: u16,
         /// What the service said.
-        details: ErrorDetails,
+        details: Box<ErrorDetails>,
     },
     /// Could not connect to the endpoint (refused, DNS, unreachable).
     #[error("{operation}: cannot connect to the SSO-OIDC endpoint: {source}")]
@@ -482,7 +482,7 @@ pub fn parse_error_response(
 ) -> OidcError {
     // A non-JSON body is not an error here: only its fields are optional hints.
     let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
-    let details = ErrorDetails {
+    let details = Box::new(ErrorDetails {
         status: status.as_u16(),
         error: parsed.error.clone(),
         error_description: parsed.error_description.clone().or(parsed.message.clone()),
@@ -493,7 +493,7 @@ pub fn parse_error_response(
             .get("x-amzn-requestid")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
-    };
+    });
 
     let type_name = headers
         .get("x-amzn-errortype")

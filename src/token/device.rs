@@ -1,0 +1,196 @@
+//! The device authorization flow (RFC 8628) behind `sso-token-proxy login`:
+//! RegisterClient → StartDeviceAuthorization → show the code → poll
+//! CreateToken → write an AWS SSO cache file.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use sha1::{Digest, Sha1};
+
+use super::{SsoCacheFile, Token, TokenError, sso_cache::format_time};
+use crate::{
+    oidc::{
+        CreateTokenRequest, ErrorClass, OidcClient, RegisterClientRequest,
+        ServiceErrorKind, StartDeviceAuthorizationRequest,
+    },
+    retry::{OidcRetryPolicy, RetryConfig},
+};
+
+/// The cache file name the AWS CLI uses: hex SHA-1 of the session name (for
+/// `sso_session` profiles) or of the start URL, plus `.json`.
+pub fn sso_cache_file_name(session_name_or_start_url: &str) -> String {
+    let digest = Sha1::digest(session_name_or_start_url.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.json")
+}
+
+/// Settings of a device login.
+#[derive(Debug, Clone)]
+pub struct LoginOptions {
+    /// The AWS access portal URL.
+    pub start_url: String,
+    /// Region written into the cache file.
+    pub region: String,
+    /// Client name to register.
+    pub client_name: String,
+    /// Scopes to request.
+    pub scopes: Vec<String>,
+    /// Where to write the cache file.
+    pub cache_file: PathBuf,
+    /// Poll interval when the service does not send one (RFC 8628: 5 s).
+    pub default_interval: Duration,
+    /// How much a `slow_down` adds to the interval (RFC 8628: 5 s).
+    pub slow_down_increment: Duration,
+    /// Retry settings for transient failures while polling.
+    pub retry: RetryConfig,
+}
+
+impl LoginOptions {
+    /// Options with the RFC 8628 defaults.
+    pub fn new(start_url: impl Into<String>, region: impl Into<String>, cache_file: PathBuf) -> Self {
+        Self {
+            start_url: start_url.into(),
+            region: region.into(),
+            client_name: "sso-token-proxy".to_owned(),
+            scopes: Vec::new(),
+            cache_file,
+            default_interval: Duration::from_secs(5),
+            slow_down_increment: Duration::from_secs(5),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+/// What to show the person who approves the login.
+#[derive(Debug, Clone)]
+pub struct DevicePrompt {
+    /// Where to go.
+    pub verification_uri: String,
+    /// The same with the code filled in, when the service gives one.
+    pub verification_uri_complete: Option<String>,
+    /// The code to type (not a secret: it is useless without the device code).
+    pub user_code: String,
+    /// How long the code stays valid.
+    pub expires_in: Duration,
+}
+
+/// Runs the device flow and writes the cache file. `prompt` is called once,
+/// when the person must act.
+pub async fn device_login(
+    oidc: &OidcClient,
+    options: &LoginOptions,
+    prompt: impl FnOnce(&DevicePrompt),
+) -> Result<(SsoCacheFile, Token), TokenError> {
+    let mut register = RegisterClientRequest::public(options.client_name.clone());
+    if !options.scopes.is_empty() {
+        register.scopes = Some(options.scopes.clone());
+    }
+    let registration = oidc.register_client(&register).await?;
+    let client_id = registration
+        .client_id
+        .clone()
+        .ok_or_else(|| TokenError::Login("RegisterClient returned no clientId".to_owned()))?;
+    let client_secret = registration
+        .client_secret
+        .clone()
+        .ok_or_else(|| TokenError::Login("RegisterClient returned no clientSecret".to_owned()))?;
+
+    let device = oidc
+        .start_device_authorization(&StartDeviceAuthorizationRequest {
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            start_url: options.start_url.clone(),
+        })
+        .await?;
+    let device_code = device
+        .device_code
+        .clone()
+        .ok_or_else(|| TokenError::Login("StartDeviceAuthorization returned no deviceCode".to_owned()))?;
+    let expires_in = Duration::from_secs(device.expires_in.unwrap_or(600).max(1) as u64);
+    prompt(&DevicePrompt {
+        verification_uri: device.verification_uri.clone().unwrap_or_default(),
+        verification_uri_complete: device.verification_uri_complete.clone(),
+        user_code: device.user_code.clone().unwrap_or_default(),
+        expires_in,
+    });
+
+    let deadline = tokio::time::Instant::now() + expires_in;
+    let mut interval = match device.interval {
+        Some(secs) if secs > 0 => Duration::from_secs(secs as u64),
+        _ => options.default_interval,
+    };
+    let request = CreateTokenRequest::device_code(client_id.clone(), client_secret.clone(), device_code)
+        .with_scopes(options.scopes.clone());
+    let mut transient = OidcRetryPolicy::new(options.retry.clone());
+    let response = loop {
+        tokio::time::sleep(interval).await;
+        match oidc.create_token(&request).await {
+            Ok(response) => break response,
+            Err(e) => match (e.service_kind(), e.class()) {
+                (Some(ServiceErrorKind::AuthorizationPending), _) => {
+                    tracing::debug!("authorization pending");
+                }
+                (Some(ServiceErrorKind::SlowDown), _) => {
+                    interval += options.slow_down_increment;
+                    tracing::debug!(interval_s = interval.as_secs_f64(), "slow_down: polling less often");
+                }
+                (Some(ServiceErrorKind::ExpiredToken), _) => {
+                    return Err(TokenError::Login(
+                        "the device code expired before it was approved; run login again".to_owned(),
+                    ));
+                }
+                (_, ErrorClass::Transient | ErrorClass::Throttled) => {
+                    let decision = transient.decide(&e);
+                    match decision.delay {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(e.into()),
+                    }
+                }
+                _ => return Err(e.into()),
+            },
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(TokenError::Login(
+                "the device code expired before it was approved; run login again".to_owned(),
+            ));
+        }
+    };
+
+    let token = Token::from_response(&response)?;
+    let file = SsoCacheFile {
+        start_url: Some(options.start_url.clone()),
+        region: Some(options.region.clone()),
+        access_token: Some(token.access_token().clone()),
+        expires_at: Some(format_time(token.expires_at_wall())),
+        client_id: Some(client_id),
+        client_secret: Some(client_secret),
+        registration_expires_at: registration.client_secret_expires_at.map(|secs| {
+            format_time(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+        }),
+        refresh_token: response.refresh_token.clone(),
+        extra: Default::default(),
+    };
+    if let Some(dir) = options.cache_file.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| TokenError::File {
+            path: dir.display().to_string(),
+            reason: format!("cannot create cache directory: {e}"),
+        })?;
+    }
+    file.store(&options.cache_file)?;
+    Ok((file, token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_file_name_is_sha1_hex() {
+        // SHA-1 of "abc" is a well-known test vector.
+        assert_eq!(sso_cache_file_name("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d.json");
+    }
+}

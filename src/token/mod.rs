@@ -1,0 +1,296 @@
+//! Tokens and the sources that produce them.
+//!
+//! A [`TokenSource`] fetches a fresh [`Token`]; the
+//! [`TokenCache`](crate::cache::TokenCache) decides when to ask.
+
+mod device;
+mod refresh;
+mod sso_cache;
+mod state;
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+pub use device::{DevicePrompt, LoginOptions, device_login, sso_cache_file_name};
+pub use refresh::RefreshTokenSource;
+pub use sso_cache::{SsoCacheFile, SsoCacheSource, parse_expires_at};
+pub use state::StateFile;
+
+use crate::{
+    oidc::{CreateTokenResponse, ErrorClass, OidcError, Operation},
+    secret::Secret,
+};
+
+static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An access token with what is known about it. `Debug` redacts secrets.
+#[derive(Clone)]
+pub struct Token {
+    id: u64,
+    access_token: Secret,
+    header: HeaderValue,
+    expires_at: Instant,
+    lifetime: Duration,
+    expires_at_wall: SystemTime,
+    refresh_token: Option<Secret>,
+    id_token: Option<Secret>,
+    scopes: Vec<String>,
+}
+
+impl Token {
+    /// A token valid for `lifetime` from now.
+    pub fn new(access_token: Secret, lifetime: Duration) -> Self {
+        let mut header = HeaderValue::try_from(format!("Bearer {}", access_token.expose()))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+        header.set_sensitive(true);
+        Self {
+            id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
+            access_token,
+            header,
+            expires_at: Instant::now() + lifetime,
+            lifetime,
+            expires_at_wall: SystemTime::now() + lifetime,
+            refresh_token: None,
+            id_token: None,
+            scopes: Vec::new(),
+        }
+    }
+
+    /// A token that expires at a wall-clock time (from a cache file).
+    pub fn expiring_at(access_token: Secret, expires_at: SystemTime) -> Self {
+        let lifetime = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let mut token = Self::new(access_token, lifetime);
+        token.expires_at_wall = expires_at;
+        token
+    }
+
+    /// Builds a token from a `CreateToken` response. A response without an
+    /// `accessToken` or `expiresIn`, or with a token that cannot be a header
+    /// value, is a decode error.
+    pub fn from_response(response: &CreateTokenResponse) -> Result<Self, OidcError> {
+        let decode = |message: &str| OidcError::Decode {
+            operation: Operation::CreateToken,
+            status: 200,
+            message: message.to_owned(),
+        };
+        let access = response
+            .access_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| decode("response has no accessToken"))?;
+        let expires_in = response
+            .expires_in
+            .ok_or_else(|| decode("response has no expiresIn"))?;
+        if expires_in <= 0 {
+            return Err(decode("expiresIn is not positive"));
+        }
+        if HeaderValue::try_from(format!("Bearer {}", access.expose())).is_err() {
+            return Err(decode("accessToken contains characters not allowed in a header"));
+        }
+        if let Some(t) = &response.token_type
+            && !t.eq_ignore_ascii_case("bearer")
+        {
+            return Err(decode("tokenType is not Bearer"));
+        }
+        let mut token = Self::new(access, Duration::from_secs(expires_in as u64));
+        token.refresh_token = response.refresh_token.clone();
+        token.id_token = response.id_token.clone();
+        Ok(token)
+    }
+
+    /// Sets the scopes the token was granted for.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// Sets the refresh token that came with it.
+    #[must_use]
+    pub fn with_refresh_token(mut self, refresh_token: Option<Secret>) -> Self {
+        self.refresh_token = refresh_token;
+        self
+    }
+
+    /// Process-unique id of this token, used to invalidate exactly it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The raw access token.
+    pub fn access_token(&self) -> &Secret {
+        &self.access_token
+    }
+
+    /// `Bearer <token>` as a sensitive header value (cheap to clone).
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// When the token expires (tokio clock).
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
+    /// The lifetime the token had when this process got it.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// When the token expires (wall clock).
+    pub fn expires_at_wall(&self) -> SystemTime {
+        self.expires_at_wall
+    }
+
+    /// Time left until expiry (zero once expired).
+    pub fn ttl(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the token is still valid now.
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.expires_at
+    }
+
+    /// The refresh token that came with it.
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        self.refresh_token.as_ref()
+    }
+
+    /// The id token that came with it.
+    pub fn id_token(&self) -> Option<&Secret> {
+        self.id_token.as_ref()
+    }
+
+    /// Granted scopes.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("id", &self.id)
+            .field("access_token", &self.access_token)
+            .field("ttl", &self.ttl())
+            .field("refresh_token", &self.refresh_token)
+            .field("id_token", &self.id_token)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Why a source could not produce a token. Cheap to clone; never holds a
+/// secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The SSO-OIDC call failed.
+    #[error(transparent)]
+    Oidc(#[from] OidcError),
+    /// A cache or state file is missing, unreadable or corrupt.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The source has no refresh token to use.
+    #[error("no refresh token: {0}")]
+    NoRefreshToken(String),
+    /// The device flow did not complete.
+    #[error("device login failed: {0}")]
+    Login(String),
+}
+
+impl TokenError {
+    /// How retrying would fare.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Oidc(e) => e.class(),
+            Self::File { .. } | Self::NoRefreshToken(_) | Self::Login(_) => ErrorClass::Fatal,
+        }
+    }
+
+    /// Short name for 503 bodies, logs and metrics.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Oidc(e) => e.kind_name(),
+            Self::File { .. } => "TokenFile",
+            Self::NoRefreshToken(_) => "NoRefreshToken",
+            Self::Login(_) => "Login",
+        }
+    }
+}
+
+/// When a source may hand back a token it already holds (from a state or
+/// cache file) instead of calling `CreateToken`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// A held token valid for at least this long may be returned.
+    IfValidFor(Duration),
+    /// Always get a new token (the held one was rejected).
+    Never,
+}
+
+/// A boxed future returned by [`TokenSource::fetch`].
+pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, TokenError>> + Send + 'a>>;
+
+/// Something that can produce a fresh token.
+pub trait TokenSource: Send + Sync + 'static {
+    /// A stable identity: which credentials this source uses (no secrets).
+    fn identity(&self) -> String;
+
+    /// The scopes it requests.
+    fn scopes(&self) -> &[String];
+
+    /// Gets a token. Implementations serialise their own refreshes: with
+    /// refresh-token rotation two concurrent refreshes would revoke each
+    /// other's token.
+    fn fetch(&self, reuse: Reuse) -> FetchFuture<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_everything_secret() {
+        let t = Token::new(Secret::new("S3CRET-access"), Duration::from_secs(60))
+            .with_refresh_token(Some(Secret::new("S3CRET-refresh")));
+        let text = format!("{t:?}");
+        assert!(!text.contains("S3CRET"), "{text}");
+        assert!(t.header_value().is_sensitive());
+        assert_eq!(t.header_value().to_str().unwrap(), "Bearer S3CRET-access");
+    }
+
+    #[test]
+    fn from_response_checks_required_members() {
+        let mut r = CreateTokenResponse {
+            access_token: Some("a".into()),
+            token_type: Some("Bearer".into()),
+            expires_in: Some(60),
+            ..Default::default()
+        };
+        assert!(Token::from_response(&r).is_ok());
+        r.expires_in = None;
+        assert!(matches!(Token::from_response(&r), Err(OidcError::Decode { .. })));
+        r.expires_in = Some(60);
+        r.access_token = Some("bad\nvalue".into());
+        let err = Token::from_response(&r).unwrap_err();
+        assert!(!err.to_string().contains("bad\nvalue"));
+        r.access_token = None;
+        assert!(Token::from_response(&r).is_err());
+    }
+}

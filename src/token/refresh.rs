@@ -1,0 +1,247 @@
+//! The `refresh_token` grant source: exchanges a long-lived refresh token,
+//! persisting each rotated one before the access token it came with is
+//! handed out.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use tower::ServiceExt;
+
+use super::{
+    FetchFuture, Reuse, StateFile, Token, TokenError, TokenSource, parse_expires_at,
+    sso_cache::format_time,
+};
+use crate::{
+    oidc::{CreateTokenRequest, OidcClient},
+    retry::OidcRetryPolicy,
+    secret::Secret,
+};
+
+/// What the source holds between fetches.
+struct Held {
+    refresh_token: Secret,
+    /// The last access token, possibly loaded from the state file.
+    access: Option<Token>,
+}
+
+/// Exchanges a refresh token for access tokens (`grantType=refresh_token`).
+pub struct RefreshTokenSource {
+    oidc: OidcClient,
+    policy: OidcRetryPolicy,
+    client_id: String,
+    client_secret: Secret,
+    scopes: Vec<String>,
+    state_file: Option<PathBuf>,
+    held: tokio::sync::Mutex<Held>,
+}
+
+impl fmt::Debug for RefreshTokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshTokenSource")
+            .field("client_id", &self.client_id)
+            .field("scopes", &self.scopes)
+            .field("state_file", &self.state_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RefreshTokenSource`].
+#[derive(Debug)]
+pub struct RefreshTokenSourceBuilder {
+    oidc: OidcClient,
+    policy: OidcRetryPolicy,
+    client_id: String,
+    client_secret: Secret,
+    refresh_token: Secret,
+    configured_at: Option<SystemTime>,
+    state_file: Option<PathBuf>,
+    scopes: Vec<String>,
+}
+
+impl RefreshTokenSourceBuilder {
+    /// The retry policy for `CreateToken` (default: [`OidcRetryPolicy`] with
+    /// default settings).
+    #[must_use]
+    pub fn retry_policy(mut self, policy: OidcRetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Where rotated refresh tokens are persisted.
+    #[must_use]
+    pub fn state_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.state_file = Some(path.into());
+        self
+    }
+
+    /// When the configured refresh token was last changed (its file's
+    /// mtime). A state file written later wins over it; an older one loses,
+    /// so an operator who replaces the secret is obeyed.
+    #[must_use]
+    pub fn configured_at(mut self, at: SystemTime) -> Self {
+        self.configured_at = Some(at);
+        self
+    }
+
+    /// Scopes to request.
+    #[must_use]
+    pub fn scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// Builds the source, reading the state file if there is one. A corrupt
+    /// state file is an error (it is never overwritten blindly).
+    pub fn build(self) -> Result<RefreshTokenSource, TokenError> {
+        let mut refresh_token = self.refresh_token;
+        let mut access = None;
+        if let Some(path) = &self.state_file
+            && let Some(state) = StateFile::load(path)?
+        {
+            let same_client = state.client_id.as_deref().is_none_or(|c| c == self.client_id);
+            let newer = match (state.updated_at(), self.configured_at) {
+                (Some(state_at), Some(config_at)) => state_at >= config_at,
+                (_, None) => true,
+                (None, Some(_)) => false,
+            };
+            if same_client && newer {
+                tracing::info!(path = %path.display(), "using the refresh token from the state file");
+                refresh_token = state.refresh_token.clone().unwrap_or(refresh_token);
+                access = match (&state.access_token, state.expires_at.as_deref()) {
+                    (Some(a), Some(exp)) => parse_expires_at(exp)
+                        .ok()
+                        .map(|exp| Token::expiring_at(a.clone(), exp)),
+                    _ => None,
+                };
+            } else {
+                tracing::info!(
+                    path = %path.display(),
+                    "ignoring the state file: the configured refresh token is newer or for another client"
+                );
+            }
+        }
+        if refresh_token.is_empty() {
+            return Err(TokenError::NoRefreshToken("the configured refresh token is empty".to_owned()));
+        }
+        Ok(RefreshTokenSource {
+            oidc: self.oidc,
+            policy: self.policy,
+            client_id: self.client_id,
+            client_secret: self.client_secret,
+            scopes: self.scopes,
+            state_file: self.state_file,
+            held: tokio::sync::Mutex::new(Held {
+                refresh_token,
+                access: access.map(|t: Token| t.with_scopes(Vec::new())),
+            }),
+        })
+    }
+}
+
+impl RefreshTokenSource {
+    /// Starts building a source for this client and refresh token.
+    pub fn builder(
+        oidc: OidcClient,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        refresh_token: Secret,
+    ) -> RefreshTokenSourceBuilder {
+        RefreshTokenSourceBuilder {
+            oidc,
+            policy: OidcRetryPolicy::new(Default::default()),
+            client_id: client_id.into(),
+            client_secret,
+            refresh_token,
+            configured_at: None,
+            state_file: None,
+            scopes: Vec::new(),
+        }
+    }
+
+    /// The state file, if one is configured.
+    pub fn state_file(&self) -> Option<&Path> {
+        self.state_file.as_deref()
+    }
+
+    /// Replaces the refresh token (after an operator rotated the secret).
+    pub async fn set_refresh_token(&self, refresh_token: Secret) {
+        let mut held = self.held.lock().await;
+        held.refresh_token = refresh_token;
+        held.access = None;
+    }
+
+    async fn fetch_inner(&self, reuse: Reuse) -> Result<Token, TokenError> {
+        // Held across the call: with rotation, two concurrent refreshes
+        // would revoke each other's token.
+        let mut held = self.held.lock().await;
+        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, &held.access)
+            && token.ttl() >= min
+        {
+            return Ok(token.clone().with_scopes(self.scopes.clone()));
+        }
+        let request = CreateTokenRequest::refresh(
+            self.client_id.clone(),
+            self.client_secret.clone(),
+            held.refresh_token.clone(),
+        )
+        .with_scopes(self.scopes.clone());
+        let response = tower::retry::Retry::new(self.policy.clone(), self.oidc.clone())
+            .oneshot(request)
+            .await?;
+        let token = Token::from_response(&response)?.with_scopes(self.scopes.clone());
+        let rotated = response
+            .refresh_token
+            .clone()
+            .filter(|r| !r.is_empty() && r != &held.refresh_token);
+        let newest = rotated.clone().unwrap_or_else(|| held.refresh_token.clone());
+
+        if let Some(path) = &self.state_file {
+            let state = StateFile {
+                client_id: Some(self.client_id.clone()),
+                refresh_token: Some(newest.clone()),
+                access_token: Some(token.access_token().clone()),
+                expires_at: Some(format_time(token.expires_at_wall())),
+                updated_at: Some(format_time(SystemTime::now())),
+                extra: Default::default(),
+            };
+            let path = path.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                // Keep keys written by other versions.
+                let extra = StateFile::load(&path).ok().flatten().map(|s| s.extra).unwrap_or_default();
+                StateFile { extra, ..state }.store(&path)
+            })
+            .await;
+            match stored {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
+                    tracing::error!(error = %e, "could not persist the refresh token; it is kept in memory only");
+                }
+                Err(e) => tracing::error!(error = %e, "state file writer task failed"),
+            }
+        }
+        if rotated.is_some() {
+            tracing::debug!("refresh token rotated");
+        }
+        held.refresh_token = newest;
+        held.access = Some(token.clone());
+        Ok(token)
+    }
+}
+
+impl TokenSource for RefreshTokenSource {
+    fn identity(&self) -> String {
+        format!("refresh_token:{}", self.client_id)
+    }
+
+    fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    fn fetch(&self, reuse: Reuse) -> FetchFuture<'_> {
+        Box::pin(self.fetch_inner(reuse))
+    }
+}

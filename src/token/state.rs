@@ -1,0 +1,90 @@
+//! The refresh-token source's state file: the newest (rotated) refresh token
+//! and the access token that came with it, so a restart neither loses the
+//! rotation nor spends a `CreateToken` call.
+
+use std::{fmt, path::Path, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{TokenError, sso_cache::json_error_reason};
+use crate::{fs_atomic, secret::Secret};
+
+/// Contents of `token.state_file` (JSON, camelCase). Keys this version does
+/// not know survive a rewrite.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateFile {
+    /// The client the refresh token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The newest refresh token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// The access token obtained with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<Secret>,
+    /// Expiry of `access_token`, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// When this file was written, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// Keys this version does not know.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl fmt::Debug for StateFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateFile")
+            .field("client_id", &self.client_id)
+            .field("refresh_token", &self.refresh_token)
+            .field("access_token", &self.access_token)
+            .field("expires_at", &self.expires_at)
+            .field("updated_at", &self.updated_at)
+            .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl StateFile {
+    /// Reads the file; `Ok(None)` when it does not exist. A file that is
+    /// empty, not JSON, or has no refresh token is an error naming the path
+    /// (and is left alone).
+    pub fn load(path: &Path) -> Result<Option<Self>, TokenError> {
+        let file_error = |reason: String| TokenError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_error(format!("cannot read state file: {e}"))),
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(file_error("state file is empty (truncated?); fix or remove it".to_owned()));
+        }
+        let state: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| file_error(format!("state file is corrupt: {}", json_error_reason(&e))))?;
+        if state.refresh_token.as_ref().is_none_or(Secret::is_empty) {
+            return Err(file_error("state file has no refreshToken; fix or remove it".to_owned()));
+        }
+        Ok(Some(state))
+    }
+
+    /// When the file says it was written.
+    pub fn updated_at(&self) -> Option<SystemTime> {
+        self.updated_at
+            .as_deref()
+            .and_then(|s| super::parse_expires_at(s).ok())
+    }
+
+    /// Writes the file atomically (mode 0600).
+    pub fn store(&self, path: &Path) -> Result<(), TokenError> {
+        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        fs_atomic::write_atomic(path, &bytes).map_err(|e| TokenError::File {
+            path: path.display().to_string(),
+            reason: format!("cannot write state file: {e}"),
+        })
+    }
+}
