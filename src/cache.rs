@@ -91,6 +91,18 @@ impl TokenUnavailable {
     }
 }
 
+/// Result of [`TokenCache::lookup`].
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// A valid token outside its refresh window.
+    Hit(Arc<Token>),
+    /// A valid token inside its refresh window; a background refresh is
+    /// running or was started.
+    RefreshAhead(Arc<Token>),
+    /// No valid token: call [`TokenCache::get`].
+    Miss,
+}
+
 /// Counters of what the cache did; see [`TokenCache::stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -242,17 +254,29 @@ impl TokenCache {
     /// The hit path: a valid token without waiting, or `None` when one must
     /// be fetched. Starts a background refresh inside the refresh window.
     pub fn try_get_now(&self) -> Option<Arc<Token>> {
+        match self.lookup() {
+            Lookup::Hit(t) | Lookup::RefreshAhead(t) => Some(t),
+            Lookup::Miss => None,
+        }
+    }
+
+    /// Like [`try_get_now`](Self::try_get_now), saying whether the token is
+    /// inside its refresh window (for tracing).
+    pub fn lookup(&self) -> Lookup {
         let inner = &*self.inner;
         let guard = inner.hot.load();
-        let token = guard.as_ref()?;
+        let Some(token) = guard.as_ref() else {
+            return Lookup::Miss;
+        };
         let now = Instant::now();
         if now + inner.options.expiry_margin >= token.expires_at() {
-            return None;
+            return Lookup::Miss;
         }
         if now + self.refresh_window(token) >= token.expires_at() {
             self.maybe_refresh_ahead(token, now);
+            return Lookup::RefreshAhead(Arc::clone(token));
         }
-        Some(Arc::clone(token))
+        Lookup::Hit(Arc::clone(token))
     }
 
     /// The refresh window for this token: `refresh_before_expiry`, but at

@@ -4,10 +4,14 @@
 //! (`CreateToken`), keeps them fresh, and puts `Authorization: Bearer …` on
 //! outbound requests — as a tower layer or as a sidecar reverse proxy.
 
+pub mod cache;
+pub mod config;
 pub mod emulator;
+pub mod fs_atomic;
 pub mod oidc;
 pub mod retry;
 pub mod secret;
 pub mod tls;
+pub mod token;
 
 pub use secret::Secret;

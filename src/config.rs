@@ -1,0 +1,699 @@
+//! `config.toml`: the model, secrets from inline values or files, and a
+//! validation that reports every problem as `FILE: key: reason`.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use http::Uri;
+use toml::{Table, Value};
+
+use crate::{
+    fs_atomic::expand_tilde,
+    oidc::{EndpointParams, resolve_endpoint},
+    retry::{Backoff, Jitter, RetryConfig},
+    secret::Secret,
+};
+
+/// Every problem found in a config file. `Display` gives one
+/// `FILE: key: reason` line per problem.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// `(key, reason)` pairs.
+    pub problems: Vec<(String, String)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (key, reason)) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {key}: {reason}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+/// A secret and where it came from.
+#[derive(Debug, Clone)]
+pub struct SecretSetting {
+    /// The value.
+    pub value: Secret,
+    /// The file it was read from, if any.
+    pub file: Option<PathBuf>,
+    /// That file's modification time.
+    pub modified: Option<SystemTime>,
+}
+
+/// Where tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `refresh_token` grant with a configured client and refresh token.
+    RefreshToken,
+    /// An AWS SSO cache file.
+    SsoCache,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where the proxy listens.
+    pub listen: SocketAddr,
+    /// The one upstream every request goes to.
+    pub upstream: Uri,
+    /// Extra CA certificates for an https upstream.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Keep the client's `Host` instead of the upstream's authority.
+    pub preserve_host: bool,
+    /// Add `Via` and `X-Forwarded-For/-Proto/-Host`.
+    pub forwarded_headers: bool,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Limit for reading a request's headers.
+    pub header_read_timeout: Duration,
+    /// Limit for connecting to the upstream.
+    pub upstream_connect_timeout: Duration,
+    /// Limit for the upstream's response headers (then 504).
+    pub upstream_response_timeout: Duration,
+    /// Idle keep-alive connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Request bodies up to this size are buffered so that a request can be
+    /// replayed after an upstream 401.
+    pub max_replay_body_bytes: usize,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where `/healthz`, `/readyz`, `/metrics` are served.
+    pub listen: SocketAddr,
+}
+
+/// `[oidc]`.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// Explicit endpoint URL.
+    pub endpoint: Option<String>,
+    /// Region, for the regional endpoint.
+    pub region: Option<String>,
+    /// Use the FIPS endpoint.
+    pub use_fips: bool,
+    /// Use the dual-stack endpoint.
+    pub use_dual_stack: bool,
+    /// Client id (refresh_token source).
+    pub client_id: Option<String>,
+    /// Client secret (refresh_token source).
+    pub client_secret: Option<SecretSetting>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout of one call.
+    pub call_timeout: Duration,
+}
+
+impl OidcConfig {
+    /// The endpoint parameters.
+    pub fn endpoint_params(&self) -> EndpointParams {
+        EndpointParams {
+            region: self.region.clone(),
+            use_fips: self.use_fips,
+            use_dual_stack: self.use_dual_stack,
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+/// `[token]`.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Where tokens come from.
+    pub source: SourceKind,
+    /// The refresh token (refresh_token source).
+    pub refresh_token: Option<SecretSetting>,
+    /// The AWS SSO cache file (sso_cache source, and where `login` writes).
+    pub sso_cache_file: Option<PathBuf>,
+    /// Where rotated refresh tokens are persisted.
+    pub state_file: Option<PathBuf>,
+    /// Scopes to request.
+    pub scopes: Vec<String>,
+    /// Refresh this long before expiry.
+    pub refresh_before_expiry: Duration,
+    /// Never hand out a token with less than this left.
+    pub expiry_margin: Duration,
+    /// Access portal URL, for `login`.
+    pub start_url: Option<String>,
+    /// SSO session name, for `login`'s cache file name.
+    pub session_name: Option<String>,
+}
+
+/// `[emulator]`: run the built-in emulator in-process (quick start).
+#[derive(Debug, Clone)]
+pub struct EmulatorSection {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Lifetime of the access tokens it issues.
+    pub access_token_lifetime: Duration,
+    /// Whether it rotates refresh tokens.
+    pub rotate_refresh_tokens: bool,
+}
+
+/// The whole file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[proxy]`.
+    pub proxy: ProxyConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[oidc]`.
+    pub oidc: OidcConfig,
+    /// `[token]`.
+    pub token: TokenConfig,
+    /// `[retry]`.
+    pub retry: RetryConfig,
+    /// `[emulator]`, when present.
+    pub emulator: Option<EmulatorSection>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let fail = |key: &str, reason: String| ConfigError {
+            file: file.clone(),
+            problems: vec![(key.to_owned(), reason)],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is used in messages and to
+    /// resolve relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            let key = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("(line {line})")
+                })
+                .unwrap_or_else(|| "(syntax)".to_owned());
+            ConfigError {
+                file: file.clone(),
+                problems: vec![(key, e.message().to_owned())],
+            }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut r = Reader {
+            problems: Vec::new(),
+            base,
+        };
+        let config = r.config(&table);
+        match config {
+            Some(mut c) if r.problems.is_empty() => {
+                c.path = path.to_path_buf();
+                Ok(c)
+            }
+            _ => Err(ConfigError {
+                file,
+                problems: r.problems,
+            }),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["proxy", "admin", "oidc", "token", "retry", "emulator"];
+
+/// Walks the TOML table, collecting problems instead of stopping at the
+/// first.
+struct Reader {
+    problems: Vec<(String, String)>,
+    base: PathBuf,
+}
+
+struct Section<'a> {
+    name: &'a str,
+    table: Option<&'a Table>,
+}
+
+impl Reader {
+    fn problem(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push((key.into(), reason.into()));
+    }
+
+    fn section<'a>(&mut self, root: &'a Table, name: &'a str, known: &[&str]) -> Section<'a> {
+        let table = match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(_) => {
+                self.problem(name, "must be a table ([section])");
+                None
+            }
+        };
+        if let Some(t) = table {
+            for key in t.keys() {
+                if !known.contains(&key.as_str()) {
+                    self.problem(
+                        format!("{name}.{key}"),
+                        format!("unknown key (known keys: {})", known.join(", ")),
+                    );
+                }
+            }
+        }
+        Section { name, table }
+    }
+
+    fn raw<'a>(&mut self, s: &Section<'a>, key: &str) -> Option<&'a Value> {
+        s.table.and_then(|t| t.get(key))
+    }
+
+    fn string(&mut self, s: &Section<'_>, key: &str) -> Option<String> {
+        match self.raw(s, key)? {
+            Value::String(v) => Some(v.clone()),
+            _ => {
+                self.problem(format!("{}.{key}", s.name), "must be a string");
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, s: &Section<'_>, key: &str) -> Option<String> {
+        let v = self.string(s, key);
+        if v.is_none() && self.raw(s, key).is_none() {
+            self.problem(format!("{}.{key}", s.name), "missing required key");
+        }
+        v
+    }
+
+    fn boolean(&mut self, s: &Section<'_>, key: &str, default: bool) -> bool {
+        match self.raw(s, key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(_) => {
+                self.problem(format!("{}.{key}", s.name), "must be true or false");
+                default
+            }
+        }
+    }
+
+    fn integer(&mut self, s: &Section<'_>, key: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
+        match self.raw(s, key) {
+            None => default,
+            Some(Value::Integer(i)) if range.contains(i) => *i,
+            Some(_) => {
+                self.problem(
+                    format!("{}.{key}", s.name),
+                    format!("must be an integer from {} to {}", range.start(), range.end()),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, s: &Section<'_>, key: &str, default: Duration) -> Duration {
+        let Some(text) = self.string(s, key) else {
+            return default;
+        };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    format!("{}.{key}", s.name),
+                    format!("`{text}` is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, s: &Section<'_>, key: &str, required: bool) -> Option<SocketAddr> {
+        let text = if required {
+            self.required_string(s, key)?
+        } else {
+            self.string(s, key)?
+        };
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    format!("{}.{key}", s.name),
+                    format!("`{text}` is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, s: &Section<'_>, key: &str) -> Option<PathBuf> {
+        let text = self.string(s, key)?;
+        if text.trim().is_empty() {
+            self.problem(format!("{}.{key}", s.name), "must not be empty");
+            return None;
+        }
+        let p = expand_tilde(&text);
+        Some(if p.is_relative() { self.base.join(p) } else { p })
+    }
+
+    /// `key` inline or `key_file`; exactly one when `required`.
+    fn secret(&mut self, s: &Section<'_>, key: &str, required: bool) -> Option<SecretSetting> {
+        let file_key = format!("{key}_file");
+        let inline = self.string(s, key);
+        let file = self.path(s, &file_key);
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(format!("{}.{key}", s.name), format!("set either {key} or {file_key}, not both"));
+                None
+            }
+            (Some(v), None) => {
+                if v.is_empty() {
+                    self.problem(format!("{}.{key}", s.name), "must not be empty");
+                    return None;
+                }
+                Some(SecretSetting {
+                    value: Secret::new(v),
+                    file: None,
+                    modified: None,
+                })
+            }
+            (None, Some(path)) => match read_secret_file(&path) {
+                Ok((value, modified)) => Some(SecretSetting {
+                    value,
+                    file: Some(path),
+                    modified,
+                }),
+                Err(reason) => {
+                    self.problem(format!("{}.{file_key}", s.name), reason);
+                    None
+                }
+            },
+            (None, None) => {
+                if required {
+                    self.problem(format!("{}.{key}", s.name), format!("missing: set {key} or {file_key}"));
+                }
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, root: &Table) -> Option<Config> {
+        for key in root.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                self.problem(key.clone(), format!("unknown section (known: {})", SECTIONS.join(", ")));
+            }
+        }
+        let proxy = self.proxy(root);
+        let admin = self.admin(root);
+        let oidc = self.oidc(root);
+        let token = self.token(root);
+        let retry = self.retry(root);
+        let emulator = self.emulator(root);
+        if let (Some(oidc), Some(token)) = (&oidc, &token)
+            && token.source == SourceKind::RefreshToken
+        {
+            if oidc.client_id.is_none() {
+                self.problem("oidc.client_id", "missing required key (token.source = \"refresh_token\" needs it)");
+            }
+            if oidc.client_secret.is_none() {
+                self.problem(
+                    "oidc.client_secret",
+                    "missing: set client_secret or client_secret_file (token.source = \"refresh_token\" needs it)",
+                );
+            }
+        }
+        if let (Some(p), Some(a)) = (&proxy, &admin)
+            && p.listen == a.listen
+            && p.listen.port() != 0
+        {
+            self.problem("admin.listen", "must differ from proxy.listen");
+        }
+        Some(Config {
+            path: PathBuf::new(),
+            proxy: proxy?,
+            admin: admin?,
+            oidc: oidc?,
+            token: token?,
+            retry: retry?,
+            emulator,
+        })
+    }
+
+    fn proxy(&mut self, root: &Table) -> Option<ProxyConfig> {
+        let s = self.section(
+            root,
+            "proxy",
+            &[
+                "listen",
+                "upstream",
+                "upstream_ca_file",
+                "preserve_host",
+                "forwarded_headers",
+                "shutdown_grace",
+                "header_read_timeout",
+                "upstream_connect_timeout",
+                "upstream_response_timeout",
+                "idle_timeout",
+                "max_replay_body_bytes",
+            ],
+        );
+        if s.table.is_none() && root.get("proxy").is_none() {
+            self.problem("proxy", "missing required section");
+            return None;
+        }
+        let listen = self.socket_addr(&s, "listen", true);
+        let upstream = self.required_string(&s, "upstream").and_then(|u| self.upstream(&u));
+        let upstream_ca_file = self.path(&s, "upstream_ca_file");
+        if let Some(p) = &upstream_ca_file
+            && let Err(e) = std::fs::metadata(p)
+        {
+            self.problem("proxy.upstream_ca_file", format!("cannot read {}: {e}", p.display()));
+        }
+        let cfg = ProxyConfig {
+            listen: listen?,
+            upstream: upstream?,
+            upstream_ca_file,
+            preserve_host: self.boolean(&s, "preserve_host", false),
+            forwarded_headers: self.boolean(&s, "forwarded_headers", true),
+            shutdown_grace: self.duration(&s, "shutdown_grace", Duration::from_secs(30)),
+            header_read_timeout: self.duration(&s, "header_read_timeout", Duration::from_secs(10)),
+            upstream_connect_timeout: self.duration(&s, "upstream_connect_timeout", Duration::from_secs(5)),
+            upstream_response_timeout: self.duration(&s, "upstream_response_timeout", Duration::from_secs(60)),
+            idle_timeout: self.duration(&s, "idle_timeout", Duration::from_secs(90)),
+            max_replay_body_bytes: self.integer(&s, "max_replay_body_bytes", 64 * 1024, 0..=16 * 1024 * 1024)
+                as usize,
+        };
+        Some(cfg)
+    }
+
+    fn upstream(&mut self, text: &str) -> Option<Uri> {
+        let key = "proxy.upstream";
+        let uri: Uri = match text.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(key, format!("`{text}` is not a URL: {e}"));
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            Some(other) => {
+                self.problem(key, format!("scheme `{other}` is not supported; use http:// or https://"));
+                return None;
+            }
+            None => {
+                self.problem(key, format!("`{text}` has no scheme; write e.g. http://127.0.0.1:9000"));
+                return None;
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            self.problem(key, format!("`{text}` has no host"));
+            return None;
+        }
+        if uri.query().is_some() {
+            self.problem(key, "must not have a query string");
+            return None;
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            self.problem(key, "must not contain user info");
+            return None;
+        }
+        Some(uri)
+    }
+
+    fn admin(&mut self, root: &Table) -> Option<AdminConfig> {
+        let s = self.section(root, "admin", &["listen"]);
+        if root.get("admin").is_none() {
+            self.problem("admin", "missing required section");
+            return None;
+        }
+        Some(AdminConfig {
+            listen: self.socket_addr(&s, "listen", true)?,
+        })
+    }
+
+    fn oidc(&mut self, root: &Table) -> Option<OidcConfig> {
+        let s = self.section(
+            root,
+            "oidc",
+            &[
+                "endpoint",
+                "region",
+                "use_fips",
+                "use_dual_stack",
+                "client_id",
+                "client_secret",
+                "client_secret_file",
+                "connect_timeout",
+                "call_timeout",
+            ],
+        );
+        if root.get("oidc").is_none() {
+            self.problem("oidc", "missing required section");
+            return None;
+        }
+        let cfg = OidcConfig {
+            endpoint: self.string(&s, "endpoint"),
+            region: self.string(&s, "region"),
+            use_fips: self.boolean(&s, "use_fips", false),
+            use_dual_stack: self.boolean(&s, "use_dual_stack", false),
+            client_id: self.string(&s, "client_id").filter(|c| !c.is_empty()),
+            client_secret: self.secret(&s, "client_secret", false),
+            connect_timeout: self.duration(&s, "connect_timeout", Duration::from_secs(5)),
+            call_timeout: self.duration(&s, "call_timeout", Duration::from_secs(15)),
+        };
+        if cfg.endpoint.is_none() && cfg.region.is_none() {
+            self.problem("oidc.region", "missing: set region (or an explicit endpoint)");
+        } else if let Err(e) = resolve_endpoint(&cfg.endpoint_params()) {
+            let key = if cfg.endpoint.is_some() { "oidc.endpoint" } else { "oidc.region" };
+            self.problem(key, e.to_string());
+        }
+        Some(cfg)
+    }
+
+    fn token(&mut self, root: &Table) -> Option<TokenConfig> {
+        let s = self.section(
+            root,
+            "token",
+            &[
+                "source",
+                "refresh_token",
+                "refresh_token_file",
+                "sso_cache_file",
+                "state_file",
+                "scopes",
+                "refresh_before_expiry",
+                "expiry_margin",
+                "start_url",
+                "session_name",
+            ],
+        );
+        if root.get("token").is_none() {
+            self.problem("token", "missing required section");
+            return None;
+        }
+        let source = match self.required_string(&s, "source").as_deref() {
+            Some("refresh_token") => SourceKind::RefreshToken,
+            Some("sso_cache") => SourceKind::SsoCache,
+            Some(other) => {
+                self.problem("token.source", format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""));
+                return None;
+            }
+            None => return None,
+        };
+        let refresh_token = self.secret(&s, "refresh_token", source == SourceKind::RefreshToken);
+        let sso_cache_file = self.path(&s, "sso_cache_file");
+        if source == SourceKind::SsoCache && sso_cache_file.is_none() && self.raw(&s, "sso_cache_file").is_none() {
+            self.problem("token.sso_cache_file", "missing required key (token.source = \"sso_cache\" needs it)");
+        }
+        let state_file = self.path(&s, "state_file");
+        if let Some(p) = &state_file {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                self.problem("token.state_file", format!("directory {} does not exist", dir.display()));
+            }
+        }
+        let scopes = match self.raw(&s, "scopes") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(v) => out.push(v.clone()),
+                        _ => self.problem("token.scopes", "must be a list of strings"),
+                    }
+                }
+                out
+            }
+            Some(_) => {
+                self.problem("token.scopes", "must be a list of strings");
+                Vec::new()
+            }
+        };
+        let refresh_before_expiry = self.duration(&s, "refresh_before_expiry", Duration::from_secs(300));
+        let expiry_margin = self.duration(&s, "expiry_margin", Duration::from_secs(10));
+        Some(TokenConfig {
+            source,
+            refresh_token,
+            sso_cache_file,
+            state_file,
+            scopes,
+            refresh_before_expiry,
+            expiry_margin,
+            start_url: self.string(&s, "start_url"),
+            session_name: self.string(&s, "session_name"),
+        })
+    }
+
+    fn retry(&mut self, root: &Table) -> Option<RetryConfig> {
+        let s = self.section(
+            root,
+            "retry",
+            &["max_attempts", "base_delay", "max_delay", "throttle_base_delay", "throttle_max_delay"],
+        );
+        let defaults = RetryConfig::default();
+        Some(RetryConfig {
+            max_attempts: self.integer(&s, "max_attempts", defaults.max_attempts as i64, 1..=20) as u32,
+            transient: Backoff {
+                base: self.duration(&s, "base_delay", defaults.transient.base),
+                cap: self.duration(&s, "max_delay", defaults.transient.cap),
+                factor: 2.0,
+                jitter: Jitter::Full,
+            },
+            throttled: Backoff {
+                base: self.duration(&s, "throttle_base_delay", defaults.throttled.base),
+                cap: self.duration(&s, "throttle_max_delay", defaults.throttled.cap),
+                factor: 3.0,
+                jitter: Jitter::Equal,
+            },
+        })
+    }
+
+    fn emulator(&mut self, root: &Table) -> Option<EmulatorSection> {
+        root.get("emulator")?;
+        let s = self.section(root, "emulator", &["listen", "access_token_lifetime", "rotate_refresh_tokens"]);
+        Some(EmulatorSection {
+            listen: self.socket_addr(&s, "listen", true)?,
+            access_token_lifetime: self.duration(&s, "access_token_lifetime", Duration::from_secs(3600)),
+            rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
+        })
+    }
+}
+
+/// Reads a secret file: trailing whitespace (the newline editors add) is
+/// dropped. Errors never include the contents.
+pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Ok((Secret::new(value), modified))
+}
