@@ -4,6 +4,7 @@
 //! (`CreateToken`), keeps them fresh, and puts `Authorization: Bearer …` on
 //! outbound requests — as a tower layer or as a sidecar reverse proxy.
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod emulator;

@@ -1,1 +1,3 @@
+//! `sso-token-proxy`: see the crate docs and `--help`.
+
 fn main() {}

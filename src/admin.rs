@@ -1,0 +1,97 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! `/healthz` answers 200 while the process serves. `/readyz` answers 200
+//! only while a valid token is held, 503 with the reason otherwise.
+//! `/metrics` is Prometheus text from the `metrics` recorder.
+
+use std::time::Duration;
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::cache::TokenCache;
+
+/// Installs the process-wide Prometheus recorder and returns its handle.
+/// Call once, at start.
+pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("duration_seconds".to_owned()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Clone)]
+struct AdminState {
+    cache: TokenCache,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The admin router.
+pub fn router(cache: TokenCache, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AdminState { cache, metrics })
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.cache.current() {
+        Some(token) => (
+            StatusCode::OK,
+            Json(serde_json::json!({
+                "status": "ready",
+                "token_expires_in_seconds": token.ttl().as_secs(),
+            })),
+        )
+            .into_response(),
+        None => {
+            let reason = match state.cache.last_failure() {
+                Some(f) => serde_json::json!({
+                    "status": "not_ready",
+                    "reason": "token_unavailable",
+                    "kind": f.kind(),
+                    "message": f.to_string(),
+                    "retry_after_seconds": f.retry_after.as_secs_f64().ceil() as u64,
+                }),
+                None => serde_json::json!({
+                    "status": "not_ready",
+                    "reason": "no_token_yet",
+                }),
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(reason)).into_response()
+        }
+    }
+}
+
+async fn render_metrics(State(state): State<AdminState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics recorder not installed\n").into_response();
+    };
+    let ttl = state.cache.current().map_or(Duration::ZERO, |t| t.ttl());
+    metrics::gauge!("sso_token_proxy_token_expiry_seconds").set(ttl.as_secs_f64());
+    metrics::gauge!("sso_token_proxy_token_valid").set(if ttl.is_zero() { 0.0 } else { 1.0 });
+    handle.run_upkeep();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        handle.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,474 @@
+//! The command line: `run` (default), `check-config`, `token`, `login`,
+//! `emulator`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+
+use crate::{
+    admin,
+    cache::{CacheOptions, TokenCache},
+    config::{Config, ConfigError, SourceKind},
+    emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
+    oidc::OidcClient,
+    proxy::Proxy,
+    retry::OidcRetryPolicy,
+    tls,
+    token::{
+        LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource, StateFile, Token,
+        TokenError, TokenSource, device_login, sso_cache_file_name,
+    },
+};
+
+/// Token-exchange reverse proxy for AWS IAM Identity Center OIDC.
+#[derive(Debug, Parser)]
+#[command(name = "sso-token-proxy", version, about)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    pub config: PathBuf,
+    /// Log line format (level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do (default: run the proxy).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config file and exit (0 when valid, 2 otherwise).
+    CheckConfig {
+        /// Don't check that the listen addresses are free.
+        #[arg(long)]
+        no_bind_check: bool,
+    },
+    /// Get a token and print it as JSON (one CreateToken response).
+    Token {
+        /// Refresh this many times in a row, printing each (always calls
+        /// CreateToken); for exercising rotation and persistence.
+        #[arg(long, hide = true)]
+        count: Option<u32>,
+    },
+    /// Log in with the device flow and write an AWS SSO cache file.
+    Login,
+    /// Run the SSO-OIDC emulator alone.
+    Emulator {
+        /// Where it listens.
+        #[arg(long, default_value = "127.0.0.1:8999")]
+        listen: SocketAddr,
+    },
+}
+
+/// Parses the command line and runs. Config problems exit 2, other
+/// failures 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sso-token-proxy: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("sso-token-proxy: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+enum Failure {
+    Config(ConfigError),
+    Other(String),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+fn config_problem(config: &Config, key: &str, reason: impl Into<String>) -> Failure {
+    Failure::Config(ConfigError {
+        file: config.path.display().to_string(),
+        problems: vec![(key.to_owned(), reason.into())],
+    })
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Emulator { listen } => crate::emulator::run_standalone(listen)
+            .await
+            .map_err(|e| Failure::Other(format!("emulator: cannot listen on {listen}: {e}"))),
+        Command::CheckConfig { no_bind_check } => check_config(&cli.config, !no_bind_check).await,
+        Command::Run => run(&cli.config).await,
+        Command::Token { count } => token(&cli.config, count).await,
+        Command::Login => login(&cli.config).await,
+    }
+}
+
+// === check-config ===
+
+async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let mut problems = Vec::new();
+    if bind_check {
+        for (key, addr) in listen_addrs(&config) {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                problems.push((key.to_owned(), format!("cannot listen on {addr}: {e}")));
+            }
+        }
+    }
+    match config.token.source {
+        SourceKind::RefreshToken => {
+            if let Some(p) = &config.token.state_file
+                && let Err(e) = StateFile::load(p)
+            {
+                problems.push(("token.state_file".to_owned(), e.to_string()));
+            }
+        }
+        SourceKind::SsoCache => {
+            if let Some(p) = &config.token.sso_cache_file
+                && let Err(e) = SsoCacheFile::load(p)
+            {
+                problems.push(("token.sso_cache_file".to_owned(), e.to_string()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::Config(ConfigError {
+            file: config.path.display().to_string(),
+            problems,
+        }));
+    }
+    println!("{}: ok", config.path.display());
+    Ok(())
+}
+
+fn listen_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
+    let mut out = vec![("proxy.listen", config.proxy.listen), ("admin.listen", config.admin.listen)];
+    if let Some(e) = &config.emulator {
+        out.push(("emulator.listen", e.listen));
+    }
+    out
+}
+
+// === shared set-up ===
+
+/// Starts the `[emulator]` of the quick start, seeded with the configured
+/// client and refresh token (and the state file's, so a restart works).
+async fn start_embedded_emulator(config: &Config) -> Result<Option<EmulatorHandle>, Failure> {
+    let Some(section) = &config.emulator else {
+        return Ok(None);
+    };
+    let mut refresh_tokens = Vec::new();
+    if let Some(rt) = &config.token.refresh_token {
+        refresh_tokens.push(rt.value.clone());
+    }
+    if let Some(p) = &config.token.state_file
+        && let Ok(Some(state)) = StateFile::load(p)
+        && let Some(rt) = state.refresh_token
+    {
+        refresh_tokens.push(rt);
+    }
+    let clients = match (&config.oidc.client_id, &config.oidc.client_secret) {
+        (Some(id), Some(secret)) => vec![SeedClient {
+            client_id: id.clone(),
+            client_secret: secret.value.clone(),
+            refresh_tokens,
+            scopes: config.token.scopes.clone(),
+        }],
+        _ => Vec::new(),
+    };
+    let handle = Emulator::start(EmulatorConfig {
+        listen: section.listen,
+        access_token_lifetime: section.access_token_lifetime,
+        rotate_refresh_tokens: section.rotate_refresh_tokens,
+        clients,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| config_problem(config, "emulator.listen", format!("cannot listen on {}: {e}", section.listen)))?;
+    tracing::info!(url = %handle.url(), "built-in SSO-OIDC emulator started");
+    Ok(Some(handle))
+}
+
+fn oidc_client(config: &Config) -> Result<OidcClient, Failure> {
+    let mut builder = OidcClient::builder()
+        .fips(config.oidc.use_fips)
+        .dual_stack(config.oidc.use_dual_stack)
+        .connect_timeout(config.oidc.connect_timeout)
+        .call_timeout(config.oidc.call_timeout);
+    if let Some(region) = &config.oidc.region {
+        builder = builder.region(region.clone());
+    }
+    if let Some(endpoint) = &config.oidc.endpoint {
+        builder = builder.endpoint(endpoint.clone());
+    }
+    builder.build().map_err(|e| {
+        let key = if config.oidc.endpoint.is_some() { "oidc.endpoint" } else { "oidc.region" };
+        config_problem(config, key, e.to_string())
+    })
+}
+
+fn retry_policy(config: &Config) -> OidcRetryPolicy {
+    OidcRetryPolicy::new(config.retry.clone())
+}
+
+/// Builds the configured token source. Unusable state or cache files are
+/// config errors naming the key.
+fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource>, Failure> {
+    let policy = retry_policy(config);
+    match config.token.source {
+        SourceKind::RefreshToken => {
+            let (Some(client_id), Some(secret), Some(refresh)) = (
+                config.oidc.client_id.clone(),
+                config.oidc.client_secret.clone(),
+                config.token.refresh_token.clone(),
+            ) else {
+                return Err(config_problem(config, "token.source", "refresh_token source needs oidc.client_id, oidc.client_secret and token.refresh_token"));
+            };
+            let mut builder = RefreshTokenSource::builder(oidc, client_id, secret.value, refresh.value)
+                .retry_policy(policy)
+                .scopes(config.token.scopes.clone());
+            let configured_at = refresh
+                .modified
+                .or_else(|| std::fs::metadata(&config.path).and_then(|m| m.modified()).ok());
+            if let Some(at) = configured_at {
+                builder = builder.configured_at(at);
+            }
+            if let Some(p) = &config.token.state_file {
+                builder = builder.state_file(p.clone());
+            }
+            let source = builder
+                .build()
+                .map_err(|e| config_problem(config, "token.state_file", e.to_string()))?;
+            Ok(Arc::new(source))
+        }
+        SourceKind::SsoCache => {
+            let path = config
+                .token
+                .sso_cache_file
+                .clone()
+                .ok_or_else(|| config_problem(config, "token.sso_cache_file", "missing required key"))?;
+            let source = SsoCacheSource::new(path, oidc, policy, config.token.scopes.clone())
+                .map_err(|e| config_problem(config, "token.sso_cache_file", e.to_string()))?;
+            Ok(Arc::new(source))
+        }
+    }
+}
+
+fn cache_options(config: &Config) -> CacheOptions {
+    CacheOptions {
+        refresh_before_expiry: config.token.refresh_before_expiry,
+        expiry_margin: config.token.expiry_margin,
+        ..Default::default()
+    }
+}
+
+async fn bind(config: &Config, key: &str, addr: SocketAddr) -> Result<TcpListener, Failure> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| config_problem(config, key, format!("cannot listen on {addr}: {e}")))
+}
+
+// === run ===
+
+async fn run(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let metrics = match admin::install_metrics_recorder() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed");
+            None
+        }
+    };
+    let proxy_listener = bind(&config, "proxy.listen", config.proxy.listen).await?;
+    let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;
+    let emulator = start_embedded_emulator(&config).await?;
+    let oidc = oidc_client(&config)?;
+    let source = token_source(&config, oidc)?;
+    let cache = TokenCache::from_arc(source, cache_options(&config));
+    let proxy = Proxy::new(&config.proxy, cache.clone())
+        .map_err(|e| config_problem(&config, "proxy.upstream", e.to_string()))?;
+
+    // The first token is fetched now; readiness waits for it, start does not.
+    let warm = cache.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm.get().await {
+            tracing::error!(kind = e.kind(), error = %e, "could not get the first token; will retry on demand");
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let admin_app = admin::router(cache.clone(), metrics);
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+    });
+
+    tracing::info!(
+        proxy = %config.proxy.listen,
+        admin = %config.admin.listen,
+        upstream = %config.proxy.upstream,
+        "sso-token-proxy listening"
+    );
+    let proxy_shutdown = {
+        let tx = shutdown_tx.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new connections, draining in-flight requests");
+            let _ = tx.send(true);
+        }
+    };
+    proxy
+        .serve(proxy_listener, proxy_shutdown)
+        .await
+        .map_err(|e| Failure::Other(format!("proxy server failed: {e}")))?;
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    if let Some(emulator) = emulator {
+        emulator.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+// === token ===
+
+fn token_json(token: &Token) -> serde_json::Value {
+    serde_json::json!({
+        "accessToken": token.access_token().expose(),
+        "tokenType": "Bearer",
+        "expiresIn": token.ttl().as_secs(),
+        "expiresAt": humantime::format_rfc3339_seconds(token.expires_at_wall()).to_string(),
+    })
+}
+
+async fn token(path: &Path, count: Option<u32>) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let emulator = start_embedded_emulator(&config).await?;
+    let oidc = oidc_client(&config)?;
+    let source = token_source(&config, oidc)?;
+    let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));
+    match count {
+        None => {
+            let min = config.token.refresh_before_expiry + config.token.expiry_margin;
+            let token = source.fetch(Reuse::IfValidFor(min)).await.map_err(fail)?;
+            println!("{}", token_json(&token));
+        }
+        Some(n) => {
+            for _ in 0..n {
+                let token = source.fetch(Reuse::Never).await.map_err(fail)?;
+                println!("{}", token_json(&token));
+            }
+        }
+    }
+    if let Some(e) = emulator {
+        e.shutdown().await;
+    }
+    Ok(())
+}
+
+// === login ===
+
+async fn login(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let start_url = config
+        .token
+        .start_url
+        .clone()
+        .ok_or_else(|| config_problem(&config, "token.start_url", "missing: login needs the AWS access portal URL"))?;
+    let region = config
+        .oidc
+        .region
+        .clone()
+        .ok_or_else(|| config_problem(&config, "oidc.region", "missing: login writes the region into the cache file"))?;
+    let cache_file = match &config.token.sso_cache_file {
+        Some(p) => p.clone(),
+        None => {
+            let name = sso_cache_file_name(config.token.session_name.as_deref().unwrap_or(&start_url));
+            crate::fs_atomic::expand_tilde("~/.aws/sso/cache").join(name)
+        }
+    };
+    let emulator = start_embedded_emulator(&config).await?;
+    let oidc = oidc_client(&config)?;
+    let mut options = LoginOptions::new(start_url, region, cache_file.clone());
+    options.scopes = config.token.scopes.clone();
+    options.retry = config.retry.clone();
+    let (_, token) = device_login(&oidc, &options, |prompt| {
+        eprintln!("To sign in, open this URL in a browser:");
+        eprintln!("  {}", prompt.verification_uri_complete.as_deref().unwrap_or(&prompt.verification_uri));
+        eprintln!("and confirm the code: {}", prompt.user_code);
+        eprintln!("(the code expires in {} s)", prompt.expires_in.as_secs());
+    })
+    .await
+    .map_err(|e| Failure::Other(e.to_string()))?;
+    eprintln!(
+        "Logged in; token valid for {} s, written to {}",
+        token.ttl().as_secs(),
+        cache_file.display()
+    );
+    if let Some(e) = emulator {
+        e.shutdown().await;
+    }
+    Ok(())
+}
