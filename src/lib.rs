@@ -6,13 +6,17 @@
 
 pub mod admin;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod emulator;
 pub mod fs_atomic;
+pub mod layer;
 pub mod oidc;
+pub mod proxy;
 pub mod retry;
 pub mod secret;
 pub mod tls;
 pub mod token;
 
+pub use layer::{BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody};
 pub use secret::Secret;

@@ -1,3 +1,5 @@
 //! `sso-token-proxy`: see the crate docs and `--help`.
 
-fn main() {}
+fn main() -> std::process::ExitCode {
+    sso_token_proxy::cli::main()
+}

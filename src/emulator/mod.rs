@@ -71,6 +71,12 @@ pub struct EmulatorConfig {
     /// Whether a `refresh_token` grant returns a new refresh token and
     /// revokes the one used. Default `true`.
     pub rotate_refresh_tokens: bool,
+    /// With rotation: keep a used refresh token valid until the token it was
+    /// rotated into is first used (as OAuth servers with a reuse grace do).
+    /// A client that crashes after the server rotated but before it saved
+    /// the new token can then still use the old one. Default `false`: the
+    /// used token is revoked at once.
+    pub rotation_grace: bool,
     /// Lifetime of device codes. Default 10 minutes.
     pub device_code_lifetime: Duration,
     /// Minimum time between device code polls, enforced to the millisecond
@@ -87,6 +93,7 @@ impl Default for EmulatorConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             access_token_lifetime: Duration::from_secs(3600),
             rotate_refresh_tokens: true,
+            rotation_grace: false,
             device_code_lifetime: Duration::from_secs(600),
             device_poll_interval: Duration::from_secs(5),
             clients: Vec::new(),
@@ -141,6 +148,7 @@ impl Emulator {
         let mut state = State::new(Settings {
             access_token_lifetime: config.access_token_lifetime,
             rotate_refresh_tokens: config.rotate_refresh_tokens,
+            rotation_grace: config.rotation_grace,
             device_code_lifetime: config.device_code_lifetime,
             device_poll_interval: config.device_poll_interval,
         });

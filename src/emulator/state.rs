@@ -119,6 +119,7 @@ fn err<T>(kind: ServiceErrorKind, description: impl Into<String>) -> Result<T, A
 pub(crate) struct Settings {
     pub(crate) access_token_lifetime: Duration,
     pub(crate) rotate_refresh_tokens: bool,
+    pub(crate) rotation_grace: bool,
     pub(crate) device_code_lifetime: Duration,
     pub(crate) device_poll_interval: Duration,
 }
@@ -133,6 +134,11 @@ struct RefreshEntry {
     client_id: String,
     scopes: Vec<String>,
     revoked: bool,
+    /// With rotation grace: the token this one was rotated from, revoked
+    /// when this one is first used.
+    parent: Option<String>,
+    /// With rotation grace: the unused token issued for this one.
+    successor: Option<String>,
 }
 
 struct AccessEntry {
@@ -462,6 +468,8 @@ impl State {
                 client_id: client_id.to_owned(),
                 scopes: scopes.to_vec(),
                 revoked: false,
+                parent: None,
+                successor: None,
             },
         );
     }
@@ -588,12 +596,28 @@ impl State {
         }
         let mut response = self.issue_access(now);
         if self.settings.rotate_refresh_tokens {
-            if let Some(old) = self.refresh_tokens.get_mut(token.expose()) {
+            let used = token.expose().to_owned();
+            let client_id = req.client_id.clone();
+            let next = self.issue_refresh_token(&client_id, &granted);
+            if self.settings.rotation_grace {
+                // The used token stays valid until its successor is first
+                // used; only one unused successor exists at a time.
+                let (parent, previous_successor) = match self.refresh_tokens.get_mut(&used) {
+                    Some(entry) => (entry.parent.take(), entry.successor.replace(next.clone())),
+                    None => (None, None),
+                };
+                for revoke in parent.into_iter().chain(previous_successor) {
+                    if let Some(e) = self.refresh_tokens.get_mut(&revoke) {
+                        e.revoked = true;
+                    }
+                }
+                if let Some(e) = self.refresh_tokens.get_mut(&next) {
+                    e.parent = Some(used);
+                }
+            } else if let Some(old) = self.refresh_tokens.get_mut(&used) {
                 old.revoked = true;
             }
-            let client_id = req.client_id.clone();
-            response.refresh_token =
-                Some(Secret::new(self.issue_refresh_token(&client_id, &granted)));
+            response.refresh_token = Some(Secret::new(next));
         }
         Ok(response)
     }
@@ -814,6 +838,7 @@ mod tests {
         State::new(Settings {
             access_token_lifetime: Duration::from_secs(3600),
             rotate_refresh_tokens: true,
+            rotation_grace: false,
             device_code_lifetime: Duration::from_secs(600),
             device_poll_interval: Duration::from_secs(5),
         })
@@ -857,6 +882,29 @@ mod tests {
         assert!(!is_absolute_http_url("/cb"));
         assert!(!is_absolute_http_url("ftp://example.com/cb"));
         assert!(!is_absolute_http_url("not a url"));
+    }
+
+    #[test]
+    fn rotation_grace_keeps_the_used_token_until_its_successor_is_used() {
+        let mut s = state();
+        s.settings.rotation_grace = true;
+        let now = Instant::now();
+        let client = s.add_client(None, None, vec![], None);
+        let rt1 = s.issue_refresh_token(&client.client_id, &[]);
+        let rt2 = s.create_token(refresh_req(&client, &rt1), now, "x").unwrap().refresh_token.unwrap();
+        // Crash before rt2 was saved: rt1 still works, and supersedes rt2.
+        assert!(s.is_refresh_token_live(&rt1));
+        let rt3 = s.create_token(refresh_req(&client, &rt1), now, "x").unwrap().refresh_token.unwrap();
+        assert!(!s.is_refresh_token_live(rt2.expose()));
+        // Using rt3 revokes rt1.
+        let rt4 = s.create_token(refresh_req(&client, rt3.expose()), now, "x").unwrap().refresh_token.unwrap();
+        assert!(!s.is_refresh_token_live(&rt1));
+        assert!(s.is_refresh_token_live(rt3.expose()));
+        assert!(s.is_refresh_token_live(rt4.expose()));
+        assert_eq!(
+            s.create_token(refresh_req(&client, &rt1), now, "x").unwrap_err().kind,
+            ServiceErrorKind::InvalidGrant
+        );
     }
 
     #[test]

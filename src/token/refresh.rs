@@ -204,7 +204,7 @@ impl RefreshTokenSource {
                 refresh_token: Some(newest.clone()),
                 access_token: Some(token.access_token().clone()),
                 expires_at: Some(format_time(token.expires_at_wall())),
-                updated_at: Some(format_time(SystemTime::now())),
+                updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
                 extra: Default::default(),
             };
             let path = path.clone();

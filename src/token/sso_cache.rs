@@ -93,10 +93,10 @@ pub fn parse_expires_at(text: &str) -> Result<SystemTime, String> {
         return humantime::parse_rfc3339_weak(base).map_err(|_| bad());
     }
     // A numeric offset: `+HH:MM` or `-HH:MM` after the time part.
-    if text.len() > 6 {
+    if text.len() > 6 && text.is_char_boundary(text.len() - 6) {
         let (base, offset) = text.split_at(text.len() - 6);
         let b = offset.as_bytes();
-        if (b[0] == b'+' || b[0] == b'-') && b[3] == b':' && base.contains('T') {
+        if offset.is_ascii() && (b[0] == b'+' || b[0] == b'-') && b[3] == b':' && base.contains('T') {
             let hours: u64 = offset[1..3].parse().map_err(|_| bad())?;
             let minutes: u64 = offset[4..6].parse().map_err(|_| bad())?;
             let shift = Duration::from_secs(hours * 3600 + minutes * 60);
@@ -127,10 +127,20 @@ impl SsoCacheFile {
                 file_error(format!("cannot read SSO cache file: {e}"))
             }
         })?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses and validates cache file contents; `path` is only used in
+    /// error messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, TokenError> {
+        let file_error = |reason: String| TokenError::File {
+            path: path.display().to_string(),
+            reason,
+        };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(file_error("SSO cache file is empty (truncated?)".to_owned()));
         }
-        let file: Self = serde_json::from_slice(&bytes)
+        let file: Self = serde_json::from_slice(bytes)
             .map_err(|e| file_error(format!("SSO cache file is corrupt: {}", json_error_reason(&e))))?;
         for (key, value) in [
             ("expiresAt", &file.expires_at),
@@ -303,6 +313,8 @@ mod tests {
         let frac = parse_expires_at("2023-11-14T22:13:20.5Z").unwrap();
         assert_eq!(frac, want + Duration::from_millis(500));
         assert!(parse_expires_at("yesterday").is_err());
+        assert!(parse_expires_at("2023-11-14T22:13:20+0é:00").is_err());
+        assert!(parse_expires_at("ééééééééé").is_err());
         assert_eq!(format_time(want), "2023-11-14T22:13:20Z");
     }
 

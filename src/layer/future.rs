@@ -1,0 +1,219 @@
+//! [`ResponseFuture`] of [`BearerTokenService`](super::BearerTokenService).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::Service;
+use tracing::{Instrument, field::Empty};
+
+use super::{
+    ReplayableBody,
+    body::try_clone_request,
+    error::BearerTokenError,
+    service::{Shared, record_outcome},
+};
+use crate::{cache::TokenUnavailable, token::Token};
+
+/// A token being fetched (miss path and after a `401` only).
+pub(super) type TokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
+
+/// A rejected token being dropped from the cache.
+type InvalidateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project! {
+    /// Response future of [`BearerTokenService`](super::BearerTokenService).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future, S::Response>,
+        // Before the first call: the request waiting for its token. After
+        // it: the copy kept for a replay, if the body allows one.
+        request: Option<Request<B>>,
+        // The service for a deferred call or a replay; polled ready before
+        // each call.
+        service: Option<S>,
+        // The token the pending call carries.
+        token: Option<Arc<Token>>,
+        shared: Arc<Shared>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, R> {
+        // Miss path: waiting for the token.
+        Fetching { fetch: TokenFuture },
+        // The first call.
+        Calling { #[pin] future: F },
+        // `401` without a replay: dropping the token, then handing back the
+        // response.
+        Invalidating { invalidate: InvalidateFuture, response: Option<R> },
+        // `401` with a replay: dropping the token and fetching a new one.
+        Refetching { fetch: TokenFuture },
+        // Waiting for the service to be ready for the replay.
+        ReplayReady,
+        // The replay; whatever it answers is the answer.
+        Replaying { #[pin] future: F },
+        Done,
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// Hit path: the first call is already made.
+    pub(super) fn called(
+        future: S::Future,
+        token: Arc<Token>,
+        replay: Option<Request<B>>,
+        service: Option<S>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            state: State::Calling { future },
+            request: replay,
+            service,
+            token: Some(token),
+            shared,
+        }
+    }
+
+    /// Miss path: `service` has been polled ready and is called once the
+    /// token is there.
+    pub(super) fn fetching(fetch: TokenFuture, request: Request<B>, service: S, shared: Arc<Shared>) -> Self {
+        Self {
+            state: State::Fetching { fetch },
+            request: Some(request),
+            service: Some(service),
+            token: None,
+            shared,
+        }
+    }
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    B: ReplayableBody,
+{
+    type Output = Result<Response<ResB>, BearerTokenError<S::Error>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Fetching { fetch } => {
+                    let token = match ready!(fetch.as_mut().poll(cx)) {
+                        Ok(token) => token,
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(BearerTokenError::Token(e)));
+                        }
+                    };
+                    let mut request = this.request.take().expect("request held until its token arrives");
+                    this.shared.header.apply(&mut request, &token);
+                    if this.shared.retry_on_unauthorized {
+                        *this.request = try_clone_request(&request);
+                    }
+                    let service = this.service.as_mut().expect("service held until called");
+                    let future = service.call(request);
+                    *this.token = Some(token);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Calling { future } => {
+                    let response = match ready!(future.poll(cx)) {
+                        Ok(response) => response,
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(BearerTokenError::Inner(e)));
+                        }
+                    };
+                    if response.status() != StatusCode::UNAUTHORIZED {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
+                    let Some(rejected) = this.token.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    };
+                    let cache = this.shared.cache.clone();
+                    if this.request.is_some() && this.service.is_some() {
+                        tracing::debug!(token_id = rejected.id(), "upstream answered 401; replaying with a new token");
+                        // The 401's body is of no use; let its connection go.
+                        drop(response);
+                        let span = tracing::debug_span!(
+                            "token_acquisition",
+                            cache = "miss",
+                            trigger = "unauthorized",
+                            outcome = Empty,
+                            kind = Empty
+                        );
+                        let fetch: TokenFuture = Box::pin(
+                            async move {
+                                cache.invalidate(&rejected).await;
+                                let result = cache.get().await;
+                                record_outcome(&result);
+                                result
+                            }
+                            .instrument(span),
+                        );
+                        this.state.set(State::Refetching { fetch });
+                    } else {
+                        tracing::debug!(
+                            token_id = rejected.id(),
+                            "upstream answered 401; request not replayable, token dropped"
+                        );
+                        let invalidate: InvalidateFuture = Box::pin(async move { cache.invalidate(&rejected).await });
+                        this.state.set(State::Invalidating {
+                            invalidate,
+                            response: Some(response),
+                        });
+                    }
+                }
+                StateProj::Invalidating { invalidate, response } => {
+                    ready!(invalidate.as_mut().poll(cx));
+                    let response = response.take().expect("response held until the token is dropped");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Refetching { fetch } => match ready!(fetch.as_mut().poll(cx)) {
+                    Ok(token) => {
+                        *this.token = Some(token);
+                        this.state.set(State::ReplayReady);
+                    }
+                    Err(e) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(BearerTokenError::Token(e)));
+                    }
+                },
+                StateProj::ReplayReady => {
+                    let service = this.service.as_mut().expect("service held for the replay");
+                    if let Err(e) = ready!(service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(BearerTokenError::Inner(e)));
+                    }
+                    let mut request = this.request.take().expect("request copy held for the replay");
+                    let token = this.token.take().expect("token fetched for the replay");
+                    this.shared.header.apply(&mut request, &token);
+                    let future = service.call(request);
+                    this.state.set(State::Replaying { future });
+                }
+                StateProj::Replaying { future } => {
+                    let result = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(result.map_err(BearerTokenError::Inner));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! [`ProxyError`] and the JSON answers the proxy gives instead of forwarding.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::{body::ProxyBody, forward::ForwardError, target::Refusal};
+use crate::tls::TlsConfigError;
+
+/// Why a [`Proxy`](super::Proxy) could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream URL is not an absolute `http://` or `https://` URL.
+    #[error(
+        "`{0}` is not usable as the upstream; write an absolute URL such as http://127.0.0.1:9000"
+    )]
+    Upstream(String),
+    /// The TLS client configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+}
+
+impl ProxyError {
+    /// The config key the problem is about, for `FILE: key: reason` lines.
+    pub fn config_key(&self) -> &'static str {
+        match self {
+            Self::Upstream(_) => "proxy.upstream",
+            Self::Tls(TlsConfigError::CaFile { .. }) => "proxy.upstream_ca_file",
+            Self::Tls(_) => "proxy.upstream",
+        }
+    }
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The answer to a request that is not forwarded.
+pub(super) fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
+    match refusal {
+        Refusal::Connect => {
+            let mut response = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"error":"method_not_allowed","message":"CONNECT is not supported: this proxy forwards requests to its one configured upstream and does not open tunnels"}"#,
+            );
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+            );
+            response
+        }
+        Refusal::ForeignTarget => json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"foreign_target","message":"the request target names another host; this proxy forwards only to its configured upstream, so send origin-form requests (GET /path)"}"#,
+        ),
+        Refusal::UnsupportedTarget => json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"unsupported_target","message":"the request target must be a path (origin form, e.g. GET /path)"}"#,
+        ),
+    }
+}
+
+/// The answer when the client's request body broke off while it was read.
+pub(super) fn bad_body_response() -> Response<ProxyBody> {
+    json(
+        StatusCode::BAD_REQUEST,
+        r#"{"error":"bad_request_body","message":"the request body could not be read completely"}"#,
+    )
+}
+
+/// The answer when the upstream gave none.
+pub(super) fn upstream_error_response(error: &ForwardError) -> Response<ProxyBody> {
+    match error {
+        ForwardError::Connect(_) => json(
+            StatusCode::BAD_GATEWAY,
+            r#"{"error":"upstream_unavailable","message":"cannot connect to the upstream; check that it is running and that proxy.upstream points at it"}"#,
+        ),
+        ForwardError::Timeout(_) => json(
+            StatusCode::GATEWAY_TIMEOUT,
+            r#"{"error":"upstream_timeout","message":"the upstream sent no response within proxy.upstream_response_timeout"}"#,
+        ),
+        ForwardError::Other(_) => json(
+            StatusCode::BAD_GATEWAY,
+            r#"{"error":"upstream_error","message":"the exchange with the upstream failed before a response arrived"}"#,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_are_json_with_error_and_message() {
+        let responses = [
+            refusal_response(Refusal::Connect),
+            refusal_response(Refusal::ForeignTarget),
+            refusal_response(Refusal::UnsupportedTarget),
+            bad_body_response(),
+            upstream_error_response(&ForwardError::Timeout(std::time::Duration::from_secs(1))),
+            upstream_error_response(&ForwardError::Other("x".into())),
+        ];
+        for response in responses {
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
+        }
+    }
+}

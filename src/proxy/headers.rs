@@ -1,0 +1,194 @@
+//! Header rewriting: hop-by-hop removal (RFC 9110 §7.6.1), `Via` and
+//! `X-Forwarded-*`, and the `Cookie` join an h2 → h1 hop needs.
+
+use bytes::{BufMut, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Version, header};
+
+/// `Keep-Alive` and `Proxy-Connection` have no constant in `http`.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(super) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes the hop-by-hop fields: the fixed list and every field named in
+/// `Connection`.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        strip_connection_named(headers);
+    }
+    for name in [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Removes the fields listed in (every line of) `Connection`.
+fn strip_connection_named(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(header::CONNECTION).iter();
+    let first = lines.next().cloned();
+    let more = lines.next().is_some();
+    if more {
+        let all: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for value in &all {
+            remove_listed(headers, value);
+        }
+    } else if let Some(value) = first {
+        remove_listed(headers, &value);
+    }
+}
+
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(text) = connection.to_str() else {
+        return;
+    };
+    for token in text.split(',') {
+        let token = token.trim();
+        // `close` and `keep-alive` are the usual options; neither needs a lookup
+        // beyond the fixed list.
+        if token.is_empty()
+            || token.eq_ignore_ascii_case("close")
+            || token.eq_ignore_ascii_case("keep-alive")
+        {
+            continue;
+        }
+        // `&str` names are matched case-insensitively without allocating.
+        headers.remove(token);
+    }
+}
+
+/// `Via` value for a request that arrived with `version`.
+pub(super) fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_2 => "2.0 sso-token-proxy",
+        Version::HTTP_10 => "1.0 sso-token-proxy",
+        Version::HTTP_3 => "3.0 sso-token-proxy",
+        _ => "1.1 sso-token-proxy",
+    })
+}
+
+/// Appends `client` to `X-Forwarded-For`, keeping one field line so that
+/// readers of only the first line still see the whole chain.
+pub(super) fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
+    let Some(first) = existing.next() else {
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
+    };
+    let mut joined = BytesMut::with_capacity(first.len() + client.len() + 2);
+    joined.put_slice(first.as_bytes());
+    for more in existing {
+        joined.put_slice(b", ");
+        joined.put_slice(more.as_bytes());
+    }
+    joined.put_slice(b", ");
+    joined.put_slice(client.as_bytes());
+    // Joining valid field values with ", " is a valid field value.
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+/// HTTP/2 lets a client split `Cookie` into several fields (RFC 9113
+/// §8.2.3); an HTTP/1.1 hop needs them joined with `; `.
+pub(super) fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = BytesMut::with_capacity(first.len() * 2);
+    for (i, value) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(value.as_bytes());
+    }
+    if let Ok(mut value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        value.set_sensitive(true);
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_list_and_connection_named_fields() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", "x-other-hop"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-authenticate", "Basic"),
+            ("x-secret-hop", "1"),
+            ("x-other-hop", "2"),
+            ("x-end-to-end", "3"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-end-to-end", "set-cookie"]);
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_to_one_line() {
+        let client = HeaderValue::from_static("127.0.0.1");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &client);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        append_forwarded_for(&mut h, &client);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+    }
+
+    #[test]
+    fn split_cookies_are_joined() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
+        let mut h = map(&[("cookie", "a=1")]);
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1");
+    }
+
+    #[test]
+    fn via_names_the_inbound_version() {
+        assert_eq!(via_value(Version::HTTP_11), "1.1 sso-token-proxy");
+        assert_eq!(via_value(Version::HTTP_2), "2.0 sso-token-proxy");
+        assert_eq!(via_value(Version::HTTP_10), "1.0 sso-token-proxy");
+    }
+}

@@ -1,0 +1,171 @@
+//! The sidecar reverse proxy: every request that reaches it goes to the one
+//! configured upstream with `Authorization: Bearer <token>`.
+//!
+//! Each request passes, outermost first:
+//!
+//! 1. **Target check.** `CONNECT` is answered `405`; an HTTP/1 absolute-form
+//!    target naming neither the proxy nor the upstream is answered `400`.
+//!    Neither is forwarded or given a token.
+//! 2. **Metrics and tracing.** One `request` span (method, path without the
+//!    query, status, duration; never header values or the query string) and
+//!    `sso_token_proxy_requests_total{status_class}`,
+//!    `sso_token_proxy_request_duration_seconds`,
+//!    `sso_token_proxy_requests_in_flight`. A body of known size up to
+//!    `max_replay_body_bytes` is read into memory so that the request can be
+//!    replayed; anything else is streamed.
+//! 3. **[`BearerTokenLayer`](crate::layer::BearerTokenLayer).** Sets the
+//!    token; `503` when none can be had; after an upstream `401`, one
+//!    refresh and one replay of a buffered request.
+//! 4. **Forwarder.** Rewrites the URI (upstream scheme and authority, base
+//!    path joined, query kept byte for byte), `Host` (unless
+//!    `preserve_host`), drops hop-by-hop fields both ways, adds `Via` and
+//!    `X-Forwarded-For/-Proto/-Host` (when `forwarded_headers`), and sends
+//!    the request as HTTP/1.1 or, for https upstreams offering it by ALPN,
+//!    HTTP/2, on a pooled connection. Bodies stream both ways.
+//!    Connect failures answer `502`, no response headers within
+//!    `upstream_response_timeout` `504`; both count in
+//!    `sso_token_proxy_upstream_errors_total{kind}`.
+//!
+//! The server speaks HTTP/1.1 with keep-alive and HTTP/2 without TLS (prior
+//! knowledge). `header_read_timeout` bounds reading an HTTP/1 request head;
+//! hyper starts that timer as soon as it waits for the next request, so an
+//! idle HTTP/1 connection is closed after the shorter of
+//! `header_read_timeout` and `idle_timeout`. On shutdown the listener is
+//! closed at once, in-flight requests get up to `shutdown_grace` to finish,
+//! and [`Proxy::serve`] returns.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use sso_token_proxy::{cache::{CacheOptions, TokenCache}, config::ProxyConfig, proxy::Proxy, secret::Secret,
+//! #     token::{FetchFuture, Reuse, Token, TokenSource}};
+//! # struct Fixed;
+//! # impl TokenSource for Fixed {
+//! #     fn identity(&self) -> String { "fixed".into() }
+//! #     fn scopes(&self) -> &[String] { &[] }
+//! #     fn fetch(&self, _: Reuse) -> FetchFuture<'_> {
+//! #         Box::pin(async { Ok(Token::new(Secret::new("t"), Duration::from_secs(3600))) })
+//! #     }
+//! # }
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let config = ProxyConfig {
+//! #     listen: "127.0.0.1:8080".parse()?, upstream: "http://127.0.0.1:9000".parse()?,
+//! #     upstream_ca_file: None, preserve_host: false, forwarded_headers: true,
+//! #     shutdown_grace: Duration::from_secs(30), header_read_timeout: Duration::from_secs(10),
+//! #     upstream_connect_timeout: Duration::from_secs(5), upstream_response_timeout: Duration::from_secs(60),
+//! #     idle_timeout: Duration::from_secs(90), max_replay_body_bytes: 64 * 1024,
+//! # };
+//! let cache = TokenCache::new(Fixed, CacheOptions::default());
+//! let proxy = Proxy::new(&config, cache)?;
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! proxy
+//!     .serve(listener, async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod error;
+mod forward;
+mod headers;
+mod server;
+mod service;
+mod target;
+
+use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+
+pub use self::error::ProxyError;
+use self::{
+    forward::{Forwarder, ForwarderSettings},
+    service::Stack,
+    target::TargetCheck,
+};
+use crate::{cache::TokenCache, config::ProxyConfig, layer::BearerTokenLayer, tls};
+
+/// The reverse proxy: built from the `[proxy]` config and a token cache,
+/// then served on a listener.
+pub struct Proxy {
+    stack: Stack,
+    check: Arc<TargetCheck>,
+    settings: ServerSettings,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ServerSettings {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    shutdown_grace: Duration,
+    max_replay_body_bytes: u64,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxy")
+            .field("forwarder", self.stack.get_ref())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Builds the upstream client (pooled; rustls with the webpki roots and
+    /// `upstream_ca_file`; HTTP/1.1, and HTTP/2 by ALPN for https) and the
+    /// service stack.
+    pub fn new(config: &ProxyConfig, cache: TokenCache) -> Result<Self, ProxyError> {
+        let upstream = &config.upstream;
+        let usable = matches!(upstream.scheme_str(), Some("http" | "https"))
+            && upstream.host().is_some_and(|h| !h.is_empty())
+            && upstream.query().is_none();
+        if !usable {
+            return Err(ProxyError::Upstream(upstream.to_string()));
+        }
+        let tls_config = tls::client_config(config.upstream_ca_file.as_deref())?;
+        let connector = tls::https_connector(tls_config, config.upstream_connect_timeout);
+        let forwarder = Forwarder::new(ForwarderSettings {
+            upstream,
+            connector,
+            pool_idle_timeout: config.idle_timeout,
+            preserve_host: config.preserve_host,
+            forwarded_headers: config.forwarded_headers,
+            response_timeout: config.upstream_response_timeout,
+        })
+        .ok_or_else(|| ProxyError::Upstream(upstream.to_string()))?;
+        let stack = tower::Layer::layer(&BearerTokenLayer::new(cache), forwarder);
+        Ok(Self {
+            stack,
+            check: Arc::new(TargetCheck::new(upstream)),
+            settings: ServerSettings {
+                header_read_timeout: config.header_read_timeout,
+                idle_timeout: config.idle_timeout,
+                shutdown_grace: config.shutdown_grace,
+                max_replay_body_bytes: config.max_replay_body_bytes as u64,
+            },
+        })
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves; then
+    /// stops accepting (the listener is closed), lets in-flight requests
+    /// finish for up to `shutdown_grace`, and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        server::serve(self, listener, shutdown).await
+    }
+
+    /// The stack for one client connection: shares everything but the
+    /// client's address.
+    fn stack_for(&self, remote: SocketAddr) -> Stack {
+        let mut stack = self.stack.clone();
+        *stack.get_mut() = self.stack.get_ref().for_client(remote.ip());
+        stack
+    }
+}

@@ -1,0 +1,213 @@
+//! [`ConnService`]: what hyper calls for each request on one client
+//! connection. Checks the target, keeps the metrics and the request span,
+//! decides whether the body is buffered (replayable) or streamed, and hands
+//! the request to `BearerTokenService<Forwarder>`.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use http::{Request, Response, StatusCode, request};
+use http_body::Body as _;
+use http_body_util::{BodyExt as _, combinators::Collect};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::util::Oneshot;
+use tracing::{Span, field::Empty};
+
+use super::{
+    body::{ConnActivity, ProxyBody, RequestGuard},
+    error::{bad_body_response, refusal_response, upstream_error_response},
+    forward::Forwarder,
+    target::TargetCheck,
+};
+use crate::layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response};
+
+/// The request body the inner stack sees.
+pub(super) type UpstreamBody = ReplayBody<Incoming>;
+
+/// Token layer over forwarder.
+pub(super) type Stack = BearerTokenService<Forwarder<UpstreamBody>>;
+
+/// Per-connection request handler.
+#[derive(Debug, Clone)]
+pub(super) struct ConnService {
+    pub(super) stack: Stack,
+    pub(super) check: Arc<TargetCheck>,
+    pub(super) local: SocketAddr,
+    pub(super) max_replay_body_bytes: u64,
+    pub(super) activity: Arc<ConnActivity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ProxyFuture;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let guard = self.activity.start();
+        let span = tracing::info_span!(
+            "request",
+            method = %request.method(),
+            path = request.uri().path(),
+            status = Empty,
+            duration_ms = Empty,
+        );
+        let start = Instant::now();
+        let mut future = ProxyFuture {
+            state: ProxyState::Done,
+            guard: Some(guard),
+            span,
+            start,
+        };
+        if let Err(refusal) = self.check.check(
+            request.method(),
+            request.version(),
+            request.uri(),
+            self.local,
+        ) {
+            future
+                .span
+                .in_scope(|| tracing::debug!(?refusal, "request refused"));
+            future.state = ProxyState::Ready {
+                response: Some(refusal_response(refusal)),
+            };
+            return future;
+        }
+
+        let (parts, body) = request.into_parts();
+        future.state = if body.is_end_stream() {
+            ProxyState::call(self.stack.clone(), parts, ReplayBody::empty())
+        } else if body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= self.max_replay_body_bytes)
+        {
+            // Small and of known size: held in memory so that a `401` can be
+            // answered by a replay.
+            ProxyState::Collecting {
+                collect: body.collect(),
+                request: Some((parts, self.stack.clone())),
+            }
+        } else {
+            ProxyState::call(self.stack.clone(), parts, ReplayBody::streaming(body))
+        };
+        future
+    }
+}
+
+pin_project! {
+    /// Response future of [`ConnService`].
+    pub(super) struct ProxyFuture {
+        #[pin]
+        state: ProxyState,
+        guard: Option<RequestGuard>,
+        span: Span,
+        start: Instant,
+    }
+}
+
+pin_project! {
+    #[project = ProxyStateProj]
+    enum ProxyState {
+        // Answered without forwarding.
+        Ready { response: Option<Response<ProxyBody>> },
+        // Reading a small body into memory.
+        Collecting {
+            #[pin]
+            collect: Collect<Incoming>,
+            request: Option<(request::Parts, Stack)>,
+        },
+        // Token layer and forwarder at work.
+        Calling {
+            #[pin]
+            call: Oneshot<Stack, Request<UpstreamBody>>,
+        },
+        Done,
+    }
+}
+
+impl ProxyState {
+    fn call(stack: Stack, parts: request::Parts, body: UpstreamBody) -> Self {
+        Self::Calling {
+            call: Oneshot::new(stack, Request::from_parts(parts, body)),
+        }
+    }
+}
+
+impl Future for ProxyFuture {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        let mut response = loop {
+            match this.state.as_mut().project() {
+                ProxyStateProj::Ready { response } => {
+                    break response
+                        .take()
+                        .expect("ProxyFuture polled after completion");
+                }
+                ProxyStateProj::Collecting { collect, request } => match ready!(collect.poll(cx)) {
+                    Ok(collected) => {
+                        let (parts, stack) =
+                            request.take().expect("request held while its body is read");
+                        let body = ReplayBody::buffered(collected.to_bytes());
+                        this.state.set(ProxyState::call(stack, parts, body));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client request body broke off");
+                        break bad_body_response();
+                    }
+                },
+                ProxyStateProj::Calling { call } => {
+                    break match ready!(call.poll(cx)) {
+                        Ok(response) => response,
+                        Err(BearerTokenError::Token(e)) => unavailable_response(&e),
+                        Err(BearerTokenError::Inner(e)) => {
+                            tracing::warn!(
+                                kind = e.kind(),
+                                error = &e as &dyn std::error::Error,
+                                "upstream request failed"
+                            );
+                            upstream_error_response(&e)
+                        }
+                    };
+                }
+                ProxyStateProj::Done => panic!("ProxyFuture polled after completion"),
+            }
+        };
+        this.state.set(ProxyState::Done);
+
+        let status = response.status();
+        let elapsed = this.start.elapsed();
+        this.span.record("status", status.as_u16());
+        this.span
+            .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        tracing::debug!("request completed");
+        metrics::counter!("sso_token_proxy_requests_total", "status_class" => status_class(status))
+            .increment(1);
+        metrics::histogram!("sso_token_proxy_request_duration_seconds")
+            .record(elapsed.as_secs_f64());
+        if let Some(guard) = this.guard.take() {
+            response.body_mut().set_guard(guard);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

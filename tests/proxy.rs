@@ -1,0 +1,692 @@
+//! The reverse proxy over real sockets: an in-process `Proxy` on
+//! 127.0.0.1:0, a recording hyper upstream, HTTP/1.1, h2c and raw clients.
+//!
+//! Run with `cargo test --test proxy`.
+
+#[path = "support/proxy_harness.rs"]
+mod harness;
+
+use std::{io::ErrorKind, time::Duration};
+
+use futures_util::FutureExt as _;
+use harness::{
+    HANG_GUARD, RunningProxy, Upstream, chunked_pattern, empty, full, h1_client, h2c_client, hex,
+    pattern_sha256, raw, send,
+};
+use http::{Method, Request, StatusCode, Version};
+use sha2::{Digest as _, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::proxy_config;
+
+fn get(url: &str) -> http::request::Builder {
+    Request::get(url)
+}
+
+#[tokio::test]
+async fn injects_the_token_and_replaces_the_clients_authorization() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+
+    let (parts, body) = send(&client, get(&proxy.url("/a")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    let request = get(&proxy.url("/b"))
+        .header("authorization", "Bearer the-clients-own")
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .body(empty())
+        .unwrap();
+    let (parts, _) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.all("authorization"), ["Bearer token-1"]);
+    }
+    assert_eq!(proxy.source.calls(), 1, "one token serves both requests");
+}
+
+#[tokio::test]
+async fn path_and_query_are_kept_and_the_base_path_is_joined() {
+    let upstream = Upstream::start().await;
+    let client = h1_client();
+    let target = "/a/b%20c/?x=1&y=%2F%3f&empty=&&z=a+b#";
+    let target = target.trim_end_matches('#');
+
+    let plain = RunningProxy::start(proxy_config(&upstream.url())).await;
+    send(&client, get(&plain.url(target)).body(empty()).unwrap()).await;
+    let based = RunningProxy::start(proxy_config(&format!("{}/base/v1/", upstream.url()))).await;
+    send(&client, get(&based.url(target)).body(empty()).unwrap()).await;
+    send(&client, get(&based.url("/")).body(empty()).unwrap()).await;
+
+    let seen = upstream.seen();
+    assert_eq!(seen[0].uri, target);
+    assert_eq!(seen[1].uri, format!("/base/v1{target}"));
+    assert_eq!(seen[2].uri, "/base/v1/");
+}
+
+#[tokio::test]
+async fn host_is_the_upstreams_unless_preserve_host() {
+    let upstream = Upstream::start().await;
+    let client = h1_client();
+    let rewriting = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let mut config = proxy_config(&upstream.url());
+    config.preserve_host = true;
+    let preserving = RunningProxy::start(config).await;
+
+    for proxy in [&rewriting, &preserving] {
+        let request = get(&proxy.url("/h"))
+            .header("host", "app.example:1234")
+            .body(empty())
+            .unwrap();
+        let (parts, _) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen[0].all("host"), [upstream.addr.to_string()]);
+    assert_eq!(seen[1].all("host"), ["app.example:1234"]);
+}
+
+#[tokio::test]
+async fn hop_by_hop_fields_are_dropped_both_ways() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let response = raw(
+        proxy.addr,
+        "POST /hop HTTP/1.1\r\n\
+         Host: app\r\n\
+         Connection: close, X-Hop-A\r\n\
+         Connection: x-hop-b\r\n\
+         X-Hop-A: secret-a\r\n\
+         X-Hop-B: secret-b\r\n\
+         Keep-Alive: timeout=5\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+         TE: trailers\r\n\
+         Trailer: x-trailer\r\n\
+         Upgrade: websocket\r\n\
+         X-End-To-End: kept\r\n\
+         X-Test-Hop-Headers: 1\r\n\
+         Content-Length: 5\r\n\
+         \r\n\
+         hello",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"ok");
+
+    let seen = &upstream.seen()[0];
+    for name in [
+        "x-hop-a",
+        "x-hop-b",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(seen.header(name).is_none(), "{name} reached the upstream");
+    }
+    // hyper's client may add its own `connection`, never the client's.
+    assert!(
+        seen.all("connection")
+            .iter()
+            .all(|v| !v.to_ascii_lowercase().contains("x-hop"))
+    );
+    assert_eq!(seen.header("x-end-to-end"), Some("kept"));
+    assert_eq!(seen.body_len, 5);
+
+    for name in ["x-resp-hop", "keep-alive", "proxy-authenticate", "upgrade"] {
+        assert!(
+            response.header(name).is_none(),
+            "{name} reached the client: {:?}",
+            response.headers
+        );
+    }
+    // Only the proxy's own `Connection: close` (the client asked for it).
+    let connection: Vec<_> = response
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "connection")
+        .collect();
+    assert!(
+        connection
+            .iter()
+            .all(|(_, v)| v.eq_ignore_ascii_case("close")),
+        "{connection:?}"
+    );
+    assert_eq!(response.header("x-resp-end-to-end"), Some("kept"));
+    assert_eq!(response.header("x-upstream"), Some("yes"));
+}
+
+#[tokio::test]
+async fn forwarded_headers_follow_the_switch() {
+    let upstream = Upstream::start().await;
+    let client = h1_client();
+    let on = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let mut config = proxy_config(&upstream.url());
+    config.forwarded_headers = false;
+    let off = RunningProxy::start(config).await;
+
+    for proxy in [&on, &off] {
+        let request = get(&proxy.url("/f"))
+            .header("host", "app.example")
+            .header("x-forwarded-for", "10.1.2.3")
+            .body(empty())
+            .unwrap();
+        send(&client, request).await;
+    }
+    let seen = upstream.seen();
+    let with = &seen[0];
+    assert_eq!(with.all("via"), ["1.1 sso-token-proxy"]);
+    assert_eq!(with.all("x-forwarded-for"), ["10.1.2.3, 127.0.0.1"]);
+    assert_eq!(with.all("x-forwarded-proto"), ["http"]);
+    assert_eq!(with.all("x-forwarded-host"), ["app.example"]);
+    let without = &seen[1];
+    assert!(without.header("via").is_none());
+    assert_eq!(without.all("x-forwarded-for"), ["10.1.2.3"]);
+    assert!(without.header("x-forwarded-proto").is_none());
+    assert!(without.header("x-forwarded-host").is_none());
+}
+
+#[tokio::test]
+async fn every_set_cookie_is_kept() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let request = get(&proxy.url("/c"))
+        .header("x-test-set-cookies", "1")
+        .body(empty())
+        .unwrap();
+    let (parts, _) = send(&h1_client(), request).await;
+    let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; Path=/", "b=2; Path=/; HttpOnly"]);
+}
+
+#[tokio::test]
+async fn ten_megabyte_bodies_stream_intact_both_ways() {
+    const SIZE: usize = 10 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+
+    // Upload: chunked, of unknown length, so it is streamed, not buffered.
+    let request = Request::post(proxy.url("/upload"))
+        .body(chunked_pattern(SIZE))
+        .unwrap();
+    let (parts, _) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let seen = &upstream.seen()[0];
+    assert_eq!(seen.body_len, SIZE as u64);
+    assert_eq!(seen.body_sha256, pattern_sha256(SIZE));
+
+    // Download.
+    let request = get(&proxy.url("/download"))
+        .header("x-test-response-bytes", SIZE.to_string())
+        .body(empty())
+        .unwrap();
+    let (parts, body) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["content-length"], SIZE.to_string().as_str());
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(hex(&Sha256::digest(&body)), pattern_sha256(SIZE));
+}
+
+#[tokio::test]
+async fn h2c_client_reaches_an_http1_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h2c_client();
+
+    let request = Request::post(proxy.url("/h2?q=1"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("x-test-set-cookies", "1")
+        .body(full("h2 body"))
+        .unwrap();
+    let (parts, body) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.version, Version::HTTP_2);
+    assert_eq!(body, "ok");
+    assert_eq!(parts.headers.get_all("set-cookie").iter().count(), 2);
+
+    // Several streams on the one connection.
+    let requests = (0..8).map(|i| {
+        send(
+            &client,
+            get(&proxy.url(&format!("/many/{i}")))
+                .body(empty())
+                .unwrap(),
+        )
+    });
+    for (parts, _) in futures_util::future::join_all(requests).await {
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 9);
+    let first = &seen[0];
+    assert_eq!(first.version, Version::HTTP_11);
+    assert_eq!(first.uri, "/h2?q=1");
+    assert_eq!(first.all("host"), [upstream.addr.to_string()]);
+    assert_eq!(first.all("authorization"), ["Bearer token-1"]);
+    assert_eq!(first.all("via"), ["2.0 sso-token-proxy"]);
+    assert_eq!(first.all("x-forwarded-host"), [proxy.addr.to_string()]);
+    assert_eq!(
+        first.all("cookie"),
+        ["a=1; b=2"],
+        "h2 cookie fields joined for HTTP/1.1"
+    );
+    assert_eq!(first.body_len, 7);
+    assert_eq!(proxy.source.calls(), 1);
+}
+
+#[tokio::test]
+async fn absolute_form_naming_another_host_is_refused_and_never_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
+
+    for target in [
+        format!("http://{other_addr}/steal"),
+        format!("https://{other_addr}/steal"),
+        "http://other.example/steal".to_owned(),
+        format!("https://{}/steal", upstream.addr),
+    ] {
+        let response = raw(
+            proxy.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: {other_addr}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(response.status, 400, "{target}");
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        let body = response.json();
+        assert_eq!(body["error"], "foreign_target");
+        assert!(body["message"].is_string());
+    }
+    // A forward would have connected before the refusal was written.
+    assert!(
+        other.accept().now_or_never().is_none(),
+        "the other host was contacted"
+    );
+    assert!(upstream.seen().is_empty());
+    assert_eq!(
+        proxy.source.calls(),
+        0,
+        "no token was fetched for a refused request"
+    );
+
+    // Absolute form naming the upstream or the proxy itself is fine.
+    for target in [
+        format!("http://{}/mine", upstream.addr),
+        format!("http://{}/mine", proxy.addr),
+    ] {
+        let response = raw(
+            proxy.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(response.status, 200, "{target}");
+    }
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
+
+    let response = raw(
+        proxy.addr,
+        &format!(
+            "CONNECT {other_addr} HTTP/1.1\r\nHost: {other_addr}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(response.status, 405);
+    assert!(response.header("allow").is_some());
+    assert_eq!(response.json()["error"], "method_not_allowed");
+    assert!(other.accept().now_or_never().is_none());
+    assert!(upstream.seen().is_empty());
+    assert_eq!(proxy.source.calls(), 0);
+
+    // The same over h2.
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{other_addr}"))
+        .body(empty())
+        .unwrap();
+    let response = tokio::time::timeout(HANG_GUARD, h2c_client_direct(proxy.addr, request))
+        .await
+        .unwrap();
+    assert_eq!(response, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(upstream.seen().is_empty());
+}
+
+/// Sends one h2 request on a hand-made connection (the pooled client will
+/// not send `CONNECT` to a plain-HTTP address) and returns its status.
+async fn h2c_client_direct(
+    addr: std::net::SocketAddr,
+    request: Request<harness::TestBody>,
+) -> StatusCode {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender.send_request(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_json() {
+    // A port that was just free: connecting to it is refused.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = RunningProxy::start(proxy_config(&format!("http://{dead}"))).await;
+    let (parts, body) = send(&h1_client(), get(&proxy.url("/x")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert!(body["message"].is_string());
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_json() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_response_timeout = Duration::from_millis(300);
+    let proxy = RunningProxy::start(config).await;
+    // The upstream holds this request until released, which it never is.
+    let request = get(&proxy.url("/slow"))
+        .header("x-test-hold", "1")
+        .body(empty())
+        .unwrap();
+    let (parts, body) = send(&h1_client(), request).await;
+    assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(upstream.wait_arrived().await, "/slow");
+}
+
+#[tokio::test]
+async fn failing_token_source_is_503_json_with_retry_after_and_kind() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start_with(proxy_config(&upstream.url()), true).await;
+    let client = h1_client();
+    for _ in 0..3 {
+        let (parts, body) = send(&client, get(&proxy.url("/x")).body(empty()).unwrap()).await;
+        assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(parts.headers["content-type"], "application/json");
+        let retry_after: u64 = parts.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "token_unavailable");
+        assert_eq!(body["kind"], "InvalidGrant");
+        assert!(body["message"].is_string());
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing is forwarded without a token"
+    );
+    assert_eq!(proxy.source.calls(), 1, "the failure is remembered");
+}
+
+#[tokio::test]
+async fn upstream_401_refreshes_once_and_replays_a_buffered_request() {
+    let upstream = Upstream::start().await;
+    upstream.reject("Bearer token-1");
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+
+    let (parts, body) = send(&client, get(&proxy.url("/r")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    // A small body of known length is replayed intact.
+    let request = Request::post(proxy.url("/r"))
+        .body(full("small body"))
+        .unwrap();
+    let (parts, _) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+
+    let seen = upstream.seen();
+    let tokens: Vec<_> = seen
+        .iter()
+        .map(|s| s.header("authorization").unwrap())
+        .collect();
+    assert_eq!(
+        tokens,
+        ["Bearer token-1", "Bearer token-2", "Bearer token-2"]
+    );
+    assert_eq!(seen[2].body_len, 10);
+    assert_eq!(proxy.source.calls(), 2, "one refresh");
+}
+
+#[tokio::test]
+async fn upstream_401_passes_through_for_a_streamed_body() {
+    const SIZE: usize = 2 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    upstream.reject("Bearer token-1");
+    let mut config = proxy_config(&upstream.url());
+    config.max_replay_body_bytes = 1024;
+    let proxy = RunningProxy::start(config).await;
+    let client = h1_client();
+
+    let request = Request::post(proxy.url("/big"))
+        .body(chunked_pattern(SIZE))
+        .unwrap();
+    let (parts, body) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, "rejected");
+    assert_eq!(upstream.seen().len(), 1, "a streamed body is sent once");
+    assert_eq!(upstream.seen()[0].body_len, SIZE as u64);
+
+    // The rejected token was dropped: the next request gets a new one.
+    let (parts, _) = send(&client, get(&proxy.url("/after")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        upstream.seen()[1].header("authorization"),
+        Some("Bearer token-2")
+    );
+    assert_eq!(proxy.source.calls(), 2);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
+    let upstream = Upstream::start().await;
+    let mut proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+    let in_flight = {
+        let request = get(&proxy.url("/slow"))
+            .header("x-test-hold", "1")
+            .body(empty())
+            .unwrap();
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, request).await })
+    };
+    assert_eq!(upstream.wait_arrived().await, "/slow");
+
+    proxy.begin_shutdown();
+    let mut refused = false;
+    for _ in 0..500 {
+        match TcpStream::connect(proxy.addr).await {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(
+        refused,
+        "new connections are still accepted after shutdown began"
+    );
+    assert!(
+        proxy.is_serving(),
+        "serve returned with a request in flight"
+    );
+
+    upstream.release();
+    let (parts, body) = tokio::time::timeout(HANG_GUARD, in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    proxy.join().await.expect("serve returns Ok");
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.shutdown_grace = Duration::from_millis(200);
+    let mut proxy = RunningProxy::start(config).await;
+    let in_flight = {
+        let request = get(&proxy.url("/stuck"))
+            .header("x-test-hold", "1")
+            .body(empty())
+            .unwrap();
+        let client = h1_client();
+        tokio::spawn(async move { client.request(request).await })
+    };
+    upstream.wait_arrived().await;
+    proxy.begin_shutdown();
+    // Never released: `serve` returns once the grace period is over.
+    proxy.join().await.expect("serve returns Ok");
+    let result = tokio::time::timeout(HANG_GUARD, in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_err(), "the stuck request's connection was closed");
+}
+
+#[tokio::test]
+async fn https_upstream_offering_h2_gets_http2_whatever_the_client_speaks() {
+    let (upstream, ca_file) = Upstream::start_tls(&[b"h2", b"http/1.1"]).await;
+    let mut config = proxy_config(&format!("{}/api", upstream.https_url()));
+    config.upstream_ca_file = Some(ca_file.path().to_owned());
+    let proxy = RunningProxy::start(config).await;
+
+    let request = Request::post(proxy.url("/from-h1?x=1"))
+        .body(chunked_pattern(300_000))
+        .unwrap();
+    let (parts, body) = send(&h1_client(), request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.version, Version::HTTP_11);
+    assert_eq!(body, "ok");
+    let request = get(&proxy.url("/from-h2"))
+        .header("x-test-set-cookies", "1")
+        .body(empty())
+        .unwrap();
+    let (parts, _) = send(&h2c_client(), request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers.get_all("set-cookie").iter().count(), 2);
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.version, Version::HTTP_2);
+        assert_eq!(s.all("authorization"), ["Bearer token-1"]);
+    }
+    assert_eq!(seen[0].method, "POST");
+    assert!(seen[0].uri.ends_with("/api/from-h1?x=1"), "{}", seen[0].uri);
+    assert_eq!(seen[0].body_len, 300_000);
+    assert_eq!(seen[0].body_sha256, pattern_sha256(300_000));
+    assert!(seen[1].uri.ends_with("/api/from-h2"), "{}", seen[1].uri);
+}
+
+#[tokio::test]
+async fn https_upstream_without_h2_gets_http11() {
+    let (upstream, ca_file) = Upstream::start_tls(&[b"http/1.1"]).await;
+    let mut config = proxy_config(&upstream.https_url());
+    config.upstream_ca_file = Some(ca_file.path().to_owned());
+    let proxy = RunningProxy::start(config).await;
+
+    let (parts, _) = send(&h2c_client(), get(&proxy.url("/x")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let seen = upstream.seen();
+    assert_eq!(seen[0].version, Version::HTTP_11);
+    assert_eq!(seen[0].uri, "/x");
+    assert_eq!(seen[0].all("host"), [upstream.addr.to_string()]);
+}
+
+#[tokio::test]
+async fn https_upstream_with_an_untrusted_certificate_is_502() {
+    let (upstream, _ca_file) = Upstream::start_tls(&[b"h2", b"http/1.1"]).await;
+    // No `upstream_ca_file`: the self-signed certificate is not trusted.
+    let proxy = RunningProxy::start(proxy_config(&upstream.https_url())).await;
+    let (parts, body) = send(&h1_client(), get(&proxy.url("/x")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert!(
+        upstream.seen().is_empty(),
+        "no request, and so no token, over an unverified connection"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_busy_ones_are_not() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.idle_timeout = Duration::from_millis(300);
+    let proxy = RunningProxy::start(config).await;
+
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let mut connection = tokio::spawn(connection);
+
+    // A request that outlasts the idle timeout several times over.
+    let held = sender.send_request(
+        get("/held")
+            .header("x-test-hold", "1")
+            .body(empty())
+            .unwrap(),
+    );
+    let held = tokio::spawn(held);
+    upstream.wait_arrived().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Still open for new streams: no GOAWAY was sent while one was busy.
+    let second = sender.send_request(get("/second").body(empty()).unwrap());
+    let second = tokio::time::timeout(HANG_GUARD, second).await.unwrap();
+    assert_eq!(
+        second.expect("connection still open").status(),
+        StatusCode::OK
+    );
+    upstream.release();
+    let response = tokio::time::timeout(HANG_GUARD, held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+
+    // Then idle: the proxy closes the connection (GOAWAY), the client's
+    // connection task ends.
+    let ended = tokio::time::timeout(HANG_GUARD, &mut connection).await;
+    assert!(ended.is_ok(), "idle connection never closed");
+}
