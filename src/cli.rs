@@ -15,11 +15,12 @@ use tokio::net::TcpListener;
 use crate::{
     admin,
     cache::{CacheOptions, TokenCache},
-    config::{Config, ConfigError, SourceKind},
+    config::{Config, ConfigError, SourceKind, StoreKind},
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
     proxy::Proxy,
     retry::OidcRetryPolicy,
+    store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
     tls,
     token::{
         LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource, StateFile, Token,
@@ -267,7 +268,7 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
             ) else {
                 return Err(config_problem(config, "token.source", "refresh_token source needs oidc.client_id, oidc.client_secret and token.refresh_token"));
             };
-            let mut builder = RefreshTokenSource::builder(oidc, client_id, secret.value, refresh.value)
+            let mut builder = RefreshTokenSource::builder(oidc, client_id.clone(), secret.value, refresh.value.clone())
                 .retry_policy(policy)
                 .scopes(config.token.scopes.clone());
             let configured_at = refresh
@@ -282,7 +283,10 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
             let source = builder
                 .build()
                 .map_err(|e| config_problem(config, "token.state_file", e.to_string()))?;
-            Ok(Arc::new(source))
+            match config.store.kind {
+                StoreKind::Local => Ok(Arc::new(source)),
+                StoreKind::Redis => shared_store_source(config, source, client_id, refresh.value),
+            }
         }
         SourceKind::SsoCache => {
             let path = config
@@ -295,6 +299,45 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
             Ok(Arc::new(source))
         }
     }
+}
+
+/// Wraps the refresh-token source so that replicas share its tokens through
+/// Redis (`[store] kind = "redis"`).
+fn shared_store_source(
+    config: &Config,
+    source: RefreshTokenSource,
+    client_id: String,
+    configured_refresh_token: crate::secret::Secret,
+) -> Result<Arc<dyn TokenSource>, Failure> {
+    let store = &config.store;
+    let url = store
+        .url
+        .clone()
+        .ok_or_else(|| config_problem(config, "store.url", "missing required key"))?;
+    let redis = RedisStore::connect(&RedisConnectOptions {
+        url,
+        username: store.username.clone(),
+        password: store.password.as_ref().map(|p| p.value.clone()),
+        ca_file: store.ca_file.clone(),
+        command_timeout: store.command_timeout,
+    })
+    .map_err(|e| config_problem(config, "store.url", e.to_string()))?;
+    tracing::info!(redis = %redis.endpoint(), key_prefix = %store.key_prefix, "sharing tokens through Redis");
+    let options = SharedStoreOptions {
+        key_prefix: store.key_prefix.clone(),
+        lock_lease: store.lock_lease,
+        wait_timeout: store.wait_timeout,
+        refresh_without_store: store.refresh_without_store,
+        expiry_margin: config.token.expiry_margin,
+        ..Default::default()
+    };
+    Ok(Arc::new(SharedStoreSource::new(
+        source,
+        redis,
+        client_id,
+        configured_refresh_token,
+        options,
+    )))
 }
 
 fn cache_options(config: &Config) -> CacheOptions {
@@ -329,7 +372,7 @@ async fn run(path: &Path) -> Result<(), Failure> {
     let source = token_source(&config, oidc)?;
     let cache = TokenCache::from_arc(source, cache_options(&config));
     let proxy = Proxy::new(&config.proxy, cache.clone())
-        .map_err(|e| config_problem(&config, "proxy.upstream", e.to_string()))?;
+        .map_err(|e| config_problem(&config, e.config_key(), e.to_string()))?;
 
     // The first token is fetched now; readiness waits for it, start does not.
     let warm = cache.clone();

@@ -162,6 +162,40 @@ pub struct EmulatorSection {
     pub rotate_refresh_tokens: bool,
 }
 
+/// Where the tokens live (`[store] kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In this process only (one replica).
+    Local,
+    /// In Redis, shared by every replica.
+    Redis,
+}
+
+/// `[store]`: sharing tokens between replicas.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Where the tokens live.
+    pub kind: StoreKind,
+    /// `redis://` or `rediss://` URL without credentials (kind = "redis").
+    pub url: Option<String>,
+    /// Prepended to every Redis key.
+    pub key_prefix: String,
+    /// Redis ACL user.
+    pub username: Option<String>,
+    /// Redis password.
+    pub password: Option<SecretSetting>,
+    /// CA certificates for a `rediss://` server.
+    pub ca_file: Option<PathBuf>,
+    /// Time to live of the refresh lock.
+    pub lock_lease: Duration,
+    /// How long a replica waits for another's refresh.
+    pub wait_timeout: Duration,
+    /// Limit for each Redis command.
+    pub command_timeout: Duration,
+    /// Refresh with the local refresh token when Redis is unreachable.
+    pub refresh_without_store: bool,
+}
+
 /// The whole file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -179,6 +213,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// `[emulator]`, when present.
     pub emulator: Option<EmulatorSection>,
+    /// `[store]`.
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -229,7 +265,7 @@ impl Config {
     }
 }
 
-const SECTIONS: &[&str] = &["proxy", "admin", "oidc", "token", "retry", "emulator"];
+const SECTIONS: &[&str] = &["proxy", "admin", "oidc", "token", "retry", "emulator", "store"];
 
 /// Walks the TOML table, collecting problems instead of stopping at the
 /// first.
@@ -414,18 +450,26 @@ impl Reader {
         let token = self.token(root);
         let retry = self.retry(root);
         let emulator = self.emulator(root);
+        let store = self.store(root);
         if let (Some(oidc), Some(token)) = (&oidc, &token)
             && token.source == SourceKind::RefreshToken
         {
-            if oidc.client_id.is_none() {
+            let reported = |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
+            if oidc.client_id.is_none() && !reported(self, "oidc.client_id") {
                 self.problem("oidc.client_id", "missing required key (token.source = \"refresh_token\" needs it)");
             }
-            if oidc.client_secret.is_none() {
+            if oidc.client_secret.is_none() && !reported(self, "oidc.client_secret") {
                 self.problem(
                     "oidc.client_secret",
                     "missing: set client_secret or client_secret_file (token.source = \"refresh_token\" needs it)",
                 );
             }
+        }
+        if let (Some(token), Some(store)) = (&token, &store)
+            && store.kind == StoreKind::Redis
+            && token.source != SourceKind::RefreshToken
+        {
+            self.problem("store.kind", "\"redis\" shares refresh-token state; it needs token.source = \"refresh_token\"");
         }
         if let (Some(p), Some(a)) = (&proxy, &admin)
             && p.listen == a.listen
@@ -441,6 +485,7 @@ impl Reader {
             token: token?,
             retry: retry?,
             emulator,
+            store: store?,
         })
     }
 
@@ -481,10 +526,10 @@ impl Reader {
             preserve_host: self.boolean(&s, "preserve_host", false),
             forwarded_headers: self.boolean(&s, "forwarded_headers", true),
             shutdown_grace: self.duration(&s, "shutdown_grace", Duration::from_secs(30)),
-            header_read_timeout: self.duration(&s, "header_read_timeout", Duration::from_secs(10)),
+            header_read_timeout: self.duration(&s, "header_read_timeout", Duration::from_secs(60)),
             upstream_connect_timeout: self.duration(&s, "upstream_connect_timeout", Duration::from_secs(5)),
             upstream_response_timeout: self.duration(&s, "upstream_response_timeout", Duration::from_secs(60)),
-            idle_timeout: self.duration(&s, "idle_timeout", Duration::from_secs(90)),
+            idle_timeout: self.duration(&s, "idle_timeout", Duration::from_secs(60)),
             max_replay_body_bytes: self.integer(&s, "max_replay_body_bytes", 64 * 1024, 0..=16 * 1024 * 1024)
                 as usize,
         };
@@ -672,6 +717,95 @@ impl Reader {
                 jitter: Jitter::Equal,
             },
         })
+    }
+
+    fn store(&mut self, root: &Table) -> Option<StoreConfig> {
+        let s = self.section(
+            root,
+            "store",
+            &[
+                "kind",
+                "url",
+                "key_prefix",
+                "username",
+                "password",
+                "password_file",
+                "ca_file",
+                "lock_lease",
+                "wait_timeout",
+                "command_timeout",
+                "refresh_without_store",
+            ],
+        );
+        let kind = match self.string(&s, "kind").as_deref() {
+            None | Some("local") => StoreKind::Local,
+            Some("redis") => StoreKind::Redis,
+            Some(other) => {
+                self.problem("store.kind", format!("`{other}` is not a store; use \"local\" or \"redis\""));
+                return None;
+            }
+        };
+        let url = self.string(&s, "url");
+        if kind == StoreKind::Redis {
+            match &url {
+                None if self.raw(&s, "url").is_none() => {
+                    self.problem("store.url", "missing required key (kind = \"redis\" needs it), e.g. \"redis://127.0.0.1:6379\"");
+                }
+                None => {}
+                Some(u) => self.redis_url(u),
+            }
+        }
+        let ca_file = self.path(&s, "ca_file");
+        if let Some(p) = &ca_file {
+            if let Err(e) = std::fs::metadata(p) {
+                self.problem("store.ca_file", format!("cannot read {}: {e}", p.display()));
+            } else if url.as_deref().is_some_and(|u| !u.starts_with("rediss://")) {
+                self.problem("store.ca_file", "only applies to a TLS URL (rediss://)");
+            }
+        }
+        let lock_lease = self.duration(&s, "lock_lease", Duration::from_secs(15));
+        if lock_lease < Duration::from_millis(100) {
+            self.problem("store.lock_lease", "must be at least 100ms");
+        }
+        let wait_timeout = self.duration(&s, "wait_timeout", Duration::from_secs(10));
+        if wait_timeout.is_zero() {
+            self.problem("store.wait_timeout", "must be more than 0s");
+        }
+        let command_timeout = self.duration(&s, "command_timeout", Duration::from_secs(2));
+        if command_timeout.is_zero() {
+            self.problem("store.command_timeout", "must be more than 0s");
+        }
+        Some(StoreConfig {
+            kind,
+            url,
+            key_prefix: self.string(&s, "key_prefix").unwrap_or_else(|| "sso-token-proxy:".to_owned()),
+            username: self.string(&s, "username").filter(|u| !u.is_empty()),
+            password: self.secret(&s, "password", false),
+            ca_file,
+            lock_lease,
+            wait_timeout,
+            command_timeout,
+            refresh_without_store: self.boolean(&s, "refresh_without_store", false),
+        })
+    }
+
+    fn redis_url(&mut self, text: &str) {
+        let key = "store.url";
+        let Some((scheme, rest)) = text.split_once("://") else {
+            self.problem(key, format!("`{text}` is not a URL; write e.g. \"redis://127.0.0.1:6379\""));
+            return;
+        };
+        if !matches!(scheme, "redis" | "rediss") {
+            self.problem(key, format!("scheme `{scheme}` is not supported; use redis:// or rediss:// (TLS)"));
+            return;
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            // Keeps the password out of the URL, which is logged.
+            self.problem(key, "must not contain credentials; set store.username and store.password_file");
+        } else if authority.is_empty() {
+            self.problem(key, format!("`{text}` has no host"));
+        }
     }
 
     fn emulator(&mut self, root: &Table) -> Option<EmulatorSection> {

@@ -15,6 +15,7 @@ pub mod oidc;
 pub mod proxy;
 pub mod retry;
 pub mod secret;
+pub mod store;
 pub mod tls;
 pub mod token;
 

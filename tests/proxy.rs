@@ -11,13 +11,11 @@ use std::{io::ErrorKind, time::Duration};
 use futures_util::FutureExt as _;
 use harness::{
     HANG_GUARD, RunningProxy, Upstream, chunked_pattern, empty, full, h1_client, h2c_client, hex,
-    pattern_sha256, raw, send,
+    pattern_sha256, proxy_config, raw, send,
 };
 use http::{Method, Request, StatusCode, Version};
 use sha2::{Digest as _, Sha256};
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::harness::proxy_config;
 
 fn get(url: &str) -> http::request::Builder {
     Request::get(url)
@@ -689,4 +687,82 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
     // connection task ends.
     let ended = tokio::time::timeout(HANG_GUARD, &mut connection).await;
     assert!(ended.is_ok(), "idle connection never closed");
+}
+
+#[tokio::test]
+async fn end_to_end_against_the_emulator_echo_resource() {
+    use sso_token_proxy::{
+        cache::{CacheOptions, TokenCache},
+        emulator::{Emulator, EmulatorConfig},
+        oidc::OidcClient,
+        proxy::Proxy,
+        token::RefreshTokenSource,
+    };
+
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let (client_id, client_secret) = emulator.register_client("proxy-test");
+    let refresh_token = emulator.issue_refresh_token(&client_id, &[]);
+    let oidc = OidcClient::builder()
+        .endpoint(emulator.url())
+        .call_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let source = RefreshTokenSource::builder(oidc, client_id, client_secret, refresh_token)
+        .build()
+        .unwrap();
+    let cache = TokenCache::new(source, CacheOptions::default());
+    let proxy = Proxy::new(&proxy_config(&emulator.url()), cache).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(proxy.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let client = h1_client();
+    let url = format!("http://{addr}/anything?k=v");
+
+    let (parts, body) = send(&client, get(&url).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["authorized"], true);
+    assert_eq!(echo["path"], "/anything");
+    assert_eq!(echo["query"], "k=v");
+
+    // The emulator forgets every token: the echo answers 401, the proxy
+    // refreshes once and replays.
+    emulator.revoke_access_tokens();
+    let (parts, body) = send(&client, get(&url).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["authorized"], true);
+    let counters = emulator.counters();
+    assert_eq!(counters.create_token, 2);
+    assert_eq!(counters.echo_unauthorized, 1);
+
+    let _ = stop.send(());
+    tokio::time::timeout(HANG_GUARD, serve)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_completes_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.header_read_timeout = Duration::from_millis(300);
+    let proxy = RunningProxy::start(config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /slowloris HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The proxy closes the connection; reading ends instead of hanging.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(HANG_GUARD, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "connection still open");
+    assert!(upstream.seen().is_empty());
 }

@@ -377,15 +377,14 @@ impl EmulatorHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(mut task) = task {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+        if let Some(mut task) = task
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
             {
                 task.abort();
                 let _ = task.await;
             }
-        }
         tracing::debug!(addr = %self.addr, "emulator stopped");
     }
 }

@@ -357,8 +357,8 @@ impl State {
                 "Invalid client type; only public clients are supported",
             );
         }
-        if let Some(grants) = &req.grant_types {
-            if grants.iter().any(|g| {
+        if let Some(grants) = &req.grant_types
+            && grants.iter().any(|g| {
                 !matches!(
                     g.as_str(),
                     GRANT_REFRESH_TOKEN | GRANT_DEVICE_CODE | GRANT_AUTHORIZATION_CODE
@@ -369,15 +369,13 @@ impl State {
                     "Unsupported grant type in grantTypes",
                 );
             }
-        }
-        if let Some(uris) = &req.redirect_uris {
-            if uris.iter().any(|u| !is_absolute_http_url(u)) {
+        if let Some(uris) = &req.redirect_uris
+            && uris.iter().any(|u| !is_absolute_http_url(u)) {
                 return err(
                     ServiceErrorKind::InvalidRedirectUri,
                     "Redirect URIs must be absolute http or https URLs",
                 );
             }
-        }
         let issued_at = epoch_secs();
         let registered =
             self.add_client(None, None, req.scopes.unwrap_or_default(), req.grant_types);
@@ -534,16 +532,14 @@ impl State {
                 "Unsupported grant type",
             );
         }
-        if grant != GRANT_REFRESH_TOKEN {
-            if let Some(allowed) = &client.grant_types {
-                if !allowed.iter().any(|g| g == grant) {
+        if grant != GRANT_REFRESH_TOKEN
+            && let Some(allowed) = &client.grant_types
+                && !allowed.iter().any(|g| g == grant) {
                     return err(
                         ServiceErrorKind::UnauthorizedClient,
                         "The client is not registered for this grant type",
                     );
                 }
-            }
-        }
         let client_scopes = client.scopes.clone();
         let requested = req.scope.clone().unwrap_or_default();
         let response = match grant {

@@ -105,17 +105,16 @@ impl<B> ReplayableBody for ReplayBody<B> {
     }
 }
 
-/// Copies method, URI, version, headers, extensions and body, or `None`
-/// when the body cannot be copied.
-pub(super) fn try_clone_request<B: ReplayableBody>(request: &Request<B>) -> Option<Request<B>> {
-    let body = request.body().try_clone()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
-    Some(copy)
+/// The request, and a copy of it (method, URI, version, headers,
+/// extensions, body) when its body can be copied.
+pub(super) fn with_replay_copy<B: ReplayableBody>(
+    request: Request<B>,
+) -> (Request<B>, Option<Request<B>>) {
+    let (parts, body) = request.into_parts();
+    let copy = body
+        .try_clone()
+        .map(|copy| Request::from_parts(parts.clone(), copy));
+    (Request::from_parts(parts, body), copy)
 }
 
 pin_project! {
@@ -205,7 +204,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ReplayBodyProj::Buffered { data } => {
                 if data.is_empty() {

@@ -86,8 +86,14 @@ pub fn unavailable_response<B: From<Bytes>>(err: &TokenUnavailable) -> Response<
     let mut response = Response::new(B::from(Bytes::from(json)));
     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(err.retry_after)));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after_secs(err.retry_after)),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

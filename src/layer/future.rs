@@ -14,14 +14,15 @@ use tracing::{Instrument, field::Empty};
 
 use super::{
     ReplayableBody,
-    body::try_clone_request,
+    body::with_replay_copy,
     error::BearerTokenError,
     service::{Shared, record_outcome},
 };
 use crate::{cache::TokenUnavailable, token::Token};
 
 /// A token being fetched (miss path and after a `401` only).
-pub(super) type TokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
+pub(super) type TokenFuture =
+    Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
 
 /// A rejected token being dropped from the cache.
 type InvalidateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -55,7 +56,7 @@ pin_project! {
         Calling { #[pin] future: F },
         // `401` without a replay: dropping the token, then handing back the
         // response.
-        Invalidating { invalidate: InvalidateFuture, response: Option<R> },
+        Invalidating { invalidate: InvalidateFuture, response: Option<Box<R>> },
         // `401` with a replay: dropping the token and fetching a new one.
         Refetching { fetch: TokenFuture },
         // Waiting for the service to be ready for the replay.
@@ -89,7 +90,12 @@ where
 
     /// Miss path: `service` has been polled ready and is called once the
     /// token is there.
-    pub(super) fn fetching(fetch: TokenFuture, request: Request<B>, service: S, shared: Arc<Shared>) -> Self {
+    pub(super) fn fetching(
+        fetch: TokenFuture,
+        request: Request<B>,
+        service: S,
+        shared: Arc<Shared>,
+    ) -> Self {
         Self {
             state: State::Fetching { fetch },
             request: Some(request),
@@ -119,10 +125,15 @@ where
                             return Poll::Ready(Err(BearerTokenError::Token(e)));
                         }
                     };
-                    let mut request = this.request.take().expect("request held until its token arrives");
+                    let mut request = this
+                        .request
+                        .take()
+                        .expect("request held until its token arrives");
                     this.shared.header.apply(&mut request, &token);
                     if this.shared.retry_on_unauthorized {
-                        *this.request = try_clone_request(&request);
+                        let copy;
+                        (request, copy) = with_replay_copy(request);
+                        *this.request = copy;
                     }
                     let service = this.service.as_mut().expect("service held until called");
                     let future = service.call(request);
@@ -147,7 +158,10 @@ where
                     };
                     let cache = this.shared.cache.clone();
                     if this.request.is_some() && this.service.is_some() {
-                        tracing::debug!(token_id = rejected.id(), "upstream answered 401; replaying with a new token");
+                        tracing::debug!(
+                            token_id = rejected.id(),
+                            "upstream answered 401; replaying with a new token"
+                        );
                         // The 401's body is of no use; let its connection go.
                         drop(response);
                         let span = tracing::debug_span!(
@@ -172,18 +186,25 @@ where
                             token_id = rejected.id(),
                             "upstream answered 401; request not replayable, token dropped"
                         );
-                        let invalidate: InvalidateFuture = Box::pin(async move { cache.invalidate(&rejected).await });
+                        let invalidate: InvalidateFuture =
+                            Box::pin(async move { cache.invalidate(&rejected).await });
+                        // Boxed: keeps this rare state from growing every future.
                         this.state.set(State::Invalidating {
                             invalidate,
-                            response: Some(response),
+                            response: Some(Box::new(response)),
                         });
                     }
                 }
-                StateProj::Invalidating { invalidate, response } => {
+                StateProj::Invalidating {
+                    invalidate,
+                    response,
+                } => {
                     ready!(invalidate.as_mut().poll(cx));
-                    let response = response.take().expect("response held until the token is dropped");
+                    let response = response
+                        .take()
+                        .expect("response held until the token is dropped");
                     this.state.set(State::Done);
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(*response));
                 }
                 StateProj::Refetching { fetch } => match ready!(fetch.as_mut().poll(cx)) {
                     Ok(token) => {
@@ -201,7 +222,10 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(BearerTokenError::Inner(e)));
                     }
-                    let mut request = this.request.take().expect("request copy held for the replay");
+                    let mut request = this
+                        .request
+                        .take()
+                        .expect("request copy held for the replay");
                     let token = this.token.take().expect("token fetched for the replay");
                     this.shared.header.apply(&mut request, &token);
                     let future = service.call(request);

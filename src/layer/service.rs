@@ -13,7 +13,7 @@ use tracing::{Instrument, field::Empty};
 
 use super::{
     ReplayableBody,
-    body::try_clone_request,
+    body::with_replay_copy,
     error::BearerTokenError,
     future::{ResponseFuture, TokenFuture},
 };
@@ -168,24 +168,33 @@ where
             Lookup::RefreshAhead(token) => (token, "refresh_ahead"),
             Lookup::Miss => return self.call_after_fetch(request),
         };
-        // Cheap when TRACE is off: a level check, no allocation.
-        let _span = tracing::trace_span!(
-            "token_acquisition",
-            cache = status,
-            outcome = "ok",
-            token_id = token.id()
-        )
-        .entered();
-        self.shared.header.apply(&mut request, &token);
-        let replay = if self.shared.retry_on_unauthorized {
-            try_clone_request(&request)
+        {
+            // Cheap when TRACE is off: a level check, no allocation.
+            let _span = tracing::trace_span!(
+                "token_acquisition",
+                cache = status,
+                outcome = "ok",
+                token_id = token.id()
+            )
+            .entered();
+            self.shared.header.apply(&mut request, &token);
+        }
+        let replay;
+        (request, replay) = if self.shared.retry_on_unauthorized {
+            with_replay_copy(request)
         } else {
-            None
+            (request, None)
         };
         // A replay needs a service of its own, polled ready before its call.
         let retry_service = replay.as_ref().map(|_| self.inner.clone());
         let future = self.inner.call(request);
-        ResponseFuture::called(future, token, replay, retry_service, Arc::clone(&self.shared))
+        ResponseFuture::called(
+            future,
+            token,
+            replay,
+            retry_service,
+            Arc::clone(&self.shared),
+        )
     }
 }
 
@@ -200,7 +209,12 @@ impl<S> BearerTokenService<S> {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         let cache = self.shared.cache.clone();
-        let span = tracing::debug_span!("token_acquisition", cache = "miss", outcome = Empty, kind = Empty);
+        let span = tracing::debug_span!(
+            "token_acquisition",
+            cache = "miss",
+            outcome = Empty,
+            kind = Empty
+        );
         let fetch: TokenFuture = Box::pin(
             async move {
                 let result = cache.get().await;
@@ -223,7 +237,11 @@ pub(super) fn record_outcome<T>(result: &Result<T, crate::cache::TokenUnavailabl
         Err(e) => {
             span.record("outcome", "error");
             span.record("kind", e.kind());
-            tracing::debug!(kind = e.kind(), retry_after_ms = e.retry_after.as_millis() as u64, "no token");
+            tracing::debug!(
+                kind = e.kind(),
+                retry_after_ms = e.retry_after.as_millis() as u64,
+                "no token"
+            );
         }
     }
 }
@@ -290,7 +308,9 @@ struct CustomPrefix {
 
 impl fmt::Debug for CustomPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CustomPrefix").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("CustomPrefix")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -303,7 +323,8 @@ impl CustomPrefix {
         }
         let text = format!("{}{}", self.prefix, token.access_token().expose());
         // Tokens are checked to fit a header; the prefix was checked above.
-        let mut value = HeaderValue::try_from(text).unwrap_or_else(|_| token.header_value().clone());
+        let mut value =
+            HeaderValue::try_from(text).unwrap_or_else(|_| token.header_value().clone());
         value.set_sensitive(true);
         self.last.store(Some(Arc::new((token.id(), value.clone()))));
         value

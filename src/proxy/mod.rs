@@ -13,9 +13,9 @@
 //!    `sso_token_proxy_requests_in_flight`. A body of known size up to
 //!    `max_replay_body_bytes` is read into memory so that the request can be
 //!    replayed; anything else is streamed.
-//! 3. **[`BearerTokenLayer`](crate::layer::BearerTokenLayer).** Sets the
-//!    token; `503` when none can be had; after an upstream `401`, one
-//!    refresh and one replay of a buffered request.
+//! 3. **[`BearerTokenLayer`].** Sets the token; `503` when none can be
+//!    had; after an upstream `401`, one refresh and one replay of a
+//!    buffered request.
 //! 4. **Forwarder.** Rewrites the URI (upstream scheme and authority, base
 //!    path joined, query kept byte for byte), `Host` (unless
 //!    `preserve_host`), drops hop-by-hop fields both ways, adds `Via` and

@@ -212,6 +212,10 @@ pub enum TokenError {
     /// The device flow did not complete.
     #[error("device login failed: {0}")]
     Login(String),
+    /// The shared token store (Redis) could not coordinate this refresh;
+    /// it may pass.
+    #[error("shared token store: {0}")]
+    Store(String),
 }
 
 impl TokenError {
@@ -220,6 +224,7 @@ impl TokenError {
         match self {
             Self::Oidc(e) => e.class(),
             Self::File { .. } | Self::NoRefreshToken(_) | Self::Login(_) => ErrorClass::Fatal,
+            Self::Store(_) => ErrorClass::Transient,
         }
     }
 
@@ -230,6 +235,7 @@ impl TokenError {
             Self::File { .. } => "TokenFile",
             Self::NoRefreshToken(_) => "NoRefreshToken",
             Self::Login(_) => "Login",
+            Self::Store(_) => "SharedStore",
         }
     }
 }

@@ -590,21 +590,85 @@ pub(crate) fn token_shaped(text: &str) -> Vec<String> {
     found
 }
 
-/// Panics naming the first of `secrets` that occurs in `text` (the secret
-/// itself is not printed, only its label and a few characters of context).
-pub(crate) fn assert_no_secrets(what: &str, text: &str, secrets: &[(&str, &str)]) {
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub(crate) fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs of 24 or more URL-safe characters mixing upper case, lower case
+/// and digits: what a fragment of a random token looks like (identifiers
+/// and hex ids do not).
+pub(crate) fn random_looking(text: &str) -> Vec<String> {
+    let url_safe = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.split(|c: char| !url_safe(c))
+        .filter(|run| {
+            run.len() >= 24
+                && run.chars().any(|c| c.is_ascii_uppercase())
+                && run.chars().any(|c| c.is_ascii_lowercase())
+                && run.chars().any(|c| c.is_ascii_digit())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Panics if `text` holds any of `secrets` or a fragment of one (any 23
+/// characters in a row), a string shaped like an emulator secret, or a
+/// random-looking run (see [`random_looking`]) other than those in
+/// `allowed` (e.g. the non-secret client id). Secrets are not printed, only
+/// their label and a few characters.
+pub(crate) fn assert_no_secrets(
+    what: &str,
+    text: &str,
+    secrets: &[(&str, &str)],
+    allowed: &[&str],
+) {
+    let mut text = strip_ansi(text);
+    for a in allowed {
+        text = text.replace(a, "<allowed>");
+    }
     for (label, secret) in secrets {
-        assert!(secret.len() >= 8, "{label} is too short to search for");
+        assert!(secret.len() >= 24, "{label} is too short to search for");
         if let Some(at) = text.find(secret) {
             let line = text[..at].lines().count();
             panic!("{what}: the {label} appears in line {line}");
         }
+        // Windows of 16 every 8 characters: any leaked fragment of 23 or
+        // more characters contains one.
+        for start in (0..=secret.len() - 16).step_by(8) {
+            if let Some(at) = text.find(&secret[start..start + 16]) {
+                let line = text[..at].lines().count();
+                panic!(
+                    "{what}: a fragment of the {label} (from character {start}) appears in line {line}"
+                );
+            }
+        }
     }
-    let shaped = token_shaped(text);
+    let shaped = token_shaped(&text);
     assert!(
         shaped.is_empty(),
         "{what}: {} token-shaped strings, e.g. one starting {:?}",
         shaped.len(),
         shaped.first().map(|s| &s[..8])
+    );
+    let random = random_looking(&text);
+    assert!(
+        random.is_empty(),
+        "{what}: {} random-looking strings, e.g. one starting {:?}",
+        random.len(),
+        random.first().map(|s| &s[..6])
     );
 }

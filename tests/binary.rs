@@ -1,0 +1,1122 @@
+//! The real `sso-token-proxy` binary against an in-process emulator: one
+//! test per row of the behaviour contract in DESIGN.md, plus the
+//! command-line contract (bad configs, `check-config`, `token`, `login`).
+//!
+//! Every test has its own emulator on 127.0.0.1:0, its own temp dir and
+//! ports, and bounds every wait.
+
+#[path = "support/binary_harness.rs"]
+mod harness;
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{StreamExt as _, stream};
+use http::{Method, Request, StatusCode, Version};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use sha2::{Digest as _, Sha256};
+use sso_token_proxy::{
+    emulator::{EmulatorConfig, Fault},
+    oidc::{Operation, ServiceErrorKind},
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::{Instant, timeout},
+};
+
+use harness::{
+    Env, Http, Opts, assert_no_secrets, empty, free_addr, full, poll_until, raw_request, run_binary,
+};
+
+/// The test's overall limit.
+const LIMIT: Duration = Duration::from_secs(45);
+
+async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: test did not finish within {LIMIT:?}"))
+}
+
+async fn env() -> Env {
+    Env::new(EmulatorConfig::default()).await
+}
+
+fn get_with(url: &str, headers: &[(&str, &str)]) -> Request<harness::ReqBody> {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(empty()).unwrap()
+}
+
+/// Row 1: the token is injected, and a client's own `Authorization` is
+/// replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injects_the_token_and_replaces_the_clients_authorization() {
+    bounded("injection", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+
+        let r = http.get(&proxy.url("/hello/world?a=1&b=two")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let echo = r.json();
+        assert_eq!(echo["authorized"], true);
+        assert_eq!(echo["method"], "GET");
+        assert_eq!(echo["path"], "/hello/world");
+        assert_eq!(echo["query"], "a=1&b=two");
+
+        // Straight to the upstream, a bogus token (or none) is refused ...
+        let direct = format!("{}/hello", env.emulator.url());
+        let r = http
+            .send(get_with(&direct, &[("authorization", "Bearer bogus")]))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(http.get(&direct).await.status, StatusCode::UNAUTHORIZED);
+
+        // ... through the proxy it is replaced by the live token.
+        let r = http
+            .send(get_with(
+                &proxy.url("/hello"),
+                &[("authorization", "Bearer bogus")],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["authorized"], true);
+        let r = http
+            .send(get_with(
+                &proxy.url("/hello"),
+                &[("authorization", "Basic dXNlcjpwYXNz")],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+
+        let c = env.emulator.counters();
+        assert_eq!(c.echo_authorized, 3, "{c:?}");
+        assert_eq!(
+            c.echo_unauthorized, 2,
+            "only the direct calls were refused: {c:?}"
+        );
+        assert_eq!(c.create_token, 1, "{c:?}");
+    })
+    .await;
+}
+
+/// Row 3: a thousand concurrent requests on a cold start cost one
+/// CreateToken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_burst_makes_one_create_token_call() {
+    bounded("cold start", async {
+        let env = env().await;
+        // Slow down the first (eager) fetch so the burst lands while it is
+        // in flight.
+        env.emulator.inject(
+            Operation::CreateToken,
+            [Fault::Delay(Duration::from_millis(500))],
+        );
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        let url = proxy.url("/burst");
+        let results = futures_util::future::join_all((0..1000).map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            async move { http.get(&url).await.status }
+        }))
+        .await;
+        let bad: Vec<_> = results.iter().filter(|s| **s != StatusCode::OK).collect();
+        assert!(
+            bad.is_empty(),
+            "{} of 1000 not 200, e.g. {:?}",
+            bad.len(),
+            bad.first()
+        );
+        let c = env.emulator.counters();
+        assert_eq!(c.create_token, 1, "{c:?}");
+        assert_eq!(c.echo_authorized, 1000, "{c:?}");
+    })
+    .await;
+}
+
+/// Row 4: refresh-ahead runs in the background; no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_never_fails_a_request() {
+    bounded("refresh-ahead", async {
+        let env = Env::new(EmulatorConfig {
+            access_token_lifetime: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await;
+        let proxy = env
+            .start(Opts {
+                token: "refresh_before_expiry = \"1s\"\nexpiry_margin = \"100ms\"\n".to_owned(),
+                ..Opts::default()
+            })
+            .await;
+        let http = Http::new();
+        let url = proxy.url("/steady");
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = Instant::now() + Duration::from_secs(5);
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while Instant::now() < end {
+            tick.tick().await;
+            let r = http.get(&url).await;
+            if r.status == StatusCode::OK {
+                ok += 1;
+            } else {
+                failed.push((r.status, String::from_utf8_lossy(&r.body).into_owned()));
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} failed (of {}): {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            failed.first()
+        );
+        assert!(ok > 50, "only {ok} requests in 5 s");
+        let c = env.emulator.counters();
+        assert!(
+            (3..=7).contains(&c.create_token),
+            "CreateToken calls: {c:?}"
+        );
+        assert_eq!(
+            c.echo_unauthorized, 0,
+            "a request left with a dead token: {c:?}"
+        );
+    })
+    .await;
+}
+
+/// Error classes: SlowDown and InternalServer are retried; the first request
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_and_transient_errors_are_retried() {
+    bounded("retries", async {
+        let env = env().await;
+        env.emulator.inject(
+            Operation::CreateToken,
+            [
+                Fault::Error(ServiceErrorKind::SlowDown),
+                Fault::Error(ServiceErrorKind::InternalServer),
+            ],
+        );
+        let proxy = env.start(Opts::default()).await;
+        let r = Http::new().get(&proxy.url("/after-retries")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let c = env.emulator.counters();
+        assert_eq!(c.create_token, 3, "{c:?}");
+        assert_eq!(c.errors_by_kind.get("SlowDown"), Some(&1), "{c:?}");
+        assert_eq!(c.errors_by_kind.get("InternalServer"), Some(&1), "{c:?}");
+    })
+    .await;
+}
+
+/// Row 5: with a fatal error every request gets a JSON 503, and the
+/// failure is remembered instead of hammering CreateToken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_error_answers_503_and_is_remembered() {
+    bounded("fatal", async {
+        let env = env().await;
+        env.emulator.inject_always(
+            Operation::CreateToken,
+            Some(Fault::Error(ServiceErrorKind::InvalidGrant)),
+        );
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        let url = proxy.url("/outage");
+        let responses: Vec<_> = stream::iter(0..1000)
+            .map(|_| {
+                let http = http.clone();
+                let url = url.clone();
+                async move { http.get(&url).await }
+            })
+            .buffer_unordered(50)
+            .collect()
+            .await;
+        for r in &responses {
+            assert_eq!(
+                r.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            let retry_after = r.header("retry-after").expect("Retry-After");
+            assert!(
+                retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+                "Retry-After: {retry_after}"
+            );
+            let body = r.json();
+            assert_eq!(body["error"], "token_unavailable", "{body}");
+            assert_eq!(body["kind"], "InvalidGrant", "{body}");
+            assert!(body["message"].is_string(), "{body}");
+        }
+        let c = env.emulator.counters();
+        assert!(
+            (1..=2).contains(&c.create_token),
+            "CreateToken calls during the outage: {c:?}"
+        );
+        assert_eq!(
+            c.echo_authorized + c.echo_unauthorized,
+            0,
+            "nothing reached the upstream: {c:?}"
+        );
+    })
+    .await;
+}
+
+/// Row 6: an upstream 401 invalidates the token; one refresh and one replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_401_refreshes_once_and_replays() {
+    bounded("401 replay", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        assert_eq!(http.get(&proxy.url("/first")).await.status, StatusCode::OK);
+        let before = env.emulator.counters();
+
+        env.emulator.revoke_access_tokens();
+        let r = http
+            .send(
+                Request::post(proxy.url("/replayed"))
+                    .body(full(&b"small replayable body"[..]))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let echo = r.json();
+        assert_eq!(
+            echo["body_length"], 21,
+            "the replay carried the whole body: {echo}"
+        );
+
+        let after = env.emulator.counters();
+        assert_eq!(
+            after.create_token,
+            before.create_token + 1,
+            "{before:?} -> {after:?}"
+        );
+        assert_eq!(
+            after.echo_unauthorized,
+            before.echo_unauthorized + 1,
+            "{before:?} -> {after:?}"
+        );
+        assert_eq!(
+            after.echo_authorized,
+            before.echo_authorized + 1,
+            "{before:?} -> {after:?}"
+        );
+    })
+    .await;
+}
+
+/// Row 2: only the upstream gets a token: absolute-form targets naming
+/// another host are refused (400) and `CONNECT` too (405), and the other
+/// host is never contacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_targets_and_connect_are_refused() {
+    bounded("foreign targets", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let before = env.emulator.counters();
+
+        let absolute = format!("GET http://{other_addr}/x HTTP/1.1\r\nHost: {other_addr}\r\n\r\n");
+        let r = tokio::select! {
+            r = raw_request(proxy.addr, &absolute) => r,
+            a = other.accept() => panic!("the proxy connected to the foreign host: {a:?}"),
+        };
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.header("x-amzn-requestid"),
+            None,
+            "answered by the upstream"
+        );
+
+        let connect = format!("CONNECT {other_addr} HTTP/1.1\r\nHost: {other_addr}\r\n\r\n");
+        let r = tokio::select! {
+            r = raw_request(proxy.addr, &connect) => r,
+            a = other.accept() => panic!("the proxy tunnelled to the foreign host: {a:?}"),
+        };
+        assert_eq!(r.status, 405, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.header("x-amzn-requestid"),
+            None,
+            "answered by the upstream"
+        );
+
+        // A foreign Host header never decides where a request goes.
+        let origin_form =
+            format!("GET /via-host HTTP/1.1\r\nHost: {other_addr}\r\nConnection: close\r\n\r\n");
+        let r = tokio::select! {
+            r = raw_request(proxy.addr, &origin_form) => r,
+            a = other.accept() => panic!("the proxy followed the Host header: {a:?}"),
+        };
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["path"], "/via-host");
+        assert!(r.header("x-amzn-requestid").is_some(), "{:?}", r.headers);
+
+        // Nothing trickles in afterwards either.
+        assert!(
+            timeout(Duration::from_millis(300), other.accept())
+                .await
+                .is_err(),
+            "the foreign host got a connection"
+        );
+        let after = env.emulator.counters();
+        assert_eq!(
+            after.echo_authorized + after.echo_unauthorized,
+            before.echo_authorized + before.echo_unauthorized + 1,
+            "only the origin-form request reached the upstream: {after:?}"
+        );
+    })
+    .await;
+}
+
+/// Row 1 (headers): hop-by-hop fields, and those named in `Connection`, are
+/// not forwarded; end-to-end fields are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped() {
+    bounded("hop-by-hop", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let request = format!(
+            "GET /hops HTTP/1.1\r\n\
+             Host: {addr}\r\n\
+             Connection: keep-alive, x-hop\r\n\
+             x-hop: 1\r\n\
+             Keep-Alive: timeout=5\r\n\
+             TE: trailers\r\n\
+             Proxy-Authorization: Basic eDp5\r\n\
+             Proxy-Connection: keep-alive\r\n\
+             x-keep: 1\r\n\
+             \r\n",
+            addr = proxy.addr
+        );
+        let r = raw_request(proxy.addr, &request).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let echo = r.json();
+        let headers = echo["headers"].as_object().expect("headers object");
+        for gone in [
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "proxy-connection",
+        ] {
+            assert!(!headers.contains_key(gone), "{gone} was forwarded: {echo}");
+        }
+        assert_eq!(
+            echo["headers"]["x-keep"],
+            serde_json::json!(["1"]),
+            "{echo}"
+        );
+    })
+    .await;
+}
+
+/// Row 1 (bodies): 10 MB each way stream through intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    bounded("large bodies", async {
+        const SIZE: usize = 10 * 1024 * 1024;
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+
+        // 10 MB up, streamed in 64 KiB chunks (chunked transfer coding).
+        let chunks = (0..SIZE / 65536)
+            .map(|i| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![(i % 256) as u8; 65536]))));
+        let body = BodyExt::boxed(StreamBody::new(stream::iter(chunks)));
+        let r = http
+            .send(Request::post(proxy.url("/upload")).body(body).unwrap())
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["body_length"], SIZE as u64);
+
+        // 10 MB down: byte i is i % 251.
+        let r = http
+            .send(get_with(
+                &proxy.url("/download"),
+                &[("x-echo-response-bytes", &SIZE.to_string())],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body.len(), SIZE);
+        let expected: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            Sha256::digest(&r.body),
+            Sha256::digest(&expected),
+            "the 10 MB response was altered"
+        );
+    })
+    .await;
+}
+
+/// Row 1 (versions): an h2c client works; the HTTP/1.1 upstream sees
+/// HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served() {
+    bounded("h2c", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let h2 = Http::h2c();
+        let r = h2.get(&proxy.url("/h2?x=1")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.version, Version::HTTP_2);
+        let echo = r.json();
+        assert_eq!(echo["version"], "HTTP/1.1", "{echo}");
+        assert_eq!(echo["path"], "/h2");
+        assert_eq!(echo["query"], "x=1");
+
+        let r = h2
+            .send(
+                Request::builder()
+                    .method(Method::PUT)
+                    .uri(proxy.url("/h2-body"))
+                    .header("cookie", "a=1")
+                    .body(full(vec![7u8; 100_000]))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let echo = r.json();
+        assert_eq!(echo["method"], "PUT");
+        assert_eq!(echo["body_length"], 100_000);
+    })
+    .await;
+}
+
+/// Row 7: `/healthz`, `/readyz` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    bounded("admin", async {
+        let env = env().await;
+        env.emulator.inject(
+            Operation::CreateToken,
+            [Fault::Delay(Duration::from_secs(3))],
+        );
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+
+        // Serving, but no token yet.
+        assert_eq!(
+            http.get(&proxy.admin_url("/healthz")).await.status,
+            StatusCode::OK
+        );
+        let r = http.get(&proxy.admin_url("/readyz")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["status"], "not_ready");
+
+        let ready = poll_until(Duration::from_secs(10), "/readyz 200", || {
+            let http = http.clone();
+            let url = proxy.admin_url("/readyz");
+            async move {
+                let r = http.get(&url).await;
+                (r.status == StatusCode::OK).then_some(r)
+            }
+        })
+        .await;
+        let body = ready.json();
+        assert_eq!(body["status"], "ready", "{body}");
+        assert!(
+            body["token_expires_in_seconds"]
+                .as_u64()
+                .is_some_and(|s| s > 0),
+            "{body}"
+        );
+        assert_eq!(
+            http.get(&proxy.admin_url("/healthz")).await.status,
+            StatusCode::OK
+        );
+
+        for _ in 0..3 {
+            assert_eq!(
+                http.get(&proxy.url("/counted")).await.status,
+                StatusCode::OK
+            );
+        }
+        let r = http.get(&proxy.admin_url("/metrics")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let text = String::from_utf8(r.body.to_vec()).expect("UTF-8 metrics");
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("Prometheus text");
+        assert!(!scrape.samples.is_empty(), "{text}");
+        for s in &scrape.samples {
+            assert!(
+                s.metric.starts_with("sso_token_proxy_"),
+                "unprefixed metric {}",
+                s.metric
+            );
+        }
+        let find = |name: &'static str| scrape.samples.iter().filter(move |s| s.metric == name);
+        let value = |v: &prometheus_parse::Value| match v {
+            prometheus_parse::Value::Counter(x)
+            | prometheus_parse::Value::Gauge(x)
+            | prometheus_parse::Value::Untyped(x) => *x,
+            other => panic!("not a scalar: {other:?}"),
+        };
+
+        let requests: f64 = find("sso_token_proxy_requests_total")
+            .map(|s| value(&s.value))
+            .sum();
+        assert!(requests >= 3.0, "requests_total = {requests}\n{text}");
+        let fetched = find("sso_token_proxy_token_fetches_total")
+            .filter(|s| s.labels.get("outcome") == Some("success"))
+            .map(|s| value(&s.value))
+            .sum::<f64>();
+        assert!(
+            fetched >= 1.0,
+            "token_fetches_total{{outcome=\"success\"}} = {fetched}\n{text}"
+        );
+        let expiry = find("sso_token_proxy_token_expiry_seconds")
+            .map(|s| value(&s.value))
+            .next()
+            .unwrap_or_else(|| panic!("no token_expiry_seconds\n{text}"));
+        assert!(expiry > 0.0, "token_expiry_seconds = {expiry}");
+        let histogram = find("sso_token_proxy_request_duration_seconds")
+            .next()
+            .unwrap_or_else(|| panic!("no request_duration_seconds\n{text}"));
+        match &histogram.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                assert!(!buckets.is_empty());
+                let inf = buckets
+                    .iter()
+                    .find(|b| b.less_than.is_infinite())
+                    .expect("+Inf bucket");
+                assert!(inf.count >= 3.0, "{buckets:?}");
+            }
+            other => panic!("request_duration_seconds is not a histogram: {other:?}\n{text}"),
+        }
+    })
+    .await;
+}
+
+/// Row 8: SIGTERM stops accepting, lets the in-flight request finish and
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_0() {
+    bounded("sigterm", async {
+        let env = env().await;
+        let mut proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        assert_eq!(http.get(&proxy.url("/warm")).await.status, StatusCode::OK);
+        let before = env.emulator.counters().echo_authorized;
+
+        let slow = tokio::spawn({
+            let http = Http::new();
+            let req = get_with(&proxy.url("/slow"), &[("x-echo-delay-ms", "2000")]);
+            async move { http.send(req).await }
+        });
+        // In flight once the upstream has it.
+        poll_until(
+            Duration::from_secs(10),
+            "the slow request to reach the upstream",
+            || {
+                let c = env.emulator.counters();
+                async move { (c.echo_authorized > before).then_some(()) }
+            },
+        )
+        .await;
+
+        proxy.sigterm();
+        let addr = proxy.addr;
+        poll_until(
+            Duration::from_secs(5),
+            "connections to be refused",
+            || async move {
+                match TcpStream::connect(addr).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        assert!(
+            !slow.is_finished(),
+            "the proxy kept accepting until the in-flight request ended"
+        );
+
+        let r = slow.await.expect("slow request task");
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["path"], "/slow");
+        let status = proxy.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{status}; stderr:\n{}",
+            proxy.stderr()
+        );
+    })
+    .await;
+}
+
+/// Row 9: no secret in any log line, at trace level, through success, a 401
+/// refresh, a SlowDown, h2c and an InvalidGrant outage; and none in the
+/// `login` device flow's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secrets_in_logs_at_trace_level() {
+    bounded("secrets", async {
+        let env = env().await;
+        let mut proxy = env
+            .start(Opts {
+                rust_log: "trace".to_owned(),
+                ..Opts::default()
+            })
+            .await;
+        let http = Http::new();
+        let url = proxy.url("/secretive");
+        assert_eq!(http.get(&url).await.status, StatusCode::OK);
+
+        // An upstream 401: refresh and replay.
+        env.emulator.revoke_access_tokens();
+        assert_eq!(http.get(&url).await.status, StatusCode::OK);
+
+        // A throttled refresh.
+        env.emulator.inject(
+            Operation::CreateToken,
+            [Fault::Error(ServiceErrorKind::SlowDown)],
+        );
+        env.emulator.revoke_access_tokens();
+        assert_eq!(http.get(&url).await.status, StatusCode::OK);
+        assert_eq!(
+            env.emulator.counters().errors_by_kind.get("SlowDown"),
+            Some(&1)
+        );
+
+        // h2c, which logs its frames at trace.
+        assert_eq!(Http::h2c().get(&url).await.status, StatusCode::OK);
+
+        // An outage: the refresh token is refused.
+        env.emulator.inject_always(
+            Operation::CreateToken,
+            Some(Fault::Error(ServiceErrorKind::InvalidGrant)),
+        );
+        env.emulator.revoke_access_tokens();
+        let mut bodies = String::new();
+        for _ in 0..3 {
+            let r = http.get(&url).await;
+            assert!(
+                r.status == StatusCode::SERVICE_UNAVAILABLE || r.status == StatusCode::UNAUTHORIZED,
+                "{}",
+                r.status
+            );
+            bodies.push_str(&String::from_utf8_lossy(&r.body));
+        }
+        assert!(
+            env.emulator
+                .counters()
+                .errors_by_kind
+                .contains_key("InvalidGrant")
+        );
+
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(15)).await;
+        assert!(status.success(), "{status}");
+
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(env.state_file()).expect("state file written"))
+                .unwrap();
+        let rotated_refresh = state["refreshToken"]
+            .as_str()
+            .expect("refreshToken in state")
+            .to_owned();
+        let last_access = state["accessToken"]
+            .as_str()
+            .expect("accessToken in state")
+            .to_owned();
+        assert_ne!(
+            rotated_refresh, env.refresh_token,
+            "the emulator rotates refresh tokens"
+        );
+        let secrets = [
+            ("configured refresh token", env.refresh_token.as_str()),
+            ("client secret", env.client_secret.as_str()),
+            ("rotated refresh token", rotated_refresh.as_str()),
+            ("last access token", last_access.as_str()),
+        ];
+        let log = proxy.stderr();
+        assert!(
+            log.lines().count() > 50,
+            "expected a trace-level log, got:\n{log}"
+        );
+        assert!(log.contains("TRACE"), "RUST_LOG=trace was not honoured");
+        let allowed = [env.client_id.as_str()];
+        assert_no_secrets("proxy stderr", &log, &secrets, &allowed);
+        assert_no_secrets("503 bodies", &bodies, &secrets, &allowed);
+
+        // `login`: the device flow against the emulator.
+        let login_env = Env::new(EmulatorConfig {
+            device_poll_interval: Duration::from_millis(1),
+            ..Default::default()
+        })
+        .await;
+        login(&login_env).await;
+    })
+    .await;
+}
+
+async fn login(env: &Env) {
+    let cache_file = env.path("sso-cache.json");
+    let config = env.write(
+        "login.toml",
+        &format!(
+            r#"[proxy]
+listen = "{listen}"
+upstream = "{url}"
+[admin]
+listen = "{admin}"
+[oidc]
+endpoint = "{url}"
+region = "us-east-1"
+[token]
+source = "sso_cache"
+sso_cache_file = "{cache}"
+start_url = "https://d-1234567890.awsapps.com/start"
+"#,
+            listen = free_addr(),
+            admin = free_addr(),
+            url = env.emulator.url(),
+            cache = cache_file.display(),
+        ),
+    );
+    let stderr_path = env.path("login.stderr");
+    let mut child = tokio::process::Command::new(harness::BIN)
+        .arg("login")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn login");
+    let read = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let user_code = poll_until(Duration::from_secs(15), "the login prompt", || {
+        let text = read();
+        async move {
+            let rest = &text[text.find("confirm the code: ")? + "confirm the code: ".len()..];
+            let code = rest.lines().next()?.trim();
+            (!code.is_empty()).then(|| code.to_owned())
+        }
+    })
+    .await;
+    assert!(
+        env.emulator.approve(&user_code),
+        "unknown user code {user_code:?}"
+    );
+    let status = timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("login did not finish; stderr:\n{}", read()))
+        .unwrap();
+    let log = read();
+    assert!(status.success(), "login failed ({status}):\n{log}");
+    assert!(
+        log.contains("TRACE"),
+        "RUST_LOG=trace was not honoured by login"
+    );
+
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache_file).expect("login wrote the cache file"))
+            .unwrap();
+    let field = |k: &str| {
+        cache[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{k} in the cache file"))
+            .to_owned()
+    };
+    let (access, refresh, secret) = (
+        field("accessToken"),
+        field("refreshToken"),
+        field("clientSecret"),
+    );
+    assert!(env.emulator.is_access_token_live(&access));
+    assert_no_secrets(
+        "login stderr",
+        &log,
+        &[
+            ("access token", access.as_str()),
+            ("refresh token", refresh.as_str()),
+            ("client secret", secret.as_str()),
+        ],
+        &[field("clientId").as_str()],
+    );
+}
+
+/// One broken config and the key its error line must name.
+struct BadConfig {
+    what: &'static str,
+    key: &'static str,
+    text: String,
+}
+
+fn bad_configs(env: &Env, good: &str, busy: std::net::SocketAddr) -> Vec<BadConfig> {
+    let replace = |from: &str, to: &str| {
+        assert!(good.contains(from), "{from:?} not in the good config");
+        good.replacen(from, to, 1)
+    };
+    let upstream_line = format!("upstream = \"{}\"", env.emulator.url());
+    let secret_line = format!(
+        "client_secret_file = \"{}\"",
+        env.path("client_secret").display()
+    );
+    let listen_line = good
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .unwrap()
+        .to_owned();
+    vec![
+        BadConfig {
+            what: "missing key",
+            key: "proxy.upstream",
+            text: replace(&upstream_line, ""),
+        },
+        BadConfig {
+            what: "unknown key",
+            key: "proxy.bogus",
+            text: replace("[proxy]\n", "[proxy]\nbogus = 1\n"),
+        },
+        BadConfig {
+            what: "bad URL",
+            key: "proxy.upstream",
+            text: replace(&upstream_line, "upstream = \"http://\""),
+        },
+        BadConfig {
+            what: "non-http upstream",
+            key: "proxy.upstream",
+            text: replace(&upstream_line, "upstream = \"ftp://x\""),
+        },
+        BadConfig {
+            what: "bad duration",
+            key: "token.refresh_before_expiry",
+            text: replace(
+                "[token]\n",
+                "[token]\nrefresh_before_expiry = \"5 parsecs\"\n",
+            ),
+        },
+        BadConfig {
+            what: "unreadable secret file",
+            key: "oidc.client_secret_file",
+            text: replace(
+                &secret_line,
+                &format!(
+                    "client_secret_file = \"{}\"",
+                    env.path("no-such-secret").display()
+                ),
+            ),
+        },
+        BadConfig {
+            what: "listen address in use",
+            key: "proxy.listen",
+            text: replace(&listen_line, &format!("listen = \"{busy}\"")),
+        },
+    ]
+}
+
+fn assert_config_error(
+    what: &str,
+    file: &str,
+    key: &str,
+    status: std::process::ExitStatus,
+    stderr: &str,
+) {
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{what}: exit status {status}; stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{what}:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "{what}: nothing on stderr");
+    for line in &lines {
+        let rest = line.strip_prefix(&format!("{file}: ")).unwrap_or_else(|| {
+            panic!("{what}: line not of the form `FILE: key: reason`: {line:?}")
+        });
+        let (k, reason) = rest.split_once(": ").unwrap_or_else(|| {
+            panic!("{what}: line not of the form `FILE: key: reason`: {line:?}")
+        });
+        assert!(
+            !k.is_empty() && !k.contains(' ') && !reason.trim().is_empty(),
+            "{what}: {line:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{file}: {key}: "))),
+        "{what}: no line names {key}:\n{stderr}"
+    );
+}
+
+/// The config contract: bad configs exit 2 with `FILE: key: reason`, both
+/// for `check-config` and for a plain run; a good config passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configs_exit_2_naming_file_and_key() {
+    bounded("bad configs", async {
+        let env = env().await;
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good = env.config_text(free_addr(), free_addr(), &Opts::default());
+        let good_path = env.write("good.toml", &good);
+        let (status, stdout, stderr) = run_binary(
+            &["check-config"],
+            &good_path,
+            "info",
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "good config: {status}\n{stdout}\n{stderr}"
+        );
+
+        for (i, case) in bad_configs(&env, &good, busy.local_addr().unwrap())
+            .into_iter()
+            .enumerate()
+        {
+            let path = env.write(&format!("bad-{i}.toml"), &case.text);
+            let file = path.display().to_string();
+            let (status, _, stderr) =
+                run_binary(&["check-config"], &path, "info", Duration::from_secs(20)).await;
+            assert_config_error(
+                &format!("check-config, {}", case.what),
+                &file,
+                case.key,
+                status,
+                &stderr,
+            );
+            let (status, _, stderr) = run_binary(&[], &path, "info", Duration::from_secs(20)).await;
+            assert_config_error(
+                &format!("run, {}", case.what),
+                &file,
+                case.key,
+                status,
+                &stderr,
+            );
+        }
+        // The env is still clean: none of the bad runs got as far as a token.
+        assert_eq!(env.emulator.counters().create_token, 0);
+        drop(busy);
+    })
+    .await;
+}
+
+/// `token` prints one token response as JSON, with a live access token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_subcommand_prints_one_live_token() {
+    bounded("token", async {
+        let env = env().await;
+        let config = env.write(
+            "token.toml",
+            &env.config_text(free_addr(), free_addr(), &Opts::default()),
+        );
+        let (status, stdout, stderr) =
+            run_binary(&["token"], &config, "info", Duration::from_secs(20)).await;
+        assert!(status.success(), "{status}\n{stderr}");
+        let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one JSON object expected:\n{stdout}");
+        let token: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+        let access = token["accessToken"].as_str().expect("accessToken");
+        assert!(
+            env.emulator.is_access_token_live(access),
+            "the printed token is not live"
+        );
+        assert_eq!(token["tokenType"], "Bearer");
+        assert!(
+            token["expiresIn"].as_u64().is_some_and(|s| s > 0),
+            "{token}"
+        );
+        assert_eq!(env.emulator.counters().create_token, 1);
+        assert_no_secrets(
+            "token stderr",
+            &stderr,
+            &[
+                ("access token", access),
+                ("refresh token", env.refresh_token.as_str()),
+                ("client secret", env.client_secret.as_str()),
+            ],
+            &[env.client_id.as_str()],
+        );
+    })
+    .await;
+}
+
+/// The log scanners of the secrets test find what they are meant to find.
+#[test]
+fn secret_scanners_detect_leaks() {
+    let token = "aoaAbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_";
+    assert_eq!(
+        harness::token_shaped(&format!("x={token}\n")),
+        vec![token.to_owned()]
+    );
+    assert!(harness::token_shaped("aoa aosabc aorShort1 sso_token_proxy").is_empty());
+    let tail = "ZvSxzwJoEPYttyFDr9Q8d2vM7VI8WU";
+    assert_eq!(
+        harness::random_looking(&format!("tail=\"{tail}\"")),
+        vec![tail.to_owned()]
+    );
+    assert!(
+        harness::random_looking("update_initial_window_size 3f2a9c1e-0b4d-4e5f-9a8b-7c6d5e4f3a2b")
+            .is_empty()
+    );
+    assert_eq!(
+        harness::strip_ansi("\u{1b}[2mhello\u{1b}[0m \u{1b}[3mx\u{1b}[0m"),
+        "hello x"
+    );
+
+    let secret = "aorQ1w2E3r4T5y6U7i8O9p0AsDfGhJkLzXcVbNm";
+    let leaks = [
+        format!("refresh_token={secret}"),
+        format!("tail={}", &secret[10..34]),
+        format!("\u{1b}[0m{}", &secret[3..30]),
+    ];
+    for leak in &leaks {
+        let caught =
+            std::panic::catch_unwind(|| assert_no_secrets("t", leak, &[("secret", secret)], &[]));
+        assert!(caught.is_err(), "not caught: {leak:?}");
+    }
+    assert_no_secrets(
+        "clean",
+        "GET /x 200 client_id=AbCdEfGhIjKlMnOpQrSt0123456 update_initial_window_size",
+        &[("secret", secret)],
+        &["AbCdEfGhIjKlMnOpQrSt0123456"],
+    );
+}
