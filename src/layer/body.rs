@@ -16,7 +16,11 @@ use pin_project_lite::pin_project;
 /// be replayed once with a fresh token when the upstream answers `401`.
 ///
 /// A body that cannot be copied (a stream) returns `None`; its request is
-/// sent once and a `401` is handed back to the caller.
+/// sent once and a `401` is handed back to the caller. In-memory bodies
+/// (`Full`, `Empty`, `Bytes`, `String`, `Vec<u8>`, `()`) are replayable;
+/// streams (`hyper::body::Incoming`, `axum::body::Body`, boxed bodies) are
+/// not. [`ReplayBody`] lets one body type be either, per request: collect a
+/// small body into [`ReplayBody::buffered`] to make its request replayable.
 pub trait ReplayableBody: Sized {
     /// A copy of the whole body, or `None` when it cannot be replayed.
     fn try_clone(&self) -> Option<Self>;

@@ -12,7 +12,8 @@ mod source;
 
 pub use self::{
     redis::{
-        Commit, Fence, NewTokens, RedisConnectOptions, RedisStore, StoreError, StoreKeys, TokenRecord,
+        Commit, Fence, NewTokens, RedisConnectOptions, RedisStore, StoreError, StoreKeys,
+        TokenRecord,
     },
     source::{SharedStoreOptions, SharedStoreSource},
 };

@@ -48,12 +48,24 @@ pub struct RedisConnectOptions {
 impl fmt::Debug for RedisConnectOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConnectOptions")
-            .field("url", &self.url)
+            .field("url", &redact_userinfo(&self.url))
             .field("username", &self.username)
             .field("password", &self.password)
             .field("ca_file", &self.ca_file)
             .field("command_timeout", &self.command_timeout)
             .finish()
+    }
+}
+
+/// The URL with any `user:password@` replaced by `***@`.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -260,7 +272,8 @@ return 0
 
 /// Writes a new record when the caller holds the lock (status 1), or when
 /// it does not but the record is still the generation its refresh started
-/// from (status 2); otherwise writes nothing (status 0).
+/// from, or gone (Redis restarted empty) (status 2); otherwise writes
+/// nothing (status 0).
 /// Returns `{status, generation now in Redis, generation replaced}`.
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -269,7 +282,7 @@ local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
 local status = 0
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then
   status = 1
-elseif gen == tonumber(ARGV[2]) then
+elseif gen == tonumber(ARGV[2]) or gen == 0 then
   status = 2
 else
   return {0, gen, gen}
@@ -337,7 +350,10 @@ impl RedisStore {
         let client = match &options.ca_file {
             Some(path) if tls => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    StoreError::Config(format!("store.ca_file: cannot read {}: {e}", path.display()))
+                    StoreError::Config(format!(
+                        "store.ca_file: cannot read {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 Client::build_with_tls(
                     info,
@@ -375,14 +391,23 @@ impl RedisStore {
         &self.endpoint
     }
 
-    async fn bounded<T>(
-        &self,
-        op: &'static str,
-        f: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        // The connection's own timeouts cover one attempt; this bounds the
-        // whole call, reconnects included.
-        match tokio::time::timeout(self.command_timeout, f).await {
+    /// Runs one command, bounded by the command timeout as a whole. A
+    /// command that fails on a broken connection (Redis restarted) is sent
+    /// once more on the connection the manager re-establishes.
+    async fn bounded<T, F, Fut>(&self, op: &'static str, mut send: F) -> Result<T, StoreError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let attempts = async {
+            match send(self.conn.clone()).await {
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    send(self.conn.clone()).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, attempts).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::Redis {
                 op,
@@ -397,25 +422,42 @@ impl RedisStore {
         }
     }
 
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.bounded(
+            op,
+            |mut conn| async move { call.invoke_async(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn command<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.bounded(
+            op,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
     /// `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded("ping", async move {
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        })
-        .await
-        .map(|_| ())
+        self.command::<String>("ping", &redis::cmd("PING"))
+            .await
+            .map(|_| ())
     }
 
     /// The current record, `None` when there is none yet.
     pub async fn read(&self, keys: &StoreKeys) -> Result<Option<TokenRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let key = keys.record.clone();
-        let fields: HashMap<String, String> = self
-            .bounded("read", async move {
-                redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await
-            })
-            .await?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(&keys.record);
+        let fields: HashMap<String, String> = self.command("read", &cmd).await?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -430,56 +472,48 @@ impl RedisStore {
         owner: &str,
         lease: Duration,
     ) -> Result<Option<Fence>, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = LOCK.prepare_invoke();
         call.key(&keys.lock)
             .key(&keys.fence)
             .arg(owner)
             .arg(lease_ms(lease));
-        let value: Option<String> = self
-            .bounded("lock", async move { call.invoke_async(&mut conn).await })
-            .await?;
+        let value: Option<String> = self.script("lock", &call).await?;
         Ok(value.as_deref().and_then(Fence::parse))
     }
 
     /// Extends the lease; `false` when the lock is no longer ours.
-    pub async fn renew(&self, keys: &StoreKeys, fence: &Fence, lease: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+    pub async fn renew(
+        &self,
+        keys: &StoreKeys,
+        fence: &Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let mut call = RENEW.prepare_invoke();
         call.key(&keys.lock).arg(&fence.value).arg(lease_ms(lease));
-        let renewed: i64 = self
-            .bounded("renew", async move { call.invoke_async(&mut conn).await })
-            .await?;
+        let renewed: i64 = self.script("renew", &call).await?;
         Ok(renewed == 1)
     }
 
     /// Releases the lock if it is still ours (compare-and-delete); `false`
     /// when it was not (the lease had run out).
     pub async fn release(&self, keys: &StoreKeys, fence: &Fence) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = RELEASE.prepare_invoke();
         call.key(&keys.lock).arg(&fence.value);
-        let deleted: i64 = self
-            .bounded("release", async move { call.invoke_async(&mut conn).await })
-            .await?;
+        let deleted: i64 = self.script("release", &call).await?;
         Ok(deleted == 1)
     }
 
     /// The current lock value, if the lock is held.
     pub async fn lock_holder(&self, keys: &StoreKeys) -> Result<Option<Fence>, StoreError> {
-        let mut conn = self.conn.clone();
-        let key = keys.lock.clone();
-        let value: Option<String> = self
-            .bounded("read", async move {
-                redis::cmd("GET").arg(&key).query_async(&mut conn).await
-            })
-            .await?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&keys.lock);
+        let value: Option<String> = self.command("read", &cmd).await?;
         Ok(value.as_deref().and_then(Fence::parse))
     }
 
     /// Writes `tokens` as the next generation: as holder of `fence`, or,
     /// without the lock (`fence` is `None` or the lease ran out), only if
-    /// the record is still `expected_generation` (0: no record).
+    /// the record is still `expected_generation` or there is none.
     pub async fn commit(
         &self,
         keys: &StoreKeys,
@@ -488,7 +522,6 @@ impl RedisStore {
         tokens: &NewTokens,
         writer: &str,
     ) -> Result<Commit, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = COMMIT.prepare_invoke();
         call.key(&keys.record)
             .key(&keys.lock)
@@ -500,9 +533,7 @@ impl RedisStore {
             .arg(fence.map_or(0, |f| f.number))
             .arg(writer)
             .arg(epoch_ms(SystemTime::now()));
-        let reply: Vec<u64> = self
-            .bounded("commit", async move { call.invoke_async(&mut conn).await })
-            .await?;
+        let reply: Vec<u64> = self.script("commit", &call).await?;
         match reply.as_slice() {
             [1, generation, replaced] => Ok(Commit::Locked {
                 generation: *generation,
@@ -546,9 +577,17 @@ fn parse_record(key: &str, fields: &HashMap<String, String>) -> Result<TokenReco
         access_token: Secret::new(text("access_token")?.clone()),
         expires_at: from_epoch_ms(number("expires_at_ms")?),
         refresh_token: Secret::new(text("refresh_token")?.clone()),
-        fence: fields.get("fence").and_then(|f| f.parse().ok()).unwrap_or(0),
+        fence: fields
+            .get("fence")
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0),
         writer: fields.get("writer").cloned().unwrap_or_default(),
-        updated_at: from_epoch_ms(fields.get("updated_at_ms").and_then(|f| f.parse().ok()).unwrap_or(0)),
+        updated_at: from_epoch_ms(
+            fields
+                .get("updated_at_ms")
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0),
+        ),
     })
 }
 
@@ -583,6 +622,23 @@ mod tests {
         let err = parse_record("k", &fields).unwrap_err();
         assert!(err.to_string().contains("refresh_token"), "{err}");
         assert!(!err.to_string().contains("S3CRET"));
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let options = RedisConnectOptions {
+            url: "rediss://user:S3CRET@redis.internal:6380/0".to_owned(),
+            username: None,
+            password: Some(Secret::new("S3CRET-too")),
+            ca_file: None,
+            command_timeout: Duration::from_secs(1),
+        };
+        let text = format!("{options:?}");
+        assert!(!text.contains("S3CRET"), "{text}");
+        assert!(
+            text.contains("rediss://***@redis.internal:6380/0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -208,41 +208,46 @@ impl TokenSource for SharedStoreSource {
 }
 
 async fn health_loop(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(i) => i.options.health_interval.max(Duration::from_millis(50)),
-        None => return,
-    };
     loop {
-        tokio::time::sleep(period).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
+        // Only a weak reference across the sleep: the task ends with the
+        // source.
+        let period = {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            inner.check_health().await;
+            inner.options.health_interval.max(Duration::from_millis(50))
         };
-        match inner.store.ping().await {
-            Ok(()) => {
-                inner.set_up(true);
-                // Publish a refresh made while Redis was down; skip when a
-                // fetch is running (it does the same).
-                if let Ok(mut state) = inner.state.try_lock() {
-                    inner.publish_pending(&mut state).await;
-                    if state.pending.is_none() {
-                        inner.set_degraded(false);
-                    }
-                }
-            }
-            Err(e) => {
-                store_error_metric(&e);
-                if inner.up.load(Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "shared token store unreachable");
-                }
-                inner.set_up(false);
-            }
-        }
+        tokio::time::sleep(period).await;
     }
 }
 
 // === impl Inner ===
 
 impl Inner {
+    async fn check_health(&self) {
+        match self.store.ping().await {
+            Ok(()) => {
+                self.set_up(true);
+                // Publish a refresh made while Redis was down; skip when a
+                // fetch is running (it does the same).
+                if let Ok(mut state) = self.state.try_lock() {
+                    self.publish_pending(&mut state).await;
+                    if state.pending.is_none() {
+                        self.set_degraded(false);
+                    }
+                }
+            }
+            Err(e) => {
+                store_error_metric(&e);
+                if self.up.load(Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "shared token store unreachable");
+                }
+                self.set_up(false);
+            }
+        }
+    }
+
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Relaxed);
         metrics::gauge!("sso_token_proxy_store_up").set(if up { 1.0 } else { 0.0 });
@@ -264,7 +269,11 @@ impl Inner {
     }
 
     fn hold(&self, state: &mut State, held: Held) {
-        if state.held.as_ref().is_none_or(|h| h.token.id() != held.token.id()) {
+        if state
+            .held
+            .as_ref()
+            .is_none_or(|h| h.token.id() != held.token.id())
+        {
             self.held_serial.fetch_add(1, Ordering::AcqRel);
         }
         state.held = Some(held);
@@ -336,7 +345,8 @@ impl Inner {
             waited = true;
             let now = Instant::now();
             if now >= deadline {
-                metrics::counter!("sso_token_proxy_store_lock_wait_total", "outcome" => "timeout").increment(1);
+                metrics::counter!("sso_token_proxy_store_lock_wait_total", "outcome" => "timeout")
+                    .increment(1);
                 let holder = match self.store.lock_holder(&self.keys).await {
                     Ok(Some(f)) => format!("fence {}", f.number),
                     _ => "unknown".to_owned(),
@@ -389,9 +399,18 @@ impl Inner {
         let token = Token::expiring_at(rec.access_token.clone(), rec.expires_at)
             .with_scopes(self.refresh.scopes().to_vec());
         metrics::counter!("sso_token_proxy_store_tokens_adopted_total").increment(1);
-        tracing::debug!(generation = rec.generation, ttl_ms = rec.ttl().as_millis() as u64, "using the token from the shared store");
-        self.learn_refresh_token(state, &rec.refresh_token, rec.generation, Some((&token, rec.expires_at)))
-            .await;
+        tracing::debug!(
+            generation = rec.generation,
+            ttl_ms = rec.ttl().as_millis() as u64,
+            "using the token from the shared store"
+        );
+        self.learn_refresh_token(
+            state,
+            &rec.refresh_token,
+            rec.generation,
+            Some((&token, rec.expires_at)),
+        )
+        .await;
         self.hold(
             state,
             Held {
@@ -428,7 +447,12 @@ impl Inner {
         }
     }
 
-    async fn write_state_file(&self, path: &Path, refresh_token: &Secret, access: Option<(&Token, SystemTime)>) {
+    async fn write_state_file(
+        &self,
+        path: &Path,
+        refresh_token: &Secret,
+        access: Option<(&Token, SystemTime)>,
+    ) {
         let path = path.to_path_buf();
         let state = StateFile {
             client_id: Some(self.client_id.clone()),
@@ -440,7 +464,11 @@ impl Inner {
         };
         let stored = tokio::task::spawn_blocking(move || {
             // Keep keys written by other versions.
-            let extra = StateFile::load(&path).ok().flatten().map(|s| s.extra).unwrap_or_default();
+            let extra = StateFile::load(&path)
+                .ok()
+                .flatten()
+                .map(|s| s.extra)
+                .unwrap_or_default();
             StateFile { extra, ..state }.store(&path)
         })
         .await;
@@ -456,7 +484,12 @@ impl Inner {
 
     /// Refreshes while holding the lock, writes the result to Redis before
     /// handing it out, and releases the lock.
-    async fn refresh_holding(&self, state: &mut State, fence: Fence, reuse: Reuse) -> Result<Token, TokenError> {
+    async fn refresh_holding(
+        &self,
+        state: &mut State,
+        fence: Fence,
+        reuse: Reuse,
+    ) -> Result<Token, TokenError> {
         let renewal = AbortOnDrop(tokio::spawn(renew_loop(
             self.store.clone(),
             self.keys.clone(),
@@ -480,7 +513,12 @@ impl Inner {
         result
     }
 
-    async fn refresh_locked(&self, state: &mut State, fence: &Fence, reuse: Reuse) -> Result<Token, TokenError> {
+    async fn refresh_locked(
+        &self,
+        state: &mut State,
+        fence: &Fence,
+        reuse: Reuse,
+    ) -> Result<Token, TokenError> {
         // Another replica may have finished a refresh since our last read.
         let record = match self.store.read(&self.keys).await {
             Ok(r) => r,
@@ -502,7 +540,11 @@ impl Inner {
                 "no token in the shared store yet; seeding it from this replica's refresh token"
             ),
         }
-        tracing::debug!(fence = fence.number, generation = base_generation, "refreshing as the lock holder");
+        tracing::debug!(
+            fence = fence.number,
+            generation = base_generation,
+            "refreshing as the lock holder"
+        );
         let token = match self.refresh.fetch(Reuse::Never).await {
             Ok(t) => t,
             Err(e) => return self.after_failed_refresh(state, base_generation, e).await,
@@ -517,10 +559,19 @@ impl Inner {
         // refresh token is now revoked.
         match self
             .store
-            .commit(&self.keys, Some(fence), base_generation, &tokens, &self.owner)
+            .commit(
+                &self.keys,
+                Some(fence),
+                base_generation,
+                &tokens,
+                &self.owner,
+            )
             .await
         {
-            Ok(Commit::Locked { generation, replaced }) => {
+            Ok(Commit::Locked {
+                generation,
+                replaced,
+            }) => {
                 if replaced != base_generation {
                     tracing::warn!(
                         generation,
@@ -596,7 +647,12 @@ impl Inner {
 
     /// The refresh token to store after a refresh: the rotated one, else
     /// the one that was used.
-    fn newest_refresh_token(&self, state: &State, token: &Token, record: Option<&TokenRecord>) -> Secret {
+    fn newest_refresh_token(
+        &self,
+        state: &State,
+        token: &Token,
+        record: Option<&TokenRecord>,
+    ) -> Secret {
         if let Some(rotated) = token.refresh_token().filter(|r| !r.is_empty()) {
             return rotated.clone();
         }
@@ -651,7 +707,12 @@ impl Inner {
     }
 
     /// Redis could not be used for this fetch.
-    async fn without_store(&self, state: &mut State, reuse: Reuse, error: StoreError) -> Result<Token, TokenError> {
+    async fn without_store(
+        &self,
+        state: &mut State,
+        reuse: Reuse,
+        error: StoreError,
+    ) -> Result<Token, TokenError> {
         self.store_failed(&error);
         if !error.is_unavailable() {
             return Err(TokenError::Store(error.to_string()));
@@ -662,7 +723,7 @@ impl Inner {
             tracing::warn!(
                 error = %error,
                 "shared token store unavailable; not refreshing the shared refresh token without coordination \
-                 (store.refresh_without_store = false); the current token is used while it is valid"
+                 (store.refresh_without_store = false); a valid token is still used"
             );
             return Err(TokenError::Store(format!(
                 "shared store unavailable ({error}); not refreshing a rotating refresh token without coordination"
@@ -709,11 +770,20 @@ impl Inner {
         };
         match self
             .store
-            .commit(&self.keys, None, pending.base_generation, &tokens, &self.owner)
+            .commit(
+                &self.keys,
+                None,
+                pending.base_generation,
+                &tokens,
+                &self.owner,
+            )
             .await
         {
             Ok(Commit::Locked { generation, .. } | Commit::Unlocked { generation }) => {
-                tracing::info!(generation, "stored the token refreshed while the shared store was unavailable");
+                tracing::info!(
+                    generation,
+                    "stored the token refreshed while the shared store was unavailable"
+                );
                 self.committed(state, generation, pending.token, pending.refresh_token);
             }
             Ok(Commit::Conflict { current }) => {
@@ -742,7 +812,10 @@ async fn renew_loop(store: RedisStore, keys: StoreKeys, fence: Fence, lease: Dur
         match store.renew(&keys, &fence, lease).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(fence = fence.number, "lost the refresh lock (its lease ran out)");
+                tracing::warn!(
+                    fence = fence.number,
+                    "lost the refresh lock (its lease ran out)"
+                );
                 return;
             }
             Err(e) => store_error_metric(&e),

@@ -86,7 +86,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
                 assert!(
                     log.contains("Address already in use"),
@@ -110,7 +114,8 @@ impl RedisServer {
     /// Whether something answers a RESP `PING` on the port (`+PONG`, or an
     /// auth error when a password is required).
     fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
+        let Ok(mut stream) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200))
+        else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -130,7 +135,11 @@ impl RedisServer {
     /// Starts it again on the same port.
     pub(crate) fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server is still running");
-        assert!(self.spawn(), "port {} was taken while redis-server was down", self.addr.port());
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis-server was down",
+            self.addr.port()
+        );
     }
 
     fn kill(&mut self) {
