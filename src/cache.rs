@@ -304,6 +304,12 @@ impl TokenCache {
         })
     }
 
+    /// Forgets a remembered failure, so the next caller fetches at once
+    /// (after credentials were replaced).
+    pub fn clear_failure(&self) {
+        *self.inner.failure.lock().expect("failure lock") = None;
+    }
+
     /// Drops `token` if it is still the cached one (an upstream rejected
     /// it). A burst of calls for one old token causes one refresh.
     pub async fn invalidate(&self, token: &Token) {

@@ -23,7 +23,7 @@ use crate::{
     store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
     tls,
     token::{
-        LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource, StateFile, Token,
+        CredentialUpdate, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource, StateFile, Token,
         TokenError, TokenSource, device_login, sso_cache_file_name,
     },
 };
@@ -370,7 +370,8 @@ async fn run(path: &Path) -> Result<(), Failure> {
     let emulator = start_embedded_emulator(&config).await?;
     let oidc = oidc_client(&config)?;
     let source = token_source(&config, oidc)?;
-    let cache = TokenCache::from_arc(source, cache_options(&config));
+    let cache = TokenCache::from_arc(source.clone(), cache_options(&config));
+    spawn_credential_reloader(&config, source, cache.clone());
     let proxy = Proxy::new(&config.proxy, cache.clone())
         .map_err(|e| config_problem(&config, e.config_key(), e.to_string()))?;
 
@@ -418,6 +419,63 @@ async fn run(path: &Path) -> Result<(), Failure> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads the secret files on SIGHUP, and when their modification time
+/// changes (a Kubernetes Secret update swaps the file), without dropping
+/// connections or the current token.
+fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cache: TokenCache) {
+    let client_secret_file = config.oidc.client_secret.as_ref().and_then(|s| s.file.clone());
+    let refresh_token_file = config.token.refresh_token.as_ref().and_then(|s| s.file.clone());
+    if client_secret_file.is_none() && refresh_token_file.is_none() {
+        return;
+    }
+    let mtime = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; secret files are still watched");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = (mtime(&client_secret_file), mtime(&refresh_token_file));
+        loop {
+            let reason = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = (mtime(&client_secret_file), mtime(&refresh_token_file));
+                    if now == seen {
+                        continue;
+                    }
+                    "secret file changed"
+                }
+            };
+            seen = (mtime(&client_secret_file), mtime(&refresh_token_file));
+            let read = |p: &Option<PathBuf>, key: &str| {
+                p.as_ref().and_then(|p| match crate::config::read_secret_file(p) {
+                    Ok((value, _)) => Some(value),
+                    Err(reason) => {
+                        tracing::warn!(key, %reason, "keeping the current credential");
+                        None
+                    }
+                })
+            };
+            let update = CredentialUpdate {
+                client_secret: read(&client_secret_file, "oidc.client_secret_file"),
+                refresh_token: read(&refresh_token_file, "token.refresh_token_file"),
+            };
+            if source.reload(update).await {
+                cache.clear_failure();
+                tracing::info!(reason, "credentials reloaded");
+            } else {
+                tracing::debug!(reason, "credentials unchanged");
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -1120,3 +1120,54 @@ fn secret_scanners_detect_leaks() {
         &["AbCdEfGhIjKlMnOpQrSt0123456"],
     );
 }
+
+/// SIGHUP reloads the secret files: a proxy started with a revoked refresh
+/// token answers 503, and after the operator writes a good one and sends
+/// SIGHUP the next request succeeds — same process, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_replaced_refresh_token() {
+    bounded("sighup reload", async {
+        let env = env().await;
+        // Revoke the configured token: rotate it once outside the proxy.
+        let revoked = env.refresh_token.clone();
+        let good = {
+            let client = sso_token_proxy::oidc::OidcClient::builder()
+                .endpoint(env.emulator.url())
+                .build()
+                .unwrap();
+            let req = sso_token_proxy::oidc::CreateTokenRequest::refresh(
+                env.client_id.clone(),
+                env.client_secret.as_str().into(),
+                revoked.as_str().into(),
+            );
+            client.create_token(&req).await.unwrap().refresh_token.unwrap()
+        };
+        assert!(!env.emulator.is_refresh_token_live(&revoked));
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        let first = http.get(&proxy.url("/before")).await;
+        assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(first.json()["kind"], "InvalidGrant");
+
+        std::fs::write(env.path("refresh_token"), format!("{}\n", good.expose())).unwrap();
+        let pid = proxy.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let ok = harness::poll_until(Duration::from_secs(10), "a 200 after SIGHUP", || {
+            let http = http.clone();
+            let url = proxy.url("/after");
+            async move {
+                let r = http.get(&url).await;
+                (r.status == StatusCode::OK).then_some(r)
+            }
+        })
+        .await;
+        assert_eq!(ok.json()["authorized"], true);
+        assert!(proxy.stderr().contains("credentials reloaded"), "{}", proxy.stderr());
+        assert!(!proxy.stderr().contains(good.expose()));
+    })
+    .await;
+}

@@ -175,6 +175,7 @@ where
                             async move {
                                 cache.invalidate(&rejected).await;
                                 let result = cache.get().await;
+                                if let Ok(t) = &result { if t.id() == rejected.id() { eprintln!("XXX SAME TOKEN AFTER INVALIDATE {}", t.id()); } else { eprintln!("XXX new {} old {}", t.id(), rejected.id()); } }
                                 record_outcome(&result);
                                 result
                             }

@@ -16,6 +16,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::metrics::ProxyMetrics;
+
 /// A response body: the upstream's, streamed through untouched, or a small
 /// one the proxy wrote itself (refusals and errors).
 #[derive(Debug)]
@@ -95,6 +97,7 @@ impl Body for ProxyBody {
 /// What one client connection is doing, for the idle timeout.
 #[derive(Debug)]
 pub(super) struct ConnActivity {
+    metrics: Arc<ProxyMetrics>,
     opened: Instant,
     in_flight: AtomicUsize,
     /// When the last request finished, in ms after `opened`.
@@ -102,8 +105,9 @@ pub(super) struct ConnActivity {
 }
 
 impl ConnActivity {
-    pub(super) fn new() -> Arc<Self> {
+    pub(super) fn new(metrics: Arc<ProxyMetrics>) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
@@ -113,7 +117,7 @@ impl ConnActivity {
     /// Marks a request as started; it ends when the guard is dropped.
     pub(super) fn start(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!("sso_token_proxy_requests_in_flight").increment(1.0);
+        self.metrics.in_flight().increment(1.0);
         RequestGuard {
             activity: Arc::clone(self),
         }
@@ -157,7 +161,7 @@ impl Drop for RequestGuard {
         // sees zero requests with a stale time.
         a.last_done_ms.fetch_max(done, Ordering::AcqRel);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("sso_token_proxy_requests_in_flight").decrement(1.0);
+        a.metrics.in_flight().decrement(1.0);
     }
 }
 
@@ -177,7 +181,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_waits_for_requests_to_end() {
-        let activity = ConnActivity::new();
+        let activity = ConnActivity::new(Arc::default());
         let guard = activity.start();
         let idle = activity.idle_for(Duration::from_secs(10));
         tokio::pin!(idle);

@@ -6,8 +6,9 @@
 //! 1. **Target check.** `CONNECT` is answered `405`; an HTTP/1 absolute-form
 //!    target naming neither the proxy nor the upstream is answered `400`.
 //!    Neither is forwarded or given a token.
-//! 2. **Metrics and tracing.** One `request` span (method, path without the
-//!    query, status, duration; never header values or the query string) and
+//! 2. **Metrics and tracing.** One `request` span at `DEBUG` (method, path
+//!    without the query, status, duration; never header values or the query
+//!    string) and
 //!    `sso_token_proxy_requests_total{status_class}`,
 //!    `sso_token_proxy_request_duration_seconds`,
 //!    `sso_token_proxy_requests_in_flight`. A body of known size up to
@@ -73,6 +74,7 @@ mod body;
 mod error;
 mod forward;
 mod headers;
+mod metrics;
 mod server;
 mod service;
 mod target;
@@ -84,6 +86,7 @@ use tokio::net::TcpListener;
 pub use self::error::ProxyError;
 use self::{
     forward::{Forwarder, ForwarderSettings},
+    metrics::ProxyMetrics,
     service::Stack,
     target::TargetCheck,
 };
@@ -94,6 +97,7 @@ use crate::{cache::TokenCache, config::ProxyConfig, layer::BearerTokenLayer, tls
 pub struct Proxy {
     stack: Stack,
     check: Arc<TargetCheck>,
+    metrics: Arc<ProxyMetrics>,
     settings: ServerSettings,
 }
 
@@ -141,6 +145,7 @@ impl Proxy {
         Ok(Self {
             stack,
             check: Arc::new(TargetCheck::new(upstream)),
+            metrics: Arc::default(),
             settings: ServerSettings {
                 header_read_timeout: config.header_read_timeout,
                 idle_timeout: config.idle_timeout,

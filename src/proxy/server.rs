@@ -56,13 +56,14 @@ pub(super) async fn serve(
                             continue;
                         }
                     };
-                    let activity = ConnActivity::new();
+                    let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
                     let service = ConnService {
                         stack: proxy.stack_for(remote),
                         check: Arc::clone(&proxy.check),
                         local,
                         max_replay_body_bytes: settings.max_replay_body_bytes,
                         activity: Arc::clone(&activity),
+                        metrics: Arc::clone(&proxy.metrics),
                     };
                     connections.spawn(serve_connection(
                         Arc::clone(&builder),

@@ -2,6 +2,11 @@
 //! connection. Checks the target, keeps the metrics and the request span,
 //! decides whether the body is buffered (replayable) or streamed, and hands
 //! the request to `BearerTokenService<Forwarder>`.
+//!
+//! The `request` span is at `DEBUG`: at the default `info` level it is
+//! disabled and costs a level check, not a span allocation and the
+//! formatting of its fields on every request. The one event above `DEBUG`
+//! in it (an upstream failure) names the method and path itself.
 
 use std::{
     convert::Infallible,
@@ -12,7 +17,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use http::{Request, Response, StatusCode, request};
+use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, combinators::Collect};
 use hyper::body::Incoming;
@@ -25,6 +30,7 @@ use super::{
     body::{ConnActivity, ProxyBody, RequestGuard},
     error::{bad_body_response, refusal_response, upstream_error_response},
     forward::Forwarder,
+    metrics::ProxyMetrics,
     target::TargetCheck,
 };
 use crate::layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response};
@@ -43,6 +49,7 @@ pub(super) struct ConnService {
     pub(super) local: SocketAddr,
     pub(super) max_replay_body_bytes: u64,
     pub(super) activity: Arc<ConnActivity>,
+    pub(super) metrics: Arc<ProxyMetrics>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -52,7 +59,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = self.activity.start();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "request",
             method = %request.method(),
             path = request.uri().path(),
@@ -65,6 +72,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             guard: Some(guard),
             span,
             start,
+            metrics: Arc::clone(&self.metrics),
+            // For the warning should the upstream fail; both are cheap
+            // clones (an enum, shared bytes).
+            method: request.method().clone(),
+            uri: request.uri().clone(),
         };
         if let Err(refusal) = self.check.check(
             request.method(),
@@ -110,6 +122,9 @@ pin_project! {
         guard: Option<RequestGuard>,
         span: Span,
         start: Instant,
+        metrics: Arc<ProxyMetrics>,
+        method: Method,
+        uri: Uri,
     }
 }
 
@@ -172,6 +187,8 @@ impl Future for ProxyFuture {
                         Err(BearerTokenError::Token(e)) => unavailable_response(&e),
                         Err(BearerTokenError::Inner(e)) => {
                             tracing::warn!(
+                                method = %this.method,
+                                path = this.uri.path(),
                                 kind = e.kind(),
                                 error = &e as &dyn std::error::Error,
                                 "upstream request failed"
@@ -187,27 +204,17 @@ impl Future for ProxyFuture {
 
         let status = response.status();
         let elapsed = this.start.elapsed();
-        this.span.record("status", status.as_u16());
-        this.span
-            .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
-        tracing::debug!("request completed");
-        metrics::counter!("sso_token_proxy_requests_total", "status_class" => status_class(status))
-            .increment(1);
-        metrics::histogram!("sso_token_proxy_request_duration_seconds")
-            .record(elapsed.as_secs_f64());
+        if !this.span.is_disabled() {
+            this.span.record("status", status.as_u16());
+            this.span
+                .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+            tracing::debug!("request completed");
+        }
+        this.metrics.requests(status).increment(1);
+        this.metrics.duration().record(elapsed.as_secs_f64());
         if let Some(guard) = this.guard.take() {
             response.body_mut().set_guard(guard);
         }
         Poll::Ready(Ok(response))
-    }
-}
-
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }

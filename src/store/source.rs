@@ -18,7 +18,10 @@ use super::redis::{Commit, Fence, NewTokens, RedisStore, StoreError, StoreKeys, 
 use crate::{
     oidc::ServiceErrorKind,
     secret::Secret,
-    token::{FetchFuture, RefreshTokenSource, Reuse, StateFile, Token, TokenError, TokenSource},
+    token::{
+        CredentialUpdate, FetchFuture, RefreshTokenSource, ReloadFuture, Reuse, StateFile, Token, TokenError,
+        TokenSource,
+    },
 };
 
 /// How a [`SharedStoreSource`] coordinates.
@@ -204,6 +207,12 @@ impl TokenSource for SharedStoreSource {
 
     fn fetch(&self, reuse: Reuse) -> FetchFuture<'_> {
         Box::pin(self.inner.fetch(reuse))
+    }
+
+    fn reload(&self, update: CredentialUpdate) -> ReloadFuture<'_> {
+        // A new client secret applies at once; a new configured refresh
+        // token only seeds an empty store (the store's token is newer).
+        Box::pin(self.inner.refresh.reload(update))
     }
 }
 

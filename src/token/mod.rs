@@ -250,6 +250,20 @@ pub enum Reuse {
     Never,
 }
 
+/// Credentials re-read after an operator changed them; `None` means "not
+/// configured as a file" or "unchanged".
+#[derive(Debug, Clone, Default)]
+pub struct CredentialUpdate {
+    /// The client secret.
+    pub client_secret: Option<Secret>,
+    /// The refresh token.
+    pub refresh_token: Option<Secret>,
+}
+
+/// A boxed future returned by [`TokenSource::reload`]: whether anything
+/// changed.
+pub type ReloadFuture<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
 /// A boxed future returned by [`TokenSource::fetch`].
 pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, TokenError>> + Send + 'a>>;
 
@@ -265,6 +279,13 @@ pub trait TokenSource: Send + Sync + 'static {
     /// refresh-token rotation two concurrent refreshes would revoke each
     /// other's token.
     fn fetch(&self, reuse: Reuse) -> FetchFuture<'_>;
+
+    /// Takes new credentials (SIGHUP, changed secret files). The default
+    /// has nothing to reload.
+    fn reload(&self, update: CredentialUpdate) -> ReloadFuture<'_> {
+        let _ = update;
+        Box::pin(std::future::ready(false))
+    }
 }
 
 #[cfg(test)]

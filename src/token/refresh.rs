@@ -11,7 +11,7 @@ use std::{
 use tower::ServiceExt;
 
 use super::{
-    FetchFuture, Reuse, StateFile, Token, TokenError, TokenSource, parse_expires_at,
+    CredentialUpdate, FetchFuture, ReloadFuture, Reuse, StateFile, Token, TokenError, TokenSource, parse_expires_at,
     sso_cache::format_time,
 };
 use crate::{
@@ -22,6 +22,10 @@ use crate::{
 
 /// What the source holds between fetches.
 struct Held {
+    client_secret: Secret,
+    /// The refresh token as configured (file or inline), to tell an
+    /// operator's new token from the one we started with.
+    configured: Secret,
     refresh_token: Secret,
     /// The last access token, possibly loaded from the state file.
     access: Option<Token>,
@@ -32,7 +36,6 @@ pub struct RefreshTokenSource {
     oidc: OidcClient,
     policy: OidcRetryPolicy,
     client_id: String,
-    client_secret: Secret,
     scopes: Vec<String>,
     state_file: Option<PathBuf>,
     held: tokio::sync::Mutex<Held>,
@@ -96,6 +99,7 @@ impl RefreshTokenSourceBuilder {
     /// Builds the source, reading the state file if there is one. A corrupt
     /// state file is an error (it is never overwritten blindly).
     pub fn build(self) -> Result<RefreshTokenSource, TokenError> {
+        let configured = self.refresh_token.clone();
         let mut refresh_token = self.refresh_token;
         let mut access = None;
         if let Some(path) = &self.state_file
@@ -130,10 +134,11 @@ impl RefreshTokenSourceBuilder {
             oidc: self.oidc,
             policy: self.policy,
             client_id: self.client_id,
-            client_secret: self.client_secret,
             scopes: self.scopes,
             state_file: self.state_file,
             held: tokio::sync::Mutex::new(Held {
+                client_secret: self.client_secret,
+                configured,
                 refresh_token,
                 access: access.map(|t: Token| t.with_scopes(Vec::new())),
             }),
@@ -166,6 +171,25 @@ impl RefreshTokenSource {
         self.state_file.as_deref()
     }
 
+    /// Takes credentials an operator replaced (SIGHUP, changed secret
+    /// files). A refresh token equal to the one configured at start is not a
+    /// change: after rotations it would be a revoked token. Returns whether
+    /// anything changed.
+    pub async fn reload(&self, update: CredentialUpdate) -> bool {
+        let mut held = self.held.lock().await;
+        let mut changed = false;
+        if let Some(secret) = update.client_secret.filter(|s| !s.is_empty() && *s != held.client_secret) {
+            held.client_secret = secret;
+            changed = true;
+        }
+        if let Some(token) = update.refresh_token.filter(|t| !t.is_empty() && *t != held.configured) {
+            held.configured = token.clone();
+            held.refresh_token = token;
+            changed = true;
+        }
+        changed
+    }
+
     /// Replaces the refresh token (after an operator rotated the secret).
     pub async fn set_refresh_token(&self, refresh_token: Secret) {
         let mut held = self.held.lock().await;
@@ -184,7 +208,7 @@ impl RefreshTokenSource {
         }
         let request = CreateTokenRequest::refresh(
             self.client_id.clone(),
-            self.client_secret.clone(),
+            held.client_secret.clone(),
             held.refresh_token.clone(),
         )
         .with_scopes(self.scopes.clone());
@@ -243,5 +267,9 @@ impl TokenSource for RefreshTokenSource {
 
     fn fetch(&self, reuse: Reuse) -> FetchFuture<'_> {
         Box::pin(self.fetch_inner(reuse))
+    }
+
+    fn reload(&self, update: CredentialUpdate) -> ReloadFuture<'_> {
+        Box::pin(RefreshTokenSource::reload(self, update))
     }
 }
