@@ -1,13 +1,21 @@
 //! Cost of `BearerTokenLayer` on the cache-hit path, against tower-http's
 //! `SetRequestHeaderLayer::overriding` with a static value: same inner
-//! service, same requests, same run.
+//! service, same request construction, same run.
 //!
 //! `cargo bench --bench layer -- --warm-up-time 1 --measurement-time 3`
 //!
-//! After the runs it prints the ratio of the two means (read back from
-//! Criterion's `estimates.json`).
+//! After Criterion's runs it prints the ratio of the figures Criterion
+//! reported, then a paired ratio: short batches of the two services
+//! alternated and the median of the per-pair ratios taken, which holds up
+//! when other work on the machine comes and goes during the run.
 
-use std::{convert::Infallible, fmt::Debug, hint::black_box, path::PathBuf, time::Duration};
+use std::{
+    convert::Infallible,
+    fmt::Debug,
+    hint::black_box,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use criterion::Criterion;
 use futures_util::FutureExt;
@@ -26,6 +34,8 @@ const BASELINE: &str = "set_request_header_static";
 const LAYER: &str = "bearer_token_layer";
 const LAYER_NO_RETRY: &str = "bearer_token_layer_no_retry";
 
+const ACCESS_TOKEN: &str = "bench-access-token-0123456789abcdef";
+
 /// A source with one long-lived token: after the first fetch every request
 /// is a cache hit.
 struct Fixed;
@@ -40,7 +50,7 @@ impl TokenSource for Fixed {
     fn fetch(&self, _reuse: Reuse) -> FetchFuture<'_> {
         Box::pin(async {
             Ok(Token::new(
-                Secret::new("bench-access-token-0123456789abcdef"),
+                Secret::new(ACCESS_TOKEN),
                 Duration::from_secs(24 * 3600),
             ))
         })
@@ -56,13 +66,14 @@ fn request() -> Request<()> {
         .expect("valid request")
 }
 
+/// A service the benchmark drives.
+trait Driven: Service<Request<()>, Response = Response<()>, Error: Debug> {}
+
+impl<S> Driven for S where S: Service<Request<()>, Response = Response<()>, Error: Debug> {}
+
 /// One request through `service`: ready, call, response. Every step
 /// completes at once (no I/O), so no scheduler is needed.
-fn one_request<S>(service: &mut S)
-where
-    S: Service<Request<()>, Response = Response<()>>,
-    S::Error: Debug,
-{
+fn one_request(service: &mut impl Driven) {
     let request = request();
     service
         .ready()
@@ -77,48 +88,46 @@ where
     black_box(response);
 }
 
-fn bench_hit_path(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
-    let inner = service_fn(|_request: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+/// The three services under test, over the same inner service.
+struct Services<A, B, C> {
+    baseline: A,
+    layer: B,
+    layer_no_retry: C,
+}
+
+fn services(runtime: &tokio::runtime::Runtime) -> Services<impl Driven, impl Driven, impl Driven> {
+    let inner =
+        service_fn(|_request: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
 
     let cache = TokenCache::new(Fixed, CacheOptions::default());
     runtime.block_on(cache.get()).expect("token");
 
-    let mut baseline = SetRequestHeaderLayer::overriding(
-        AUTHORIZATION,
-        HeaderValue::from_static("Bearer bench-access-token-0123456789abcdef"),
-    )
-    .layer(inner);
-    let mut layered = BearerTokenLayer::new(cache.clone()).layer(inner);
-    let mut layered_no_retry = BearerTokenLayer::new(cache)
-        .retry_on_unauthorized(false)
-        .layer(inner);
+    Services {
+        baseline: SetRequestHeaderLayer::overriding(
+            AUTHORIZATION,
+            HeaderValue::from_static("Bearer bench-access-token-0123456789abcdef"),
+        )
+        .layer(inner),
+        layer: BearerTokenLayer::new(cache.clone()).layer(inner),
+        layer_no_retry: BearerTokenLayer::new(cache)
+            .retry_on_unauthorized(false)
+            .layer(inner),
+    }
+}
 
+fn bench_hit_path(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
+    let Services {
+        mut baseline,
+        mut layer,
+        mut layer_no_retry,
+    } = services(runtime);
     let mut group = c.benchmark_group(GROUP);
     group.bench_function(BASELINE, |b| b.iter(|| one_request(&mut baseline)));
-    group.bench_function(LAYER, |b| b.iter(|| one_request(&mut layered)));
-    group.bench_function(LAYER_NO_RETRY, |b| b.iter(|| one_request(&mut layered_no_retry)));
+    group.bench_function(LAYER, |b| b.iter(|| one_request(&mut layer)));
+    group.bench_function(LAYER_NO_RETRY, |b| {
+        b.iter(|| one_request(&mut layer_no_retry))
+    });
     group.finish();
-
-    let mut g = c.benchmark_group("pieces");
-    g.bench_function("request_only", |b| b.iter(|| black_box(request())));
-    g.bench_function("tokio_now", |b| b.iter(|| black_box(tokio::time::Instant::now())));
-    g.bench_function("std_now", |b| b.iter(|| black_box(std::time::Instant::now())));
-    let cache2 = TokenCache::new(Fixed, CacheOptions::default());
-    runtime.block_on(cache2.get()).expect("token");
-    g.bench_function("lookup", |b| b.iter(|| black_box(cache2.lookup())));
-    g.bench_function("clone_request", |b| b.iter_batched(request, |r| {
-        let mut copy = Request::new(());
-        *copy.method_mut() = r.method().clone();
-        *copy.uri_mut() = r.uri().clone();
-        *copy.version_mut() = r.version();
-        *copy.headers_mut() = r.headers().clone();
-        *copy.extensions_mut() = r.extensions().clone();
-        black_box((copy, r))
-    }, criterion::BatchSize::SmallInput));
-    g.bench_function("clone_request_derive", |b| b.iter_batched(request, |r| {
-        black_box((r.clone(), r))
-    }, criterion::BatchSize::SmallInput));
-    g.finish();
 }
 
 /// Criterion's output directory, found as Criterion finds it.
@@ -132,25 +141,83 @@ fn criterion_dir() -> PathBuf {
     target.join("criterion")
 }
 
-/// Mean time per iteration in nanoseconds from the latest run.
-fn mean_ns(name: &str) -> Option<f64> {
-    let path = criterion_dir().join(GROUP).join(name).join("new").join("estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
+/// The time per iteration Criterion reported for the latest run, in
+/// nanoseconds: the slope estimate when it has one, else the mean.
+fn reported_ns(name: &str) -> Option<f64> {
+    let path = criterion_dir()
+        .join(GROUP)
+        .join(name)
+        .join("new")
+        .join("estimates.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    json["slope"]["point_estimate"]
+        .as_f64()
+        .or_else(|| json["mean"]["point_estimate"].as_f64())
 }
 
-fn print_ratios() {
-    let Some(baseline) = mean_ns(BASELINE) else {
+fn print_criterion_ratios() {
+    let Some(baseline) = reported_ns(BASELINE) else {
         return;
     };
     println!();
-    println!("{GROUP}: {BASELINE} mean {baseline:.1} ns");
+    println!("criterion: {BASELINE} {baseline:.1} ns");
     for name in [LAYER, LAYER_NO_RETRY] {
-        if let Some(mean) = mean_ns(name) {
-            println!("{GROUP}: {name} mean {mean:.1} ns, ratio {:.2}x", mean / baseline);
+        if let Some(ns) = reported_ns(name) {
+            println!("criterion: {name} {ns:.1} ns, ratio {:.2}x", ns / baseline);
         }
     }
+}
+
+/// Nanoseconds per request for `batch` requests.
+fn time_batch(batch: u32, mut one: impl FnMut()) -> f64 {
+    let started = Instant::now();
+    for _ in 0..batch {
+        one();
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(batch)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Alternates batches of the baseline and each layer variant; prints the
+/// median per-request times and the median of the per-pair ratios.
+fn print_paired_ratios(runtime: &tokio::runtime::Runtime) {
+    const ROUNDS: usize = 400;
+    const BATCH: u32 = 1000;
+    let Services {
+        mut baseline,
+        mut layer,
+        mut layer_no_retry,
+    } = services(runtime);
+    let (mut base_ns, mut layer_ns, mut no_retry_ns) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut layer_ratio, mut no_retry_ratio) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let b = time_batch(BATCH, || one_request(&mut baseline));
+        let l = time_batch(BATCH, || one_request(&mut layer));
+        let n = time_batch(BATCH, || one_request(&mut layer_no_retry));
+        base_ns.push(b);
+        layer_ns.push(l);
+        no_retry_ns.push(n);
+        layer_ratio.push(l / b);
+        no_retry_ratio.push(n / b);
+    }
+    println!();
+    println!("paired ({ROUNDS} rounds of {BATCH} requests each, medians):");
+    println!("paired: {BASELINE} {:.1} ns", median(&mut base_ns));
+    println!(
+        "paired: {LAYER} {:.1} ns, ratio {:.2}x",
+        median(&mut layer_ns),
+        median(&mut layer_ratio)
+    );
+    println!(
+        "paired: {LAYER_NO_RETRY} {:.1} ns, ratio {:.2}x",
+        median(&mut no_retry_ns),
+        median(&mut no_retry_ratio)
+    );
 }
 
 fn main() {
@@ -168,6 +235,7 @@ fn main() {
     // A `--test` or `--list` run measures nothing; its files would be stale.
     let measured = !std::env::args().any(|a| a == "--test" || a == "--list");
     if measured {
-        print_ratios();
+        print_criterion_ratios();
+        print_paired_ratios(&runtime);
     }
 }

@@ -51,7 +51,9 @@ async fn handler(State(state): State<AppState>) -> Response {
     match state.upstream.oneshot(request).await {
         Ok(response) => response.map(Body::new),
         Err(BearerTokenError::Token(e)) => unavailable_response(&e),
-        Err(BearerTokenError::Inner(e)) => (StatusCode::BAD_GATEWAY, format!("upstream failed: {e}")).into_response(),
+        Err(BearerTokenError::Inner(e)) => {
+            (StatusCode::BAD_GATEWAY, format!("upstream failed: {e}")).into_response()
+        }
     }
 }
 
@@ -74,7 +76,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     // Tokens: CreateToken with the refresh token, cached and kept fresh.
     let oidc = OidcClient::builder().endpoint(emulator.url()).build()?;
-    let source = RefreshTokenSource::builder(oidc, client_id, client_secret, refresh_token).build()?;
+    let source =
+        RefreshTokenSource::builder(oidc, client_id, client_secret, refresh_token).build()?;
     let cache = TokenCache::new(source, CacheOptions::default());
 
     // The outbound client: hyper-util's pooled client under the layer.
@@ -89,10 +92,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    println!("app listening on http://{addr}, upstream at {}", emulator.url());
+    println!(
+        "app listening on http://{addr}, upstream at {}",
+        emulator.url()
+    );
 
     // Call the app once, as a user would.
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let request = Request::get(format!("http://{addr}/")).body(Empty::new())?;
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(request)).await??;
     let status = response.status();

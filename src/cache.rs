@@ -360,7 +360,9 @@ impl TokenCache {
                 .try_get_with(inner.key.clone(), async move { this.fetch_and_publish().await })
                 .await;
             match result {
-                Ok(token) if self.usable(&token) => {
+                // A token an upstream rejected is stale too: a caller that
+                // read it just before the invalidation may have re-inserted it.
+                Ok(token) if self.usable(&token) && !self.is_rejected(&token) => {
                     self.publish(&token);
                     return Ok(token);
                 }
@@ -462,8 +464,15 @@ impl TokenCache {
         result.map(Arc::new)
     }
 
+    fn is_rejected(&self, token: &Token) -> bool {
+        token.id() == self.inner.rejected.load(Ordering::Acquire)
+    }
+
     fn publish(&self, token: &Arc<Token>) {
         let inner = &*self.inner;
+        if self.is_rejected(token) {
+            return;
+        }
         let current = inner.hot.load();
         if current.as_ref().is_some_and(|c| c.id() == token.id()) {
             return;
@@ -765,6 +774,21 @@ mod tests {
         let new = cache.get().await.unwrap();
         cache.invalidate(&old).await;
         assert_eq!(cache.get().await.unwrap().id(), new.id());
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_token_put_back_by_a_racing_caller_is_not_handed_out() {
+        let fake = Fake::new(Duration::from_secs(3600), Duration::from_millis(10));
+        let cache = TokenCache::new(fake.clone(), options(300));
+        let old = cache.get().await.unwrap();
+        cache.invalidate(&old).await;
+        // A caller that read `old` just before the invalidation stores it
+        // again, as moka's single-flight can.
+        cache.inner.store.insert(cache.inner.key.clone(), Arc::clone(&old)).await;
+        cache.publish(&old);
+        let new = cache.get().await.unwrap();
+        assert_ne!(new.id(), old.id());
         assert_eq!(fake.calls(), 2);
     }
 

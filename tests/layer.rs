@@ -4,7 +4,7 @@
 use std::{
     io::Write,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -22,13 +22,17 @@ use serde_json::Value;
 use sso_token_proxy::{
     cache::{CacheOptions, TokenCache, TokenUnavailable},
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, Fault, SeedClient},
-    layer::{BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody, unavailable_response},
+    layer::{
+        BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody,
+        unavailable_response,
+    },
     oidc::{ErrorClass, OidcClient, OidcError, Operation, ServiceErrorKind},
     secret::Secret,
     token::{FetchFuture, RefreshTokenSource, Reuse, Token, TokenError, TokenSource},
 };
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
+use tracing::Instrument as _;
 
 type Body = Full<Bytes>;
 type Mock<B> = mock::Mock<Request<B>, Response<Body>>;
@@ -74,12 +78,16 @@ impl TokenSource for FakeSource {
                     details: Box::default(),
                 }));
             }
-            Ok(Token::new(Secret::new(format!("fake-{n}")), Duration::from_secs(3600)))
+            Ok(Token::new(
+                Secret::new(format!("fake-{n}")),
+                Duration::from_secs(3600),
+            ))
         })
     }
 }
 
 fn fake_cache() -> (FakeSource, TokenCache) {
+    logs();
     let source = FakeSource::default();
     let cache = TokenCache::new(source.clone(), CacheOptions::default());
     (source, cache)
@@ -153,8 +161,14 @@ async fn replaces_every_authorization_value_the_caller_sent() {
     let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
 
     let mut req = request("{}");
-    req.headers_mut().append(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
-    req.headers_mut().append(AUTHORIZATION, HeaderValue::from_static("Bearer callers-own"));
+    req.headers_mut().append(
+        AUTHORIZATION,
+        HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+    );
+    req.headers_mut().append(
+        AUTHORIZATION,
+        HeaderValue::from_static("Bearer callers-own"),
+    );
     let call = spawn_call(&mut service, req).await;
     let (seen, reply) = handle.next_request().await.unwrap();
     let values: Vec<_> = seen.headers().get_all(AUTHORIZATION).iter().collect();
@@ -168,14 +182,19 @@ async fn replaces_every_authorization_value_the_caller_sent() {
 async fn custom_header_name_and_prefix() {
     let (_source, cache) = fake_cache();
     let name = HeaderName::from_static("x-upstream-token");
-    let layer = BearerTokenLayer::new(cache).header_name(name.clone()).prefix("Token ");
+    let layer = BearerTokenLayer::new(cache)
+        .header_name(name.clone())
+        .prefix("Token ");
     let (mut service, mut handle) = mocked::<Body>(layer);
 
     for _ in 0..2 {
         let mut req = request("{}");
-        req.headers_mut().append(name.clone(), HeaderValue::from_static("old-1"));
-        req.headers_mut().append(name.clone(), HeaderValue::from_static("old-2"));
-        req.headers_mut().insert(AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        req.headers_mut()
+            .append(name.clone(), HeaderValue::from_static("old-1"));
+        req.headers_mut()
+            .append(name.clone(), HeaderValue::from_static("old-2"));
+        req.headers_mut()
+            .insert(AUTHORIZATION, HeaderValue::from_static("Basic x"));
         let call = spawn_call(&mut service, req).await;
         let (seen, reply) = handle.next_request().await.unwrap();
         let values: Vec<_> = seen.headers().get_all(&name).iter().collect();
@@ -193,12 +212,16 @@ async fn custom_header_name_and_prefix() {
 #[tokio::test]
 async fn poll_ready_follows_the_inner_service() {
     let (_source, cache) = fake_cache();
-    let (mut service, mut handle) = mock::spawn_layer::<Request<Body>, Response<Body>, _>(BearerTokenLayer::new(cache));
+    let (mut service, mut handle) =
+        mock::spawn_layer::<Request<Body>, Response<Body>, _>(BearerTokenLayer::new(cache));
 
     handle.allow(0);
     assert!(service.poll_ready().is_pending());
     handle.allow(1);
-    assert!(matches!(service.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    assert!(matches!(
+        service.poll_ready(),
+        std::task::Poll::Ready(Ok(()))
+    ));
 
     let call = tokio::spawn(service.call(request("{}")));
     let (_, reply) = handle.next_request().await.unwrap();
@@ -207,7 +230,9 @@ async fn poll_ready_follows_the_inner_service() {
 
     handle.send_error("inner broke");
     match service.poll_ready() {
-        std::task::Poll::Ready(Err(BearerTokenError::Inner(e))) => assert_eq!(e.to_string(), "inner broke"),
+        std::task::Poll::Ready(Err(BearerTokenError::Inner(e))) => {
+            assert_eq!(e.to_string(), "inner broke")
+        }
         other => panic!("expected the inner error, got {other:?}"),
     }
 }
@@ -249,7 +274,10 @@ async fn a_second_unauthorized_is_final() {
     let (_, reply) = handle.next_request().await.unwrap();
     reply.send_response(status(StatusCode::UNAUTHORIZED));
 
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert!(handle.poll_request().is_pending(), "no second replay");
     assert_eq!(source.fetches(), 2);
 }
@@ -257,16 +285,22 @@ async fn a_second_unauthorized_is_final() {
 #[tokio::test]
 async fn streaming_body_is_not_replayed_but_the_token_is_dropped() {
     let (source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<ReplayBody<Body>>(BearerTokenLayer::new(cache.clone()));
+    let (mut service, mut handle) =
+        mocked::<ReplayBody<Body>>(BearerTokenLayer::new(cache.clone()));
 
     let req = Request::post("http://upstream.test/upload")
-        .body(ReplayBody::streaming(Full::new(Bytes::from_static(b"stream"))))
+        .body(ReplayBody::streaming(Full::new(Bytes::from_static(
+            b"stream",
+        ))))
         .unwrap();
     let call = spawn_call(&mut service, req).await;
     let (_, reply) = handle.next_request().await.unwrap();
     reply.send_response(status(StatusCode::UNAUTHORIZED));
 
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert!(handle.poll_request().is_pending(), "no replay");
     assert_eq!(source.fetches(), 1);
     assert_eq!(cache.stats().invalidations, 1);
@@ -292,7 +326,10 @@ async fn retry_off_hands_back_the_401_and_drops_the_token() {
     let call = spawn_call(&mut service, request("{}")).await;
     let (_, reply) = handle.next_request().await.unwrap();
     reply.send_response(status(StatusCode::UNAUTHORIZED));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert!(handle.poll_request().is_pending(), "no replay");
     assert_eq!(source.fetches(), 1);
     assert_eq!(cache.stats().invalidations, 1);
@@ -308,7 +345,10 @@ async fn token_failure_is_typed_and_answers_503() {
 
     let call = spawn_call(&mut service, request("{}")).await;
     let err = call.await.unwrap().unwrap_err();
-    assert!(handle.poll_request().is_pending(), "nothing sent without a token");
+    assert!(
+        handle.poll_request().is_pending(),
+        "nothing sent without a token"
+    );
     let unavailable = err.token_unavailable().expect("a token error");
     assert_eq!(unavailable.kind(), "InvalidGrant");
     assert_eq!(unavailable.class(), ErrorClass::Fatal);
@@ -316,7 +356,9 @@ async fn token_failure_is_typed_and_answers_503() {
     assert!(err.inner().is_none());
     // Boxed at a boundary, the token error can be downcast.
     let boxed = err.into_boxed();
-    let downcast = boxed.downcast_ref::<TokenUnavailable>().expect("a TokenUnavailable");
+    let downcast = boxed
+        .downcast_ref::<TokenUnavailable>()
+        .expect("a TokenUnavailable");
     assert_eq!(downcast.kind(), "InvalidGrant");
 
     let response: Response<Body> = unavailable_response(downcast);
@@ -338,8 +380,15 @@ async fn retry_after_is_whole_seconds_rounded_up() {
 async fn assert_503(response: Response<Body>, kind: &str, retry_after: Duration) {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["content-type"], "application/json");
-    let secs: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(secs >= 1 && secs >= retry_after.as_secs(), "{secs} vs {retry_after:?}");
+    let secs: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        secs >= 1 && secs >= retry_after.as_secs(),
+        "{secs} vs {retry_after:?}"
+    );
     let body: Value = serde_json::from_slice(&body_bytes(response.into_body()).await).unwrap();
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["kind"], kind);
@@ -369,6 +418,7 @@ async fn replay_body_buffered_replays_and_streaming_does_not() {
 
 // === tracing ===
 
+/// Everything the crate logs, from every test in this binary.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -382,22 +432,52 @@ impl Write for Captured {
     }
 }
 
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Installs one global TRACE subscriber that captures the crate's logs.
+/// Every test calls this before touching the layer: a callsite first hit
+/// on another thread while a scoped subscriber is being set can have its
+/// interest cached as "never", so a per-test subscriber would be flaky.
+fn logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "sso_token_proxy=trace,layer=info",
+            ))
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        captured
+    })
+}
+
 #[tokio::test]
 async fn traces_cache_status_and_outcome_but_never_the_token() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-
     let (_source, cache) = fake_cache();
     let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
-    for code in [StatusCode::OK, StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK] {
-        let call = spawn_call(&mut service, request("{}")).await;
+    // Marks this test's lines among those of the tests running beside it.
+    let scope = tracing::info_span!("layer_tracing_test");
+    for code in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::OK,
+    ] {
+        let future = {
+            let ready = service.ready().await.unwrap();
+            let _entered = scope.enter();
+            ready.call(request("{}"))
+        };
+        let call = tokio::spawn(future.instrument(scope.clone()));
         let (_, reply) = handle.next_request().await.unwrap();
         reply.send_response(status(code));
         if code == StatusCode::UNAUTHORIZED {
@@ -407,11 +487,24 @@ async fn traces_cache_status_and_outcome_but_never_the_token() {
         call.await.unwrap().unwrap();
     }
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(text.contains(r#"token_acquisition{cache="miss" outcome="ok"}"#), "{text}");
-    assert!(text.contains(r#"cache="hit" outcome="ok""#), "{text}");
-    assert!(text.contains(r#"trigger="unauthorized""#), "{text}");
-    assert!(!text.contains("fake-0") && !text.contains("fake-1"), "a token leaked:\n{text}");
+    let all = logs().text();
+    let ours: Vec<&str> = all
+        .lines()
+        .filter(|line| line.contains("layer_tracing_test"))
+        .collect();
+    let has = |needle: &str| ours.iter().any(|line| line.contains(needle));
+    assert!(
+        has(r#"token_acquisition{cache="miss" outcome="ok"}"#),
+        "{ours:#?}"
+    );
+    assert!(
+        has(r#"token_acquisition{cache="hit" outcome="ok""#),
+        "{ours:#?}"
+    );
+    assert!(has(r#"trigger="unauthorized" outcome="ok""#), "{ours:#?}");
+    assert!(has("upstream answered 401"), "{ours:#?}");
+    // No test's token shows up in any test's logs.
+    assert!(!all.contains("fake-"), "a token leaked:\n{all}");
 }
 
 // === against the emulator ===
@@ -424,6 +517,7 @@ struct Upstream {
 
 impl Upstream {
     async fn start() -> Self {
+        logs();
         let client_id = "layer-test-client".to_owned();
         let client_secret = Secret::new("layer-test-secret");
         let refresh_token = Secret::new("layer-test-refresh");
@@ -438,13 +532,20 @@ impl Upstream {
         })
         .await
         .unwrap();
-        let oidc = OidcClient::builder().endpoint(emulator.url()).build().unwrap();
+        let oidc = OidcClient::builder()
+            .endpoint(emulator.url())
+            .build()
+            .unwrap();
         let source = RefreshTokenSource::builder(oidc, client_id, client_secret, refresh_token)
             .build()
             .unwrap();
         let cache = TokenCache::new(source, CacheOptions::default());
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { emulator, cache, client }
+        Self {
+            emulator,
+            cache,
+            client,
+        }
     }
 
     fn service(&self) -> BearerTokenService<Client<HttpConnector, ReplayBody<Body>>> {
@@ -452,7 +553,9 @@ impl Upstream {
     }
 
     fn get(&self, path: &str, body: ReplayBody<Body>) -> Request<ReplayBody<Body>> {
-        Request::post(format!("{}{path}", self.emulator.url())).body(body).unwrap()
+        Request::post(format!("{}{path}", self.emulator.url()))
+            .body(body)
+            .unwrap()
     }
 
     fn create_token_calls(&self) -> u64 {
@@ -465,7 +568,11 @@ async fn emulator_401_means_one_refresh_and_one_replay() {
     let up = Upstream::start().await;
     let service = up.service();
 
-    let response = service.clone().oneshot(up.get("/warm", ReplayBody::empty())).await.unwrap();
+    let response = service
+        .clone()
+        .oneshot(up.get("/warm", ReplayBody::empty()))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let before = up.emulator.counters();
     assert_eq!(before.create_token, 1);
@@ -478,7 +585,10 @@ async fn emulator_401_means_one_refresh_and_one_replay() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let echo: Value = serde_json::from_slice(&body_bytes(response.into_body()).await).unwrap();
-    assert_eq!(echo["body_length"], 5, "the replay carried the whole body: {echo}");
+    assert_eq!(
+        echo["body_length"], 5,
+        "the replay carried the whole body: {echo}"
+    );
 
     let after = up.emulator.counters();
     assert_eq!(after.create_token - before.create_token, 1);
@@ -491,19 +601,34 @@ async fn emulator_401_means_one_refresh_and_one_replay() {
 async fn emulator_streaming_401_passes_through_without_refresh() {
     let up = Upstream::start().await;
     let service = up.service();
-    service.clone().oneshot(up.get("/warm", ReplayBody::empty())).await.unwrap();
+    service
+        .clone()
+        .oneshot(up.get("/warm", ReplayBody::empty()))
+        .await
+        .unwrap();
 
     up.emulator.revoke_access_tokens();
     let before = up.emulator.counters();
     let streaming = ReplayBody::streaming(Full::new(Bytes::from_static(b"streamed")));
-    let response = service.clone().oneshot(up.get("/upload", streaming)).await.unwrap();
+    let response = service
+        .clone()
+        .oneshot(up.get("/upload", streaming))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let after = up.emulator.counters();
-    assert_eq!(after.create_token, before.create_token, "no refresh for a request that is not replayed");
+    assert_eq!(
+        after.create_token, before.create_token,
+        "no refresh for a request that is not replayed"
+    );
     assert_eq!(after.echo_unauthorized - before.echo_unauthorized, 1);
 
     // The rejected token is gone: the next request gets a fresh one.
-    let response = service.clone().oneshot(up.get("/next", ReplayBody::empty())).await.unwrap();
+    let response = service
+        .clone()
+        .oneshot(up.get("/next", ReplayBody::empty()))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(up.create_token_calls() - before.create_token, 1);
     up.emulator.shutdown().await;
@@ -513,13 +638,20 @@ async fn emulator_streaming_401_passes_through_without_refresh() {
 async fn emulator_hundred_concurrent_401s_cause_one_refresh() {
     let up = Upstream::start().await;
     let service = up.service();
-    service.clone().oneshot(up.get("/warm", ReplayBody::empty())).await.unwrap();
+    service
+        .clone()
+        .oneshot(up.get("/warm", ReplayBody::empty()))
+        .await
+        .unwrap();
     let old = up.cache.current().unwrap();
 
     up.emulator.revoke_access_tokens();
     let before = up.emulator.counters();
     let calls = (0..100).map(|i| {
-        let request = up.get(&format!("/burst/{i}"), ReplayBody::buffered(format!("request {i}")));
+        let request = up.get(
+            &format!("/burst/{i}"),
+            ReplayBody::buffered(format!("request {i}")),
+        );
         tokio::spawn(service.clone().oneshot(request))
     });
     for result in join_all(calls).await {
@@ -535,8 +667,10 @@ async fn emulator_hundred_concurrent_401s_cause_one_refresh() {
 #[tokio::test]
 async fn emulator_invalid_grant_answers_a_typed_error_and_503() {
     let up = Upstream::start().await;
-    up.emulator
-        .inject(Operation::CreateToken, [Fault::Error(ServiceErrorKind::InvalidGrant)]);
+    up.emulator.inject(
+        Operation::CreateToken,
+        [Fault::Error(ServiceErrorKind::InvalidGrant)],
+    );
 
     let err = up
         .service()
@@ -548,13 +682,25 @@ async fn emulator_invalid_grant_answers_a_typed_error_and_503() {
     };
     // The cause is on the source chain.
     let cause = std::error::Error::source(&err).expect("a source");
-    assert!(cause.downcast_ref::<TokenUnavailable>().is_some(), "{cause}");
+    assert!(
+        cause.downcast_ref::<TokenUnavailable>().is_some(),
+        "{cause}"
+    );
     assert_eq!(unavailable.kind(), "InvalidGrant");
     assert_eq!(unavailable.class(), ErrorClass::Fatal);
     let counters = up.emulator.counters();
     assert_eq!(counters.create_token, 1, "a fatal error is not retried");
-    assert_eq!(counters.echo_authorized + counters.echo_unauthorized, 0, "nothing sent upstream");
+    assert_eq!(
+        counters.echo_authorized + counters.echo_unauthorized,
+        0,
+        "nothing sent upstream"
+    );
 
-    assert_503(unavailable_response(unavailable), "InvalidGrant", unavailable.retry_after).await;
+    assert_503(
+        unavailable_response(unavailable),
+        "InvalidGrant",
+        unavailable.retry_after,
+    )
+    .await;
     up.emulator.shutdown().await;
 }

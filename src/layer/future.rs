@@ -18,7 +18,10 @@ use super::{
     error::BearerTokenError,
     service::{Shared, record_outcome},
 };
-use crate::{cache::TokenUnavailable, token::Token};
+use crate::{
+    cache::{TokenCache, TokenUnavailable},
+    token::Token,
+};
 
 /// A token being fetched (miss path and after a `401` only).
 pub(super) type TokenFuture =
@@ -26,6 +29,22 @@ pub(super) type TokenFuture =
 
 /// A rejected token being dropped from the cache.
 type InvalidateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Drops the rejected token and gets another. A concurrent miss that read
+/// the rejected token from the cache before it was dropped can publish it
+/// again; then it is dropped again, a bounded number of times.
+async fn refetch(cache: &TokenCache, rejected: &Token) -> Result<Arc<Token>, TokenUnavailable> {
+    const ROUNDS: usize = 3;
+    let mut round = 1;
+    loop {
+        cache.invalidate(rejected).await;
+        let result = cache.get().await;
+        match &result {
+            Ok(token) if token.id() == rejected.id() && round < ROUNDS => round += 1,
+            _ => return result,
+        }
+    }
+}
 
 pin_project! {
     /// Response future of [`BearerTokenService`](super::BearerTokenService).
@@ -173,9 +192,7 @@ where
                         );
                         let fetch: TokenFuture = Box::pin(
                             async move {
-                                cache.invalidate(&rejected).await;
-                                let result = cache.get().await;
-                                if let Ok(t) = &result { if t.id() == rejected.id() { eprintln!("XXX SAME TOKEN AFTER INVALIDATE {}", t.id()); } else { eprintln!("XXX new {} old {}", t.id(), rejected.id()); } }
+                                let result = refetch(&cache, &rejected).await;
                                 record_outcome(&result);
                                 result
                             }

@@ -29,8 +29,8 @@ use tower::Service;
 use super::{
     body::ProxyBody,
     headers::{
-        X_FORWARDED_HOST, X_FORWARDED_PROTO, append_forwarded_for, join_cookies, strip_hop_by_hop,
-        via_value,
+        PROTO_HTTP, X_FORWARDED_HOST, X_FORWARDED_PROTO, append_forwarded_for, join_cookies,
+        strip_hop_by_hop, via_value,
     },
 };
 
@@ -129,6 +129,8 @@ where
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
+            // `call` always sets `Host`; saves the client a lookup.
+            .set_host(false)
             .build(settings.connector);
         Some(Self {
             upstream: Arc::new(Upstream {
@@ -229,7 +231,7 @@ where
             if let Some(ip) = &self.client_ip {
                 append_forwarded_for(headers, ip);
             }
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), PROTO_HTTP.clone());
             match original_host {
                 Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
                 None => headers.remove(&X_FORWARDED_HOST),

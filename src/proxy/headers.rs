@@ -2,7 +2,10 @@
 //! `X-Forwarded-*`, and the `Cookie` join an h2 → h1 hop needs.
 
 use bytes::{BufMut, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Version,
+    header::{self, Entry},
+};
 
 /// `Keep-Alive` and `Proxy-Connection` have no constant in `http`.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -52,6 +55,14 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the fields listed in (every line of) `Connection`.
 fn strip_connection_named(headers: &mut HeaderMap) {
+    // Usually just `keep-alive` or `close`, which name no other field.
+    if headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .all(names_no_field)
+    {
+        return;
+    }
     let mut lines = headers.get_all(header::CONNECTION).iter();
     let first = lines.next().cloned();
     let more = lines.next().is_some();
@@ -67,6 +78,12 @@ fn strip_connection_named(headers: &mut HeaderMap) {
     } else if let Some(value) = first {
         remove_listed(headers, &value);
     }
+}
+
+/// A `Connection` value that is only `keep-alive` or `close`.
+fn names_no_field(connection: &HeaderValue) -> bool {
+    let value = connection.as_bytes();
+    value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
 }
 
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
@@ -88,22 +105,38 @@ fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
     }
 }
 
+// Built at compile time: `HeaderValue::from_static` at run time checks
+// every byte on every call.
+static VIA_10: HeaderValue = HeaderValue::from_static("1.0 sso-token-proxy");
+static VIA_11: HeaderValue = HeaderValue::from_static("1.1 sso-token-proxy");
+static VIA_2: HeaderValue = HeaderValue::from_static("2.0 sso-token-proxy");
+static VIA_3: HeaderValue = HeaderValue::from_static("3.0 sso-token-proxy");
+/// `X-Forwarded-Proto` of every request (the proxy listens in plain HTTP).
+pub(super) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+
 /// `Via` value for a request that arrived with `version`.
 pub(super) fn via_value(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
-        Version::HTTP_2 => "2.0 sso-token-proxy",
-        Version::HTTP_10 => "1.0 sso-token-proxy",
-        Version::HTTP_3 => "3.0 sso-token-proxy",
-        _ => "1.1 sso-token-proxy",
-    })
+    match version {
+        Version::HTTP_2 => &VIA_2,
+        Version::HTTP_10 => &VIA_10,
+        Version::HTTP_3 => &VIA_3,
+        _ => &VIA_11,
+    }
+    .clone()
 }
 
 /// Appends `client` to `X-Forwarded-For`, keeping one field line so that
 /// readers of only the first line still see the whole chain.
 pub(super) fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
-    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
+    let mut entry = match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(client.clone());
+            return;
+        }
+        Entry::Occupied(occupied) => occupied,
+    };
+    let mut existing = entry.iter();
     let Some(first) = existing.next() else {
-        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
         return;
     };
     let mut joined = BytesMut::with_capacity(first.len() + client.len() + 2);
@@ -116,7 +149,7 @@ pub(super) fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue
     joined.put_slice(client.as_bytes());
     // Joining valid field values with ", " is a valid field value.
     if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        entry.insert(value);
     }
 }
 

@@ -32,9 +32,9 @@ impl ProxyMetrics {
     /// `sso_token_proxy_requests_total{status_class}` for `status`.
     pub(super) fn requests(&self, status: StatusCode) -> &Counter {
         let class = status_class_index(status);
-        self.requests[class].get_or_init(|| {
-            metrics::counter!(REQUESTS_TOTAL, "status_class" => STATUS_CLASSES[class])
-        })
+        self.requests[class].get_or_init(
+            || metrics::counter!(REQUESTS_TOTAL, "status_class" => STATUS_CLASSES[class]),
+        )
     }
 
     /// `sso_token_proxy_request_duration_seconds`.
