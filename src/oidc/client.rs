@@ -286,29 +286,28 @@ fn join_path(base: &Uri, path: &str) -> Uri {
     Uri::from_parts(parts).expect("endpoint with a new path is a valid URI")
 }
 
-fn transport_error(operation: Operation, error: hyper_util::client::legacy::Error) -> OidcError {
-    let is_connect = error.is_connect();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(e) = source {
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            return OidcError::Tls {
-                operation,
-                source: Cause::new(error),
-            };
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        {
-            return OidcError::Tls {
-                operation,
-                source: Cause::new(error),
-            };
-        }
-        source = e.source();
+/// Whether a rustls error hides anywhere in the chain. `io::Error` wraps
+/// its cause without exposing it through `source()`, so look inside too.
+fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    if error.downcast_ref::<rustls::Error>().is_some() {
+        return true;
     }
-    if is_connect {
+    if let Some(io) = error.downcast_ref::<std::io::Error>()
+        && let Some(inner) = io.get_ref()
+        && is_tls_failure(inner)
+    {
+        return true;
+    }
+    error.source().is_some_and(is_tls_failure)
+}
+
+fn transport_error(operation: Operation, error: hyper_util::client::legacy::Error) -> OidcError {
+    if is_tls_failure(&error) {
+        OidcError::Tls {
+            operation,
+            source: Cause::new(error),
+        }
+    } else if error.is_connect() {
         OidcError::Connect {
             operation,
             source: Cause::new(error),

@@ -211,6 +211,29 @@ mod tests {
     }
 
     #[test]
+    fn strips_only_what_is_present() {
+        // Nothing hop-by-hop: untouched.
+        let mut h = map(&[("host", "a"), ("accept", "*/*"), ("x-keep", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3);
+        // `Connection: keep-alive` (a typical response) names nothing else.
+        let mut h = map(&[
+            ("content-length", "2"),
+            ("connection", "Keep-Alive"),
+            ("keep-alive", "timeout=5"),
+            ("server", "up"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length", "server"]);
+        // Fixed-list fields without `Connection`.
+        let mut h = map(&[("te", "trailers"), ("upgrade", "h2c"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["accept"]);
+    }
+
+    #[test]
     fn forwarded_for_is_appended_to_one_line() {
         let client = HeaderValue::from_static("127.0.0.1");
         let mut h = HeaderMap::new();

@@ -462,7 +462,6 @@ impl Inner {
         refresh_token: &Secret,
         access: Option<(&Token, SystemTime)>,
     ) {
-        let path = path.to_path_buf();
         let state = StateFile {
             client_id: Some(self.client_id.clone()),
             refresh_token: Some(refresh_token.clone()),
@@ -471,24 +470,9 @@ impl Inner {
             updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
             extra: Default::default(),
         };
-        let stored = tokio::task::spawn_blocking(move || {
-            // Keep keys written by other versions.
-            let extra = StateFile::load(&path)
-                .ok()
-                .flatten()
-                .map(|s| s.extra)
-                .unwrap_or_default();
-            StateFile { extra, ..state }.store(&path)
-        })
-        .await;
-        match stored {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
-                tracing::warn!(error = %e, "could not copy the shared refresh token to the state file");
-            }
-            Err(e) => tracing::error!(error = %e, "state file writer task failed"),
-        }
+        state
+            .store_keeping_unknown_keys(path, "could not copy the shared refresh token to the state file")
+            .await;
     }
 
     /// Refreshes while holding the lock, writes the result to Redis before

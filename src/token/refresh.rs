@@ -231,21 +231,9 @@ impl RefreshTokenSource {
                 updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
                 extra: Default::default(),
             };
-            let path = path.clone();
-            let stored = tokio::task::spawn_blocking(move || {
-                // Keep keys written by other versions.
-                let extra = StateFile::load(&path).ok().flatten().map(|s| s.extra).unwrap_or_default();
-                StateFile { extra, ..state }.store(&path)
-            })
-            .await;
-            match stored {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
-                    tracing::error!(error = %e, "could not persist the refresh token; it is kept in memory only");
-                }
-                Err(e) => tracing::error!(error = %e, "state file writer task failed"),
-            }
+            state
+                .store_keeping_unknown_keys(path, "could not persist the refresh token; it is kept in memory only")
+                .await;
         }
         if rotated.is_some() {
             tracing::debug!("refresh token rotated");

@@ -79,6 +79,26 @@ impl StateFile {
             .and_then(|s| super::parse_expires_at(s).ok())
     }
 
+    /// Writes the file atomically on the blocking pool, keeping the keys a
+    /// newer version wrote there. A failure is counted and logged (`what`
+    /// says what is lost); the caller carries on with the token in memory.
+    pub async fn store_keeping_unknown_keys(self, path: &Path, what: &'static str) {
+        let path = path.to_path_buf();
+        let stored = tokio::task::spawn_blocking(move || {
+            let extra = Self::load(&path).ok().flatten().map(|s| s.extra).unwrap_or_default();
+            Self { extra, ..self }.store(&path)
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
+                tracing::error!(error = %e, "{what}");
+            }
+            Err(e) => tracing::error!(error = %e, "state file writer task failed"),
+        }
+    }
+
     /// Writes the file atomically (mode 0600).
     pub fn store(&self, path: &Path) -> Result<(), TokenError> {
         let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
