@@ -822,7 +822,19 @@ impl Reader {
 /// Reads a secret file: trailing whitespace (the newline editors add) is
 /// dropped. Errors never include the contents.
 pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    use std::io::Read;
+    // Secrets are small; a bound keeps a mistaken path (`/dev/zero`) harmless.
+    const MAX_SECRET_BYTES: u64 = 64 * 1024;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!("{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?", path.display()));
+    }
     let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     let value = text.trim_end();
     if value.is_empty() {
@@ -830,4 +842,71 @@ pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), Str
     }
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     Ok((Secret::new(value), modified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:9000"
+[admin]
+listen = "127.0.0.1:9901"
+[oidc]
+region = "us-east-1"
+client_id = "c"
+client_secret = "s"
+[token]
+source = "refresh_token"
+refresh_token = "r"
+"#;
+
+    #[test]
+    fn quick_start_and_minimal_configs_parse_with_defaults() {
+        let quick = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let c = Config::parse(&quick, Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))).unwrap();
+        assert!(c.emulator.is_some());
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.token.refresh_before_expiry, Duration::from_secs(300));
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.store.kind, crate::config::StoreKind::Local);
+        assert!(format!("{c:?}").matches("***").count() >= 2);
+        assert!(!format!("{c:?}").contains("\"s\""));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = MINIMAL
+            .replace("upstream = \"http://127.0.0.1:9000\"", "upstream = \"ftp://x\"\nbogus = 1")
+            .replace("source = \"refresh_token\"", "source = \"refresh_token\"\nrefresh_before_expiry = \"5 parsecs\"");
+        let err = parse(&text).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"proxy.upstream"), "{keys:?}");
+        assert!(keys.contains(&"proxy.bogus"), "{keys:?}");
+        assert!(keys.contains(&"token.refresh_before_expiry"), "{keys:?}");
+        for line in err.to_string().lines() {
+            assert!(line.starts_with("/etc/test.toml: "), "{line}");
+        }
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        assert!(read_secret_file(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; 70 * 1024]).unwrap();
+        assert!(read_secret_file(&big).unwrap_err().contains("larger than"));
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "s3cret\n").unwrap();
+        assert_eq!(read_secret_file(&ok).unwrap().0.expose(), "s3cret");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(read_secret_file(&empty).unwrap_err().contains("empty"));
+    }
 }

@@ -84,11 +84,11 @@ use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 pub use self::error::ProxyError;
+pub use self::target::{Refusal, TargetCheck};
 use self::{
     forward::{Forwarder, ForwarderSettings},
     metrics::ProxyMetrics,
     service::Stack,
-    target::TargetCheck,
 };
 use crate::{cache::TokenCache, config::ProxyConfig, layer::BearerTokenLayer, tls};
 

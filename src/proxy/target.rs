@@ -14,7 +14,7 @@ use http::{Method, Uri, Version, uri::Authority};
 
 /// Why a request is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Refusal {
+pub enum Refusal {
     /// `CONNECT` (405).
     Connect,
     /// An absolute-form target naming another origin (400).
@@ -25,14 +25,15 @@ pub(super) enum Refusal {
 
 /// The upstream's origin, as absolute-form targets are compared with it.
 #[derive(Debug, Clone)]
-pub(super) struct TargetCheck {
+pub struct TargetCheck {
     upstream_https: bool,
     upstream_host: String,
     upstream_port: u16,
 }
 
 impl TargetCheck {
-    pub(super) fn new(upstream: &Uri) -> Self {
+    /// The check for requests to be forwarded to `upstream`.
+    pub fn new(upstream: &Uri) -> Self {
         let upstream_https = upstream.scheme_str() == Some("https");
         let authority = upstream.authority();
         Self {
@@ -48,7 +49,7 @@ impl TargetCheck {
 
     /// `Ok` when the request may be forwarded. `local` is the address the
     /// request arrived on (the proxy's own listen address).
-    pub(super) fn check(
+    pub fn check(
         &self,
         method: &Method,
         version: Version,
