@@ -58,7 +58,11 @@ fn main() {
     });
     group.bench_function("moka_get_baseline", |b| {
         b.iter(|| {
-            let t = moka.get(&0).now_or_never().expect("no wait").expect("present");
+            let t = moka
+                .get(&0)
+                .now_or_never()
+                .expect("no wait")
+                .expect("present");
             black_box(t.header_value().clone())
         })
     });

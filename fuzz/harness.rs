@@ -364,7 +364,8 @@ pub(crate) fn request_target(data: &[u8]) -> Option<TargetCase> {
 /// `CONNECT` is always refused.
 pub(crate) fn check_target(case: &TargetCase) {
     use sso_token_proxy::proxy::{Refusal, TargetCheck};
-    let result = TargetCheck::new(&case.upstream).check(&case.method, case.version, &case.uri, case.local);
+    let result =
+        TargetCheck::new(&case.upstream).check(&case.method, case.version, &case.uri, case.local);
     if case.method == Method::CONNECT {
         assert_eq!(result, Err(Refusal::Connect), "CONNECT must be refused");
     }

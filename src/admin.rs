@@ -24,7 +24,8 @@ pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
         .set_buckets_for_metric(
             Matcher::Suffix("duration_seconds".to_owned()),
             &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ],
         )
         .map_err(|e| e.to_string())?
@@ -90,7 +91,10 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
     handle.run_upkeep();
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         handle.render(),
     )
         .into_response()

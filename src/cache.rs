@@ -283,7 +283,10 @@ impl TokenCache {
     /// most half the token's lifetime, so short-lived tokens are not
     /// refreshed continuously.
     fn refresh_window(&self, token: &Token) -> Duration {
-        self.inner.options.refresh_before_expiry.min(token.lifetime() / 2)
+        self.inner
+            .options
+            .refresh_before_expiry
+            .min(token.lifetime() / 2)
     }
 
     /// The current token if it is still valid, without side effects. For
@@ -291,7 +294,8 @@ impl TokenCache {
     pub fn current(&self) -> Option<Arc<Token>> {
         let guard = self.inner.hot.load();
         let token = guard.as_ref()?;
-        (Instant::now() + self.inner.options.expiry_margin < token.expires_at()).then(|| Arc::clone(token))
+        (Instant::now() + self.inner.options.expiry_margin < token.expires_at())
+            .then(|| Arc::clone(token))
     }
 
     /// The remembered failure, if callers are currently being turned away.
@@ -357,7 +361,10 @@ impl TokenCache {
             let this = self.clone();
             let result = inner
                 .store
-                .try_get_with(inner.key.clone(), async move { this.fetch_and_publish().await })
+                .try_get_with(
+                    inner.key.clone(),
+                    async move { this.fetch_and_publish().await },
+                )
                 .await;
             match result {
                 // A token an upstream rejected is stale too: a caller that
@@ -377,7 +384,9 @@ impl TokenCache {
             }
         }
         Err(TokenUnavailable {
-            source: TokenError::NoRefreshToken("the source keeps returning expired tokens".to_owned()),
+            source: TokenError::NoRefreshToken(
+                "the source keeps returning expired tokens".to_owned(),
+            ),
             retry_after: inner.options.transient_backoff.base,
         })
     }
@@ -416,7 +425,8 @@ impl TokenCache {
 
     /// Asks the source, never accepting back a token an upstream rejected.
     async fn fetch(&self, kind: FetchKind) -> Result<Arc<Token>, TokenError> {
-        let span = tracing::info_span!("token_fetch", source = %self.inner.key.0.0, kind = kind.as_str());
+        let span =
+            tracing::info_span!("token_fetch", source = %self.inner.key.0.0, kind = kind.as_str());
         self.fetch_inner().instrument(span).await
     }
 
@@ -437,11 +447,17 @@ impl TokenCache {
             }
             Err(e) => match e.class() {
                 ErrorClass::Throttled => {
-                    inner.counters.fetch_throttled.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .counters
+                        .fetch_throttled
+                        .fetch_add(1, Ordering::Relaxed);
                     "throttled"
                 }
                 ErrorClass::Transient => {
-                    inner.counters.fetch_transient.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .counters
+                        .fetch_transient
+                        .fetch_add(1, Ordering::Relaxed);
                     "transient"
                 }
                 ErrorClass::Fatal | ErrorClass::Pending => {
@@ -454,12 +470,10 @@ impl TokenCache {
         metrics::histogram!("sso_token_proxy_token_fetch_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match &result {
-            Ok(token) => tracing::info!(
-                outcome,
-                ttl_s = token.ttl().as_secs(),
-                "token fetched"
-            ),
-            Err(e) => tracing::warn!(outcome, kind = e.kind_name(), error = %e, "token fetch failed"),
+            Ok(token) => tracing::info!(outcome, ttl_s = token.ttl().as_secs(), "token fetched"),
+            Err(e) => {
+                tracing::warn!(outcome, kind = e.kind_name(), error = %e, "token fetch failed")
+            }
         }
         result.map(Arc::new)
     }
@@ -478,10 +492,9 @@ impl TokenCache {
             return;
         }
         // Never replace a token with one that expires earlier.
-        if current
-            .as_ref()
-            .is_some_and(|c| c.expires_at() > token.expires_at() && c.id() != inner.rejected.load(Ordering::Acquire))
-        {
+        if current.as_ref().is_some_and(|c| {
+            c.expires_at() > token.expires_at() && c.id() != inner.rejected.load(Ordering::Acquire)
+        }) {
             return;
         }
         inner.hot.store(Some(Arc::clone(token)));
@@ -535,7 +548,10 @@ impl TokenCache {
             state.started_for = token.id();
         }
         let old_expiry = token.expires_at();
-        self.inner.counters.refresh_ahead.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .refresh_ahead
+            .fetch_add(1, Ordering::Relaxed);
         metrics::counter!("sso_token_proxy_refresh_ahead_total").increment(1);
         let this = self.clone();
         tokio::spawn(async move {
@@ -543,7 +559,10 @@ impl TokenCache {
             let mut refreshed = false;
             if let Ok(token) = &result {
                 refreshed = token.expires_at() > old_expiry;
-                this.inner.store.insert(this.inner.key.clone(), Arc::clone(token)).await;
+                this.inner
+                    .store
+                    .insert(this.inner.key.clone(), Arc::clone(token))
+                    .await;
                 this.publish(token);
             }
             let mut state = this.inner.refresh.lock().expect("refresh lock");
@@ -559,7 +578,11 @@ impl TokenCache {
                     .counters
                     .refresh_ahead_failed
                     .fetch_add(1, Ordering::Relaxed);
-                let delay = this.inner.options.transient_backoff.delay(state.failures - 1);
+                let delay = this
+                    .inner
+                    .options
+                    .transient_backoff
+                    .delay(state.failures - 1);
                 state.not_before = Some(Instant::now() + delay);
                 state.started_for = 0;
             }
@@ -667,7 +690,10 @@ mod tests {
         });
         let ids: Vec<_> = futures_util::future::join_all(gets).await;
         let first = ids[0].as_ref().unwrap().as_ref().unwrap();
-        assert!(ids.iter().all(|r| r.as_ref().unwrap().as_ref().unwrap() == first));
+        assert!(
+            ids.iter()
+                .all(|r| r.as_ref().unwrap().as_ref().unwrap() == first)
+        );
         assert_eq!(fake.calls(), 1);
         assert_eq!(cache.stats().fetch_success, 1);
     }
@@ -687,7 +713,11 @@ mod tests {
             // exactly one refresh runs.
             tokio::time::advance(Duration::from_secs(15)).await;
             for _ in 0..100 {
-                let t = cache.get().now_or_never().expect("hit path never waits").unwrap();
+                let t = cache
+                    .get()
+                    .now_or_never()
+                    .expect("hit path never waits")
+                    .unwrap();
                 assert_eq!(t.id(), current.id());
             }
             // Let the spawned refresh start.
@@ -706,7 +736,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn fatal_failure_is_remembered() {
         let fake = Fake::new(Duration::from_secs(3600), Duration::from_millis(10));
-        fake.0.always_fail.lock().unwrap().replace(ServiceErrorKind::InvalidGrant);
+        fake.0
+            .always_fail
+            .lock()
+            .unwrap()
+            .replace(ServiceErrorKind::InvalidGrant);
         let cache = TokenCache::new(fake.clone(), options(300));
         let err = cache.get().await.unwrap_err();
         assert_eq!(err.kind(), "InvalidGrant");
@@ -724,7 +758,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         let first_retry_after = cache.get().await.unwrap_err().retry_after;
         assert_eq!(fake.calls(), 2);
-        assert!(first_retry_after >= Duration::from_secs(5), "{first_retry_after:?}");
+        assert!(
+            first_retry_after >= Duration::from_secs(5),
+            "{first_retry_after:?}"
+        );
         // Healing clears the memory.
         fake.0.always_fail.lock().unwrap().take();
         tokio::time::advance(first_retry_after).await;
@@ -737,7 +774,11 @@ mod tests {
         let fake = Fake::new(Duration::from_secs(100), Duration::from_millis(10));
         let cache = TokenCache::new(fake.clone(), options(30));
         let t1 = cache.get().await.unwrap();
-        fake.0.always_fail.lock().unwrap().replace(ServiceErrorKind::InternalServer);
+        fake.0
+            .always_fail
+            .lock()
+            .unwrap()
+            .replace(ServiceErrorKind::InternalServer);
         tokio::time::advance(Duration::from_secs(75)).await;
         for _ in 0..200 {
             assert_eq!(cache.get().await.unwrap().id(), t1.id());
@@ -785,7 +826,11 @@ mod tests {
         cache.invalidate(&old).await;
         // A caller that read `old` just before the invalidation stores it
         // again, as moka's single-flight can.
-        cache.inner.store.insert(cache.inner.key.clone(), Arc::clone(&old)).await;
+        cache
+            .inner
+            .store
+            .insert(cache.inner.key.clone(), Arc::clone(&old))
+            .await;
         cache.publish(&old);
         let new = cache.get().await.unwrap();
         assert_ne!(new.id(), old.id());

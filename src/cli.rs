@@ -23,8 +23,8 @@ use crate::{
     store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
     tls,
     token::{
-        CredentialUpdate, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource, StateFile, Token,
-        TokenError, TokenSource, device_login, sso_cache_file_name,
+        CredentialUpdate, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource,
+        StateFile, Token, TokenError, TokenSource, device_login, sso_cache_file_name,
     },
 };
 
@@ -86,7 +86,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One worker (TOKIO_WORKER_THREADS=1, e.g. a sidecar pinned to one
+    // core) is served better by the single-threaded scheduler.
+    let single = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sso-token-proxy: cannot start the async runtime: {e}");
@@ -110,7 +118,10 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -186,7 +197,10 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
 }
 
 fn listen_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
-    let mut out = vec![("proxy.listen", config.proxy.listen), ("admin.listen", config.admin.listen)];
+    let mut out = vec![
+        ("proxy.listen", config.proxy.listen),
+        ("admin.listen", config.admin.listen),
+    ];
     if let Some(e) = &config.emulator {
         out.push(("emulator.listen", e.listen));
     }
@@ -228,7 +242,13 @@ async fn start_embedded_emulator(config: &Config) -> Result<Option<EmulatorHandl
         ..Default::default()
     })
     .await
-    .map_err(|e| config_problem(config, "emulator.listen", format!("cannot listen on {}: {e}", section.listen)))?;
+    .map_err(|e| {
+        config_problem(
+            config,
+            "emulator.listen",
+            format!("cannot listen on {}: {e}", section.listen),
+        )
+    })?;
     tracing::info!(url = %handle.url(), "built-in SSO-OIDC emulator started");
     Ok(Some(handle))
 }
@@ -246,7 +266,11 @@ fn oidc_client(config: &Config) -> Result<OidcClient, Failure> {
         builder = builder.endpoint(endpoint.clone());
     }
     builder.build().map_err(|e| {
-        let key = if config.oidc.endpoint.is_some() { "oidc.endpoint" } else { "oidc.region" };
+        let key = if config.oidc.endpoint.is_some() {
+            "oidc.endpoint"
+        } else {
+            "oidc.region"
+        };
         config_problem(config, key, e.to_string())
     })
 }
@@ -266,14 +290,25 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
                 config.oidc.client_secret.clone(),
                 config.token.refresh_token.clone(),
             ) else {
-                return Err(config_problem(config, "token.source", "refresh_token source needs oidc.client_id, oidc.client_secret and token.refresh_token"));
+                return Err(config_problem(
+                    config,
+                    "token.source",
+                    "refresh_token source needs oidc.client_id, oidc.client_secret and token.refresh_token",
+                ));
             };
-            let mut builder = RefreshTokenSource::builder(oidc, client_id.clone(), secret.value, refresh.value.clone())
-                .retry_policy(policy)
-                .scopes(config.token.scopes.clone());
-            let configured_at = refresh
-                .modified
-                .or_else(|| std::fs::metadata(&config.path).and_then(|m| m.modified()).ok());
+            let mut builder = RefreshTokenSource::builder(
+                oidc,
+                client_id.clone(),
+                secret.value,
+                refresh.value.clone(),
+            )
+            .retry_policy(policy)
+            .scopes(config.token.scopes.clone());
+            let configured_at = refresh.modified.or_else(|| {
+                std::fs::metadata(&config.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+            });
             if let Some(at) = configured_at {
                 builder = builder.configured_at(at);
             }
@@ -289,11 +324,9 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
             }
         }
         SourceKind::SsoCache => {
-            let path = config
-                .token
-                .sso_cache_file
-                .clone()
-                .ok_or_else(|| config_problem(config, "token.sso_cache_file", "missing required key"))?;
+            let path = config.token.sso_cache_file.clone().ok_or_else(|| {
+                config_problem(config, "token.sso_cache_file", "missing required key")
+            })?;
             let source = SsoCacheSource::new(path, oidc, policy, config.token.scopes.clone())
                 .map_err(|e| config_problem(config, "token.sso_cache_file", e.to_string()))?;
             Ok(Arc::new(source))
@@ -365,6 +398,17 @@ async fn run(path: &Path) -> Result<(), Failure> {
             None
         }
     };
+    if let Some(handle) = metrics.clone() {
+        // The exporter keeps histogram samples until upkeep drains them;
+        // without a scraper that is a leak, so drain on a timer.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
     let proxy_listener = bind(&config, "proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;
     let emulator = start_embedded_emulator(&config).await?;
@@ -425,12 +469,23 @@ async fn run(path: &Path) -> Result<(), Failure> {
 /// changes (a Kubernetes Secret update swaps the file), without dropping
 /// connections or the current token.
 fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cache: TokenCache) {
-    let client_secret_file = config.oidc.client_secret.as_ref().and_then(|s| s.file.clone());
-    let refresh_token_file = config.token.refresh_token.as_ref().and_then(|s| s.file.clone());
+    let client_secret_file = config
+        .oidc
+        .client_secret
+        .as_ref()
+        .and_then(|s| s.file.clone());
+    let refresh_token_file = config
+        .token
+        .refresh_token
+        .as_ref()
+        .and_then(|s| s.file.clone());
     if client_secret_file.is_none() && refresh_token_file.is_none() {
         return;
     }
-    let mtime = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let mtime = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    };
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = match signal(SignalKind::hangup()) {
@@ -456,13 +511,14 @@ fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cach
             };
             seen = (mtime(&client_secret_file), mtime(&refresh_token_file));
             let read = |p: &Option<PathBuf>, key: &str| {
-                p.as_ref().and_then(|p| match crate::config::read_secret_file(p) {
-                    Ok((value, _)) => Some(value),
-                    Err(reason) => {
-                        tracing::warn!(key, %reason, "keeping the current credential");
-                        None
-                    }
-                })
+                p.as_ref()
+                    .and_then(|p| match crate::config::read_secret_file(p) {
+                        Ok((value, _)) => Some(value),
+                        Err(reason) => {
+                            tracing::warn!(key, %reason, "keeping the current credential");
+                            None
+                        }
+                    })
             };
             let update = CredentialUpdate {
                 client_secret: read(&client_secret_file, "oidc.client_secret_file"),
@@ -534,20 +590,25 @@ async fn token(path: &Path, count: Option<u32>) -> Result<(), Failure> {
 
 async fn login(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
-    let start_url = config
-        .token
-        .start_url
-        .clone()
-        .ok_or_else(|| config_problem(&config, "token.start_url", "missing: login needs the AWS access portal URL"))?;
-    let region = config
-        .oidc
-        .region
-        .clone()
-        .ok_or_else(|| config_problem(&config, "oidc.region", "missing: login writes the region into the cache file"))?;
+    let start_url = config.token.start_url.clone().ok_or_else(|| {
+        config_problem(
+            &config,
+            "token.start_url",
+            "missing: login needs the AWS access portal URL",
+        )
+    })?;
+    let region = config.oidc.region.clone().ok_or_else(|| {
+        config_problem(
+            &config,
+            "oidc.region",
+            "missing: login writes the region into the cache file",
+        )
+    })?;
     let cache_file = match &config.token.sso_cache_file {
         Some(p) => p.clone(),
         None => {
-            let name = sso_cache_file_name(config.token.session_name.as_deref().unwrap_or(&start_url));
+            let name =
+                sso_cache_file_name(config.token.session_name.as_deref().unwrap_or(&start_url));
             crate::fs_atomic::expand_tilde("~/.aws/sso/cache").join(name)
         }
     };
@@ -558,7 +619,13 @@ async fn login(path: &Path) -> Result<(), Failure> {
     options.retry = config.retry.clone();
     let (_, token) = device_login(&oidc, &options, |prompt| {
         eprintln!("To sign in, open this URL in a browser:");
-        eprintln!("  {}", prompt.verification_uri_complete.as_deref().unwrap_or(&prompt.verification_uri));
+        eprintln!(
+            "  {}",
+            prompt
+                .verification_uri_complete
+                .as_deref()
+                .unwrap_or(&prompt.verification_uri)
+        );
         eprintln!("and confirm the code: {}", prompt.user_code);
         eprintln!("(the code expires in {} s)", prompt.expires_in.as_secs());
     })

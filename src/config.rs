@@ -225,7 +225,8 @@ impl Config {
             file: file.clone(),
             problems: vec![(key.to_owned(), reason)],
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
         Self::parse(&text, path)
     }
 
@@ -265,7 +266,9 @@ impl Config {
     }
 }
 
-const SECTIONS: &[&str] = &["proxy", "admin", "oidc", "token", "retry", "emulator", "store"];
+const SECTIONS: &[&str] = &[
+    "proxy", "admin", "oidc", "token", "retry", "emulator", "store",
+];
 
 /// Walks the TOML table, collecting problems instead of stopping at the
 /// first.
@@ -339,14 +342,24 @@ impl Reader {
         }
     }
 
-    fn integer(&mut self, s: &Section<'_>, key: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
+    fn integer(
+        &mut self,
+        s: &Section<'_>,
+        key: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
         match self.raw(s, key) {
             None => default,
             Some(Value::Integer(i)) if range.contains(i) => *i,
             Some(_) => {
                 self.problem(
                     format!("{}.{key}", s.name),
-                    format!("must be an integer from {} to {}", range.start(), range.end()),
+                    format!(
+                        "must be an integer from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
                 );
                 default
             }
@@ -362,7 +375,9 @@ impl Reader {
             Err(e) => {
                 self.problem(
                     format!("{}.{key}", s.name),
-                    format!("`{text}` is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\""),
+                    format!(
+                        "`{text}` is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\""
+                    ),
                 );
                 default
             }
@@ -394,7 +409,11 @@ impl Reader {
             return None;
         }
         let p = expand_tilde(&text);
-        Some(if p.is_relative() { self.base.join(p) } else { p })
+        Some(if p.is_relative() {
+            self.base.join(p)
+        } else {
+            p
+        })
     }
 
     /// `key` inline or `key_file`; exactly one when `required`.
@@ -404,7 +423,10 @@ impl Reader {
         let file = self.path(s, &file_key);
         match (inline, file) {
             (Some(_), Some(_)) => {
-                self.problem(format!("{}.{key}", s.name), format!("set either {key} or {file_key}, not both"));
+                self.problem(
+                    format!("{}.{key}", s.name),
+                    format!("set either {key} or {file_key}, not both"),
+                );
                 None
             }
             (Some(v), None) => {
@@ -431,7 +453,10 @@ impl Reader {
             },
             (None, None) => {
                 if required {
-                    self.problem(format!("{}.{key}", s.name), format!("missing: set {key} or {file_key}"));
+                    self.problem(
+                        format!("{}.{key}", s.name),
+                        format!("missing: set {key} or {file_key}"),
+                    );
                 }
                 None
             }
@@ -441,7 +466,10 @@ impl Reader {
     fn config(&mut self, root: &Table) -> Option<Config> {
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
-                self.problem(key.clone(), format!("unknown section (known: {})", SECTIONS.join(", ")));
+                self.problem(
+                    key.clone(),
+                    format!("unknown section (known: {})", SECTIONS.join(", ")),
+                );
             }
         }
         let proxy = self.proxy(root);
@@ -456,7 +484,10 @@ impl Reader {
         {
             let reported = |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
             if oidc.client_id.is_none() && !reported(self, "oidc.client_id") {
-                self.problem("oidc.client_id", "missing required key (token.source = \"refresh_token\" needs it)");
+                self.problem(
+                    "oidc.client_id",
+                    "missing required key (token.source = \"refresh_token\" needs it)",
+                );
             }
             if oidc.client_secret.is_none() && !reported(self, "oidc.client_secret") {
                 self.problem(
@@ -469,7 +500,10 @@ impl Reader {
             && store.kind == StoreKind::Redis
             && token.source != SourceKind::RefreshToken
         {
-            self.problem("store.kind", "\"redis\" shares refresh-token state; it needs token.source = \"refresh_token\"");
+            self.problem(
+                "store.kind",
+                "\"redis\" shares refresh-token state; it needs token.source = \"refresh_token\"",
+            );
         }
         if let (Some(p), Some(a)) = (&proxy, &admin)
             && p.listen == a.listen
@@ -512,12 +546,17 @@ impl Reader {
             return None;
         }
         let listen = self.socket_addr(&s, "listen", true);
-        let upstream = self.required_string(&s, "upstream").and_then(|u| self.upstream(&u));
+        let upstream = self
+            .required_string(&s, "upstream")
+            .and_then(|u| self.upstream(&u));
         let upstream_ca_file = self.path(&s, "upstream_ca_file");
         if let Some(p) = &upstream_ca_file
             && let Err(e) = std::fs::metadata(p)
         {
-            self.problem("proxy.upstream_ca_file", format!("cannot read {}: {e}", p.display()));
+            self.problem(
+                "proxy.upstream_ca_file",
+                format!("cannot read {}: {e}", p.display()),
+            );
         }
         let cfg = ProxyConfig {
             listen: listen?,
@@ -527,11 +566,23 @@ impl Reader {
             forwarded_headers: self.boolean(&s, "forwarded_headers", true),
             shutdown_grace: self.duration(&s, "shutdown_grace", Duration::from_secs(30)),
             header_read_timeout: self.duration(&s, "header_read_timeout", Duration::from_secs(60)),
-            upstream_connect_timeout: self.duration(&s, "upstream_connect_timeout", Duration::from_secs(5)),
-            upstream_response_timeout: self.duration(&s, "upstream_response_timeout", Duration::from_secs(60)),
+            upstream_connect_timeout: self.duration(
+                &s,
+                "upstream_connect_timeout",
+                Duration::from_secs(5),
+            ),
+            upstream_response_timeout: self.duration(
+                &s,
+                "upstream_response_timeout",
+                Duration::from_secs(60),
+            ),
             idle_timeout: self.duration(&s, "idle_timeout", Duration::from_secs(60)),
-            max_replay_body_bytes: self.integer(&s, "max_replay_body_bytes", 64 * 1024, 0..=16 * 1024 * 1024)
-                as usize,
+            max_replay_body_bytes: self.integer(
+                &s,
+                "max_replay_body_bytes",
+                64 * 1024,
+                0..=16 * 1024 * 1024,
+            ) as usize,
         };
         Some(cfg)
     }
@@ -548,11 +599,17 @@ impl Reader {
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             Some(other) => {
-                self.problem(key, format!("scheme `{other}` is not supported; use http:// or https://"));
+                self.problem(
+                    key,
+                    format!("scheme `{other}` is not supported; use http:// or https://"),
+                );
                 return None;
             }
             None => {
-                self.problem(key, format!("`{text}` has no scheme; write e.g. http://127.0.0.1:9000"));
+                self.problem(
+                    key,
+                    format!("`{text}` has no scheme; write e.g. http://127.0.0.1:9000"),
+                );
                 return None;
             }
         }
@@ -613,9 +670,16 @@ impl Reader {
             call_timeout: self.duration(&s, "call_timeout", Duration::from_secs(15)),
         };
         if cfg.endpoint.is_none() && cfg.region.is_none() {
-            self.problem("oidc.region", "missing: set region (or an explicit endpoint)");
+            self.problem(
+                "oidc.region",
+                "missing: set region (or an explicit endpoint)",
+            );
         } else if let Err(e) = resolve_endpoint(&cfg.endpoint_params()) {
-            let key = if cfg.endpoint.is_some() { "oidc.endpoint" } else { "oidc.region" };
+            let key = if cfg.endpoint.is_some() {
+                "oidc.endpoint"
+            } else {
+                "oidc.region"
+            };
             self.problem(key, e.to_string());
         }
         Some(cfg)
@@ -646,21 +710,36 @@ impl Reader {
             Some("refresh_token") => SourceKind::RefreshToken,
             Some("sso_cache") => SourceKind::SsoCache,
             Some(other) => {
-                self.problem("token.source", format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""));
+                self.problem(
+                    "token.source",
+                    format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""),
+                );
                 return None;
             }
             None => return None,
         };
         let refresh_token = self.secret(&s, "refresh_token", source == SourceKind::RefreshToken);
         let sso_cache_file = self.path(&s, "sso_cache_file");
-        if source == SourceKind::SsoCache && sso_cache_file.is_none() && self.raw(&s, "sso_cache_file").is_none() {
-            self.problem("token.sso_cache_file", "missing required key (token.source = \"sso_cache\" needs it)");
+        if source == SourceKind::SsoCache
+            && sso_cache_file.is_none()
+            && self.raw(&s, "sso_cache_file").is_none()
+        {
+            self.problem(
+                "token.sso_cache_file",
+                "missing required key (token.source = \"sso_cache\" needs it)",
+            );
         }
         let state_file = self.path(&s, "state_file");
         if let Some(p) = &state_file {
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if !dir.is_dir() {
-                self.problem("token.state_file", format!("directory {} does not exist", dir.display()));
+                self.problem(
+                    "token.state_file",
+                    format!("directory {} does not exist", dir.display()),
+                );
             }
         }
         let scopes = match self.raw(&s, "scopes") {
@@ -680,7 +759,8 @@ impl Reader {
                 Vec::new()
             }
         };
-        let refresh_before_expiry = self.duration(&s, "refresh_before_expiry", Duration::from_secs(300));
+        let refresh_before_expiry =
+            self.duration(&s, "refresh_before_expiry", Duration::from_secs(300));
         let expiry_margin = self.duration(&s, "expiry_margin", Duration::from_secs(10));
         Some(TokenConfig {
             source,
@@ -699,11 +779,18 @@ impl Reader {
         let s = self.section(
             root,
             "retry",
-            &["max_attempts", "base_delay", "max_delay", "throttle_base_delay", "throttle_max_delay"],
+            &[
+                "max_attempts",
+                "base_delay",
+                "max_delay",
+                "throttle_base_delay",
+                "throttle_max_delay",
+            ],
         );
         let defaults = RetryConfig::default();
         Some(RetryConfig {
-            max_attempts: self.integer(&s, "max_attempts", defaults.max_attempts as i64, 1..=20) as u32,
+            max_attempts: self.integer(&s, "max_attempts", defaults.max_attempts as i64, 1..=20)
+                as u32,
             transient: Backoff {
                 base: self.duration(&s, "base_delay", defaults.transient.base),
                 cap: self.duration(&s, "max_delay", defaults.transient.cap),
@@ -741,7 +828,10 @@ impl Reader {
             None | Some("local") => StoreKind::Local,
             Some("redis") => StoreKind::Redis,
             Some(other) => {
-                self.problem("store.kind", format!("`{other}` is not a store; use \"local\" or \"redis\""));
+                self.problem(
+                    "store.kind",
+                    format!("`{other}` is not a store; use \"local\" or \"redis\""),
+                );
                 return None;
             }
         };
@@ -778,7 +868,9 @@ impl Reader {
         Some(StoreConfig {
             kind,
             url,
-            key_prefix: self.string(&s, "key_prefix").unwrap_or_else(|| "sso-token-proxy:".to_owned()),
+            key_prefix: self
+                .string(&s, "key_prefix")
+                .unwrap_or_else(|| "sso-token-proxy:".to_owned()),
             username: self.string(&s, "username").filter(|u| !u.is_empty()),
             password: self.secret(&s, "password", false),
             ca_file,
@@ -792,17 +884,26 @@ impl Reader {
     fn redis_url(&mut self, text: &str) {
         let key = "store.url";
         let Some((scheme, rest)) = text.split_once("://") else {
-            self.problem(key, format!("`{text}` is not a URL; write e.g. \"redis://127.0.0.1:6379\""));
+            self.problem(
+                key,
+                format!("`{text}` is not a URL; write e.g. \"redis://127.0.0.1:6379\""),
+            );
             return;
         };
         if !matches!(scheme, "redis" | "rediss") {
-            self.problem(key, format!("scheme `{scheme}` is not supported; use redis:// or rediss:// (TLS)"));
+            self.problem(
+                key,
+                format!("scheme `{scheme}` is not supported; use redis:// or rediss:// (TLS)"),
+            );
             return;
         }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         if authority.contains('@') {
             // Keeps the password out of the URL, which is logged.
-            self.problem(key, "must not contain credentials; set store.username and store.password_file");
+            self.problem(
+                key,
+                "must not contain credentials; set store.username and store.password_file",
+            );
         } else if authority.is_empty() {
             self.problem(key, format!("`{text}` has no host"));
         }
@@ -810,10 +911,18 @@ impl Reader {
 
     fn emulator(&mut self, root: &Table) -> Option<EmulatorSection> {
         root.get("emulator")?;
-        let s = self.section(root, "emulator", &["listen", "access_token_lifetime", "rotate_refresh_tokens"]);
+        let s = self.section(
+            root,
+            "emulator",
+            &["listen", "access_token_lifetime", "rotate_refresh_tokens"],
+        );
         Some(EmulatorSection {
             listen: self.socket_addr(&s, "listen", true)?,
-            access_token_lifetime: self.duration(&s, "access_token_lifetime", Duration::from_secs(3600)),
+            access_token_lifetime: self.duration(
+                &s,
+                "access_token_lifetime",
+                Duration::from_secs(3600),
+            ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
         })
     }
@@ -831,11 +940,17 @@ pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), Str
         return Err(format!("{} is not a regular file", path.display()));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
     if bytes.len() as u64 > MAX_SECRET_BYTES {
-        return Err(format!("{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?", path.display()));
+        return Err(format!(
+            "{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?",
+            path.display()
+        ));
     }
-    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     let value = text.trim_end();
     if value.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -869,8 +984,13 @@ refresh_token = "r"
 
     #[test]
     fn quick_start_and_minimal_configs_parse_with_defaults() {
-        let quick = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-        let c = Config::parse(&quick, Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))).unwrap();
+        let quick =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let c = Config::parse(
+            &quick,
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")),
+        )
+        .unwrap();
         assert!(c.emulator.is_some());
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.token.refresh_before_expiry, Duration::from_secs(300));
@@ -883,8 +1003,14 @@ refresh_token = "r"
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let text = MINIMAL
-            .replace("upstream = \"http://127.0.0.1:9000\"", "upstream = \"ftp://x\"\nbogus = 1")
-            .replace("source = \"refresh_token\"", "source = \"refresh_token\"\nrefresh_before_expiry = \"5 parsecs\"");
+            .replace(
+                "upstream = \"http://127.0.0.1:9000\"",
+                "upstream = \"ftp://x\"\nbogus = 1",
+            )
+            .replace(
+                "source = \"refresh_token\"",
+                "source = \"refresh_token\"\nrefresh_before_expiry = \"5 parsecs\"",
+            );
         let err = parse(&text).unwrap_err();
         let keys: Vec<_> = err.problems.iter().map(|(k, _)| k.as_str()).collect();
         assert!(keys.contains(&"proxy.upstream"), "{keys:?}");
@@ -897,7 +1023,11 @@ refresh_token = "r"
 
     #[test]
     fn secret_files_must_be_small_regular_files() {
-        assert!(read_secret_file(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+        assert!(
+            read_secret_file(Path::new("/dev/zero"))
+                .unwrap_err()
+                .contains("not a regular file")
+        );
         let dir = tempfile::tempdir().unwrap();
         let big = dir.path().join("big");
         std::fs::write(&big, vec![b'a'; 70 * 1024]).unwrap();

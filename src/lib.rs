@@ -19,5 +19,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 
-pub use layer::{BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody};
+pub use layer::{
+    BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody,
+};
 pub use secret::Secret;

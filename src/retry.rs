@@ -140,7 +140,10 @@ impl OidcRetryPolicy {
     /// A policy with a budget that allows retries of 20% of calls on top of
     /// a floor of one retry per second, over a 10 s window.
     pub fn new(config: RetryConfig) -> Self {
-        Self::with_budget(config, Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2)))
+        Self::with_budget(
+            config,
+            Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2)),
+        )
     }
 
     /// A policy drawing on the given (shared) budget.
@@ -289,10 +292,22 @@ mod tests {
     fn delays_grow_and_throttling_grows_faster() {
         let mut t = OidcRetryPolicy::new(exact());
         let mut s = OidcRetryPolicy::new(exact());
-        let t1 = t.decide(&service(ServiceErrorKind::InternalServer)).delay.unwrap();
-        let t2 = t.decide(&service(ServiceErrorKind::InternalServer)).delay.unwrap();
-        let s1 = s.decide(&service(ServiceErrorKind::SlowDown)).delay.unwrap();
-        let s2 = s.decide(&service(ServiceErrorKind::SlowDown)).delay.unwrap();
+        let t1 = t
+            .decide(&service(ServiceErrorKind::InternalServer))
+            .delay
+            .unwrap();
+        let t2 = t
+            .decide(&service(ServiceErrorKind::InternalServer))
+            .delay
+            .unwrap();
+        let s1 = s
+            .decide(&service(ServiceErrorKind::SlowDown))
+            .delay
+            .unwrap();
+        let s2 = s
+            .decide(&service(ServiceErrorKind::SlowDown))
+            .delay
+            .unwrap();
         assert!(t2 > t1 && s2 > s1);
         assert!(s2.as_secs_f64() / s1.as_secs_f64() > t2.as_secs_f64() / t1.as_secs_f64());
         assert!(s1 > t1);
@@ -302,7 +317,11 @@ mod tests {
     fn attempts_are_bounded() {
         let mut p = OidcRetryPolicy::new(exact());
         for _ in 0..3 {
-            assert!(p.decide(&service(ServiceErrorKind::InternalServer)).delay.is_some());
+            assert!(
+                p.decide(&service(ServiceErrorKind::InternalServer))
+                    .delay
+                    .is_some()
+            );
         }
         let last = p.decide(&service(ServiceErrorKind::InternalServer));
         assert_eq!(last.gave_up, Some(GiveUp::AttemptsExhausted));
@@ -316,7 +335,10 @@ mod tests {
             cap: Duration::from_secs(1),
             jitter: Jitter::Full,
         };
-        let e = Backoff { jitter: Jitter::Equal, ..b };
+        let e = Backoff {
+            jitter: Jitter::Equal,
+            ..b
+        };
         for retry in 0..8 {
             for _ in 0..100 {
                 assert!(b.delay(retry) <= b.window(retry));

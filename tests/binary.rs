@@ -1140,7 +1140,12 @@ async fn sighup_reloads_a_replaced_refresh_token() {
                 env.client_secret.as_str().into(),
                 revoked.as_str().into(),
             );
-            client.create_token(&req).await.unwrap().refresh_token.unwrap()
+            client
+                .create_token(&req)
+                .await
+                .unwrap()
+                .refresh_token
+                .unwrap()
         };
         assert!(!env.emulator.is_refresh_token_live(&revoked));
         let proxy = env.start(Opts::default()).await;
@@ -1166,7 +1171,11 @@ async fn sighup_reloads_a_replaced_refresh_token() {
         })
         .await;
         assert_eq!(ok.json()["authorized"], true);
-        assert!(proxy.stderr().contains("credentials reloaded"), "{}", proxy.stderr());
+        assert!(
+            proxy.stderr().contains("credentials reloaded"),
+            "{}",
+            proxy.stderr()
+        );
         assert!(!proxy.stderr().contains(good.expose()));
     })
     .await;

@@ -80,7 +80,10 @@ max_attempts = 1
         // point of its loop.
         let started = std::time::Instant::now();
         while emulator.counters().create_token < before + 2 {
-            assert!(started.elapsed() < Duration::from_secs(30), "child never refreshed");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "child never refreshed"
+            );
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("child exited early with {status}");
             }
@@ -94,13 +97,23 @@ max_attempts = 1
         let saved = StateFile::load(&state)
             .unwrap_or_else(|e| panic!("after kill {kills}: {e}"))
             .unwrap_or_else(|| panic!("after kill {kills}: no state file"));
-        let token = saved.refresh_token.expect("state file holds a refresh token");
+        let token = saved
+            .refresh_token
+            .expect("state file holds a refresh token");
         assert!(
             emulator.is_refresh_token_live(token.expose()),
             "after kill {kills}: the saved refresh token is not accepted"
         );
     }
     let counters = emulator.counters();
-    assert!(counters.create_token >= 48, "refreshes happened: {}", counters.create_token);
-    assert_eq!(counters.errors_by_kind.get("InvalidGrant"), None, "{counters:?}");
+    assert!(
+        counters.create_token >= 48,
+        "refreshes happened: {}",
+        counters.create_token
+    );
+    assert_eq!(
+        counters.errors_by_kind.get("InvalidGrant"),
+        None,
+        "{counters:?}"
+    );
 }

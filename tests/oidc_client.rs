@@ -28,12 +28,14 @@ struct TlsFront {
 async fn tls_front(emulator: &EmulatorHandle) -> TlsFront {
     let certified = generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![certified.cert.der().clone()], key)
-        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,13 +45,20 @@ async fn tls_front(emulator: &EmulatorHandle) -> TlsFront {
     let record = negotiated.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let record = record.clone();
             tokio::spawn(async move {
                 // Handshake failures (untrusted client) just end the connection.
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                record.lock().unwrap().push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                record
+                    .lock()
+                    .unwrap()
+                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
                 let mut upstream = TcpStream::connect(backend).await.unwrap();
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
             });
@@ -113,9 +122,16 @@ async fn every_operation_and_grant_round_trips_over_https_and_h2() {
         })
         .await
         .unwrap();
-    let poll = CreateTokenRequest::device_code(id.clone(), secret.clone(), device.device_code.clone().unwrap());
+    let poll = CreateTokenRequest::device_code(
+        id.clone(),
+        secret.clone(),
+        device.device_code.clone().unwrap(),
+    );
     let pending = client.create_token(&poll).await.unwrap_err();
-    assert_eq!(pending.service_kind(), Some(ServiceErrorKind::AuthorizationPending));
+    assert_eq!(
+        pending.service_kind(),
+        Some(ServiceErrorKind::AuthorizationPending)
+    );
     assert_eq!(pending.class(), ErrorClass::Pending);
     assert!(emulator.approve(device.user_code.as_deref().unwrap()));
     let tokens = client.create_token(&poll).await.unwrap();
@@ -123,7 +139,11 @@ async fn every_operation_and_grant_round_trips_over_https_and_h2() {
 
     // refresh_token grant.
     let refreshed = client
-        .create_token(&CreateTokenRequest::refresh(id.clone(), secret.clone(), tokens.refresh_token.unwrap()))
+        .create_token(&CreateTokenRequest::refresh(
+            id.clone(),
+            secret.clone(),
+            tokens.refresh_token.unwrap(),
+        ))
         .await
         .unwrap();
     assert!(refreshed.access_token.is_some() && refreshed.expires_in.unwrap() > 0);
@@ -170,17 +190,31 @@ async fn every_operation_and_grant_round_trips_over_https_and_h2() {
         assert_eq!(err.class(), expected, "{kind}");
     }
     // An HTML 502 from a load balancer, an empty 503, a malformed 200.
-    emulator.inject(Operation::CreateToken, [Fault::Html502, Fault::EmptyBody(503), Fault::Malformed200]);
+    emulator.inject(
+        Operation::CreateToken,
+        [Fault::Html502, Fault::EmptyBody(503), Fault::Malformed200],
+    );
     let html = client.create_token(&poll).await.unwrap_err();
-    assert!(matches!(html, OidcError::Unknown { status: 502, .. }) && html.class() == ErrorClass::Transient);
+    assert!(
+        matches!(html, OidcError::Unknown { status: 502, .. })
+            && html.class() == ErrorClass::Transient
+    );
     let empty = client.create_token(&poll).await.unwrap_err();
-    assert!(matches!(empty, OidcError::Unknown { status: 503, .. }) && empty.class() == ErrorClass::Transient);
+    assert!(
+        matches!(empty, OidcError::Unknown { status: 503, .. })
+            && empty.class() == ErrorClass::Transient
+    );
     let malformed = client.create_token(&poll).await.unwrap_err();
-    assert!(matches!(malformed, OidcError::Decode { .. }) && malformed.class() == ErrorClass::Fatal);
+    assert!(
+        matches!(malformed, OidcError::Decode { .. }) && malformed.class() == ErrorClass::Fatal
+    );
 
     // All of it over one pooled h2 connection.
     let negotiated = front.negotiated.lock().unwrap().clone();
     assert!(!negotiated.is_empty());
-    assert!(negotiated.iter().all(|p| p.as_deref() == Some(&b"h2"[..])), "{negotiated:?}");
+    assert!(
+        negotiated.iter().all(|p| p.as_deref() == Some(&b"h2"[..])),
+        "{negotiated:?}"
+    );
     assert_eq!(negotiated.len(), 1, "the pool reuses one connection");
 }

@@ -86,14 +86,18 @@ fn options(window: Duration, margin: Duration) -> CacheOptions {
 fn recording_policy() -> (OidcRetryPolicy, Arc<Mutex<Vec<RetryEvent>>>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let policy = OidcRetryPolicy::new(fast_retry()).with_observer(move |e| sink.lock().unwrap().push(e.clone()));
+    let policy = OidcRetryPolicy::new(fast_retry())
+        .with_observer(move |e| sink.lock().unwrap().push(e.clone()));
     (policy, events)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_cold_gets_make_one_create_token_call() {
     let s = setup(EmulatorConfig::default()).await;
-    let cache = TokenCache::new(source(&s, OidcRetryPolicy::new(fast_retry())), CacheOptions::default());
+    let cache = TokenCache::new(
+        source(&s, OidcRetryPolicy::new(fast_retry())),
+        CacheOptions::default(),
+    );
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
             let c = cache.clone();
@@ -139,12 +143,18 @@ async fn one_refresh_per_window_and_no_caller_waits() {
     let calls = s.emulator.counters().create_token;
     assert_eq!(calls as usize, seen.len(), "one CreateToken per token seen");
     assert!((4..=6).contains(&seen.len()), "tokens seen: {}", seen.len());
-    assert_eq!(cache.stats().refresh_ahead as usize, seen.len() - 1 + usize::from(cache.stats().refresh_ahead as usize == seen.len()));
+    assert_eq!(
+        cache.stats().refresh_ahead as usize,
+        seen.len() - 1 + usize::from(cache.stats().refresh_ahead as usize == seen.len())
+    );
 }
 
 async fn scripted_then_success(kind: ServiceErrorKind) -> (Vec<RetryEvent>, u64) {
     let s = setup(EmulatorConfig::default()).await;
-    s.emulator.inject(Operation::CreateToken, [Fault::Error(kind), Fault::Error(kind)]);
+    s.emulator.inject(
+        Operation::CreateToken,
+        [Fault::Error(kind), Fault::Error(kind)],
+    );
     let (policy, events) = recording_policy();
     let cache = TokenCache::new(source(&s, policy), CacheOptions::default());
     let token = cache.get().await.expect("third attempt succeeds");
@@ -158,7 +168,11 @@ async fn slow_down_twice_then_success_is_one_token_with_growing_delays() {
     let (events, calls) = scripted_then_success(ServiceErrorKind::SlowDown).await;
     assert_eq!(calls, 3);
     assert_eq!(events.len(), 2);
-    assert!(events.iter().all(|e| e.class == ErrorClass::Throttled && e.kind == "SlowDown"));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.class == ErrorClass::Throttled && e.kind == "SlowDown")
+    );
     let (d1, d2) = (events[0].delay.unwrap(), events[1].delay.unwrap());
     assert!(d2 > d1, "{d1:?} then {d2:?}");
 }
@@ -178,8 +192,14 @@ async fn internal_server_twice_then_success_is_one_token_with_growing_delays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_grant_fails_after_one_call_and_a_thousand_callers_add_at_most_one() {
     let s = setup(EmulatorConfig::default()).await;
-    s.emulator.inject_always(Operation::CreateToken, Some(Fault::Error(ServiceErrorKind::InvalidGrant)));
-    let cache = TokenCache::new(source(&s, OidcRetryPolicy::new(fast_retry())), CacheOptions::default());
+    s.emulator.inject_always(
+        Operation::CreateToken,
+        Some(Fault::Error(ServiceErrorKind::InvalidGrant)),
+    );
+    let cache = TokenCache::new(
+        source(&s, OidcRetryPolicy::new(fast_retry())),
+        CacheOptions::default(),
+    );
     let err = cache.get().await.unwrap_err();
     assert_eq!(err.kind(), "InvalidGrant");
     assert_eq!(err.class(), ErrorClass::Fatal);
@@ -244,17 +264,26 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     .unwrap();
     let mut previous = s.refresh_token.clone();
     for _ in 0..5 {
-        let token = src.fetch(Reuse::Never).await.expect("each refresh succeeds");
+        let token = src
+            .fetch(Reuse::Never)
+            .await
+            .expect("each refresh succeeds");
         let saved = StateFile::load(&state).unwrap().unwrap();
         let newest = saved.refresh_token.unwrap();
         assert_ne!(newest, previous, "rotated");
-        assert!(!s.emulator.is_refresh_token_live(previous.expose()), "old one revoked");
+        assert!(
+            !s.emulator.is_refresh_token_live(previous.expose()),
+            "old one revoked"
+        );
         assert!(s.emulator.is_refresh_token_live(newest.expose()));
         assert_eq!(saved.access_token.as_ref(), Some(token.access_token()));
         previous = newest;
     }
     assert_eq!(s.emulator.counters().create_token, 5);
-    assert_eq!(s.emulator.counters().errors_by_kind.get("InvalidGrant"), None);
+    assert_eq!(
+        s.emulator.counters().errors_by_kind.get("InvalidGrant"),
+        None
+    );
 
     // A restart picks the state file's token over the configured (revoked)
     // one, and reuses the stored access token without a call.
@@ -267,9 +296,15 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     .state_file(&state)
     .build()
     .unwrap();
-    restarted.fetch(Reuse::IfValidFor(Duration::from_secs(60))).await.unwrap();
+    restarted
+        .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert_eq!(s.emulator.counters().create_token, 5);
-    restarted.fetch(Reuse::Never).await.expect("state file token accepted");
+    restarted
+        .fetch(Reuse::Never)
+        .await
+        .expect("state file token accepted");
     assert_eq!(s.emulator.counters().create_token, 6);
 }
 
@@ -279,10 +314,15 @@ async fn corrupt_state_file_is_an_error_naming_the_path_and_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
     std::fs::write(&state, b"{\"refreshToken\": \"abc").unwrap();
-    let err = RefreshTokenSource::builder(oidc(&s.emulator), s.client_id.clone(), s.client_secret.clone(), s.refresh_token.clone())
-        .state_file(&state)
-        .build()
-        .unwrap_err();
+    let err = RefreshTokenSource::builder(
+        oidc(&s.emulator),
+        s.client_id.clone(),
+        s.client_secret.clone(),
+        s.refresh_token.clone(),
+    )
+    .state_file(&state)
+    .build()
+    .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&state.display().to_string()), "{msg}");
     assert!(!msg.contains("abc"), "{msg}");
@@ -292,7 +332,11 @@ async fn corrupt_state_file_is_an_error_naming_the_path_and_is_left_alone() {
 // === SSO cache files ===
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/tests/fixtures/sso-cache/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/sso-cache/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -332,10 +376,19 @@ async fn sso_cache_source_refreshes_and_rewrites_keeping_unknown_keys() {
         "someFutureKey": {"kept": true},
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&expired).unwrap()).unwrap();
-    let src = SsoCacheSource::new(&path, oidc(&s.emulator), OidcRetryPolicy::new(fast_retry()), vec![]).unwrap();
+    let src = SsoCacheSource::new(
+        &path,
+        oidc(&s.emulator),
+        OidcRetryPolicy::new(fast_retry()),
+        vec![],
+    )
+    .unwrap();
     let cache = TokenCache::new(src, CacheOptions::default());
     let token = cache.get().await.unwrap();
-    assert!(s.emulator.is_access_token_live(token.access_token().expose()));
+    assert!(
+        s.emulator
+            .is_access_token_live(token.access_token().expose())
+    );
     let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(raw["accessToken"], token.access_token().expose());
     assert_eq!(raw["someFutureKey"]["kept"], true);
@@ -344,12 +397,24 @@ async fn sso_cache_source_refreshes_and_rewrites_keeping_unknown_keys() {
     assert_ne!(rotated, s.refresh_token.expose());
     assert!(s.emulator.is_refresh_token_live(rotated));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A valid token in the file is used without a call.
     let before = s.emulator.counters().create_token;
-    let again = SsoCacheSource::new(&path, oidc(&s.emulator), OidcRetryPolicy::new(fast_retry()), vec![]).unwrap();
-    let reused = again.fetch(Reuse::IfValidFor(Duration::from_secs(60))).await.unwrap();
+    let again = SsoCacheSource::new(
+        &path,
+        oidc(&s.emulator),
+        OidcRetryPolicy::new(fast_retry()),
+        vec![],
+    )
+    .unwrap();
+    let reused = again
+        .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert_eq!(reused.access_token(), token.access_token());
     assert_eq!(s.emulator.counters().create_token, before);
 }
@@ -359,20 +424,38 @@ async fn corrupt_or_truncated_cache_files_are_errors_naming_the_path_and_untouch
     let s = setup(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     for (name, contents) in [
-        ("truncated.json", &b"{\"accessToken\": \"abc\", \"expiresAt\": \"2030-"[..]),
+        (
+            "truncated.json",
+            &b"{\"accessToken\": \"abc\", \"expiresAt\": \"2030-"[..],
+        ),
         ("empty.json", &b""[..]),
         ("garbage.json", &b"not json at all"[..]),
-        ("bad-time.json", &br#"{"accessToken":"a","expiresAt":"tomorrow"}"#[..]),
+        (
+            "bad-time.json",
+            &br#"{"accessToken":"a","expiresAt":"tomorrow"}"#[..],
+        ),
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, contents).unwrap();
-        let err = SsoCacheSource::new(&path, oidc(&s.emulator), OidcRetryPolicy::new(fast_retry()), vec![]).unwrap_err();
+        let err = SsoCacheSource::new(
+            &path,
+            oidc(&s.emulator),
+            OidcRetryPolicy::new(fast_retry()),
+            vec![],
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains(&path.display().to_string()), "{name}: {msg}");
         assert_eq!(std::fs::read(&path).unwrap(), contents, "{name} untouched");
     }
     let missing = dir.path().join("missing.json");
-    let err = SsoCacheSource::new(&missing, oidc(&s.emulator), OidcRetryPolicy::new(fast_retry()), vec![]).unwrap_err();
+    let err = SsoCacheSource::new(
+        &missing,
+        oidc(&s.emulator),
+        OidcRetryPolicy::new(fast_retry()),
+        vec![],
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("missing.json"));
 }
 
@@ -390,11 +473,18 @@ async fn login_completes_after_approval_through_pending_and_slow_down() {
     // AuthorizationPending.
     emulator.inject(
         Operation::CreateToken,
-        [Fault::Delay(Duration::ZERO), Fault::Error(ServiceErrorKind::SlowDown)],
+        [
+            Fault::Delay(Duration::ZERO),
+            Fault::Error(ServiceErrorKind::SlowDown),
+        ],
     );
     let dir = tempfile::tempdir().unwrap();
     let cache_file = dir.path().join("sso").join("cache.json");
-    let mut options = LoginOptions::new("https://example.awsapps.com/start", "us-east-1", cache_file.clone());
+    let mut options = LoginOptions::new(
+        "https://example.awsapps.com/start",
+        "us-east-1",
+        cache_file.clone(),
+    );
     options.slow_down_increment = Duration::from_millis(300);
     let (code_tx, code_rx) = tokio::sync::oneshot::channel::<DevicePrompt>();
     let approver = {
@@ -417,15 +507,35 @@ async fn login_completes_after_approval_through_pending_and_slow_down() {
     .unwrap();
     approver.await.unwrap();
     let counters = emulator.counters();
-    assert!(counters.errors_by_kind.get("AuthorizationPending").copied().unwrap_or(0) >= 1);
+    assert!(
+        counters
+            .errors_by_kind
+            .get("AuthorizationPending")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
     assert_eq!(counters.errors_by_kind.get("SlowDown").copied(), Some(1));
     assert!(emulator.is_access_token_live(token.access_token().expose()));
     // The written file is one the sso_cache source (and the AWS CLI) reads.
     let loaded = SsoCacheFile::load(&cache_file).unwrap();
     assert_eq!(loaded.access_token, file.access_token);
-    assert!(loaded.refresh_token.is_some() && loaded.client_id.is_some() && loaded.client_secret.is_some());
-    assert_eq!(loaded.start_url.as_deref(), Some("https://example.awsapps.com/start"));
-    let src = SsoCacheSource::new(&cache_file, client, OidcRetryPolicy::new(fast_retry()), vec![]).unwrap();
+    assert!(
+        loaded.refresh_token.is_some()
+            && loaded.client_id.is_some()
+            && loaded.client_secret.is_some()
+    );
+    assert_eq!(
+        loaded.start_url.as_deref(),
+        Some("https://example.awsapps.com/start")
+    );
+    let src = SsoCacheSource::new(
+        &cache_file,
+        client,
+        OidcRetryPolicy::new(fast_retry()),
+        vec![],
+    )
+    .unwrap();
     let refreshed = src.fetch(Reuse::Never).await.unwrap();
     assert!(emulator.is_access_token_live(refreshed.access_token().expose()));
 }

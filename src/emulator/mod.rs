@@ -381,10 +381,10 @@ impl EmulatorHandle {
             && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
-            {
-                task.abort();
-                let _ = task.await;
-            }
+        {
+            task.abort();
+            let _ = task.await;
+        }
         tracing::debug!(addr = %self.addr, "emulator stopped");
     }
 }

@@ -363,19 +363,21 @@ impl State {
                     g.as_str(),
                     GRANT_REFRESH_TOKEN | GRANT_DEVICE_CODE | GRANT_AUTHORIZATION_CODE
                 )
-            }) {
-                return err(
-                    ServiceErrorKind::UnsupportedGrantType,
-                    "Unsupported grant type in grantTypes",
-                );
-            }
+            })
+        {
+            return err(
+                ServiceErrorKind::UnsupportedGrantType,
+                "Unsupported grant type in grantTypes",
+            );
+        }
         if let Some(uris) = &req.redirect_uris
-            && uris.iter().any(|u| !is_absolute_http_url(u)) {
-                return err(
-                    ServiceErrorKind::InvalidRedirectUri,
-                    "Redirect URIs must be absolute http or https URLs",
-                );
-            }
+            && uris.iter().any(|u| !is_absolute_http_url(u))
+        {
+            return err(
+                ServiceErrorKind::InvalidRedirectUri,
+                "Redirect URIs must be absolute http or https URLs",
+            );
+        }
         let issued_at = epoch_secs();
         let registered =
             self.add_client(None, None, req.scopes.unwrap_or_default(), req.grant_types);
@@ -534,12 +536,13 @@ impl State {
         }
         if grant != GRANT_REFRESH_TOKEN
             && let Some(allowed) = &client.grant_types
-                && !allowed.iter().any(|g| g == grant) {
-                    return err(
-                        ServiceErrorKind::UnauthorizedClient,
-                        "The client is not registered for this grant type",
-                    );
-                }
+            && !allowed.iter().any(|g| g == grant)
+        {
+            return err(
+                ServiceErrorKind::UnauthorizedClient,
+                "The client is not registered for this grant type",
+            );
+        }
         let client_scopes = client.scopes.clone();
         let requested = req.scope.clone().unwrap_or_default();
         let response = match grant {
@@ -887,18 +890,32 @@ mod tests {
         let now = Instant::now();
         let client = s.add_client(None, None, vec![], None);
         let rt1 = s.issue_refresh_token(&client.client_id, &[]);
-        let rt2 = s.create_token(refresh_req(&client, &rt1), now, "x").unwrap().refresh_token.unwrap();
+        let rt2 = s
+            .create_token(refresh_req(&client, &rt1), now, "x")
+            .unwrap()
+            .refresh_token
+            .unwrap();
         // Crash before rt2 was saved: rt1 still works, and supersedes rt2.
         assert!(s.is_refresh_token_live(&rt1));
-        let rt3 = s.create_token(refresh_req(&client, &rt1), now, "x").unwrap().refresh_token.unwrap();
+        let rt3 = s
+            .create_token(refresh_req(&client, &rt1), now, "x")
+            .unwrap()
+            .refresh_token
+            .unwrap();
         assert!(!s.is_refresh_token_live(rt2.expose()));
         // Using rt3 revokes rt1.
-        let rt4 = s.create_token(refresh_req(&client, rt3.expose()), now, "x").unwrap().refresh_token.unwrap();
+        let rt4 = s
+            .create_token(refresh_req(&client, rt3.expose()), now, "x")
+            .unwrap()
+            .refresh_token
+            .unwrap();
         assert!(!s.is_refresh_token_live(&rt1));
         assert!(s.is_refresh_token_live(rt3.expose()));
         assert!(s.is_refresh_token_live(rt4.expose()));
         assert_eq!(
-            s.create_token(refresh_req(&client, &rt1), now, "x").unwrap_err().kind,
+            s.create_token(refresh_req(&client, &rt1), now, "x")
+                .unwrap_err()
+                .kind,
             ServiceErrorKind::InvalidGrant
         );
     }

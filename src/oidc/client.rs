@@ -195,7 +195,8 @@ impl OidcClient {
         &self,
         request: &StartDeviceAuthorizationRequest,
     ) -> Result<StartDeviceAuthorizationResponse, OidcError> {
-        self.call(Operation::StartDeviceAuthorization, request).await
+        self.call(Operation::StartDeviceAuthorization, request)
+            .await
     }
 
     async fn call<I: Serialize, O: DeserializeOwned>(
@@ -226,7 +227,10 @@ impl OidcClient {
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, concat!("sso-token-proxy/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("sso-token-proxy/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Full::new(Bytes::from(body)))
             .expect("static request parts are valid");
 
@@ -254,7 +258,12 @@ impl OidcClient {
             .to_bytes();
 
         if !parts.status.is_success() {
-            return Err(parse_error_response(operation, parts.status, &parts.headers, &bytes));
+            return Err(parse_error_response(
+                operation,
+                parts.status,
+                &parts.headers,
+                &bytes,
+            ));
         }
         decode_success(operation, parts.status, &bytes)
     }
@@ -346,20 +355,33 @@ mod tests {
     #[test]
     fn join_keeps_base_path() {
         let base: Uri = "http://127.0.0.1:8999".parse().unwrap();
-        assert_eq!(join_path(&base, "/token").to_string(), "http://127.0.0.1:8999/token");
+        assert_eq!(
+            join_path(&base, "/token").to_string(),
+            "http://127.0.0.1:8999/token"
+        );
         let base: Uri = "https://gw.example/oidc/".parse().unwrap();
-        assert_eq!(join_path(&base, "/token").to_string(), "https://gw.example/oidc/token");
+        assert_eq!(
+            join_path(&base, "/token").to_string(),
+            "https://gw.example/oidc/token"
+        );
     }
 
     #[test]
     fn builder_needs_an_endpoint() {
-        assert!(matches!(OidcClient::builder().build(), Err(ClientBuildError::NoEndpoint)));
+        assert!(matches!(
+            OidcClient::builder().build(),
+            Err(ClientBuildError::NoEndpoint)
+        ));
     }
 
     #[tokio::test]
     async fn connection_refused_is_transient_connect_error() {
         // Bind then drop to get a port nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let client = OidcClient::builder()
             .endpoint(format!("http://127.0.0.1:{port}"))
             .build()

@@ -693,8 +693,14 @@ mod tests {
 
     #[test]
     fn eusc_partition() {
-        assert_eq!(url(&p("eusc-de-east-1", false, false)), "https://oidc.eusc-de-east-1.amazonaws.eu");
-        assert_eq!(url(&p("eusc-de-east-1", true, false)), "https://oidc-fips.eusc-de-east-1.amazonaws.eu");
+        assert_eq!(
+            url(&p("eusc-de-east-1", false, false)),
+            "https://oidc.eusc-de-east-1.amazonaws.eu"
+        );
+        assert_eq!(
+            url(&p("eusc-de-east-1", true, false)),
+            "https://oidc-fips.eusc-de-east-1.amazonaws.eu"
+        );
         assert!(matches!(
             err(&p("eusc-de-east-1", false, true)),
             EndpointError::DualStackUnsupported { .. }

@@ -345,7 +345,9 @@ pub enum OidcError {
         source: Cause,
     },
     /// The call did not finish within its timeout.
-    #[error("{operation}: no response within {timeout:?}; check network reachability of the SSO-OIDC endpoint")]
+    #[error(
+        "{operation}: no response within {timeout:?}; check network reachability of the SSO-OIDC endpoint"
+    )]
     Timeout {
         /// The call that failed.
         operation: Operation,
@@ -353,7 +355,9 @@ pub enum OidcError {
         timeout: std::time::Duration,
     },
     /// TLS handshake or certificate verification failed.
-    #[error("{operation}: TLS failure talking to the SSO-OIDC endpoint (check the endpoint URL and trust roots): {source}")]
+    #[error(
+        "{operation}: TLS failure talking to the SSO-OIDC endpoint (check the endpoint URL and trust roots): {source}"
+    )]
     Tls {
         /// The call that failed.
         operation: Operation,
@@ -500,16 +504,35 @@ pub fn parse_error_response(
         .and_then(|v| v.to_str().ok())
         .map(sanitize_type)
         .filter(|s| !s.is_empty())
-        .or_else(|| parsed.code.as_deref().map(sanitize_type).filter(|s| !s.is_empty()))
-        .or_else(|| parsed.type_.as_deref().map(sanitize_type).filter(|s| !s.is_empty()));
+        .or_else(|| {
+            parsed
+                .code
+                .as_deref()
+                .map(sanitize_type)
+                .filter(|s| !s.is_empty())
+        })
+        .or_else(|| {
+            parsed
+                .type_
+                .as_deref()
+                .map(sanitize_type)
+                .filter(|s| !s.is_empty())
+        });
 
     let kind = match type_name {
         Some(name) => ServiceErrorKind::from_type_name(name),
-        None => parsed.error.as_deref().and_then(ServiceErrorKind::from_oauth_code),
+        None => parsed
+            .error
+            .as_deref()
+            .and_then(ServiceErrorKind::from_oauth_code),
     };
 
     match kind {
-        Some(kind) => OidcError::Service { operation, kind, details },
+        Some(kind) => OidcError::Service {
+            operation,
+            kind,
+            details,
+        },
         None => OidcError::Unknown {
             operation,
             code: type_name
@@ -548,17 +571,35 @@ mod tests {
         );
         assert_eq!(e.service_kind(), Some(ServiceErrorKind::SlowDown));
         assert_eq!(e.class(), ErrorClass::Throttled);
-        assert_eq!(e.details().unwrap().error_description.as_deref(), Some("slow please"));
+        assert_eq!(
+            e.details().unwrap().error_description.as_deref(),
+            Some("slow please")
+        );
     }
 
     #[test]
     fn body_code_then_type_then_oauth_error() {
-        let e = parse(400, None, r#"{"code":"InvalidGrantException","__type":"x#SlowDownException","error":"slow_down"}"#);
+        let e = parse(
+            400,
+            None,
+            r#"{"code":"InvalidGrantException","__type":"x#SlowDownException","error":"slow_down"}"#,
+        );
         assert_eq!(e.service_kind(), Some(ServiceErrorKind::InvalidGrant));
-        let e = parse(400, None, r#"{"__type":"com.amazonaws.ssooidc#ExpiredTokenException","error":"slow_down"}"#);
+        let e = parse(
+            400,
+            None,
+            r#"{"__type":"com.amazonaws.ssooidc#ExpiredTokenException","error":"slow_down"}"#,
+        );
         assert_eq!(e.service_kind(), Some(ServiceErrorKind::ExpiredToken));
-        let e = parse(400, None, r#"{"error":"authorization_pending","error_description":"wait"}"#);
-        assert_eq!(e.service_kind(), Some(ServiceErrorKind::AuthorizationPending));
+        let e = parse(
+            400,
+            None,
+            r#"{"error":"authorization_pending","error_description":"wait"}"#,
+        );
+        assert_eq!(
+            e.service_kind(),
+            Some(ServiceErrorKind::AuthorizationPending)
+        );
         assert_eq!(e.class(), ErrorClass::Pending);
     }
 
@@ -568,10 +609,15 @@ mod tests {
         assert_eq!(e.service_kind(), Some(ServiceErrorKind::InvalidRequest));
         let e = parse(
             400,
-            Some("InvalidRequestRegionException:http://internal.amazon.com/coral/com.amazonaws.sso.oidc/"),
+            Some(
+                "InvalidRequestRegionException:http://internal.amazon.com/coral/com.amazonaws.sso.oidc/",
+            ),
             r#"{"error":"invalid_request","endpoint":"https://oidc.eu-west-1.amazonaws.com","region":"eu-west-1"}"#,
         );
-        assert_eq!(e.service_kind(), Some(ServiceErrorKind::InvalidRequestRegion));
+        assert_eq!(
+            e.service_kind(),
+            Some(ServiceErrorKind::InvalidRequestRegion)
+        );
         assert_eq!(e.details().unwrap().region.as_deref(), Some("eu-west-1"));
     }
 
@@ -583,14 +629,28 @@ mod tests {
             r#"{"error":"access_denied","error_description":"no","reason":"KMS_AccessDeniedException"}"#,
         );
         assert_eq!(e.service_kind(), Some(ServiceErrorKind::AccessDenied));
-        assert_eq!(e.details().unwrap().reason.as_deref(), Some("KMS_AccessDeniedException"));
+        assert_eq!(
+            e.details().unwrap().reason.as_deref(),
+            Some("KMS_AccessDeniedException")
+        );
         assert!(e.to_string().contains("KMS_AccessDeniedException"));
     }
 
     #[test]
     fn html_502_from_a_load_balancer_is_transient_unknown() {
-        let e = parse(502, None, "<html><body><h1>502 Bad Gateway</h1></body></html>");
-        assert!(matches!(e, OidcError::Unknown { status: 502, code: None, .. }));
+        let e = parse(
+            502,
+            None,
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        );
+        assert!(matches!(
+            e,
+            OidcError::Unknown {
+                status: 502,
+                code: None,
+                ..
+            }
+        ));
         assert_eq!(e.class(), ErrorClass::Transient);
     }
 
@@ -620,8 +680,14 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_each_form() {
         for kind in ServiceErrorKind::ALL {
-            assert_eq!(parse(kind.status().as_u16(), Some(kind.shape_name()), "{}").service_kind(), Some(kind));
-            let body = format!(r#"{{"__type":"com.amazonaws.ssooidc#{}"}}"#, kind.shape_name());
+            assert_eq!(
+                parse(kind.status().as_u16(), Some(kind.shape_name()), "{}").service_kind(),
+                Some(kind)
+            );
+            let body = format!(
+                r#"{{"__type":"com.amazonaws.ssooidc#{}"}}"#,
+                kind.shape_name()
+            );
             assert_eq!(parse(400, None, &body).service_kind(), Some(kind));
             if kind != ServiceErrorKind::InvalidRequestRegion {
                 let body = format!(r#"{{"error":"{}"}}"#, kind.oauth_code());

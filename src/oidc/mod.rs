@@ -7,5 +7,7 @@ pub mod model;
 
 pub use client::{OidcClient, OidcClientBuilder};
 pub use endpoint::{EndpointError, EndpointParams, resolve_endpoint};
-pub use error::{ErrorClass, ErrorDetails, OidcError, Operation, ServiceErrorKind, parse_error_response};
+pub use error::{
+    ErrorClass, ErrorDetails, OidcError, Operation, ServiceErrorKind, parse_error_response,
+};
 pub use model::*;

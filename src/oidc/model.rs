@@ -46,7 +46,11 @@ pub struct CreateTokenRequest {
 
 impl CreateTokenRequest {
     /// A `refresh_token` grant request.
-    pub fn refresh(client_id: impl Into<String>, client_secret: Secret, refresh_token: Secret) -> Self {
+    pub fn refresh(
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        refresh_token: Secret,
+    ) -> Self {
         Self {
             client_id: client_id.into(),
             client_secret,
@@ -61,7 +65,11 @@ impl CreateTokenRequest {
     }
 
     /// A device code grant request (RFC 8628 polling).
-    pub fn device_code(client_id: impl Into<String>, client_secret: Secret, device_code: Secret) -> Self {
+    pub fn device_code(
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        device_code: Secret,
+    ) -> Self {
         Self {
             grant_type: GRANT_DEVICE_CODE.to_owned(),
             refresh_token: None,
@@ -91,7 +99,11 @@ impl CreateTokenRequest {
     /// Sets the requested scopes; an empty list sends none.
     #[must_use]
     pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
-        self.scope = if scopes.is_empty() { None } else { Some(scopes) };
+        self.scope = if scopes.is_empty() {
+            None
+        } else {
+            Some(scopes)
+        };
         self
     }
 }

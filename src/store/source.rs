@@ -19,8 +19,8 @@ use crate::{
     oidc::ServiceErrorKind,
     secret::Secret,
     token::{
-        CredentialUpdate, FetchFuture, RefreshTokenSource, ReloadFuture, Reuse, StateFile, Token, TokenError,
-        TokenSource,
+        CredentialUpdate, FetchFuture, RefreshTokenSource, ReloadFuture, Reuse, StateFile, Token,
+        TokenError, TokenSource,
     },
 };
 
@@ -471,7 +471,10 @@ impl Inner {
             extra: Default::default(),
         };
         state
-            .store_keeping_unknown_keys(path, "could not copy the shared refresh token to the state file")
+            .store_keeping_unknown_keys(
+                path,
+                "could not copy the shared refresh token to the state file",
+            )
             .await;
     }
 

@@ -12,8 +12,8 @@ use sha1::{Digest, Sha1};
 use super::{SsoCacheFile, Token, TokenError, sso_cache::format_time};
 use crate::{
     oidc::{
-        CreateTokenRequest, ErrorClass, OidcClient, RegisterClientRequest,
-        ServiceErrorKind, StartDeviceAuthorizationRequest,
+        CreateTokenRequest, ErrorClass, OidcClient, RegisterClientRequest, ServiceErrorKind,
+        StartDeviceAuthorizationRequest,
     },
     retry::{OidcRetryPolicy, RetryConfig},
 };
@@ -49,7 +49,11 @@ pub struct LoginOptions {
 
 impl LoginOptions {
     /// Options with the RFC 8628 defaults.
-    pub fn new(start_url: impl Into<String>, region: impl Into<String>, cache_file: PathBuf) -> Self {
+    pub fn new(
+        start_url: impl Into<String>,
+        region: impl Into<String>,
+        cache_file: PathBuf,
+    ) -> Self {
         Self {
             start_url: start_url.into(),
             region: region.into(),
@@ -104,10 +108,9 @@ pub async fn device_login(
             start_url: options.start_url.clone(),
         })
         .await?;
-    let device_code = device
-        .device_code
-        .clone()
-        .ok_or_else(|| TokenError::Login("StartDeviceAuthorization returned no deviceCode".to_owned()))?;
+    let device_code = device.device_code.clone().ok_or_else(|| {
+        TokenError::Login("StartDeviceAuthorization returned no deviceCode".to_owned())
+    })?;
     let expires_in = Duration::from_secs(device.expires_in.unwrap_or(600).max(1) as u64);
     prompt(&DevicePrompt {
         verification_uri: device.verification_uri.clone().unwrap_or_default(),
@@ -121,8 +124,9 @@ pub async fn device_login(
         Some(secs) if secs > 0 => Duration::from_secs(secs as u64),
         _ => options.default_interval,
     };
-    let request = CreateTokenRequest::device_code(client_id.clone(), client_secret.clone(), device_code)
-        .with_scopes(options.scopes.clone());
+    let request =
+        CreateTokenRequest::device_code(client_id.clone(), client_secret.clone(), device_code)
+            .with_scopes(options.scopes.clone());
     let mut transient = OidcRetryPolicy::new(options.retry.clone());
     let response = loop {
         tokio::time::sleep(interval).await;
@@ -134,11 +138,15 @@ pub async fn device_login(
                 }
                 (Some(ServiceErrorKind::SlowDown), _) => {
                     interval += options.slow_down_increment;
-                    tracing::debug!(interval_s = interval.as_secs_f64(), "slow_down: polling less often");
+                    tracing::debug!(
+                        interval_s = interval.as_secs_f64(),
+                        "slow_down: polling less often"
+                    );
                 }
                 (Some(ServiceErrorKind::ExpiredToken), _) => {
                     return Err(TokenError::Login(
-                        "the device code expired before it was approved; run login again".to_owned(),
+                        "the device code expired before it was approved; run login again"
+                            .to_owned(),
                     ));
                 }
                 (_, ErrorClass::Transient | ErrorClass::Throttled) => {
@@ -191,6 +199,9 @@ mod tests {
     #[test]
     fn cache_file_name_is_sha1_hex() {
         // SHA-1 of "abc" is a well-known test vector.
-        assert_eq!(sso_cache_file_name("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d.json");
+        assert_eq!(
+            sso_cache_file_name("abc"),
+            "a9993e364706816aba3e25717850c26c9cd0d89d.json"
+        );
     }
 }

@@ -95,7 +95,9 @@ impl Token {
             return Err(decode("expiresIn is not positive"));
         }
         if HeaderValue::try_from(format!("Bearer {}", access.expose())).is_err() {
-            return Err(decode("accessToken contains characters not allowed in a header"));
+            return Err(decode(
+                "accessToken contains characters not allowed in a header",
+            ));
         }
         if let Some(t) = &response.token_type
             && !t.eq_ignore_ascii_case("bearer")
@@ -312,7 +314,10 @@ mod tests {
         };
         assert!(Token::from_response(&r).is_ok());
         r.expires_in = None;
-        assert!(matches!(Token::from_response(&r), Err(OidcError::Decode { .. })));
+        assert!(matches!(
+            Token::from_response(&r),
+            Err(OidcError::Decode { .. })
+        ));
         r.expires_in = Some(60);
         r.access_token = Some("bad\nvalue".into());
         let err = Token::from_response(&r).unwrap_err();

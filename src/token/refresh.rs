@@ -11,8 +11,8 @@ use std::{
 use tower::ServiceExt;
 
 use super::{
-    CredentialUpdate, FetchFuture, ReloadFuture, Reuse, StateFile, Token, TokenError, TokenSource, parse_expires_at,
-    sso_cache::format_time,
+    CredentialUpdate, FetchFuture, ReloadFuture, Reuse, StateFile, Token, TokenError, TokenSource,
+    parse_expires_at, sso_cache::format_time,
 };
 use crate::{
     oidc::{CreateTokenRequest, OidcClient},
@@ -105,7 +105,10 @@ impl RefreshTokenSourceBuilder {
         if let Some(path) = &self.state_file
             && let Some(state) = StateFile::load(path)?
         {
-            let same_client = state.client_id.as_deref().is_none_or(|c| c == self.client_id);
+            let same_client = state
+                .client_id
+                .as_deref()
+                .is_none_or(|c| c == self.client_id);
             let newer = match (state.updated_at(), self.configured_at) {
                 (Some(state_at), Some(config_at)) => state_at >= config_at,
                 (_, None) => true,
@@ -128,7 +131,9 @@ impl RefreshTokenSourceBuilder {
             }
         }
         if refresh_token.is_empty() {
-            return Err(TokenError::NoRefreshToken("the configured refresh token is empty".to_owned()));
+            return Err(TokenError::NoRefreshToken(
+                "the configured refresh token is empty".to_owned(),
+            ));
         }
         Ok(RefreshTokenSource {
             oidc: self.oidc,
@@ -178,11 +183,17 @@ impl RefreshTokenSource {
     pub async fn reload(&self, update: CredentialUpdate) -> bool {
         let mut held = self.held.lock().await;
         let mut changed = false;
-        if let Some(secret) = update.client_secret.filter(|s| !s.is_empty() && *s != held.client_secret) {
+        if let Some(secret) = update
+            .client_secret
+            .filter(|s| !s.is_empty() && *s != held.client_secret)
+        {
             held.client_secret = secret;
             changed = true;
         }
-        if let Some(token) = update.refresh_token.filter(|t| !t.is_empty() && *t != held.configured) {
+        if let Some(token) = update
+            .refresh_token
+            .filter(|t| !t.is_empty() && *t != held.configured)
+        {
             held.configured = token.clone();
             held.refresh_token = token;
             changed = true;
@@ -220,7 +231,9 @@ impl RefreshTokenSource {
             .refresh_token
             .clone()
             .filter(|r| !r.is_empty() && r != &held.refresh_token);
-        let newest = rotated.clone().unwrap_or_else(|| held.refresh_token.clone());
+        let newest = rotated
+            .clone()
+            .unwrap_or_else(|| held.refresh_token.clone());
 
         if let Some(path) = &self.state_file {
             let state = StateFile {
@@ -232,7 +245,10 @@ impl RefreshTokenSource {
                 extra: Default::default(),
             };
             state
-                .store_keeping_unknown_keys(path, "could not persist the refresh token; it is kept in memory only")
+                .store_keeping_unknown_keys(
+                    path,
+                    "could not persist the refresh token; it is kept in memory only",
+                )
                 .await;
         }
         if rotated.is_some() {

@@ -96,12 +96,17 @@ pub fn parse_expires_at(text: &str) -> Result<SystemTime, String> {
     if text.len() > 6 && text.is_char_boundary(text.len() - 6) {
         let (base, offset) = text.split_at(text.len() - 6);
         let b = offset.as_bytes();
-        if offset.is_ascii() && (b[0] == b'+' || b[0] == b'-') && b[3] == b':' && base.contains('T') {
+        if offset.is_ascii() && (b[0] == b'+' || b[0] == b'-') && b[3] == b':' && base.contains('T')
+        {
             let hours: u64 = offset[1..3].parse().map_err(|_| bad())?;
             let minutes: u64 = offset[4..6].parse().map_err(|_| bad())?;
             let shift = Duration::from_secs(hours * 3600 + minutes * 60);
             let local = humantime::parse_rfc3339_weak(base).map_err(|_| bad())?;
-            return Ok(if b[0] == b'+' { local - shift } else { local + shift });
+            return Ok(if b[0] == b'+' {
+                local - shift
+            } else {
+                local + shift
+            });
         }
     }
     humantime::parse_rfc3339_weak(text).map_err(|_| bad())
@@ -122,7 +127,10 @@ impl SsoCacheFile {
         };
         let bytes = std::fs::read(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                file_error("SSO cache file does not exist; run `sso-token-proxy login` or `aws sso login`".to_owned())
+                file_error(
+                    "SSO cache file does not exist; run `sso-token-proxy login` or `aws sso login`"
+                        .to_owned(),
+                )
             } else {
                 file_error(format!("cannot read SSO cache file: {e}"))
             }
@@ -138,10 +146,16 @@ impl SsoCacheFile {
             reason,
         };
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(file_error("SSO cache file is empty (truncated?)".to_owned()));
+            return Err(file_error(
+                "SSO cache file is empty (truncated?)".to_owned(),
+            ));
         }
-        let file: Self = serde_json::from_slice(bytes)
-            .map_err(|e| file_error(format!("SSO cache file is corrupt: {}", json_error_reason(&e))))?;
+        let file: Self = serde_json::from_slice(bytes).map_err(|e| {
+            file_error(format!(
+                "SSO cache file is corrupt: {}",
+                json_error_reason(&e)
+            ))
+        })?;
         for (key, value) in [
             ("expiresAt", &file.expires_at),
             ("registrationExpiresAt", &file.registration_expires_at),
@@ -182,7 +196,9 @@ pub struct SsoCacheSource {
 
 impl fmt::Debug for SsoCacheSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SsoCacheSource").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SsoCacheSource")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -227,9 +243,18 @@ impl SsoCacheSource {
             ))
         };
         let client_id = file.client_id.clone().ok_or_else(|| missing("clientId"))?;
-        let client_secret = file.client_secret.clone().ok_or_else(|| missing("clientSecret"))?;
-        let refresh_token = file.refresh_token.clone().ok_or_else(|| missing("refreshToken"))?;
-        if let Some(exp) = file.registration_expires_at.as_deref().and_then(|s| parse_expires_at(s).ok())
+        let client_secret = file
+            .client_secret
+            .clone()
+            .ok_or_else(|| missing("clientSecret"))?;
+        let refresh_token = file
+            .refresh_token
+            .clone()
+            .ok_or_else(|| missing("refreshToken"))?;
+        if let Some(exp) = file
+            .registration_expires_at
+            .as_deref()
+            .and_then(|s| parse_expires_at(s).ok())
             && exp <= SystemTime::now()
         {
             return Err(TokenError::NoRefreshToken(format!(

@@ -62,12 +62,16 @@ impl StateFile {
             Err(e) => return Err(file_error(format!("cannot read state file: {e}"))),
         };
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(file_error("state file is empty (truncated?); fix or remove it".to_owned()));
+            return Err(file_error(
+                "state file is empty (truncated?); fix or remove it".to_owned(),
+            ));
         }
         let state: Self = serde_json::from_slice(&bytes)
             .map_err(|e| file_error(format!("state file is corrupt: {}", json_error_reason(&e))))?;
         if state.refresh_token.as_ref().is_none_or(Secret::is_empty) {
-            return Err(file_error("state file has no refreshToken; fix or remove it".to_owned()));
+            return Err(file_error(
+                "state file has no refreshToken; fix or remove it".to_owned(),
+            ));
         }
         Ok(Some(state))
     }
@@ -85,7 +89,11 @@ impl StateFile {
     pub async fn store_keeping_unknown_keys(self, path: &Path, what: &'static str) {
         let path = path.to_path_buf();
         let stored = tokio::task::spawn_blocking(move || {
-            let extra = Self::load(&path).ok().flatten().map(|s| s.extra).unwrap_or_default();
+            let extra = Self::load(&path)
+                .ok()
+                .flatten()
+                .map(|s| s.extra)
+                .unwrap_or_default();
             Self { extra, ..self }.store(&path)
         })
         .await;

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: a
+# figure that does not move with other load on the machine, for comparing
+# builds of the hot path.
+#
+#   bash benches/proxy/callgrind.sh [BINARY]      # default target/release/sso-token-proxy
+#
+# From the repository root. Starts a one-worker nginx upstream (`return 200
+# "ok"`) and the proxy under `valgrind --tool=callgrind` (one tokio worker,
+# RUST_LOG=info as deployed, instrumentation off until warmed up), then
+# counts instructions over `wrk -t1 -c16 -d${CG_SECONDS:-10}s` and divides
+# by the requests served. Keeps the profile in target/callgrind/ for
+# `callgrind_annotate --inclusive=yes`.
+set -euo pipefail
+
+cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+ROOT="$PWD"
+BIN="${1:-$ROOT/target/release/sso-token-proxy}"
+SECONDS_RUN="${CG_SECONDS:-10}"
+BASE="${BENCH_PORT_BASE:-26080}"
+P_UP=$((BASE + 1)) P_PROXY=$((BASE + 2)) P_ADMIN=$((BASE + 3)) P_EMU=$((BASE + 4))
+export PATH="$PATH:/usr/sbin:/sbin"
+for tool in valgrind callgrind_control callgrind_annotate wrk nginx curl; do
+    command -v "$tool" >/dev/null || {
+        echo "needs $tool (apt-get install valgrind wrk nginx-light curl)" >&2
+        exit 2
+    }
+done
+if [[ $# == 0 ]]; then
+    cargo build --release --quiet
+fi
+
+WORK="$(mktemp -d /tmp/stp-callgrind.XXXXXX)"
+PIDS=()
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 1
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$WORK/tmp" "$ROOT/target/callgrind"
+cat >"$WORK/upstream.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/upstream.pid;
+error_log stderr error;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/b; proxy_temp_path $WORK/tmp/p; fastcgi_temp_path $WORK/tmp/f;
+    uwsgi_temp_path $WORK/tmp/u; scgi_temp_path $WORK/tmp/s;
+    keepalive_requests 100000000;
+    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok"; } }
+}
+EOF
+cat >"$WORK/proxy.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$P_PROXY"
+upstream = "http://127.0.0.1:$P_UP"
+[admin]
+listen = "127.0.0.1:$P_ADMIN"
+[oidc]
+endpoint = "http://127.0.0.1:$P_EMU"
+region = "us-east-1"
+client_id = "bench-client"
+client_secret = "bench-client-secret"
+[token]
+source = "refresh_token"
+refresh_token = "bench-refresh-token"
+[emulator]
+listen = "127.0.0.1:$P_EMU"
+EOF
+
+nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+OUT="$ROOT/target/callgrind/callgrind.$(date +%Y%m%d-%H%M%S).out"
+TOKIO_WORKER_THREADS=1 RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
+    --callgrind-out-file="$OUT" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
+PID=$!
+PIDS+=("$PID")
+for _ in $(seq 600); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_ADMIN/readyz") == 200 ]] && break
+    sleep 0.1
+done
+wrk -t1 -c16 -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
+callgrind_control -i on "$PID" >/dev/null
+wrk -t1 -c16 -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
+callgrind_control -i off "$PID" >/dev/null
+callgrind_control -d "$PID" >/dev/null
+sleep 1
+N=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+NON2XX=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk.txt")
+TOTAL=$(callgrind_annotate "$OUT.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "requests: $N${NON2XX:+ (non-2xx: $NON2XX)}"
+echo "instructions: $TOTAL"
+echo "instructions per request: $((TOTAL / N))"
+echo "profile: $OUT.1"

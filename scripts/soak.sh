@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# Bounded soak of the proxy under constant token rotation and injected
+# CreateToken faults.
+#
+#   bash scripts/soak.sh                       # 300 s
+#   SOAK_SECONDS=60 bash scripts/soak.sh       # shorter
+#   SOAK_SCRAPE_EVERY=15 bash scripts/soak.sh  # also scrape /metrics every 15 s
+#
+# From the repository root. Starts, on 127.0.0.1 only:
+#   * the SSO-OIDC emulator alone (`sso-token-proxy emulator --listen ...`),
+#     its access tokens living SOAK_TOKEN_LIFETIME (4) seconds;
+#   * the proxy against it (refresh_token source, rotation on, a state file,
+#     refresh_before_expiry 2s), forwarding to the emulator's protected echo
+#     resource, which answers 200 only for a live token it issued
+#     (SOAK_UPSTREAM=nginx: a one-worker nginx `return 200` instead);
+#   * wrk -c32 through the proxy for SOAK_SECONDS, after a warm-up;
+#   * every SOAK_FAULT_EVERY (20) seconds, a burst of
+#     ["SlowDown","SlowDown","InternalServer"] on CreateToken.
+# Reports wrk's totals and non-2xx count, the emulator's CreateToken calls
+# and errors by kind, and the proxy's RSS one fault cycle into the soak
+# (the baseline) and at the end.
+# Exits non-zero on any non-2xx or socket error, or RSS growth >= 10 %.
+# Everything it started is stopped on exit.
+set -euo pipefail
+
+SOAK_SECONDS="${SOAK_SECONDS:-300}"
+SOAK_CONNS="${SOAK_CONNS:-32}"
+SOAK_TOKEN_LIFETIME="${SOAK_TOKEN_LIFETIME:-4}"
+SOAK_FAULT_EVERY="${SOAK_FAULT_EVERY:-20}"
+SOAK_SCRAPE_EVERY="${SOAK_SCRAPE_EVERY:-0}"
+SOAK_UPSTREAM="${SOAK_UPSTREAM:-echo}"
+SOAK_WARMUP="${SOAK_WARMUP:-10}"
+MAX_RSS_GROWTH_PCT="${MAX_RSS_GROWTH_PCT:-10}"
+BASE="${SOAK_PORT_BASE:-27080}"
+P_EMU=$((BASE + 1))
+P_PROXY=$((BASE + 2))
+P_ADMIN=$((BASE + 3))
+P_UP=$((BASE + 4))
+
+cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+[[ -f Cargo.toml ]] || {
+    echo "run from the repository root" >&2
+    exit 2
+}
+BIN="$PWD/target/release/sso-token-proxy"
+log() { printf '[soak %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+need_install=()
+command -v wrk >/dev/null || need_install+=(wrk)
+command -v curl >/dev/null || need_install+=(curl)
+command -v python3 >/dev/null || need_install+=(python3)
+if [[ $SOAK_UPSTREAM == nginx ]]; then
+    command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_install+=(nginx-light)
+fi
+if ((${#need_install[@]})); then
+    log "installing ${need_install[*]}"
+    SUDO=()
+    [[ $(id -u) == 0 ]] || SUDO=(sudo)
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+log "cargo build --release"
+cargo build --release --quiet
+
+WORK="$(mktemp -d /tmp/stp-soak.XXXXXX)"
+PIDS=()
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [[ $rc != 0 ]]; then
+        for f in "$WORK"/*.log; do
+            [[ -s $f ]] || continue
+            echo "--- $f (last 20 lines)" >&2
+            tail -n 20 "$f" >&2
+        done
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for port in "$P_EMU" "$P_PROXY" "$P_ADMIN" "$P_UP"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is in use; set SOAK_PORT_BASE" >&2
+        exit 2
+    fi
+done
+
+wait_http() { # url
+    for _ in $(seq 100); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null) == 200 ]] && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    return 1
+}
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# --- emulator --------------------------------------------------------------
+"$BIN" emulator --listen "127.0.0.1:$P_EMU" >"$WORK/emulator.out" 2>"$WORK/emulator.log" &
+PIDS+=($!)
+for _ in $(seq 100); do
+    grep -q "refresh token:" "$WORK/emulator.out" 2>/dev/null && break
+    sleep 0.1
+done
+field() { awk -v k="$1" 'index($0, k) { print $NF; exit }' "$WORK/emulator.out"; }
+CLIENT_ID="$(field "client id:")"
+CLIENT_SECRET="$(field "client secret:")"
+REFRESH_TOKEN="$(field "refresh token:")"
+[[ -n $CLIENT_ID && -n $CLIENT_SECRET && -n $REFRESH_TOKEN ]] || {
+    echo "could not read the emulator's client and refresh token" >&2
+    cat "$WORK/emulator.out" >&2
+    exit 1
+}
+curl -sf -X POST "http://127.0.0.1:$P_EMU/_emulator/config" \
+    -d "{\"access_token_lifetime_secs\": $SOAK_TOKEN_LIFETIME}" >/dev/null
+
+# --- upstream --------------------------------------------------------------
+if [[ $SOAK_UPSTREAM == nginx ]]; then
+    mkdir -p "$WORK/tmp"
+    cat >"$WORK/upstream.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/upstream.pid;
+error_log stderr error;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/b; proxy_temp_path $WORK/tmp/p; fastcgi_temp_path $WORK/tmp/f;
+    uwsgi_temp_path $WORK/tmp/u; scgi_temp_path $WORK/tmp/s;
+    keepalive_requests 100000000;
+    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok"; } }
+}
+EOF
+    nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
+    PIDS+=($!)
+    UPSTREAM="http://127.0.0.1:$P_UP"
+    wait_http "$UPSTREAM/"
+else
+    UPSTREAM="http://127.0.0.1:$P_EMU"
+fi
+
+# --- proxy -----------------------------------------------------------------
+cat >"$WORK/proxy.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$P_PROXY"
+upstream = "$UPSTREAM"
+[admin]
+listen = "127.0.0.1:$P_ADMIN"
+[oidc]
+endpoint = "http://127.0.0.1:$P_EMU"
+region = "us-east-1"
+client_id = "$CLIENT_ID"
+client_secret = "$CLIENT_SECRET"
+[token]
+source = "refresh_token"
+refresh_token = "$REFRESH_TOKEN"
+state_file = "$WORK/state.json"
+refresh_before_expiry = "2s"
+expiry_margin = "500ms"
+[retry]
+max_attempts = 5
+base_delay = "50ms"
+max_delay = "500ms"
+throttle_base_delay = "100ms"
+throttle_max_delay = "1s"
+EOF
+RUST_LOG="${RUST_LOG:-warn}" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
+PID_PROXY=$!
+PIDS+=("$PID_PROXY")
+wait_http "http://127.0.0.1:$P_ADMIN/readyz"
+wait_http "http://127.0.0.1:$P_PROXY/soak"
+RSS_LAUNCH=$(rss_kb "$PID_PROXY")
+
+log "warm-up ${SOAK_WARMUP}s (wrk -c$SOAK_CONNS)"
+wrk -t1 -c"$SOAK_CONNS" -d"${SOAK_WARMUP}s" "http://127.0.0.1:$P_PROXY/soak" >"$WORK/warmup.txt" 2>&1
+RSS_START=$(rss_kb "$PID_PROXY")
+COUNTERS_START="$(curl -sf "http://127.0.0.1:$P_EMU/_emulator/counters")"
+
+# Fault bursts, RSS samples and (optionally) scrapes, until wrk is done.
+(
+    trap 'exit 0' TERM
+    t=0
+    while :; do
+        sleep 1
+        t=$((t + 1))
+        if ((t % SOAK_FAULT_EVERY == 0)); then
+            curl -sf -X POST "http://127.0.0.1:$P_EMU/_emulator/faults" \
+                -d '{"operation":"CreateToken","faults":["SlowDown","SlowDown","InternalServer"]}' \
+                >/dev/null && echo "$t" >>"$WORK/bursts" || echo "$t failed" >>"$WORK/bursts"
+            echo "$t $(rss_kb "$PID_PROXY")" >>"$WORK/rss"
+        fi
+        if ((SOAK_SCRAPE_EVERY > 0 && t % SOAK_SCRAPE_EVERY == 0)); then
+            curl -sf -o /dev/null "http://127.0.0.1:$P_ADMIN/metrics" || true
+        fi
+    done
+) &
+BG=$!
+PIDS+=("$BG")
+
+log "soak ${SOAK_SECONDS}s: wrk -t1 -c$SOAK_CONNS, tokens live ${SOAK_TOKEN_LIFETIME}s, fault burst every ${SOAK_FAULT_EVERY}s"
+wrk -t1 -c"$SOAK_CONNS" -d"${SOAK_SECONDS}s" --latency "http://127.0.0.1:$P_PROXY/soak" >"$WORK/wrk.txt" 2>&1
+kill -TERM "$BG" 2>/dev/null || true
+wait "$BG" 2>/dev/null || true
+RSS_END=$(rss_kb "$PID_PROXY")
+COUNTERS_END="$(curl -sf "http://127.0.0.1:$P_EMU/_emulator/counters")"
+METRICS="$(curl -sf "http://127.0.0.1:$P_ADMIN/metrics" || true)"
+
+# --- report ----------------------------------------------------------------
+TOTAL=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+RPS=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk.txt")
+P99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk.txt")
+NON2XX=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$WORK/wrk.txt")
+NON2XX=${NON2XX:-0}
+SOCKERR=$(awk '/Socket errors:/ {sub(/.*errors: /, ""); print}' "$WORK/wrk.txt")
+BURSTS=$(grep -vc failed "$WORK/bursts" 2>/dev/null || echo 0)
+# The baseline is the first sample, one fault cycle into the soak: by then
+# the connections, the pool and (when scraped) the metrics buffers have
+# reached their working size, and the warm-up's peak is behind.
+RSS_BASE=$(awk 'NR == 1 {print $2}' "$WORK/rss" 2>/dev/null)
+RSS_BASE=${RSS_BASE:-$RSS_START}
+GROWTH=$(awk -v a="$RSS_BASE" -v b="$RSS_END" 'BEGIN { printf "%.1f", (b - a) * 100 / a }')
+summary="$(
+    python3 - "$COUNTERS_START" "$COUNTERS_END" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+calls = b["create_token"] - a["create_token"]
+errs = {k: v - a.get("errors_by_kind", {}).get(k, 0) for k, v in b.get("errors_by_kind", {}).items()}
+errs = {k: v for k, v in errs.items() if v}
+print(f"CreateToken calls: {calls} (since launch: {b['create_token']})")
+print("CreateToken errors by kind: " + (", ".join(f"{k} {v}" for k, v in sorted(errs.items())) or "none"))
+print(f"tokens issued: {b['tokens_issued'] - a['tokens_issued']}")
+print(f"echo resource: {b['echo_authorized'] - a['echo_authorized']} authorised, "
+      f"{b['echo_unauthorized'] - a['echo_unauthorized']} refused (expired or unknown token)")
+PY
+)"
+fetches="$(printf '%s\n' "$METRICS" | awk '/^sso_token_proxy_token_fetches_total/ {printf "%s%s", sep, $0; sep="; "}')"
+
+echo
+echo "Soak: ${SOAK_SECONDS}s, wrk -t1 -c$SOAK_CONNS through the proxy to the $SOAK_UPSTREAM upstream"
+echo "  requests: $TOTAL ($RPS req/s, p99 $P99), non-2xx: $NON2XX${SOCKERR:+, socket errors: $SOCKERR}"
+printf '%s\n' "$summary" | sed 's/^/  /'
+echo "  fault bursts injected: $BURSTS x [SlowDown, SlowDown, InternalServer]"
+echo "  proxy token fetches: ${fetches:-n/a}"
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+echo "  proxy RSS: $(mb "$RSS_LAUNCH") MB at launch, $(mb "$RSS_START") MB after the ${SOAK_WARMUP}s warm-up," \
+    "$(mb "$RSS_BASE") MB ${SOAK_FAULT_EVERY}s into the soak (baseline), $(mb "$RSS_END") MB at the end: ${GROWTH} % growth" \
+    "(limit ${MAX_RSS_GROWTH_PCT} %; /metrics scraped $([[ $SOAK_SCRAPE_EVERY -gt 0 ]] && echo "every ${SOAK_SCRAPE_EVERY}s" || echo never))"
+if [[ -s $WORK/rss ]]; then
+    echo "  RSS samples (s: kB): $(awk '{printf "%s%s: %s", sep, $1, $2; sep=", "}' "$WORK/rss")"
+fi
+
+fail=0
+if [[ -z $TOTAL || $TOTAL == 0 ]]; then
+    echo "FAIL: no requests served" >&2
+    fail=1
+fi
+if [[ $NON2XX != 0 ]]; then
+    echo "FAIL: $NON2XX non-2xx responses" >&2
+    fail=1
+fi
+if [[ -n $SOCKERR ]]; then
+    echo "FAIL: socket errors: $SOCKERR" >&2
+    fail=1
+fi
+if awk -v g="$GROWTH" -v m="$MAX_RSS_GROWTH_PCT" 'BEGIN { exit !(g >= m) }'; then
+    echo "FAIL: RSS grew ${GROWTH} % (>= ${MAX_RSS_GROWTH_PCT} %)" >&2
+    fail=1
+fi
+if [[ $fail == 0 ]]; then
+    echo "PASS"
+fi
+exit "$fail"
