@@ -38,6 +38,7 @@ P_ADMIN=$((BASE + 3))
 P_UP=$((BASE + 4))
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+ROOT="$PWD"
 [[ -f Cargo.toml ]] || {
     echo "run from the repository root" >&2
     exit 2
@@ -65,45 +66,10 @@ log "cargo build --release"
 cargo build --release --quiet
 
 WORK="$(mktemp -d /tmp/stp-soak.XXXXXX)"
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [[ $rc != 0 ]]; then
-        for f in "$WORK"/*.log; do
-            [[ -s $f ]] || continue
-            echo "--- $f (last 20 lines)" >&2
-            tail -n 20 "$f" >&2
-        done
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$ROOT/benches/proxy/common.sh"
 
-for port in "$P_EMU" "$P_PROXY" "$P_ADMIN" "$P_UP"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is in use; set SOAK_PORT_BASE" >&2
-        exit 2
-    fi
-done
+require_free_ports SOAK_PORT_BASE "$P_EMU" "$P_PROXY" "$P_ADMIN" "$P_UP"
 
-wait_http() { # url
-    for _ in $(seq 100); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null) == 200 ]] && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $1" >&2
-    return 1
-}
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # --- emulator --------------------------------------------------------------
@@ -127,22 +93,7 @@ curl -sf -X POST "http://127.0.0.1:$P_EMU/_emulator/config" \
 
 # --- upstream --------------------------------------------------------------
 if [[ $SOAK_UPSTREAM == nginx ]]; then
-    mkdir -p "$WORK/tmp"
-    cat >"$WORK/upstream.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/upstream.pid;
-error_log stderr error;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/tmp/b; proxy_temp_path $WORK/tmp/p; fastcgi_temp_path $WORK/tmp/f;
-    uwsgi_temp_path $WORK/tmp/u; scgi_temp_path $WORK/tmp/s;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok"; } }
-}
-EOF
+    write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
     nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
     PIDS+=($!)
     UPSTREAM="http://127.0.0.1:$P_UP"

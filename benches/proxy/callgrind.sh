@@ -31,34 +31,10 @@ if [[ $# == 0 ]]; then
 fi
 
 WORK="$(mktemp -d /tmp/stp-callgrind.XXXXXX)"
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 1
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$ROOT/benches/proxy/common.sh"
 
-mkdir -p "$WORK/tmp" "$ROOT/target/callgrind"
-cat >"$WORK/upstream.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/upstream.pid;
-error_log stderr error;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/tmp/b; proxy_temp_path $WORK/tmp/p; fastcgi_temp_path $WORK/tmp/f;
-    uwsgi_temp_path $WORK/tmp/u; scgi_temp_path $WORK/tmp/s;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok"; } }
-}
-EOF
+mkdir -p "$ROOT/target/callgrind"
+write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
 cat >"$WORK/proxy.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$P_PROXY"

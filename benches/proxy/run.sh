@@ -92,77 +92,17 @@ cargo build --release --quiet
 
 # --- processes -------------------------------------------------------------
 WORK="$(mktemp -d /tmp/stp-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [[ $rc != 0 ]]; then
-        for f in "$WORK"/*.log; do
-            [[ -s $f ]] || continue
-            echo "--- $f (last 20 lines)" >&2
-            tail -n 20 "$f" >&2
-        done
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$ROOT/benches/proxy/common.sh"
 
-for port in "$P_UP" "$P_NGINX" "$P_HAPROXY" "$P_STP" "$P_ADMIN" "$P_EMU"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is in use; set BENCH_PORT_BASE" >&2
-        exit 2
-    fi
-done
+require_free_ports BENCH_PORT_BASE "$P_UP" "$P_NGINX" "$P_HAPROXY" "$P_STP" "$P_ADMIN" "$P_EMU"
 
-wait_http() { # url [expected-status]
-    local url=$1 want=${2:-200}
-    for _ in $(seq 100); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' "$url" 2>/dev/null) == "$want" ]] && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $url" >&2
-    return 1
-}
 
 # A static token as long as the emulator's, for nginx and HAProxy.
 STATIC_TOKEN="$(python3 -c 'import secrets; print(secrets.token_urlsafe(96))')"
 NGINX_TEMP="client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;"
 mkdir -p "$WORK/tmp"
 
-# The upstream: one nginx worker answering 200 "ok" (and the Authorization
-# header it got on /_auth, for the sanity check).
-cat >"$WORK/upstream.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/upstream.pid;
-error_log stderr error;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    $NGINX_TEMP
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    default_type text/plain;
-    server {
-        listen 127.0.0.1:$P_UP backlog=4096;
-        location = /_auth { return 200 "\$http_authorization"; }
-        location / { return 200 "ok"; }
-    }
-}
-EOF
+write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
 
 cat >"$WORK/nginx.conf" <<EOF
 worker_processes 1;

@@ -1,0 +1,82 @@
+# Shared by benches/proxy/run.sh, benches/proxy/callgrind.sh and
+# scripts/soak.sh (sourced, not run). Callers set WORK (a scratch dir) and
+# append the pids they start to PIDS.
+
+PIDS=()
+
+# On exit: SIGTERM everything started, SIGKILL what is still there after
+# 5 s, show the tail of the logs when failing, remove the scratch dir.
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [[ $rc != 0 ]]; then
+        for f in "$WORK"/*.log; do
+            [[ -s $f ]] || continue
+            echo "--- $f (last 20 lines)" >&2
+            tail -n 20 "$f" >&2
+        done
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Fails when any of the loopback ports is taken; $1 names the variable
+# that moves them.
+require_free_ports() {
+    local knob=$1
+    shift
+    for port in "$@"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "port $port is in use; set $knob" >&2
+            exit 2
+        fi
+    done
+}
+
+# Waits (10 s at most) until `url` answers `expected-status` (default 200).
+wait_http() { # url [expected-status]
+    local url=$1 want=${2:-200}
+    for _ in $(seq 100); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "$url" 2>/dev/null) == "$want" ]] && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $url" >&2
+    return 1
+}
+
+# Writes the config of the upstream every run uses: one nginx worker
+# answering 200 "ok" (and the Authorization header it got on /_auth).
+write_nginx_upstream() { # conf-file port
+    mkdir -p "$WORK/tmp"
+    cat >"$1" <<CONF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/upstream.pid;
+error_log stderr error;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi;
+    uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:$2 backlog=4096;
+        location = /_auth { return 200 "\$http_authorization"; }
+        location / { return 200 "ok"; }
+    }
+}
+CONF
+}
