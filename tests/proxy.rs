@@ -689,6 +689,117 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
     assert!(ended.is_ok(), "idle connection never closed");
 }
 
+/// Sends `n` requests at once that the upstream holds until all have
+/// arrived, then lets them answer; every one must be a `200`.
+async fn concurrent_held_requests(proxy: &RunningProxy, upstream: &Upstream, n: usize) {
+    let client = h1_client();
+    let pending: Vec<_> = (0..n)
+        .map(|i| {
+            let request = get(&proxy.url(&format!("/held/{i}")))
+                .header("x-test-hold", "1")
+                .body(empty())
+                .unwrap();
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, request).await })
+        })
+        .collect();
+    for _ in 0..n {
+        upstream.wait_arrived().await;
+    }
+    upstream.release();
+    for response in pending {
+        let (parts, _) = tokio::time::timeout(HANG_GUARD, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_reused() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+
+    let client = h1_client();
+    for i in 0..20 {
+        let (parts, _) = send(
+            &client,
+            get(&proxy.url(&format!("/seq/{i}"))).body(empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "one request at a time needs one connection"
+    );
+
+    // Six at once need six connections: the pooled one and five new ones.
+    concurrent_held_requests(&proxy, &upstream, 6).await;
+    assert_eq!(upstream.connections(), 6);
+    // All six went back to the pool and serve the next six.
+    concurrent_held_requests(&proxy, &upstream, 6).await;
+    assert_eq!(upstream.connections(), 6);
+    assert_eq!(upstream.seen().len(), 32);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    // The upstream closes keep-alive connections idle for 100 ms, well
+    // before the proxy's own idle timeout would.
+    let upstream = Upstream::start_closing_idle_after(Duration::from_millis(100)).await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+
+    for round in 1..=3 {
+        let (parts, body) = send(&h1_client(), get(&proxy.url("/x")).body(empty()).unwrap()).await;
+        assert_eq!(parts.status, StatusCode::OK, "round {round}: {body:?}");
+        assert_eq!(upstream.connections(), round);
+        upstream.wait_ended(round).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_idle_timeout() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.idle_timeout = Duration::from_millis(300);
+    let proxy = RunningProxy::start(config).await;
+
+    let (parts, _) = send(&h1_client(), get(&proxy.url("/x")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let answered = tokio::time::Instant::now();
+    upstream.wait_ended(1).await;
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(300), "closed after {idle:?}");
+
+    // The next request gets a new connection.
+    let (parts, _) = send(&h1_client(), get(&proxy.url("/y")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_http2_upstream_connection() {
+    let (upstream, ca_file) = Upstream::start_tls(&[b"h2", b"http/1.1"]).await;
+    let mut config = proxy_config(&upstream.https_url());
+    config.upstream_ca_file = Some(ca_file.path().to_owned());
+    let proxy = RunningProxy::start(config).await;
+
+    let (parts, _) = send(
+        &h1_client(),
+        get(&proxy.url("/first")).body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    concurrent_held_requests(&proxy, &upstream, 8).await;
+    assert_eq!(upstream.connections(), 1, "h2 multiplexes: one connection");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 9);
+    assert!(seen.iter().all(|s| s.version == Version::HTTP_2));
+}
+
 #[tokio::test]
 async fn end_to_end_against_the_emulator_echo_resource() {
     use sso_token_proxy::{

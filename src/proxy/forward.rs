@@ -12,17 +12,11 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{
-    HeaderValue, Request, Response, Uri, Version, header,
-    uri::{Authority, PathAndQuery, Scheme},
-};
+use http::{HeaderValue, Request, Response, Uri, Version, header, uri::PathAndQuery};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, ResponseFuture, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
 use tower::Service;
 
@@ -32,6 +26,7 @@ use super::{
         PROTO_HTTP, X_FORWARDED_HOST, X_FORWARDED_PROTO, append_forwarded_for, join_cookies,
         strip_hop_by_hop, via_value,
     },
+    pool::{PoolError, UpstreamPool},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,7 +37,7 @@ pub(crate) enum ForwardError {
     /// No connection to the upstream (refused, unreachable, TLS failure,
     /// connect timeout).
     #[error("cannot connect to the upstream")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] BoxError),
     /// No response headers within `upstream_response_timeout`.
     #[error("the upstream sent no response within {0:?}")]
     Timeout(Duration),
@@ -65,9 +60,7 @@ impl ForwardError {
 /// The upstream and how requests are rewritten for it; shared by all
 /// connections.
 struct Upstream<B> {
-    client: Client<HttpsConnector<HttpConnector>, B>,
-    scheme: Scheme,
-    authority: Authority,
+    pool: UpstreamPool<B>,
     /// The upstream's path without its trailing `/`; empty when it has none.
     base_path: Bytes,
     host: HeaderValue,
@@ -105,10 +98,7 @@ impl<B> Clone for Forwarder<B> {
 impl<B> fmt::Debug for Forwarder<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forwarder")
-            .field(
-                "upstream",
-                &format_args!("{}://{}", self.upstream.scheme, self.upstream.authority),
-            )
+            .field("upstream", &self.upstream.pool)
             .finish_non_exhaustive()
     }
 }
@@ -125,18 +115,16 @@ where
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
         let base_path =
             Bytes::copy_from_slice(settings.upstream.path().trim_end_matches('/').as_bytes());
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            // `call` always sets `Host`; saves the client a lookup.
-            .set_host(false)
-            .build(settings.connector);
+        let pool = UpstreamPool::new(
+            scheme,
+            authority,
+            settings.connector,
+            settings.pool_idle_timeout,
+        )
+        .ok()?;
         Some(Self {
             upstream: Arc::new(Upstream {
-                client,
-                scheme,
-                authority,
+                pool,
                 base_path,
                 host,
                 preserve_host: settings.preserve_host,
@@ -158,7 +146,8 @@ where
 }
 
 impl<B> Forwarder<B> {
-    /// The upstream URI for a request target.
+    /// The origin-form URI the upstream is sent for a request target: its
+    /// path and query, under the upstream's base path.
     fn upstream_uri(&self, target: Uri) -> Result<Uri, http::Error> {
         let up = &*self.upstream;
         let path_and_query = target.into_parts().path_and_query;
@@ -173,11 +162,7 @@ impl<B> Forwarder<B> {
                 PathAndQuery::from_maybe_shared(joined.freeze())?
             }
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(up.scheme.clone());
-        parts.authority = Some(up.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Ok(Uri::from_parts(parts)?)
+        Ok(Uri::from(path_and_query))
     }
 }
 
@@ -191,7 +176,7 @@ where
     type Future = ForwardFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pooled client takes any number of requests.
+        // The pool takes any number of requests.
         Poll::Ready(Ok(()))
     }
 
@@ -244,10 +229,10 @@ where
                 return ForwardFuture::failed(ForwardError::Other(e.into()));
             }
         };
-        // h1 or h2 upstream: let the connection (ALPN for https) decide.
+        // h1 or h2 upstream: the connection (ALPN for https) decides.
         parts.version = Version::HTTP_11;
 
-        let response = up.client.request(Request::from_parts(parts, body));
+        let response: UpstreamResponse = Box::pin(up.pool.send(Request::from_parts(parts, body)));
         ForwardFuture {
             state: State::Sending {
                 response: tokio::time::timeout(up.response_timeout, response),
@@ -256,6 +241,10 @@ where
         }
     }
 }
+
+/// The pool's answer; boxed to keep [`ForwardFuture`] free of the body type.
+type UpstreamResponse =
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, PoolError>> + Send + 'static>>;
 
 pin_project! {
     /// Response future of [`Forwarder`].
@@ -270,7 +259,7 @@ pin_project! {
     enum State {
         Sending {
             #[pin]
-            response: tokio::time::Timeout<ResponseFuture>,
+            response: tokio::time::Timeout<UpstreamResponse>,
             limit: Duration,
         },
         Failed {
@@ -303,8 +292,8 @@ impl Future for ForwardFuture {
             }
             StateProj::Sending { response, limit } => match std::task::ready!(response.poll(cx)) {
                 Ok(Ok(response)) => Ok(relay(response)),
-                Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(e)),
-                Ok(Err(e)) => Err(ForwardError::Other(e.into())),
+                Ok(Err(PoolError::Connect(e))) => Err(ForwardError::Connect(e)),
+                Ok(Err(PoolError::Request(e))) => Err(ForwardError::Other(e.into())),
                 Err(_elapsed) => Err(ForwardError::Timeout(*limit)),
             },
         };
@@ -348,22 +337,19 @@ mod tests {
         let uri = f
             .upstream_uri("/a/b?x=%2F&y=a+b&&z".parse().unwrap())
             .unwrap();
-        assert_eq!(uri, "http://up:9000/a/b?x=%2F&y=a+b&&z");
+        assert_eq!(uri, "/a/b?x=%2F&y=a+b&&z");
         let uri = f
             .upstream_uri("http://127.0.0.1:8080".parse().unwrap())
             .unwrap();
-        assert_eq!(uri, "http://up:9000/");
+        assert_eq!(uri, "/");
 
         for base in ["https://up/base", "https://up/base/"] {
             let f = forwarder(base);
             assert_eq!(
                 f.upstream_uri("/x?q=1".parse().unwrap()).unwrap(),
-                "https://up/base/x?q=1"
+                "/base/x?q=1"
             );
-            assert_eq!(
-                f.upstream_uri("/".parse().unwrap()).unwrap(),
-                "https://up/base/"
-            );
+            assert_eq!(f.upstream_uri("/".parse().unwrap()).unwrap(), "/base/");
         }
     }
 }

@@ -22,7 +22,10 @@
 //!    `preserve_host`), drops hop-by-hop fields both ways, adds `Via` and
 //!    `X-Forwarded-For/-Proto/-Host` (when `forwarded_headers`), and sends
 //!    the request as HTTP/1.1 or, for https upstreams offering it by ALPN,
-//!    HTTP/2, on a pooled connection. Bodies stream both ways.
+//!    HTTP/2, on a pooled connection (`pool.rs`: one upstream, so no pool
+//!    key; idle HTTP/1.1 connections in a last-in-first-out stack, closed
+//!    after `idle_timeout`; one shared HTTP/2 connection). Bodies stream
+//!    both ways.
 //!    Connect failures answer `502`, no response headers within
 //!    `upstream_response_timeout` `504`; both count in
 //!    `sso_token_proxy_upstream_errors_total{kind}`.
@@ -75,6 +78,7 @@ mod error;
 mod forward;
 mod headers;
 mod metrics;
+mod pool;
 mod server;
 mod service;
 mod target;

@@ -128,6 +128,10 @@ struct UpstreamState {
     /// Held requests report here once their head and body have arrived.
     arrived: Mutex<Option<mpsc::UnboundedSender<String>>>,
     release: Notify,
+    /// Connections accepted, and connections that have ended.
+    accepted: AtomicUsize,
+    ended: AtomicUsize,
+    ended_changed: Notify,
 }
 
 /// A hyper HTTP/1.1 server that records every request. Behaviour is chosen
@@ -149,7 +153,13 @@ pub(crate) struct Upstream {
 impl Upstream {
     /// A plain-HTTP/1.1 upstream.
     pub(crate) async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
+    }
+
+    /// A plain-HTTP/1.1 upstream that closes a keep-alive connection once it
+    /// has been idle for `keep_alive`, as servers and load balancers do.
+    pub(crate) async fn start_closing_idle_after(keep_alive: Duration) -> Self {
+        Self::start_with(None, Some(keep_alive)).await
     }
 
     /// An https upstream (HTTP/1.1 and HTTP/2, chosen by ALPN from `alpn`)
@@ -169,10 +179,13 @@ impl Upstream {
             .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        (Self::start_with(Some(acceptor)).await, ca_file)
+        (Self::start_with(Some(acceptor), None).await, ca_file)
     }
 
-    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+    async fn start_with(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        keep_alive: Option<Duration>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState::default());
@@ -184,13 +197,24 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                task_state.accepted.fetch_add(1, Ordering::SeqCst);
                 let state = Arc::clone(&task_state);
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _ended = EndedGuard(Arc::clone(&state));
                     let service = service_fn(move |req| upstream_handle(Arc::clone(&state), req));
                     match tls {
                         None => {
-                            let _ = hyper::server::conn::http1::Builder::new()
+                            let mut builder = hyper::server::conn::http1::Builder::new();
+                            if let Some(keep_alive) = keep_alive {
+                                // hyper's header timer also runs while a
+                                // keep-alive connection waits for its next
+                                // request: an idle timeout.
+                                builder
+                                    .timer(hyper_util::rt::TokioTimer::new())
+                                    .header_read_timeout(keep_alive);
+                            }
+                            let _ = builder
                                 .serve_connection(TokioIo::new(stream), service)
                                 .await;
                         }
@@ -247,6 +271,38 @@ impl Upstream {
     /// Lets every held request answer.
     pub(crate) fn release(&self) {
         self.state.release.notify_waiters();
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn connections(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` connections in all have ended (closed by either
+    /// side).
+    pub(crate) async fn wait_ended(&self, n: usize) {
+        let wait = async {
+            loop {
+                let changed = self.state.ended_changed.notified();
+                if self.state.ended.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(HANG_GUARD, wait)
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} upstream connections ever ended"));
+    }
+}
+
+/// Counts a connection as ended when its task finishes.
+struct EndedGuard(Arc<UpstreamState>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::SeqCst);
+        self.0.ended_changed.notify_waiters();
     }
 }
 

@@ -1,0 +1,420 @@
+//! [`UpstreamPool`]: connections to the one upstream, on hyper's
+//! connection-level client.
+//!
+//! The proxy talks to a single origin, so the pool needs no key: HTTP/1.1
+//! connections wait in one stack (last used first out, so a burst's extra
+//! connections sink to the bottom and age out), and an HTTP/2 connection,
+//! when ALPN picked h2, is shared by every request. A checkout is a lock,
+//! a pop and a readiness check; there is no hashing and no task spawned per
+//! request.
+//!
+//! Behaviour kept from a general-purpose pooled client:
+//! - A request that never left the proxy because the reused connection
+//!   turned out to be closed (the upstream timed it out as we picked it) is
+//!   sent again on another connection. A request that was written is never
+//!   sent twice.
+//! - A connection returns to the pool only once the upstream's response has
+//!   been read to its end; until then it is not offered to anyone.
+//! - Connections idle for `idle_timeout` are closed: a reaper ticks four
+//!   times per `idle_timeout` and drops those idle for more than four ticks
+//!   (between 1× and 1.25× the timeout).
+
+use std::{
+    error::Error as StdError,
+    fmt,
+    future::Future,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{
+    Request, Response, Uri,
+    uri::{Authority, Scheme},
+};
+use http_body::Body;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::connect::{Connection as _, HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use tower::Service as _;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// How often a request whose reused connection turned out to be closed
+/// before anything was written is tried again on another one.
+const MAX_UNSENT_RETRIES: usize = 3;
+
+/// The reaper's ticks per `idle_timeout`.
+const TICKS_PER_IDLE_TIMEOUT: u64 = 4;
+
+/// Why the pool produced no response.
+#[derive(Debug)]
+pub(crate) enum PoolError {
+    /// No connection could be made (refused, unreachable, TLS, connect
+    /// timeout, or the HTTP/2 handshake failed). Nothing was sent.
+    Connect(BoxError),
+    /// The exchange failed on an established connection.
+    Request(hyper::Error),
+}
+
+/// Connections to one upstream. Cheap to clone.
+pub(crate) struct UpstreamPool<B> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B> Clone for UpstreamPool<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B> fmt::Debug for UpstreamPool<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let idle = self.inner.idle.lock().map_or(0, |idle| idle.len());
+        f.debug_struct("UpstreamPool")
+            .field("origin", &self.inner.origin)
+            .field("idle_http1", &idle)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<B> {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority`, what the connector is asked for.
+    origin: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// Idle HTTP/1.1 connections, each ready for a request; the most
+    /// recently used last.
+    idle: Mutex<Vec<IdleConn<B>>>,
+    /// The shared HTTP/2 connection, once ALPN has chosen h2.
+    shared_h2: Mutex<Option<http2::SendRequest<B>>>,
+    /// Set once the upstream has answered ALPN with h2: later connects are
+    /// then made one at a time, so that one connection is shared.
+    prefers_h2: AtomicBool,
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// `None`: idle connections are not kept.
+    idle_timeout: Option<Duration>,
+    /// The reaper's tick count; idle connections are stamped with it.
+    epoch: AtomicU64,
+    reaper_started: AtomicBool,
+}
+
+struct IdleConn<B> {
+    sender: http1::SendRequest<B>,
+    since_epoch: u64,
+}
+
+/// A connection checked out for one request.
+enum Checkout<B> {
+    Http1 {
+        sender: http1::SendRequest<B>,
+        reused: bool,
+    },
+    Http2 {
+        sender: http2::SendRequest<B>,
+        reused: bool,
+    },
+}
+
+impl<B> UpstreamPool<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// A pool for `scheme://authority`. `idle_timeout` of zero keeps no
+    /// idle connections.
+    pub(crate) fn new(
+        scheme: Scheme,
+        authority: Authority,
+        connector: HttpsConnector<HttpConnector>,
+        idle_timeout: Duration,
+    ) -> Result<Self, http::Error> {
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                connector,
+                origin,
+                scheme,
+                authority,
+                h1: http1::Builder::new(),
+                h2,
+                idle: Mutex::new(Vec::new()),
+                shared_h2: Mutex::new(None),
+                prefers_h2: AtomicBool::new(false),
+                h2_connecting: tokio::sync::Mutex::new(()),
+                idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+                epoch: AtomicU64::new(0),
+                reaper_started: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) on a pooled or new
+    /// connection and resolves to the response head; the body streams
+    /// after it, and the connection goes back to the pool once it is read.
+    pub(crate) fn send(
+        &self,
+        request: Request<B>,
+    ) -> impl Future<Output = Result<Response<Incoming>, PoolError>> + Send + 'static {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let mut request = request;
+            let mut retries = 0;
+            loop {
+                let checkout = match inner.take_idle() {
+                    Some(checkout) => checkout,
+                    None => inner.connect().await?,
+                };
+                let (result, reused) = match checkout {
+                    Checkout::Http1 { mut sender, reused } => {
+                        let result = sender.try_send_request(request).await;
+                        if result.is_ok() {
+                            inner.release(sender);
+                        }
+                        (result, reused)
+                    }
+                    Checkout::Http2 { mut sender, reused } => {
+                        inner.to_absolute_form(&mut request);
+                        (sender.try_send_request(request).await, reused)
+                    }
+                };
+                match result {
+                    Ok(response) => return Ok(response),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: safe to send again, if the
+                        // connection was an old one that went away.
+                        Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
+                            tracing::debug!(
+                                error = %e.error(),
+                                "pooled upstream connection was closed; sending on another"
+                            );
+                            retries += 1;
+                            request = unsent;
+                            // An HTTP/2 request carries an absolute URI by
+                            // now; HTTP/1.1 wants origin-form again.
+                            let origin_form =
+                                request.uri().path_and_query().cloned().map(Uri::from);
+                            if let Some(uri) = origin_form {
+                                *request.uri_mut() = uri;
+                            }
+                        }
+                        _ => return Err(PoolError::Request(e.into_error())),
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl<B> Inner<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// A live idle connection, or the shared HTTP/2 one, if there is one.
+    fn take_idle(&self) -> Option<Checkout<B>> {
+        if self.prefers_h2.load(Ordering::Relaxed)
+            && let Some(sender) = self.live_h2()
+        {
+            return Some(Checkout::Http2 {
+                sender,
+                reused: true,
+            });
+        }
+        let mut closed = Vec::new();
+        let found = {
+            let mut idle = lock(&self.idle);
+            loop {
+                match idle.pop() {
+                    None => break None,
+                    Some(conn) if conn.sender.is_ready() => break Some(conn.sender),
+                    // Closed by the upstream while idle.
+                    Some(conn) => closed.push(conn),
+                }
+            }
+        };
+        drop(closed);
+        found.map(|sender| Checkout::Http1 {
+            sender,
+            reused: true,
+        })
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<B>> {
+        let mut shared = lock(&self.shared_h2);
+        match &*shared {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *shared = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// A new connection: TCP (and TLS), then the HTTP/1.1 or HTTP/2
+    /// handshake that ALPN chose, its driver spawned.
+    async fn connect(self: &Arc<Self>) -> Result<Checkout<B>, PoolError> {
+        let _one_at_a_time = if self.prefers_h2.load(Ordering::Relaxed) {
+            let guard = self.h2_connecting.lock().await;
+            // Someone else may have connected while we waited.
+            if let Some(sender) = self.live_h2() {
+                return Ok(Checkout::Http2 {
+                    sender,
+                    reused: true,
+                });
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        let mut connector = self.connector.clone();
+        let io = connector
+            .call(self.origin.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        self.start_reaper();
+        if io.connected().is_negotiated_h2() {
+            let (mut sender, conn) = self
+                .h2
+                .handshake(io)
+                .await
+                .map_err(|e| PoolError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            sender
+                .ready()
+                .await
+                .map_err(|e| PoolError::Connect(e.into()))?;
+            self.prefers_h2.store(true, Ordering::Relaxed);
+            let mut shared = lock(&self.shared_h2);
+            if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
+                *shared = Some(sender.clone());
+            }
+            Ok(Checkout::Http2 {
+                sender,
+                reused: false,
+            })
+        } else {
+            let (sender, conn) = self
+                .h1
+                .handshake(io)
+                .await
+                .map_err(|e| PoolError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Checkout::Http1 {
+                sender,
+                reused: false,
+            })
+        }
+    }
+
+    /// Back to the pool once the response has been read to its end: at
+    /// once when it already has (a small response arrives in one read), or
+    /// else when the connection says it is ready for the next request.
+    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<B>) {
+        if self.idle_timeout.is_none() {
+            return;
+        }
+        if sender.is_ready() {
+            self.put(sender);
+        } else if !sender.is_closed() {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok()
+                    && let Some(pool) = pool.upgrade()
+                {
+                    pool.put(sender);
+                }
+            });
+        }
+    }
+
+    fn put(&self, sender: http1::SendRequest<B>) {
+        let since_epoch = self.epoch.load(Ordering::Relaxed);
+        lock(&self.idle).push(IdleConn {
+            sender,
+            since_epoch,
+        });
+    }
+
+    fn to_absolute_form(&self, request: &mut Request<B>) {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+
+    /// Starts the idle reaper with the first connection (a runtime is
+    /// running by then). It stops when the pool is dropped.
+    fn start_reaper(self: &Arc<Self>) {
+        let Some(idle_timeout) = self.idle_timeout else {
+            return;
+        };
+        if self.reaper_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool: Weak<Self> = Arc::downgrade(self);
+        let period = (idle_timeout / TICKS_PER_IDLE_TIMEOUT as u32).max(Duration::from_millis(1));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                let now = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+                let expired: Vec<IdleConn<B>> = {
+                    let mut idle = lock(&pool.idle);
+                    // Oldest first: stop at the first that is still young.
+                    let keep_from = idle
+                        .iter()
+                        .position(|c| now - c.since_epoch <= TICKS_PER_IDLE_TIMEOUT)
+                        .unwrap_or(idle.len());
+                    idle.drain(..keep_from).collect()
+                };
+                if !expired.is_empty() {
+                    tracing::trace!(closed = expired.len(), "idle upstream connections closed");
+                }
+            }
+        });
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere while it was held; the
+/// vectors it guards are always in a usable state.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
