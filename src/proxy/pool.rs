@@ -183,7 +183,9 @@ where
             loop {
                 let checkout = match inner.take_idle() {
                     Some(checkout) => checkout,
-                    None => inner.connect().await?,
+                    // Boxed: the handshake futures are large, and this
+                    // future is built (and moved) for every request.
+                    None => Box::pin(inner.connect()).await?,
                 };
                 let (result, reused) = match checkout {
                     Checkout::Http1 { mut sender, reused } => {
