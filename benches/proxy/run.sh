@@ -201,7 +201,8 @@ wait_http "http://127.0.0.1:$P_UP/"
 wait_http "http://127.0.0.1:$P_ADMIN/readyz"
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# User and system CPU ticks of a process.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 mb() { awk -v kb="$1" 'BEGIN { printf "%.1f", kb / 1024 }'; }
 
 declare -A NAME=([direct]="direct (no proxy)" [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*nginx/||')" \
@@ -222,7 +223,7 @@ for t in "${PROXIES[@]}"; do
 done
 
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-declare -A RSS_IDLE RSS_LOAD RSS_1K RPS P50 P99 CPU UTIL NON2XX ERRS
+declare -A RSS_IDLE RSS_LOAD RSS_1K RPS P50 P99 CPU USR SYS UTIL NON2XX ERRS
 for t in "${PROXIES[@]}"; do RSS_IDLE[$t]=$(rss_kb "${PID[$t]}"); done
 
 # sso-token-proxy's /metrics is scraped every BENCH_SCRAPE_EVERY seconds, as
@@ -282,7 +283,7 @@ done
 # shared machine falls on all of them); the report takes each figure's
 # median over the rounds.
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-declare -A R_RPS R_P50 R_P99 R_CPU R_UTIL R_RSS
+declare -A R_RPS R_P50 R_P99 R_CPU R_USR R_SYS R_UTIL R_RSS
 for round in $(seq "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
         log "round $round/$ROUNDS, ${NAME[$t]}: warm-up ${WARMUP}s"
@@ -290,7 +291,7 @@ for round in $(seq "$ROUNDS"); do
         for c in "${CONNS[@]}"; do
             out="$WORK/wrk-$t-$c-$round.txt"
             k="$t/$c"
-            t0=$(cpu_ticks "${PID[$t]}")
+            read -r u0 s0 < <(cpu_ticks "${PID[$t]}")
             if [[ $c == 512 && $t != direct ]]; then
                 run_wrk "$t" "$c" "$DURATION" "$out" &
                 wrk_pid=$!
@@ -301,7 +302,8 @@ for round in $(seq "$ROUNDS"); do
             else
                 run_wrk "$t" "$c" "$DURATION" "$out"
             fi
-            t1=$(cpu_ticks "${PID[$t]}")
+            read -r u1 s1 < <(cpu_ticks "${PID[$t]}")
+            t0=$((u0 + s0)) t1=$((u1 + s1))
             rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
             p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
             p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
@@ -311,9 +313,14 @@ for round in $(seq "$ROUNDS"); do
             # CPU time the proxy (or, for direct, the upstream) spent per request.
             cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="${total:-0}" \
                 'BEGIN { if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print 0 }')
+            usr=$(awk -v d=$((u1 - u0)) -v hz="$(getconf CLK_TCK)" -v n="${total:-0}" \
+                'BEGIN { if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print 0 }')
+            sys=$(awk -v d=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="${total:-0}" \
+                'BEGIN { if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print 0 }')
             util=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v s="$DURATION" \
                 'BEGIN { printf "%.0f", d / hz * 100 / s }')
             R_RPS[$k]+=" ${rps:-0}" R_P50[$k]+=" $p50" R_P99[$k]+=" $p99" R_CPU[$k]+=" $cpu" R_UTIL[$k]+=" $util"
+            R_USR[$k]+=" $usr" R_SYS[$k]+=" $sys"
             NON2XX[$k]=$((${NON2XX[$k]:-0} + ${non2xx:-0}))
             [[ -z $errs ]] || ERRS[$k]="${ERRS[$k]:+${ERRS[$k]}; }$errs"
             log "$(printf '%-8s c=%-4s %8s req/s  p50 %6s us  p99 %7s us  cpu %5s us/req (%s %%)  non-2xx %s%s' \
@@ -333,6 +340,8 @@ for t in "${TARGETS[@]}"; do
         RPS[$k]=$(median ${R_RPS[$k]}) P50[$k]=$(median ${R_P50[$k]}) P99[$k]=$(median ${R_P99[$k]})
         # shellcheck disable=SC2086
         CPU[$k]=$(median ${R_CPU[$k]}) UTIL[$k]=$(median ${R_UTIL[$k]})
+        # shellcheck disable=SC2086
+        USR[$k]=$(median ${R_USR[$k]}) SYS[$k]=$(median ${R_SYS[$k]})
         # shellcheck disable=SC2086
         [[ -z ${R_RSS[$k]:-} ]] || RSS_LOAD[$t]=$(median ${R_RSS[$k]})
     done
@@ -366,7 +375,8 @@ REPORT="$WORK/report.md"
     echo "sso-token-proxy's token comes from its built-in emulator (\`[emulator]\`, in the same process and"
     echo "counted in its RSS); nginx and HAProxy send a static token of the same length. \"added\" is the"
     echo "latency over direct at the same concurrency; \"CPU/req\" is the proxy's user+system CPU time divided"
-    echo "by requests served, \"CPU %\" its share of one core during the run (for direct: the upstream's)."
+    echo "by requests served, split into user space (\"user\") and kernel (\"sys\"), and \"CPU %\" its share of"
+    echo "one core during the run (for direct: the upstream's)."
     echo "A proxy well below 100 % was not the bottleneck: core $CORE_LOAD (wrk + upstream) or other load on"
     echo "the machine was, and CPU/req is then the fairer comparison. Load average before the first run"
     echo "(other work on this shared machine): $LOAD_START. Each figure is the median of $ROUNDS round(s);"
@@ -379,8 +389,8 @@ REPORT="$WORK/report.md"
     echo "At c=1 every request crosses cores four times (wrk and upstream on core $CORE_LOAD, the proxy on"
     echo "core $CORE_PROXY); on this VM those wake-ups dominate latency and CPU/req for every proxy alike."
     echo
-    echo "| target | conns | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU/req µs | CPU % |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | conns | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU/req µs | user µs | sys µs | CPU % |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for t in "${TARGETS[@]}"; do
         for c in "${CONNS[@]}"; do
             k="$t/$c"
@@ -388,7 +398,7 @@ REPORT="$WORK/report.md"
                 a50=$(added "${P50[$k]}" "${P50[direct/$c]}")
                 a99=$(added "${P99[$k]}" "${P99[direct/$c]}")
             fi
-            echo "| ${NAME[$t]} | $c | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | $a50 | $a99 | ${CPU[$k]} | ${UTIL[$k]} |"
+            echo "| ${NAME[$t]} | $c | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | $a50 | $a99 | ${CPU[$k]} | ${USR[$k]} | ${SYS[$k]} | ${UTIL[$k]} |"
         done
     done
     echo
@@ -409,7 +419,8 @@ REPORT="$WORK/report.md"
     rss_mb=$(mb "${RSS_1K[stp]}")
     echo "At 64 connections sso-token-proxy serves **${r_rps_n}×** nginx's req/s and **${r_rps_h}×** HAProxy's;"
     echo "its p99 is **${r_p99_n}×** nginx's and **${r_p99_h}×** HAProxy's; it spends ${r_cpu_n}× nginx's and"
-    echo "${r_cpu_h}× HAProxy's CPU per request."
+    echo "${r_cpu_h}× HAProxy's CPU per request: ${USR[stp/64]} µs user + ${SYS[stp/64]} µs sys against nginx's"
+    echo "${USR[nginx/64]} µs + ${SYS[nginx/64]} µs."
     echo
     echo "- Target req/s ≥ 1.1× nginx at c=64: ${r_rps_n}× — $(verdict "$r_rps_n" '>=' 1.1)."
     echo "- Target p99 ≤ 1.2× nginx's at c=64: ${r_p99_n}× — $(verdict "$r_p99_n" '<=' 1.2)."
