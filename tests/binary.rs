@@ -590,6 +590,15 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
             .map(|s| value(&s.value))
             .sum();
         assert!(requests >= 3.0, "requests_total = {requests}\n{text}");
+        // Sequential requests share pooled upstream connections.
+        let opened: f64 = find("sso_token_proxy_upstream_connections_opened_total")
+            .filter(|s| s.labels.get("protocol") == Some("http1"))
+            .map(|s| value(&s.value))
+            .sum();
+        assert!(
+            opened >= 1.0 && opened < requests,
+            "upstream_connections_opened_total = {opened} for {requests} requests\n{text}"
+        );
         let fetched = find("sso_token_proxy_token_fetches_total")
             .filter(|s| s.labels.get("outcome") == Some("success"))
             .map(|s| value(&s.value))

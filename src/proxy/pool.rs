@@ -18,6 +18,10 @@
 //! - Connections idle for `idle_timeout` are closed: a reaper ticks four
 //!   times per `idle_timeout` and drops those idle for more than four ticks
 //!   (between 1× and 1.25× the timeout).
+//!
+//! Metrics: `sso_token_proxy_upstream_connections_opened_total{protocol}`
+//! (`http1`, `http2`), and `sso_token_proxy_upstream_connections_idle`,
+//! the idle HTTP/1.1 connections, sampled at each reaper tick.
 
 use std::{
     error::Error as StdError,
@@ -55,6 +59,9 @@ const MAX_UNSENT_RETRIES: usize = 3;
 
 /// The reaper's ticks per `idle_timeout`.
 const TICKS_PER_IDLE_TIMEOUT: u64 = 4;
+
+const CONNECTIONS_OPENED: &str = "sso_token_proxy_upstream_connections_opened_total";
+const CONNECTIONS_IDLE: &str = "sso_token_proxy_upstream_connections_idle";
 
 /// Why the pool produced no response.
 #[derive(Debug)]
@@ -312,6 +319,7 @@ where
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             self.prefers_h2.store(true, Ordering::Relaxed);
+            metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http2").increment(1);
             let mut shared = lock(&self.shared_h2);
             if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
                 *shared = Some(sender.clone());
@@ -331,6 +339,7 @@ where
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
                 }
             });
+            metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http1").increment(1);
             Ok(Checkout::Http1 {
                 sender,
                 reused: false,
@@ -396,15 +405,17 @@ where
                 ticks.tick().await;
                 let Some(pool) = pool.upgrade() else { break };
                 let now = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-                let expired: Vec<IdleConn<B>> = {
+                let (expired, still_idle): (Vec<IdleConn<B>>, usize) = {
                     let mut idle = lock(&pool.idle);
                     // Oldest first: stop at the first that is still young.
                     let keep_from = idle
                         .iter()
                         .position(|c| now - c.since_epoch <= TICKS_PER_IDLE_TIMEOUT)
                         .unwrap_or(idle.len());
-                    idle.drain(..keep_from).collect()
+                    (idle.drain(..keep_from).collect(), idle.len())
                 };
+                // Sampled here rather than on every checkout and return.
+                metrics::gauge!(CONNECTIONS_IDLE).set(still_idle as f64);
                 if !expired.is_empty() {
                     tracing::trace!(closed = expired.len(), "idle upstream connections closed");
                 }
