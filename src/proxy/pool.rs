@@ -309,11 +309,7 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(conn, "HTTP/2");
             sender
                 .ready()
                 .await
@@ -334,11 +330,7 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-                }
-            });
+            drive(conn, "HTTP/1.1");
             metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http1").increment(1);
             Ok(Checkout::Http1 {
                 sender,
@@ -422,6 +414,19 @@ where
             }
         });
     }
+}
+
+/// Runs a connection's driver (its reads, writes and keep-alive) until the
+/// connection closes.
+fn drive<C>(conn: C, protocol: &'static str)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, protocol, "upstream connection ended");
+        }
+    });
 }
 
 /// A poisoned lock only means a panic elsewhere while it was held; the
