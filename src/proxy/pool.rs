@@ -107,8 +107,11 @@ struct Inner<B> {
     /// Idle HTTP/1.1 connections, each ready for a request; the most
     /// recently used last.
     idle: Mutex<Vec<IdleConn<B>>>,
-    /// The shared HTTP/2 connection, once ALPN has chosen h2.
-    shared_h2: Mutex<Option<http2::SendRequest<B>>>,
+    /// The shared HTTP/2 connection, once ALPN has chosen h2, with its
+    /// number.
+    shared_h2: Mutex<Option<(u64, http2::SendRequest<B>)>>,
+    /// Numbers HTTP/2 connections.
+    h2_opened: AtomicU64,
     /// Set once the upstream has answered ALPN with h2: later connects are
     /// then made one at a time, so that one connection is shared.
     prefers_h2: AtomicBool,
@@ -132,6 +135,7 @@ enum Checkout<B> {
         reused: bool,
     },
     Http2 {
+        id: u64,
         sender: http2::SendRequest<B>,
         reused: bool,
     },
@@ -167,6 +171,7 @@ where
                 h2,
                 idle: Mutex::new(Vec::new()),
                 shared_h2: Mutex::new(None),
+                h2_opened: AtomicU64::new(0),
                 prefers_h2: AtomicBool::new(false),
                 h2_connecting: tokio::sync::Mutex::new(()),
                 idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
@@ -202,9 +207,21 @@ where
                         }
                         (result, reused)
                     }
-                    Checkout::Http2 { mut sender, reused } => {
+                    Checkout::Http2 {
+                        id,
+                        mut sender,
+                        reused,
+                    } => {
                         inner.to_absolute_form(&mut request);
-                        (sender.try_send_request(request).await, reused)
+                        let result = sender.try_send_request(request).await;
+                        if let Err(e) = &result
+                            && e.message().is_some()
+                        {
+                            // Refused before it started (GOAWAY, closing):
+                            // the next request gets a new connection.
+                            inner.forget_h2(id);
+                        }
+                        (result, reused)
                     }
                 };
                 match result {
@@ -243,9 +260,10 @@ where
     /// A live idle connection, or the shared HTTP/2 one, if there is one.
     fn take_idle(&self) -> Option<Checkout<B>> {
         if self.prefers_h2.load(Ordering::Relaxed)
-            && let Some(sender) = self.live_h2()
+            && let Some((id, sender)) = self.live_h2()
         {
             return Some(Checkout::Http2 {
+                id,
                 sender,
                 reused: true,
             });
@@ -269,10 +287,22 @@ where
         })
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<B>> {
+    /// Stops sharing HTTP/2 connection `id`, which refused a request.
+    fn forget_h2(&self, id: u64) {
+        let mut shared = lock(&self.shared_h2);
+        if shared
+            .as_ref()
+            .is_some_and(|(shared_id, _)| *shared_id == id)
+        {
+            *shared = None;
+        }
+    }
+
+    /// The shared HTTP/2 connection, if it is still open.
+    fn live_h2(&self) -> Option<(u64, http2::SendRequest<B>)> {
         let mut shared = lock(&self.shared_h2);
         match &*shared {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some((id, sender)) if !sender.is_closed() => Some((*id, sender.clone())),
             Some(_) => {
                 *shared = None;
                 None
@@ -287,8 +317,9 @@ where
         let _one_at_a_time = if self.prefers_h2.load(Ordering::Relaxed) {
             let guard = self.h2_connecting.lock().await;
             // Someone else may have connected while we waited.
-            if let Some(sender) = self.live_h2() {
+            if let Some((id, sender)) = self.live_h2() {
                 return Ok(Checkout::Http2 {
+                    id,
                     sender,
                     reused: true,
                 });
@@ -316,11 +347,13 @@ where
                 .map_err(|e| PoolError::Connect(e.into()))?;
             self.prefers_h2.store(true, Ordering::Relaxed);
             metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http2").increment(1);
+            let id = self.h2_opened.fetch_add(1, Ordering::Relaxed);
             let mut shared = lock(&self.shared_h2);
-            if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
-                *shared = Some(sender.clone());
+            if shared.as_ref().is_none_or(|(_, s)| s.is_closed()) {
+                *shared = Some((id, sender.clone()));
             }
             Ok(Checkout::Http2 {
+                id,
                 sender,
                 reused: false,
             })
