@@ -6,7 +6,14 @@
 #[path = "support/proxy_harness.rs"]
 mod harness;
 
-use std::{io::ErrorKind, time::Duration};
+use std::{
+    io::ErrorKind,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures_util::FutureExt as _;
 use harness::{
@@ -778,6 +785,78 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
     let (parts, _) = send(&h1_client(), get(&proxy.url("/y")).body(empty()).unwrap()).await;
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(upstream.connections(), 2);
+}
+
+/// An upstream that makes the keep-alive race certain: every connection
+/// answers its first request, then reads the next one and closes without a
+/// word, as a server does whose idle timer fired just as the request came.
+/// Returns its address and the count of connections it accepted.
+async fn upstream_dropping_second_requests() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn read_head(stream: &mut TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if read_head(&mut stream).await {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+                // The second request is read, then the connection dropped.
+                let _ = read_head(&mut stream).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_lost_on_a_stale_connection_is_sent_again() {
+    let (addr, accepted) = upstream_dropping_second_requests().await;
+    let mut config = proxy_config(&format!("http://{addr}"));
+    // The pool's reaper ticks every 500 ms; connections idle over 2 s close.
+    config.idle_timeout = Duration::from_secs(2);
+    let proxy = RunningProxy::start(config).await;
+
+    let (parts, _) = send(&h1_client(), get(&proxy.url("/a")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Idle across at least one reaper tick (well under `idle_timeout`): the
+    // pooled connection is reused, the upstream drops the request, and the
+    // GET goes out again on a new connection.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (parts, body) = send(&h1_client(), get(&proxy.url("/b")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK, "{body:?}");
+    assert_eq!(body, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // A POST is not idempotent: it may have been acted on, so it is never
+    // sent twice; the client gets the 502.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let request = Request::post(proxy.url("/c"))
+        .body(full("payload"))
+        .unwrap();
+    let (parts, _) = send(&h1_client(), request).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

@@ -20,6 +20,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
 use tower::Service;
 
+use crate::layer::ReplayableBody;
+
 use super::{
     body::ProxyBody,
     headers::{
@@ -105,7 +107,7 @@ impl<B> fmt::Debug for Forwarder<B> {
 
 impl<B> Forwarder<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     /// `None` when the upstream URI has no scheme or authority.
@@ -168,7 +170,7 @@ impl<B> Forwarder<B> {
 
 impl<B> Service<Request<B>> for Forwarder<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<ProxyBody>;

@@ -8,16 +8,24 @@
 //! a pop and a readiness check; there is no hashing and no task spawned per
 //! request.
 //!
-//! Behaviour kept from a general-purpose pooled client:
+//! Behaviour:
 //! - A request that never left the proxy because the reused connection
-//!   turned out to be closed (the upstream timed it out as we picked it) is
-//!   sent again on another connection. A request that was written is never
-//!   sent twice.
+//!   turned out to be closed is sent again on another connection (as a
+//!   general-purpose pooled client does).
+//! - The keep-alive race: an upstream may close a connection that has been
+//!   idle at the very moment the proxy sends on it, and the request is then
+//!   lost without an answer. An idempotent request (RFC 9110 §9.2.2) with a
+//!   body held in memory, sent on a connection that sat idle across a
+//!   reaper tick, is kept until its response head arrives; should the
+//!   connection fail before that, it is sent once more on a new connection,
+//!   as nginx does for its cached upstream connections. Connections in
+//!   steady use never sat idle that long, so under load nothing is copied.
+//!   Other requests that were written are never sent twice.
 //! - A connection returns to the pool only once the upstream's response has
 //!   been read to its end; until then it is not offered to anyone.
-//! - Connections idle for `idle_timeout` are closed: a reaper ticks four
-//!   times per `idle_timeout` and drops those idle for more than four ticks
-//!   (between 1× and 1.25× the timeout).
+//! - Connections idle for `idle_timeout` are closed: a reaper ticks every
+//!   quarter of it, at most one second apart, and closes connections idle
+//!   for longer than the timeout (so within one tick of it).
 //!
 //! Metrics: `sso_token_proxy_upstream_connections_opened_total{protocol}`
 //! (`http1`, `http2`), and `sso_token_proxy_upstream_connections_idle`,
@@ -36,7 +44,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    Request, Response, Uri,
+    Method, Request, Response, Uri,
     uri::{Authority, Scheme},
 };
 use http_body::Body;
@@ -51,14 +59,18 @@ use hyper_util::{
 };
 use tower::Service as _;
 
+use crate::layer::ReplayableBody;
+
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// How often a request whose reused connection turned out to be closed
 /// before anything was written is tried again on another one.
 const MAX_UNSENT_RETRIES: usize = 3;
 
-/// The reaper's ticks per `idle_timeout`.
-const TICKS_PER_IDLE_TIMEOUT: u64 = 4;
+/// The reaper ticks at least this many times per `idle_timeout`...
+const TICKS_PER_IDLE_TIMEOUT: u32 = 4;
+/// ...and at least this often.
+const MAX_TICK: Duration = Duration::from_secs(1);
 
 const CONNECTIONS_OPENED: &str = "sso_token_proxy_upstream_connections_opened_total";
 const CONNECTIONS_IDLE: &str = "sso_token_proxy_upstream_connections_idle";
@@ -118,6 +130,9 @@ struct Inner<B> {
     h2_connecting: tokio::sync::Mutex<()>,
     /// `None`: idle connections are not kept.
     idle_timeout: Option<Duration>,
+    /// The reaper's period, and how many of its ticks make `idle_timeout`.
+    tick: Duration,
+    idle_ticks: u64,
     /// The reaper's tick count; idle connections are stamped with it.
     epoch: AtomicU64,
     reaper_started: AtomicBool,
@@ -133,6 +148,8 @@ enum Checkout<B> {
     Http1 {
         sender: http1::SendRequest<B>,
         reused: bool,
+        /// It sat idle across a reaper tick: the upstream may be closing it.
+        stale: bool,
     },
     Http2 {
         id: u64,
@@ -143,7 +160,7 @@ enum Checkout<B> {
 
 impl<B> UpstreamPool<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     /// A pool for `scheme://authority`. `idle_timeout` of zero keeps no
@@ -161,6 +178,10 @@ where
             .build()?;
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new());
+        let tick = (idle_timeout / TICKS_PER_IDLE_TIMEOUT)
+            .min(MAX_TICK)
+            .max(Duration::from_millis(1));
+        let idle_ticks = idle_timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
         Ok(Self {
             inner: Arc::new(Inner {
                 connector,
@@ -175,6 +196,8 @@ where
                 prefers_h2: AtomicBool::new(false),
                 h2_connecting: tokio::sync::Mutex::new(()),
                 idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+                tick,
+                idle_ticks,
                 epoch: AtomicU64::new(0),
                 reaper_started: AtomicBool::new(false),
             }),
@@ -192,15 +215,27 @@ where
         async move {
             let mut request = request;
             let mut retries = 0;
+            // Set once a request lost on a stale connection is sent again:
+            // it then goes out on a new connection, and only once.
+            let mut resent = false;
             loop {
-                let checkout = match inner.take_idle() {
+                let idle = if resent { None } else { inner.take_idle() };
+                let checkout = match idle {
                     Some(checkout) => checkout,
                     // Boxed: the handshake futures are large, and this
                     // future is built (and moved) for every request.
                     None => Box::pin(inner.connect()).await?,
                 };
+                let mut keep = None;
                 let (result, reused) = match checkout {
-                    Checkout::Http1 { mut sender, reused } => {
+                    Checkout::Http1 {
+                        mut sender,
+                        reused,
+                        stale,
+                    } => {
+                        if stale && !resent {
+                            keep = copy_if_idempotent(&request);
+                        }
                         let result = sender.try_send_request(request).await;
                         if result.is_ok() {
                             inner.release(sender);
@@ -244,7 +279,18 @@ where
                                 *request.uri_mut() = uri;
                             }
                         }
-                        _ => return Err(PoolError::Request(e.into_error())),
+                        _ => match keep {
+                            Some(copy) => {
+                                tracing::debug!(
+                                    error = %e.error(),
+                                    "idle upstream connection failed before answering; \
+                                     sending the idempotent request again on a new one"
+                                );
+                                resent = true;
+                                request = copy;
+                            }
+                            None => return Err(PoolError::Request(e.into_error())),
+                        },
                     },
                 }
             }
@@ -254,7 +300,7 @@ where
 
 impl<B> Inner<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     /// A live idle connection, or the shared HTTP/2 one, if there is one.
@@ -274,16 +320,17 @@ where
             loop {
                 match idle.pop() {
                     None => break None,
-                    Some(conn) if conn.sender.is_ready() => break Some(conn.sender),
+                    Some(conn) if conn.sender.is_ready() => break Some(conn),
                     // Closed by the upstream while idle.
                     Some(conn) => closed.push(conn),
                 }
             }
         };
         drop(closed);
-        found.map(|sender| Checkout::Http1 {
-            sender,
+        found.map(|conn| Checkout::Http1 {
+            sender: conn.sender,
             reused: true,
+            stale: conn.since_epoch != self.epoch.load(Ordering::Relaxed),
         })
     }
 
@@ -368,6 +415,7 @@ where
             Ok(Checkout::Http1 {
                 sender,
                 reused: false,
+                stale: false,
             })
         }
     }
@@ -414,14 +462,14 @@ where
     /// Starts the idle reaper with the first connection (a runtime is
     /// running by then). It stops when the pool is dropped.
     fn start_reaper(self: &Arc<Self>) {
-        let Some(idle_timeout) = self.idle_timeout else {
+        if self.idle_timeout.is_none() {
             return;
-        };
+        }
         if self.reaper_started.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool: Weak<Self> = Arc::downgrade(self);
-        let period = (idle_timeout / TICKS_PER_IDLE_TIMEOUT as u32).max(Duration::from_millis(1));
+        let (period, idle_ticks) = (self.tick, self.idle_ticks);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -435,7 +483,7 @@ where
                     // Oldest first: stop at the first that is still young.
                     let keep_from = idle
                         .iter()
-                        .position(|c| now - c.since_epoch <= TICKS_PER_IDLE_TIMEOUT)
+                        .position(|c| now - c.since_epoch <= idle_ticks)
                         .unwrap_or(idle.len());
                     (idle.drain(..keep_from).collect(), idle.len())
                 };
@@ -447,6 +495,26 @@ where
             }
         });
     }
+}
+
+/// A copy of `request` to send again, if it is idempotent (RFC 9110
+/// §9.2.2) and its body is held in memory.
+fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request<B>> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent {
+        return None;
+    }
+    let body = request.body().try_clone()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
 }
 
 /// Runs a connection's driver (its reads, writes and keep-alive) until the
