@@ -824,13 +824,19 @@ impl Sampler {
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let mut seen = BTreeMap::new();
-            while !flag.load(Ordering::Relaxed) {
+            loop {
+                // Stopping is checked after a read, so the last read comes
+                // after `finish` was called.
+                let stopping = flag.load(Ordering::Relaxed);
                 if let Ok(Some(rec)) = store.read(&keys).await {
                     seen.entry(rec.generation).or_insert((
                         rec.updated_at,
                         rec.fence,
                         rec.writer.clone(),
                     ));
+                }
+                if stopping {
+                    break;
                 }
                 sleep(every).await;
             }
@@ -927,8 +933,10 @@ async fn eight_replicas_make_one_create_token_per_window() {
         sleep(run_for).await;
         let (per_replica, failures) = load.finish().await;
         let elapsed = started.elapsed();
-        let seen = sampler.finish().await;
+        // A refresh the last requests started may still be in flight: wait
+        // for it before the sampler stops, so that its generation is seen.
         let (counters, record) = settled(&env, &store, &keys).await;
+        let seen = sampler.finish().await;
 
         let total_ok: u64 = per_replica.iter().map(|(ok, _)| ok).sum();
         let total_failed: u64 = per_replica.iter().map(|(_, f)| f).sum();
