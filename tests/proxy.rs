@@ -753,6 +753,26 @@ async fn upstream_connections_are_pooled_and_reused() {
 }
 
 #[tokio::test]
+async fn a_connection_returns_to_the_pool_after_a_streamed_response() {
+    // A response too large to have been read when its head arrives: the
+    // connection goes back to the pool once its body has been relayed.
+    const SIZE: usize = 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+    for i in 0..3 {
+        let request = get(&proxy.url(&format!("/download/{i}")))
+            .header("x-test-response-bytes", SIZE.to_string())
+            .body(empty())
+            .unwrap();
+        let (parts, body) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(body.len(), SIZE);
+    }
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     // The upstream closes keep-alive connections idle for 100 ms, well
     // before the proxy's own idle timeout would.
