@@ -35,23 +35,7 @@ source "$ROOT/benches/proxy/common.sh"
 
 mkdir -p "$ROOT/target/callgrind"
 write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
-cat >"$WORK/proxy.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$P_PROXY"
-upstream = "http://127.0.0.1:$P_UP"
-[admin]
-listen = "127.0.0.1:$P_ADMIN"
-[oidc]
-endpoint = "http://127.0.0.1:$P_EMU"
-region = "us-east-1"
-client_id = "bench-client"
-client_secret = "bench-client-secret"
-[token]
-source = "refresh_token"
-refresh_token = "bench-refresh-token"
-[emulator]
-listen = "127.0.0.1:$P_EMU"
-EOF
+write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$P_EMU"
 
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)

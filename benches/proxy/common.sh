@@ -80,3 +80,28 @@ http {
 }
 CONF
 }
+
+# Writes the config of sso-token-proxy as benchmarked: the upstream above,
+# its token from the built-in emulator (an hour-long token, so no refresh
+# falls inside a run).
+write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-port
+    cat >"$1" <<CONF
+[proxy]
+listen = "127.0.0.1:$2"
+upstream = "http://127.0.0.1:$3"
+[admin]
+listen = "127.0.0.1:$4"
+[oidc]
+endpoint = "http://127.0.0.1:$5"
+region = "us-east-1"
+client_id = "bench-client"
+client_secret = "bench-client-secret"
+[token]
+source = "refresh_token"
+refresh_token = "bench-refresh-token"
+refresh_before_expiry = "5m"
+[emulator]
+listen = "127.0.0.1:$5"
+access_token_lifetime = "1h"
+CONF
+}

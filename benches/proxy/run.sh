@@ -163,25 +163,7 @@ backend be
     server up 127.0.0.1:$P_UP
 EOF
 
-cat >"$WORK/stp.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$P_STP"
-upstream = "http://127.0.0.1:$P_UP"
-[admin]
-listen = "127.0.0.1:$P_ADMIN"
-[oidc]
-endpoint = "http://127.0.0.1:$P_EMU"
-region = "us-east-1"
-client_id = "bench-client"
-client_secret = "bench-client-secret"
-[token]
-source = "refresh_token"
-refresh_token = "bench-refresh-token"
-refresh_before_expiry = "5m"
-[emulator]
-listen = "127.0.0.1:$P_EMU"
-access_token_lifetime = "1h"
-EOF
+write_bench_proxy_config "$WORK/stp.toml" "$P_STP" "$P_UP" "$P_ADMIN" "$P_EMU"
 
 log "starting upstream, nginx, haproxy, sso-token-proxy"
 "${pin_load[@]}" nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &

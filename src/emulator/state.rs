@@ -251,6 +251,26 @@ fn is_subset(requested: &[String], granted: &[String]) -> bool {
     requested.iter().all(|s| granted.contains(s.as_str()))
 }
 
+/// The scopes a device-code or authorization-code grant issues: those
+/// requested (which must be among the client's, if it registered any), or
+/// else the client's.
+fn scopes_for_grant(
+    requested: Vec<String>,
+    client_scopes: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    if !client_scopes.is_empty() && !is_subset(&requested, &client_scopes) {
+        return err(
+            ServiceErrorKind::InvalidScope,
+            "Requested scopes exceed those of the client",
+        );
+    }
+    Ok(if requested.is_empty() {
+        client_scopes
+    } else {
+        requested
+    })
+}
+
 /// The result of a direct (not HTTP) client registration.
 pub(crate) struct Registered {
     pub(crate) client_id: String,
@@ -680,18 +700,8 @@ impl State {
             }
             DeviceStatus::Approved | DeviceStatus::Redeemed => {}
         }
-        if !client_scopes.is_empty() && !is_subset(&requested, &client_scopes) {
-            return err(
-                ServiceErrorKind::InvalidScope,
-                "Requested scopes exceed those of the client",
-            );
-        }
+        let scopes = scopes_for_grant(requested, client_scopes)?;
         entry.status = DeviceStatus::Redeemed;
-        let scopes = if requested.is_empty() {
-            client_scopes
-        } else {
-            requested
-        };
         Ok(self.issue_full(&req.client_id, &scopes, now, issuer))
     }
 
@@ -753,18 +763,8 @@ impl State {
                 );
             }
         }
-        if !client_scopes.is_empty() && !is_subset(&requested, &client_scopes) {
-            return err(
-                ServiceErrorKind::InvalidScope,
-                "Requested scopes exceed those of the client",
-            );
-        }
+        let scopes = scopes_for_grant(requested, client_scopes)?;
         entry.used = true;
-        let scopes = if requested.is_empty() {
-            client_scopes
-        } else {
-            requested
-        };
         Ok(self.issue_full(&req.client_id, &scopes, now, issuer))
     }
 

@@ -609,22 +609,37 @@ impl Inner {
                     "could not store the new token in the shared store; it is kept locally and stored when Redis is back"
                 );
                 self.set_degraded(true);
-                state.known_refresh_token = Some((newest.clone(), 0));
-                state.pending = Some(Pending {
-                    base_generation,
-                    token: token.clone(),
-                    refresh_token: newest,
-                });
-                self.hold(
-                    state,
-                    Held {
-                        generation: None,
-                        token: token.clone(),
-                    },
-                );
+                self.keep_pending(state, base_generation, 0, &token, newest);
             }
         }
         Ok(token)
+    }
+
+    /// Serves `token`, refreshed without the store, from this replica, and
+    /// keeps it to be stored once Redis is back (if the record is then still
+    /// at `base_generation`). `known_generation` is the generation the new
+    /// refresh token is taken to belong to until then.
+    fn keep_pending(
+        &self,
+        state: &mut State,
+        base_generation: u64,
+        known_generation: u64,
+        token: &Token,
+        refresh_token: Secret,
+    ) {
+        state.known_refresh_token = Some((refresh_token.clone(), known_generation));
+        state.pending = Some(Pending {
+            base_generation,
+            token: token.clone(),
+            refresh_token,
+        });
+        self.hold(
+            state,
+            Held {
+                generation: None,
+                token: token.clone(),
+            },
+        );
     }
 
     fn committed(&self, state: &mut State, generation: u64, token: Token, refresh_token: Secret) {
@@ -737,19 +752,7 @@ impl Inner {
         };
         let token = self.refresh.fetch(reuse).await?;
         let newest = self.newest_refresh_token(state, &token, None);
-        state.known_refresh_token = Some((newest.clone(), base_generation));
-        state.pending = Some(Pending {
-            base_generation,
-            token: token.clone(),
-            refresh_token: newest,
-        });
-        self.hold(
-            state,
-            Held {
-                generation: None,
-                token: token.clone(),
-            },
-        );
+        self.keep_pending(state, base_generation, base_generation, &token, newest);
         Ok(token)
     }
 
