@@ -15,12 +15,12 @@ use axum::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::cache::TokenCache;
+use crate::{cache::TokenCache, metric_names};
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 /// Call once, at start.
 pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("duration_seconds".to_owned()),
             &[
@@ -30,7 +30,9 @@ pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
         )
         .map_err(|e| e.to_string())?
         .install_recorder()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    metric_names::describe_all();
+    Ok(handle)
 }
 
 #[derive(Clone)]
@@ -86,8 +88,8 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
         return (StatusCode::NOT_FOUND, "metrics recorder not installed\n").into_response();
     };
     let ttl = state.cache.current().map_or(Duration::ZERO, |t| t.ttl());
-    metrics::gauge!("sso_token_proxy_token_expiry_seconds").set(ttl.as_secs_f64());
-    metrics::gauge!("sso_token_proxy_token_valid").set(if ttl.is_zero() { 0.0 } else { 1.0 });
+    metrics::gauge!(metric_names::TOKEN_EXPIRY_SECONDS.name).set(ttl.as_secs_f64());
+    metrics::gauge!(metric_names::TOKEN_VALID.name).set(if ttl.is_zero() { 0.0 } else { 1.0 });
     handle.run_upkeep();
     (
         StatusCode::OK,

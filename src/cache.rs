@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
+    metric_names,
     oidc::ErrorClass,
     retry::{Backoff, Jitter},
     token::{Reuse, Token, TokenError, TokenSource},
@@ -326,7 +327,7 @@ impl TokenCache {
         {
             inner.hot.compare_and_swap(&current, None);
             inner.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("sso_token_proxy_token_invalidations_total").increment(1);
+            metrics::counter!(metric_names::TOKEN_INVALIDATIONS_TOTAL.name).increment(1);
             tracing::debug!(token_id = id, "token rejected upstream; invalidated");
         }
         self.remove_if_holds(id).await;
@@ -466,8 +467,9 @@ impl TokenCache {
                 }
             },
         };
-        metrics::counter!("sso_token_proxy_token_fetches_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("sso_token_proxy_token_fetch_duration_seconds")
+        metrics::counter!(metric_names::TOKEN_FETCHES_TOTAL.name, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(metric_names::TOKEN_FETCH_DURATION_SECONDS.name)
             .record(started.elapsed().as_secs_f64());
         match &result {
             Ok(token) => tracing::info!(outcome, ttl_s = token.ttl().as_secs(), "token fetched"),
@@ -552,7 +554,7 @@ impl TokenCache {
             .counters
             .refresh_ahead
             .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("sso_token_proxy_refresh_ahead_total").increment(1);
+        metrics::counter!(metric_names::REFRESH_AHEAD_TOTAL.name).increment(1);
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.fetch(FetchKind::RefreshAhead).await;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod emulator;
 pub mod fs_atomic;
 pub mod layer;
+pub mod metric_names;
 pub mod oidc;
 pub mod proxy;
 pub mod retry;

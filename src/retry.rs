@@ -13,6 +13,7 @@ use tower::retry::{
     budget::{Budget, TpsBudget},
 };
 
+use crate::metric_names;
 use crate::oidc::{CreateTokenRequest, CreateTokenResponse, ErrorClass, OidcError};
 
 /// How a backoff delay is randomised inside its window.
@@ -200,7 +201,7 @@ impl OidcRetryPolicy {
 
     fn observe(&self, event: &RetryEvent) {
         metrics::counter!(
-            "sso_token_proxy_oidc_retry_decisions_total",
+            metric_names::OIDC_RETRY_DECISIONS_TOTAL.name,
             "class" => event.class.as_str(),
             "decision" => match event.gave_up {
                 None => "retry",

@@ -577,6 +577,22 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
                 "unprefixed metric {}",
                 s.metric
             );
+            // Every exported metric is in the table, with its meaning as `# HELP`.
+            // (A histogram's `_sum` and `_count` parse as samples of their own.)
+            let family = ["_sum", "_count"]
+                .iter()
+                .find_map(|suffix| s.metric.strip_suffix(suffix))
+                .filter(|base| scrape.docs.contains_key(*base))
+                .unwrap_or(&s.metric);
+            let listed = sso_token_proxy::metric_names::ALL
+                .iter()
+                .find(|m| m.name == family)
+                .unwrap_or_else(|| panic!("{family} is not in metric_names::ALL"));
+            assert_eq!(
+                scrape.docs.get(family).map(String::as_str),
+                Some(listed.help),
+                "# HELP of {family}\n{text}"
+            );
         }
         let find = |name: &'static str| scrape.samples.iter().filter(move |s| s.metric == name);
         let value = |v: &prometheus_parse::Value| match v {

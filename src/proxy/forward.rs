@@ -21,6 +21,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::layer::ReplayableBody;
+use crate::metric_names;
 
 use super::{
     body::ProxyBody,
@@ -300,7 +301,7 @@ impl Future for ForwardFuture {
             },
         };
         if let Err(e) = &result {
-            metrics::counter!("sso_token_proxy_upstream_errors_total", "kind" => e.kind())
+            metrics::counter!(metric_names::UPSTREAM_ERRORS_TOTAL.name, "kind" => e.kind())
                 .increment(1);
         }
         Poll::Ready(result)

@@ -13,9 +13,7 @@ use std::sync::OnceLock;
 use http::StatusCode;
 use metrics::{Counter, Gauge, Histogram};
 
-const REQUESTS_TOTAL: &str = "sso_token_proxy_requests_total";
-const REQUEST_DURATION: &str = "sso_token_proxy_request_duration_seconds";
-const REQUESTS_IN_FLIGHT: &str = "sso_token_proxy_requests_in_flight";
+use crate::metric_names;
 
 /// The `status_class` label values, by `status / 100 - 1`.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -33,20 +31,20 @@ impl ProxyMetrics {
     pub(super) fn requests(&self, status: StatusCode) -> &Counter {
         let class = status_class_index(status);
         self.requests[class].get_or_init(
-            || metrics::counter!(REQUESTS_TOTAL, "status_class" => STATUS_CLASSES[class]),
+            || metrics::counter!(metric_names::REQUESTS_TOTAL.name, "status_class" => STATUS_CLASSES[class]),
         )
     }
 
     /// `sso_token_proxy_request_duration_seconds`.
     pub(super) fn duration(&self) -> &Histogram {
         self.duration
-            .get_or_init(|| metrics::histogram!(REQUEST_DURATION))
+            .get_or_init(|| metrics::histogram!(metric_names::REQUEST_DURATION_SECONDS.name))
     }
 
     /// `sso_token_proxy_requests_in_flight`.
     pub(super) fn in_flight(&self) -> &Gauge {
         self.in_flight
-            .get_or_init(|| metrics::gauge!(REQUESTS_IN_FLIGHT))
+            .get_or_init(|| metrics::gauge!(metric_names::REQUESTS_IN_FLIGHT.name))
     }
 }
 

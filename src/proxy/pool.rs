@@ -60,6 +60,7 @@ use hyper_util::{
 use tower::Service as _;
 
 use crate::layer::ReplayableBody;
+use crate::metric_names;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -71,9 +72,6 @@ const MAX_UNSENT_RETRIES: usize = 3;
 const TICKS_PER_IDLE_TIMEOUT: u32 = 4;
 /// ...and at least this often.
 const MAX_TICK: Duration = Duration::from_secs(1);
-
-const CONNECTIONS_OPENED: &str = "sso_token_proxy_upstream_connections_opened_total";
-const CONNECTIONS_IDLE: &str = "sso_token_proxy_upstream_connections_idle";
 
 /// Why the pool produced no response.
 #[derive(Debug)]
@@ -393,7 +391,7 @@ where
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             self.prefers_h2.store(true, Ordering::Relaxed);
-            metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http2").increment(1);
+            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "protocol" => "http2").increment(1);
             let id = self.h2_opened.fetch_add(1, Ordering::Relaxed);
             let mut shared = lock(&self.shared_h2);
             if shared.as_ref().is_none_or(|(_, s)| s.is_closed()) {
@@ -411,7 +409,7 @@ where
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             drive(conn, "HTTP/1.1");
-            metrics::counter!(CONNECTIONS_OPENED, "protocol" => "http1").increment(1);
+            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "protocol" => "http1").increment(1);
             Ok(Checkout::Http1 {
                 sender,
                 reused: false,
@@ -488,7 +486,8 @@ where
                     (idle.drain(..keep_from).collect(), idle.len())
                 };
                 // Sampled here rather than on every checkout and return.
-                metrics::gauge!(CONNECTIONS_IDLE).set(still_idle as f64);
+                metrics::gauge!(metric_names::UPSTREAM_CONNECTIONS_IDLE.name)
+                    .set(still_idle as f64);
                 if !expired.is_empty() {
                     tracing::trace!(closed = expired.len(), "idle upstream connections closed");
                 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::redis::{Commit, Fence, NewTokens, RedisStore, StoreError, StoreKeys, TokenRecord};
 use crate::{
+    metric_names,
     oidc::ServiceErrorKind,
     secret::Secret,
     token::{
@@ -133,7 +134,7 @@ impl Drop for AbortOnDrop {
 }
 
 fn store_error_metric(e: &StoreError) {
-    metrics::counter!("sso_token_proxy_store_errors_total", "op" => e.op()).increment(1);
+    metrics::counter!(metric_names::STORE_ERRORS_TOTAL.name, "op" => e.op()).increment(1);
 }
 
 impl SharedStoreSource {
@@ -169,8 +170,8 @@ impl SharedStoreSource {
             degraded: AtomicBool::new(false),
             held_serial: AtomicU64::new(0),
         });
-        metrics::gauge!("sso_token_proxy_store_up").set(1.0);
-        metrics::gauge!("sso_token_proxy_store_degraded").set(0.0);
+        metrics::gauge!(metric_names::STORE_UP.name).set(1.0);
+        metrics::gauge!(metric_names::STORE_DEGRADED.name).set(0.0);
         tokio::spawn(health_loop(Arc::downgrade(&inner)));
         Self { inner }
     }
@@ -259,12 +260,12 @@ impl Inner {
 
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Relaxed);
-        metrics::gauge!("sso_token_proxy_store_up").set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!(metric_names::STORE_UP.name).set(if up { 1.0 } else { 0.0 });
     }
 
     fn set_degraded(&self, degraded: bool) {
         let was = self.degraded.swap(degraded, Ordering::Relaxed);
-        metrics::gauge!("sso_token_proxy_store_degraded").set(if degraded { 1.0 } else { 0.0 });
+        metrics::gauge!(metric_names::STORE_DEGRADED.name).set(if degraded { 1.0 } else { 0.0 });
         if was && !degraded {
             tracing::info!("shared token store reachable again; refreshes are coordinated");
         }
@@ -338,9 +339,9 @@ impl Inner {
                 .await
             {
                 Ok(Some(fence)) => {
-                    metrics::counter!("sso_token_proxy_store_lock_acquired_total").increment(1);
+                    metrics::counter!(metric_names::STORE_LOCK_ACQUIRED_TOTAL.name).increment(1);
                     if waited {
-                        metrics::counter!("sso_token_proxy_store_lock_wait_total", "outcome" => "took_over")
+                        metrics::counter!(metric_names::STORE_LOCK_WAIT_TOTAL.name, "outcome" => "took_over")
                             .increment(1);
                     }
                     return self.refresh_holding(&mut state, fence, reuse).await;
@@ -354,7 +355,7 @@ impl Inner {
             waited = true;
             let now = Instant::now();
             if now >= deadline {
-                metrics::counter!("sso_token_proxy_store_lock_wait_total", "outcome" => "timeout")
+                metrics::counter!(metric_names::STORE_LOCK_WAIT_TOTAL.name, "outcome" => "timeout")
                     .increment(1);
                 let holder = match self.store.lock_holder(&self.keys).await {
                     Ok(Some(f)) => format!("fence {}", f.number),
@@ -369,7 +370,7 @@ impl Inner {
             delay = (delay * 3 / 2).min(Duration::from_millis(250));
             match self.store.read(&self.keys).await {
                 Ok(Some(rec)) if self.acceptable(&state, &rec, reuse) => {
-                    metrics::counter!("sso_token_proxy_store_lock_wait_total", "outcome" => "adopted").increment(1);
+                    metrics::counter!(metric_names::STORE_LOCK_WAIT_TOTAL.name, "outcome" => "adopted").increment(1);
                     return Ok(self.adopt(&mut state, &rec).await);
                 }
                 Ok(_) => {}
@@ -407,7 +408,7 @@ impl Inner {
         }
         let token = Token::expiring_at(rec.access_token.clone(), rec.expires_at)
             .with_scopes(self.refresh.scopes().to_vec());
-        metrics::counter!("sso_token_proxy_store_tokens_adopted_total").increment(1);
+        metrics::counter!(metric_names::STORE_TOKENS_ADOPTED_TOTAL.name).increment(1);
         tracing::debug!(
             generation = rec.generation,
             ttl_ms = rec.ttl().as_millis() as u64,
@@ -586,7 +587,7 @@ impl Inner {
                 self.committed(state, generation, token.clone(), newest);
             }
             Ok(Commit::Conflict { current }) => {
-                metrics::counter!("sso_token_proxy_store_conflicts_total").increment(1);
+                metrics::counter!(metric_names::STORE_CONFLICTS_TOTAL.name).increment(1);
                 tracing::error!(
                     current,
                     expected = base_generation,
@@ -730,7 +731,7 @@ impl Inner {
         }
         self.set_degraded(true);
         if !self.options.refresh_without_store {
-            metrics::counter!("sso_token_proxy_store_refreshes_refused_total").increment(1);
+            metrics::counter!(metric_names::STORE_REFRESHES_REFUSED_TOTAL.name).increment(1);
             tracing::warn!(
                 error = %error,
                 "shared token store unavailable; not refreshing the shared refresh token without coordination \
@@ -740,7 +741,7 @@ impl Inner {
                 "shared store unavailable ({error}); not refreshing a rotating refresh token without coordination"
             )));
         }
-        metrics::counter!("sso_token_proxy_store_uncoordinated_refreshes_total").increment(1);
+        metrics::counter!(metric_names::STORE_UNCOORDINATED_REFRESHES_TOTAL.name).increment(1);
         tracing::warn!(
             error = %error,
             "shared token store unavailable; refreshing with this replica's refresh token \
@@ -786,7 +787,7 @@ impl Inner {
                 self.committed(state, generation, pending.token, pending.refresh_token);
             }
             Ok(Commit::Conflict { current }) => {
-                metrics::counter!("sso_token_proxy_store_conflicts_total").increment(1);
+                metrics::counter!(metric_names::STORE_CONFLICTS_TOTAL.name).increment(1);
                 tracing::error!(
                     current,
                     base = pending.base_generation,

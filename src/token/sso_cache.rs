@@ -12,7 +12,7 @@ use tower::ServiceExt;
 
 use super::{FetchFuture, Reuse, Token, TokenError, TokenSource};
 use crate::{
-    fs_atomic,
+    fs_atomic, metric_names,
     oidc::{CreateTokenRequest, OidcClient},
     retry::OidcRetryPolicy,
     secret::Secret,
@@ -285,7 +285,7 @@ impl SsoCacheSource {
             });
         if let Err(e) = write {
             // The new refresh token is in the returned token; keep serving.
-            metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
+            metrics::counter!(metric_names::PERSIST_FAILURES_TOTAL.name).increment(1);
             tracing::error!(error = %e, "could not write the refreshed SSO cache file");
         }
         Ok(token)

@@ -7,7 +7,7 @@ use std::{fmt, path::Path, time::SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::{TokenError, sso_cache::json_error_reason};
-use crate::{fs_atomic, secret::Secret};
+use crate::{fs_atomic, metric_names, secret::Secret};
 
 /// Contents of `token.state_file` (JSON, camelCase). Keys this version does
 /// not know survive a rewrite.
@@ -100,7 +100,7 @@ impl StateFile {
         match stored {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                metrics::counter!("sso_token_proxy_persist_failures_total").increment(1);
+                metrics::counter!(metric_names::PERSIST_FAILURES_TOTAL.name).increment(1);
                 tracing::error!(error = %e, "{what}");
             }
             Err(e) => tracing::error!(error = %e, "state file writer task failed"),

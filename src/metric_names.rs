@@ -1,0 +1,409 @@
+//! Every metric the crate records: name, type, labels and meaning, in one
+//! table.
+//!
+//! Code records a metric through its constant here, e.g.
+//! `metrics::counter!(TOKEN_FETCHES_TOTAL.name, "outcome" => "success")`;
+//! [`describe_all`] hands each one's meaning to the installed recorder, so
+//! `/metrics` carries `# HELP` lines; a test keeps the README's metrics
+//! table equal to [`ALL`]. Adding a metric is one `const` and one entry in
+//! [`ALL`]; adding a label is one word in its `labels`.
+//!
+//! The crate records through the [`metrics`] facade: a library user who
+//! installs a recorder of their own sees the same names.
+//!
+//! ```
+//! use sso_token_proxy::metric_names::{self, MetricKind};
+//!
+//! let fetches = metric_names::ALL
+//!     .iter()
+//!     .find(|m| m.name == "sso_token_proxy_token_fetches_total")
+//!     .unwrap();
+//! assert_eq!(fetches.kind, MetricKind::Counter);
+//! assert_eq!(fetches.labels, ["outcome"]);
+//! ```
+
+/// The Prometheus type of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution, in buckets.
+    Histogram,
+}
+
+impl MetricKind {
+    /// The Prometheus name of the type: `counter`, `gauge` or `histogram`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric: its name, type, label names and meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Metric {
+    /// The full name, starting with `sso_token_proxy_`.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// The label names, in the order the code sets them.
+    pub labels: &'static [&'static str],
+    /// What it measures: the `# HELP` text.
+    pub help: &'static str,
+}
+
+const fn counter(
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    metric(name, MetricKind::Counter, labels, help)
+}
+
+const fn gauge(name: &'static str, labels: &'static [&'static str], help: &'static str) -> Metric {
+    metric(name, MetricKind::Gauge, labels, help)
+}
+
+const fn histogram(
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    metric(name, MetricKind::Histogram, labels, help)
+}
+
+const fn metric(
+    name: &'static str,
+    kind: MetricKind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+// === proxy ===
+
+/// Proxied requests by status class (`1xx` … `5xx`).
+pub const REQUESTS_TOTAL: Metric = counter(
+    "sso_token_proxy_requests_total",
+    &["status_class"],
+    "Proxied requests by status class.",
+);
+/// Proxied request duration.
+pub const REQUEST_DURATION_SECONDS: Metric = histogram(
+    "sso_token_proxy_request_duration_seconds",
+    &[],
+    "Proxied request duration, until the response head is ready.",
+);
+/// Requests being served.
+pub const REQUESTS_IN_FLIGHT: Metric = gauge(
+    "sso_token_proxy_requests_in_flight",
+    &[],
+    "Requests being served.",
+);
+/// Upstream failures by kind (`connect`, `timeout`, `other`).
+pub const UPSTREAM_ERRORS_TOTAL: Metric = counter(
+    "sso_token_proxy_upstream_errors_total",
+    &["kind"],
+    "Upstream connect, timeout and other failures.",
+);
+/// Upstream connections opened, by protocol (`http1`, `http2`).
+pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: Metric = counter(
+    "sso_token_proxy_upstream_connections_opened_total",
+    &["protocol"],
+    "Upstream connections opened; steady under steady load when keep-alive works.",
+);
+/// Idle pooled HTTP/1.1 upstream connections.
+pub const UPSTREAM_CONNECTIONS_IDLE: Metric = gauge(
+    "sso_token_proxy_upstream_connections_idle",
+    &[],
+    "Idle pooled HTTP/1.1 upstream connections, sampled by the pool's reaper.",
+);
+
+// === token ===
+
+/// Token fetches by outcome (`success`, `throttled`, `transient`, `fatal`).
+pub const TOKEN_FETCHES_TOTAL: Metric = counter(
+    "sso_token_proxy_token_fetches_total",
+    &["outcome"],
+    "Token fetches by outcome: success, throttled, transient, fatal.",
+);
+/// Token fetch duration, retries included.
+pub const TOKEN_FETCH_DURATION_SECONDS: Metric = histogram(
+    "sso_token_proxy_token_fetch_duration_seconds",
+    &[],
+    "Token fetch duration, retries included.",
+);
+/// Seconds until the current token expires.
+pub const TOKEN_EXPIRY_SECONDS: Metric = gauge(
+    "sso_token_proxy_token_expiry_seconds",
+    &[],
+    "Seconds until the current token expires (0 without one).",
+);
+/// 1 while a valid token is held.
+pub const TOKEN_VALID: Metric = gauge(
+    "sso_token_proxy_token_valid",
+    &[],
+    "1 while a valid token is held, else 0.",
+);
+/// Background refreshes started.
+pub const REFRESH_AHEAD_TOTAL: Metric = counter(
+    "sso_token_proxy_refresh_ahead_total",
+    &[],
+    "Background refreshes started before expiry.",
+);
+/// Retry decisions per failed SSO-OIDC attempt.
+pub const OIDC_RETRY_DECISIONS_TOTAL: Metric = counter(
+    "sso_token_proxy_oidc_retry_decisions_total",
+    &["class", "decision"],
+    "Retry decisions per failed SSO-OIDC attempt: retry, not_retryable, attempts_exhausted, budget_exhausted.",
+);
+/// Tokens dropped after an upstream 401.
+pub const TOKEN_INVALIDATIONS_TOTAL: Metric = counter(
+    "sso_token_proxy_token_invalidations_total",
+    &[],
+    "Tokens dropped after an upstream 401.",
+);
+/// Failed writes of the state or cache file.
+pub const PERSIST_FAILURES_TOTAL: Metric = counter(
+    "sso_token_proxy_persist_failures_total",
+    &[],
+    "Failed writes of the state or SSO cache file.",
+);
+
+// === shared store ===
+
+/// 1 while Redis answers.
+pub const STORE_UP: Metric = gauge(
+    "sso_token_proxy_store_up",
+    &[],
+    "1 while the shared Redis store answers (pinged every second).",
+);
+/// 1 while the replica refuses or makes refreshes without Redis.
+pub const STORE_DEGRADED: Metric = gauge(
+    "sso_token_proxy_store_degraded",
+    &[],
+    "1 while this replica refuses, or makes, refreshes without the shared store.",
+);
+/// Failed Redis operations by operation.
+pub const STORE_ERRORS_TOTAL: Metric = counter(
+    "sso_token_proxy_store_errors_total",
+    &["op"],
+    "Failed shared-store operations: read, lock, renew, release, commit, ping.",
+);
+/// Refresh locks this replica took.
+pub const STORE_LOCK_ACQUIRED_TOTAL: Metric = counter(
+    "sso_token_proxy_store_lock_acquired_total",
+    &[],
+    "Refresh locks this replica took.",
+);
+/// Waits for another replica's refresh, by outcome.
+pub const STORE_LOCK_WAIT_TOTAL: Metric = counter(
+    "sso_token_proxy_store_lock_wait_total",
+    &["outcome"],
+    "Waits for another replica's refresh: adopted its token, took_over the lock, timeout.",
+);
+/// Tokens taken from the store instead of refreshing.
+pub const STORE_TOKENS_ADOPTED_TOTAL: Metric = counter(
+    "sso_token_proxy_store_tokens_adopted_total",
+    &[],
+    "Tokens taken from the shared store instead of refreshing.",
+);
+/// Refreshes refused while Redis was unreachable.
+pub const STORE_REFRESHES_REFUSED_TOTAL: Metric = counter(
+    "sso_token_proxy_store_refreshes_refused_total",
+    &[],
+    "Refreshes refused while the shared store was unreachable.",
+);
+/// Refreshes made without Redis.
+pub const STORE_UNCOORDINATED_REFRESHES_TOTAL: Metric = counter(
+    "sso_token_proxy_store_uncoordinated_refreshes_total",
+    &[],
+    "Refreshes made without the shared store (refresh_without_store = true).",
+);
+/// Results not stored because another replica stored a newer token.
+pub const STORE_CONFLICTS_TOTAL: Metric = counter(
+    "sso_token_proxy_store_conflicts_total",
+    &[],
+    "Refresh results not stored because another replica stored a newer token.",
+);
+
+/// Every metric the crate records.
+pub const ALL: &[Metric] = &[
+    REQUESTS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    REQUESTS_IN_FLIGHT,
+    UPSTREAM_ERRORS_TOTAL,
+    UPSTREAM_CONNECTIONS_OPENED_TOTAL,
+    UPSTREAM_CONNECTIONS_IDLE,
+    TOKEN_FETCHES_TOTAL,
+    TOKEN_FETCH_DURATION_SECONDS,
+    TOKEN_EXPIRY_SECONDS,
+    TOKEN_VALID,
+    REFRESH_AHEAD_TOTAL,
+    OIDC_RETRY_DECISIONS_TOTAL,
+    TOKEN_INVALIDATIONS_TOTAL,
+    PERSIST_FAILURES_TOTAL,
+    STORE_UP,
+    STORE_DEGRADED,
+    STORE_ERRORS_TOTAL,
+    STORE_LOCK_ACQUIRED_TOTAL,
+    STORE_LOCK_WAIT_TOTAL,
+    STORE_TOKENS_ADOPTED_TOTAL,
+    STORE_REFRESHES_REFUSED_TOTAL,
+    STORE_UNCOORDINATED_REFRESHES_TOTAL,
+    STORE_CONFLICTS_TOTAL,
+];
+
+/// Hands the meaning of every metric in [`ALL`] to the installed `metrics`
+/// recorder (Prometheus exporters print it as `# HELP`). Call once, after
+/// installing the recorder.
+pub fn describe_all() {
+    for m in ALL {
+        match m.kind {
+            MetricKind::Counter => metrics::describe_counter!(m.name, m.help),
+            MetricKind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            MetricKind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use super::*;
+
+    const PREFIX: &str = "sso_token_proxy_";
+
+    #[test]
+    fn names_are_unique_prefixed_and_typed_by_suffix() {
+        let mut seen = BTreeSet::new();
+        for m in ALL {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with(PREFIX), "{} lacks the prefix", m.name);
+            let snake = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            };
+            assert!(snake(m.name), "{}", m.name);
+            assert!(
+                m.labels.iter().all(|l| snake(l)),
+                "{}: {:?}",
+                m.name,
+                m.labels
+            );
+            // Prometheus conventions: counters end in `_total`, nothing else does.
+            assert_eq!(
+                m.kind == MetricKind::Counter,
+                m.name.ends_with("_total"),
+                "{}",
+                m.name
+            );
+            assert!(!m.help.is_empty(), "{} has no help", m.name);
+        }
+    }
+
+    /// `(type, labels)` per metric in the README's metrics table, whose rows
+    /// read ``| `name{label,label}` | type | meaning |``.
+    fn readme_table(readme: &str) -> BTreeMap<String, (String, Vec<String>)> {
+        let mut table = BTreeMap::new();
+        for line in readme.lines() {
+            let Some(row) = line.strip_prefix("| `").filter(|r| r.starts_with(PREFIX)) else {
+                continue;
+            };
+            let (metric, rest) = row.split_once('`').expect("closing backtick");
+            let kind = rest
+                .trim_start_matches([' ', '|'])
+                .split('|')
+                .next()
+                .expect("type column")
+                .trim();
+            let (name, labels) = match metric.split_once('{') {
+                Some((name, labels)) => (
+                    name,
+                    labels
+                        .trim_end_matches('}')
+                        .split(',')
+                        .map(|l| l.trim().to_owned())
+                        .collect(),
+                ),
+                None => (metric, Vec::new()),
+            };
+            let previous = table.insert(name.to_owned(), (kind.to_owned(), labels));
+            assert!(previous.is_none(), "README lists {name} twice");
+        }
+        table
+    }
+
+    #[test]
+    fn readme_metrics_table_matches() {
+        let readme = readme_table(include_str!("../README.md"));
+        let code: BTreeMap<String, (String, Vec<String>)> = ALL
+            .iter()
+            .map(|m| {
+                let labels = m.labels.iter().map(|l| (*l).to_owned()).collect();
+                (m.name.to_owned(), (m.kind.as_str().to_owned(), labels))
+            })
+            .collect();
+        let missing: Vec<_> = code.keys().filter(|n| !readme.contains_key(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "missing from the README's metrics table: {missing:?}"
+        );
+        let unknown: Vec<_> = readme.keys().filter(|n| !code.contains_key(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "in the README but not in metric_names: {unknown:?}"
+        );
+        assert_eq!(readme, code, "README metrics table: type or labels differ");
+    }
+
+    /// Metric names are spelled here only: no other source file holds a
+    /// string literal starting with the prefix.
+    #[test]
+    fn no_metric_name_spelled_outside_this_module() {
+        fn visit(dir: &Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    visit(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("metric_names.rs")
+                {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let needle = format!("\"{PREFIX}");
+                    for (n, line) in text.lines().enumerate() {
+                        if line.contains(&needle) {
+                            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        visit(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(
+            found.is_empty(),
+            "metric names outside metric_names.rs:\n{}",
+            found.join("\n")
+        );
+    }
+}
