@@ -14,7 +14,7 @@
 //! * Redis stopped mid-run, then started again.
 //!
 //! Nothing is skipped: without `redis-server` the tests fail and say to run
-//! `scripts/redis-setup.sh`.
+//! `bash scripts/test.sh` (which installs it).
 
 #[allow(dead_code)]
 #[path = "support/binary_harness.rs"]

@@ -79,7 +79,7 @@ impl RedisServer {
         let child = match child {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed: run `bash scripts/redis-setup.sh` (installs the Debian package) and try again"
+                "redis-server is not installed: run `bash scripts/test.sh` (installs it, then runs the tests) or `apt-get install redis-server`"
             ),
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
