@@ -88,8 +88,14 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
         return (StatusCode::NOT_FOUND, "metrics recorder not installed\n").into_response();
     };
     let ttl = state.cache.current().map_or(Duration::ZERO, |t| t.ttl());
-    metrics::gauge!(metric_names::TOKEN_EXPIRY_SECONDS.name).set(ttl.as_secs_f64());
-    metrics::gauge!(metric_names::TOKEN_VALID.name).set(if ttl.is_zero() { 0.0 } else { 1.0 });
+    let source = state.cache.name().to_owned();
+    metrics::gauge!(metric_names::TOKEN_EXPIRY_SECONDS.name, "source" => source.clone())
+        .set(ttl.as_secs_f64());
+    metrics::gauge!(metric_names::TOKEN_VALID.name, "source" => source).set(if ttl.is_zero() {
+        0.0
+    } else {
+        1.0
+    });
     handle.run_upkeep();
     (
         StatusCode::OK,

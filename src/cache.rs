@@ -7,7 +7,9 @@
 //! * A failed refresh keeps the still-valid token. With no valid token, a
 //!   failure is remembered with growing backoff, so callers get the error at
 //!   once instead of each starting a fetch.
-//! * `invalidate(&token)` drops the entry only if it still holds that token.
+//! * `reject(&token)` (an upstream answered `401`) drops the token only if
+//!   it is still the cached one, and only within the forced-refresh budget
+//!   (see [`forced_refresh`]); otherwise the caller hands the `401` back.
 //!
 //! Validity is judged on tokio's clock (so `tokio::time::pause` controls
 //! it); moka's own expiry, on its own clock, only evicts dead entries.
@@ -26,6 +28,9 @@ use moka::{Expiry, future::Cache, ops::compute::Op};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+mod forced_refresh;
+
+use self::forced_refresh::{ForcedRefreshBudget, ForcedRefreshDecision};
 use crate::{
     metric_names,
     oidc::ErrorClass,
@@ -36,6 +41,9 @@ use crate::{
 /// Settings of a [`TokenCache`].
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
+    /// The name of the token source, the `source` label of the cache's
+    /// metrics (default `"default"`).
+    pub name: String,
     /// Start a background refresh when the token has less than this left.
     pub refresh_before_expiry: Duration,
     /// Treat a token as expired when it has less than this left, so a
@@ -46,11 +54,17 @@ pub struct CacheOptions {
     /// How long to remember a fatal failure (a bad refresh token will not
     /// heal by itself; hammering the service does not help).
     pub fatal_backoff: Backoff,
+    /// Refreshes that upstream `401`s may force in any 60 seconds, all
+    /// tokens together (default 3). Each token is refreshed because of a
+    /// `401` at most once; beyond the budget the `401` is handed back and
+    /// the token kept. 0: a `401` never causes a refresh.
+    pub forced_refreshes_per_minute: u32,
 }
 
 impl Default for CacheOptions {
     fn default() -> Self {
         Self {
+            name: "default".to_owned(),
             refresh_before_expiry: Duration::from_secs(300),
             expiry_margin: Duration::from_secs(10),
             transient_backoff: Backoff {
@@ -65,6 +79,7 @@ impl Default for CacheOptions {
                 cap: Duration::from_secs(300),
                 jitter: Jitter::Equal,
             },
+            forced_refreshes_per_minute: 3,
         }
     }
 }
@@ -90,6 +105,20 @@ impl TokenUnavailable {
     pub fn class(&self) -> ErrorClass {
         self.source.class()
     }
+}
+
+/// What to do with a request whose token an upstream rejected (`401`); see
+/// [`TokenCache::reject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The rejected token is no longer handed out: a request may be sent
+    /// again with the token [`TokenCache::get`] returns. Either this
+    /// rejection forced a refresh, or the token had already been dropped or
+    /// replaced (then no further refresh is made).
+    Refresh,
+    /// The forced-refresh budget is spent: the token is kept, and the
+    /// `401` should go back to the client unchanged, without a replay.
+    Limited,
 }
 
 /// Result of [`TokenCache::lookup`].
@@ -121,8 +150,12 @@ pub struct CacheStats {
     pub refresh_ahead_failed: u64,
     /// Callers answered from a remembered failure without a fetch.
     pub failures_served_from_memory: u64,
-    /// Tokens invalidated after an upstream rejected them.
+    /// Tokens invalidated after an upstream rejected them (forced
+    /// refreshes allowed).
     pub invalidations: u64,
+    /// Upstream rejections turned away because the forced-refresh budget
+    /// was spent.
+    pub forced_refreshes_limited: u64,
 }
 
 #[derive(Default)]
@@ -135,6 +168,7 @@ struct Counters {
     refresh_ahead_failed: AtomicU64,
     failures_served_from_memory: AtomicU64,
     invalidations: AtomicU64,
+    forced_refreshes_limited: AtomicU64,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -190,6 +224,9 @@ struct Inner {
     failure: Mutex<Option<Failure>>,
     refresh: Mutex<RefreshAhead>,
     rejected: AtomicU64,
+    /// Refreshes upstream `401`s may still force; taken under this lock
+    /// together with the decision about the token.
+    forced_refreshes: Mutex<ForcedRefreshBudget>,
     counters: Counters,
 }
 
@@ -203,6 +240,7 @@ pub struct TokenCache {
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenCache")
+            .field("name", &self.inner.options.name)
             .field("source", &self.inner.key.0.0)
             .field("scopes", &self.inner.key.0.1)
             .field("options", &self.inner.options)
@@ -229,6 +267,9 @@ impl TokenCache {
                 key,
                 store,
                 hot: ArcSwapOption::empty(),
+                forced_refreshes: Mutex::new(ForcedRefreshBudget::new(
+                    options.forced_refreshes_per_minute,
+                )),
                 options,
                 failure: Mutex::new(None),
                 refresh: Mutex::new(RefreshAhead::default()),
@@ -315,22 +356,76 @@ impl TokenCache {
         *self.inner.failure.lock().expect("failure lock") = None;
     }
 
-    /// Drops `token` if it is still the cached one (an upstream rejected
-    /// it). A burst of calls for one old token causes one refresh.
-    pub async fn invalidate(&self, token: &Token) {
+    /// The name of the token source (the `source` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.options.name
+    }
+
+    /// An upstream rejected `token` (the token that very request carried)
+    /// with `401`. Decides whether that forces a refresh:
+    ///
+    /// * a token already rejected, or already replaced by a newer one,
+    ///   forces nothing: [`Rejection::Refresh`], and [`get`](Self::get)
+    ///   answers with the newer token (or the one fetch under way);
+    /// * the current token is dropped, so the next caller fetches a new
+    ///   one, when the forced-refresh budget allows:
+    ///   [`Rejection::Refresh`];
+    /// * otherwise the token is kept: [`Rejection::Limited`].
+    ///
+    /// Counted in `sso_token_proxy_forced_refreshes_total{source,decision}`.
+    pub fn reject(&self, token: &Token) -> Rejection {
         let inner = &*self.inner;
         let id = token.id();
-        inner.rejected.store(id, Ordering::Release);
-        let current = inner.hot.load_full();
-        if let Some(cur) = &current
-            && cur.id() == id
-        {
-            inner.hot.compare_and_swap(&current, None);
-            inner.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(metric_names::TOKEN_INVALIDATIONS_TOTAL.name).increment(1);
-            tracing::debug!(token_id = id, "token rejected upstream; invalidated");
+        let decision = {
+            let mut budget = inner.forced_refreshes.lock().expect("budget lock");
+            let current = inner.hot.load_full();
+            let superseded = inner.rejected.load(Ordering::SeqCst) == id
+                || current.as_ref().is_some_and(|c| c.id() != id);
+            if superseded {
+                ForcedRefreshDecision::Superseded
+            } else if budget.try_take(Instant::now()) {
+                inner.rejected.store(id, Ordering::SeqCst);
+                inner.hot.compare_and_swap(&current, None);
+                ForcedRefreshDecision::Allowed
+            } else {
+                ForcedRefreshDecision::Limited
+            }
+        };
+        metrics::counter!(
+            metric_names::FORCED_REFRESHES_TOTAL.name,
+            "source" => inner.options.name.clone(),
+            "decision" => decision.as_str()
+        )
+        .increment(1);
+        match decision {
+            ForcedRefreshDecision::Allowed => {
+                inner.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric_names::TOKEN_INVALIDATIONS_TOTAL.name, "source" => inner.options.name.clone())
+                    .increment(1);
+                tracing::info!(
+                    token_id = id,
+                    "token rejected upstream; dropped, the next request fetches a new one"
+                );
+                Rejection::Refresh
+            }
+            ForcedRefreshDecision::Superseded => {
+                tracing::debug!(token_id = id, "rejected token was already replaced");
+                Rejection::Refresh
+            }
+            ForcedRefreshDecision::Limited => {
+                inner
+                    .counters
+                    .forced_refreshes_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    token_id = id,
+                    limit = inner.options.forced_refreshes_per_minute,
+                    "token rejected upstream, but the forced-refresh budget is spent; \
+                     the token is kept and the 401 handed back"
+                );
+                Rejection::Limited
+            }
         }
-        self.remove_if_holds(id).await;
     }
 
     /// Counters of fetches and refreshes.
@@ -346,6 +441,7 @@ impl TokenCache {
             refresh_ahead_failed: load(&c.refresh_ahead_failed),
             failures_served_from_memory: load(&c.failures_served_from_memory),
             invalidations: load(&c.invalidations),
+            forced_refreshes_limited: load(&c.forced_refreshes_limited),
         }
     }
 
@@ -467,9 +563,10 @@ impl TokenCache {
                 }
             },
         };
-        metrics::counter!(metric_names::TOKEN_FETCHES_TOTAL.name, "outcome" => outcome)
+        let source = inner.options.name.clone();
+        metrics::counter!(metric_names::TOKEN_FETCHES_TOTAL.name, "source" => source.clone(), "outcome" => outcome)
             .increment(1);
-        metrics::histogram!(metric_names::TOKEN_FETCH_DURATION_SECONDS.name)
+        metrics::histogram!(metric_names::TOKEN_FETCH_DURATION_SECONDS.name, "source" => source)
             .record(started.elapsed().as_secs_f64());
         match &result {
             Ok(token) => tracing::info!(outcome, ttl_s = token.ttl().as_secs(), "token fetched"),
@@ -486,6 +583,9 @@ impl TokenCache {
 
     fn publish(&self, token: &Arc<Token>) {
         let inner = &*self.inner;
+        // Under the lock `reject` decides in, so a token rejected meanwhile
+        // is never published.
+        let _deciding = inner.forced_refreshes.lock().expect("budget lock");
         if self.is_rejected(token) {
             return;
         }
@@ -554,7 +654,8 @@ impl TokenCache {
             .counters
             .refresh_ahead
             .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(metric_names::REFRESH_AHEAD_TOTAL.name).increment(1);
+        metrics::counter!(metric_names::REFRESH_AHEAD_TOTAL.name, "source" => self.inner.options.name.clone())
+            .increment(1);
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.fetch(FetchKind::RefreshAhead).await;
@@ -799,25 +900,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn invalidate_burst_for_one_old_token_is_one_refresh() {
+    async fn reject_burst_for_one_old_token_is_one_refresh() {
         let fake = Fake::new(Duration::from_secs(3600), Duration::from_millis(50));
         let cache = TokenCache::new(fake.clone(), options(300));
         let old = cache.get().await.unwrap();
         let tasks = (0..100).map(|_| {
             let (c, old) = (cache.clone(), old.clone());
             tokio::spawn(async move {
-                c.invalidate(&old).await;
+                assert_eq!(c.reject(&old), Rejection::Refresh);
                 c.get().await.unwrap().id()
             })
         });
         let ids: Vec<_> = futures_util::future::join_all(tasks).await;
         assert!(ids.iter().all(|id| *id.as_ref().unwrap() != old.id()));
         assert_eq!(fake.calls(), 2);
-        // A late invalidation of the old token leaves the new one alone.
+        assert_eq!(cache.stats().invalidations, 1);
+        // A late rejection of the old token leaves the new one alone.
         let new = cache.get().await.unwrap();
-        cache.invalidate(&old).await;
+        assert_eq!(cache.reject(&old), Rejection::Refresh);
         assert_eq!(cache.get().await.unwrap().id(), new.id());
         assert_eq!(fake.calls(), 2);
+        assert_eq!(cache.stats().invalidations, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejections_beyond_the_budget_keep_the_token() {
+        let fake = Fake::new(Duration::from_secs(3600), Duration::from_millis(10));
+        let cache = TokenCache::new(fake.clone(), options(300));
+        // Three forced refreshes a minute, one per token.
+        for n in 1..=3 {
+            let token = cache.get().await.unwrap();
+            assert_eq!(cache.reject(&token), Rejection::Refresh);
+            assert!(
+                cache.try_get_now().is_none(),
+                "the rejected token is dropped"
+            );
+            assert_ne!(cache.get().await.unwrap().id(), token.id());
+            assert_eq!(fake.calls(), n + 1);
+        }
+        let kept = cache.get().await.unwrap();
+        for _ in 0..1000 {
+            assert_eq!(cache.reject(&kept), Rejection::Limited);
+            assert_eq!(cache.try_get_now().unwrap().id(), kept.id());
+        }
+        assert_eq!(fake.calls(), 4);
+        assert_eq!(cache.stats().forced_refreshes_limited, 1000);
+        // The window slides: a minute after the first, one more is allowed.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(cache.reject(&kept), Rejection::Refresh);
+        assert_ne!(cache.get().await.unwrap().id(), kept.id());
+        assert_eq!(fake.calls(), 5);
     }
 
     #[tokio::test(start_paused = true)]
@@ -825,8 +957,8 @@ mod tests {
         let fake = Fake::new(Duration::from_secs(3600), Duration::from_millis(10));
         let cache = TokenCache::new(fake.clone(), options(300));
         let old = cache.get().await.unwrap();
-        cache.invalidate(&old).await;
-        // A caller that read `old` just before the invalidation stores it
+        assert_eq!(cache.reject(&old), Rejection::Refresh);
+        // A caller that read `old` just before the rejection stores it
         // again, as moka's single-flight can.
         cache
             .inner

@@ -19,7 +19,7 @@
 //!     .find(|m| m.name == "sso_token_proxy_token_fetches_total")
 //!     .unwrap();
 //! assert_eq!(fetches.kind, MetricKind::Counter);
-//! assert_eq!(fetches.labels, ["outcome"]);
+//! assert_eq!(fetches.labels, ["source", "outcome"]);
 //! ```
 
 /// The Prometheus type of a metric.
@@ -137,31 +137,31 @@ pub const UPSTREAM_CONNECTIONS_IDLE: Metric = gauge(
 /// Token fetches by outcome (`success`, `throttled`, `transient`, `fatal`).
 pub const TOKEN_FETCHES_TOTAL: Metric = counter(
     "sso_token_proxy_token_fetches_total",
-    &["outcome"],
+    &["source", "outcome"],
     "Token fetches by outcome: success, throttled, transient, fatal.",
 );
 /// Token fetch duration, retries included.
 pub const TOKEN_FETCH_DURATION_SECONDS: Metric = histogram(
     "sso_token_proxy_token_fetch_duration_seconds",
-    &[],
+    &["source"],
     "Token fetch duration, retries included.",
 );
 /// Seconds until the current token expires.
 pub const TOKEN_EXPIRY_SECONDS: Metric = gauge(
     "sso_token_proxy_token_expiry_seconds",
-    &[],
+    &["source"],
     "Seconds until the current token expires (0 without one).",
 );
 /// 1 while a valid token is held.
 pub const TOKEN_VALID: Metric = gauge(
     "sso_token_proxy_token_valid",
-    &[],
+    &["source"],
     "1 while a valid token is held, else 0.",
 );
 /// Background refreshes started.
 pub const REFRESH_AHEAD_TOTAL: Metric = counter(
     "sso_token_proxy_refresh_ahead_total",
-    &[],
+    &["source"],
     "Background refreshes started before expiry.",
 );
 /// Retry decisions per failed SSO-OIDC attempt.
@@ -173,8 +173,15 @@ pub const OIDC_RETRY_DECISIONS_TOTAL: Metric = counter(
 /// Tokens dropped after an upstream 401.
 pub const TOKEN_INVALIDATIONS_TOTAL: Metric = counter(
     "sso_token_proxy_token_invalidations_total",
-    &[],
+    &["source"],
     "Tokens dropped after an upstream 401.",
+);
+/// Upstream 401s by what they did to the token (`allowed`, `superseded`,
+/// `limited`).
+pub const FORCED_REFRESHES_TOTAL: Metric = counter(
+    "sso_token_proxy_forced_refreshes_total",
+    &["source", "decision"],
+    "Upstream 401s by decision: allowed (token dropped, a refresh follows), superseded (already dropped or replaced), limited (forced-refresh budget spent; token kept, 401 handed back).",
 );
 /// Failed writes of the state or cache file.
 pub const PERSIST_FAILURES_TOTAL: Metric = counter(
@@ -255,6 +262,7 @@ pub const ALL: &[Metric] = &[
     REFRESH_AHEAD_TOTAL,
     OIDC_RETRY_DECISIONS_TOTAL,
     TOKEN_INVALIDATIONS_TOTAL,
+    FORCED_REFRESHES_TOTAL,
     PERSIST_FAILURES_TOTAL,
     STORE_UP,
     STORE_DEGRADED,

@@ -335,6 +335,66 @@ async fn retry_off_hands_back_the_401_and_drops_the_token() {
     assert_eq!(cache.stats().invalidations, 1);
 }
 
+/// An upstream that answers `401` to every request for a minute: the
+/// cache's forced-refresh budget holds the token source to a handful of
+/// fetches, and beyond it each `401` goes back to the caller unchanged
+/// without a replay.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_rejecting_everything_for_a_minute_costs_at_most_five_fetches() {
+    let (source, cache) = fake_cache();
+    let upstream_calls = Arc::new(AtomicU64::new(0));
+    let seen_tokens = Arc::new(Mutex::new(Vec::<String>::new()));
+    let inner = {
+        let (calls, seen) = (upstream_calls.clone(), seen_tokens.clone());
+        tower::service_fn(move |request: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let token = request.headers()[AUTHORIZATION]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            seen.lock().unwrap().push(token);
+            let mut response = Response::new(Body::from("rejected"));
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        })
+    };
+    let mut service = BearerTokenLayer::new(cache.clone()).layer(inner);
+    let start = tokio::time::Instant::now();
+    let mut requests = 0u64;
+    while start.elapsed() < Duration::from_secs(60) {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("{}"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(body_bytes(response.into_body()).await, "rejected");
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(requests, 1200);
+    let fetches = source.fetches();
+    assert!(fetches <= 5, "{fetches} token fetches");
+    // The first token plus the default budget of three forced refreshes.
+    assert_eq!(fetches, 4);
+    // One replay per forced refresh, none beyond the budget.
+    assert_eq!(upstream_calls.load(Ordering::SeqCst), requests + 3);
+    assert_eq!(cache.stats().forced_refreshes_limited, requests - 3);
+    // Every token reached the upstream; none after it was dropped.
+    let seen = seen_tokens.lock().unwrap().clone();
+    for n in 0..3 {
+        let token = format!("Bearer fake-{n}");
+        let last = seen.iter().rposition(|t| *t == token).unwrap();
+        let next = format!("Bearer fake-{}", n + 1);
+        assert!(
+            seen[..last].iter().all(|t| *t != next),
+            "{token} after {next}"
+        );
+    }
+}
+
 // === token failures ===
 
 #[tokio::test]

@@ -513,6 +513,43 @@ async fn upstream_401_passes_through_for_a_streamed_body() {
     assert_eq!(proxy.source.calls(), 2);
 }
 
+/// Issue 12: an upstream that rejects everything gets each request once,
+/// plus one replay per forced refresh; the token source is asked a handful
+/// of times, not once per request.
+#[tokio::test]
+async fn upstream_rejecting_everything_causes_a_handful_of_refreshes_not_one_per_request() {
+    let upstream = Upstream::start().await;
+    upstream.reject_all();
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+
+    for i in 0..200 {
+        let request = Request::post(proxy.url(&format!("/r/{i}")))
+            .body(full("replayable"))
+            .unwrap();
+        let (parts, body) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, "rejected", "the upstream's 401 is handed back");
+        assert_eq!(parts.headers["www-authenticate"], "Bearer");
+    }
+    // The first token and three forced refreshes (the default budget).
+    assert_eq!(proxy.source.calls(), 4);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 200 + 3, "one replay per forced refresh");
+    let per_path = |i: usize| {
+        seen.iter()
+            .filter(|s| s.uri == format!("/r/{i}"))
+            .map(|s| s.header("authorization").unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(per_path(0), ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(per_path(1), ["Bearer token-2", "Bearer token-3"]);
+    assert_eq!(per_path(2), ["Bearer token-3", "Bearer token-4"]);
+    for i in 3..200 {
+        assert_eq!(per_path(i), ["Bearer token-4"], "request {i}");
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     let upstream = Upstream::start().await;

@@ -19,32 +19,13 @@ use super::{
     service::{Shared, record_outcome},
 };
 use crate::{
-    cache::{TokenCache, TokenUnavailable},
+    cache::{Rejection, TokenUnavailable},
     token::Token,
 };
 
 /// A token being fetched (miss path and after a `401` only).
 pub(super) type TokenFuture =
     Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
-
-/// A rejected token being dropped from the cache.
-type InvalidateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Drops the rejected token and gets another. A concurrent miss that read
-/// the rejected token from the cache before it was dropped can publish it
-/// again; then it is dropped again, a bounded number of times.
-async fn refetch(cache: &TokenCache, rejected: &Token) -> Result<Arc<Token>, TokenUnavailable> {
-    const ROUNDS: usize = 3;
-    let mut round = 1;
-    loop {
-        cache.invalidate(rejected).await;
-        let result = cache.get().await;
-        match &result {
-            Ok(token) if token.id() == rejected.id() && round < ROUNDS => round += 1,
-            _ => return result,
-        }
-    }
-}
 
 pin_project! {
     /// Response future of [`BearerTokenService`](super::BearerTokenService).
@@ -53,7 +34,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future, S::Response>,
+        state: State<S::Future>,
         // Before the first call: the request waiting for its token. After
         // it: the copy kept for a replay, if the body allows one.
         request: Option<Request<B>>,
@@ -68,15 +49,12 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, R> {
+    enum State<F> {
         // Miss path: waiting for the token.
         Fetching { fetch: TokenFuture },
         // The first call.
         Calling { #[pin] future: F },
-        // `401` without a replay: dropping the token, then handing back the
-        // response.
-        Invalidating { invalidate: InvalidateFuture, response: Option<Box<R>> },
-        // `401` with a replay: dropping the token and fetching a new one.
+        // `401` with a replay: fetching a token other than the rejected one.
         Refetching { fetch: TokenFuture },
         // Waiting for the service to be ready for the replay.
         ReplayReady,
@@ -175,54 +153,43 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     };
-                    let cache = this.shared.cache.clone();
-                    if this.request.is_some() && this.service.is_some() {
+                    // The cache decides: this very token was sent, and
+                    // forced refreshes are rate-limited.
+                    let rejection = this.shared.cache.reject(&rejected);
+                    let replayable = this.request.is_some() && this.service.is_some();
+                    if rejection == Rejection::Limited || !replayable {
                         tracing::debug!(
                             token_id = rejected.id(),
-                            "upstream answered 401; replaying with a new token"
+                            ?rejection,
+                            replayable,
+                            "upstream answered 401; handing it back"
                         );
-                        // The 401's body is of no use; let its connection go.
-                        drop(response);
-                        let span = tracing::debug_span!(
-                            "token_acquisition",
-                            cache = "miss",
-                            trigger = "unauthorized",
-                            outcome = Empty,
-                            kind = Empty
-                        );
-                        let fetch: TokenFuture = Box::pin(
-                            async move {
-                                let result = refetch(&cache, &rejected).await;
-                                record_outcome(&result);
-                                result
-                            }
-                            .instrument(span),
-                        );
-                        this.state.set(State::Refetching { fetch });
-                    } else {
-                        tracing::debug!(
-                            token_id = rejected.id(),
-                            "upstream answered 401; request not replayable, token dropped"
-                        );
-                        let invalidate: InvalidateFuture =
-                            Box::pin(async move { cache.invalidate(&rejected).await });
-                        // Boxed: keeps this rare state from growing every future.
-                        this.state.set(State::Invalidating {
-                            invalidate,
-                            response: Some(Box::new(response)),
-                        });
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
                     }
-                }
-                StateProj::Invalidating {
-                    invalidate,
-                    response,
-                } => {
-                    ready!(invalidate.as_mut().poll(cx));
-                    let response = response
-                        .take()
-                        .expect("response held until the token is dropped");
-                    this.state.set(State::Done);
-                    return Poll::Ready(Ok(*response));
+                    tracing::debug!(
+                        token_id = rejected.id(),
+                        "upstream answered 401; replaying with a new token"
+                    );
+                    // The 401's body is of no use; let its connection go.
+                    drop(response);
+                    let cache = this.shared.cache.clone();
+                    let span = tracing::debug_span!(
+                        "token_acquisition",
+                        cache = "miss",
+                        trigger = "unauthorized",
+                        outcome = Empty,
+                        kind = Empty
+                    );
+                    let fetch: TokenFuture = Box::pin(
+                        async move {
+                            let result = cache.get().await;
+                            record_outcome(&result);
+                            result
+                        }
+                        .instrument(span),
+                    );
+                    this.state.set(State::Refetching { fetch });
                 }
                 StateProj::Refetching { fetch } => match ready!(fetch.as_mut().poll(cx)) {
                     Ok(token) => {

@@ -11,12 +11,17 @@
 //!   fetch however many requests wait), then the inner service is called. A
 //!   failure answers [`BearerTokenError::Token`]; [`unavailable_response`]
 //!   turns it into a `503` with `Retry-After`.
-//! * **`401`.** The rejected token is dropped from the cache. When the
-//!   request's body is [replayable](ReplayableBody) and
+//! * **`401`.** The [cache decides](TokenCache::reject): only the token
+//!   this very request carried is dropped, each token at most once, and
+//!   within a budget of forced refreshes per minute. When the token was
+//!   dropped (or already replaced) and the request's body is
+//!   [replayable](ReplayableBody) and
 //!   [`retry_on_unauthorized`](BearerTokenLayer::retry_on_unauthorized) is on
 //!   (the default), the request is sent once more with a fresh token and
-//!   that answer is final; otherwise the `401` is handed back. Requests that
-//!   fail together with the same old token cause one refresh.
+//!   that answer is final. Otherwise, and whenever the budget is spent, the
+//!   `401` is handed back unchanged. Requests that fail together with the
+//!   same old token cause one refresh; an upstream that rejects everything
+//!   causes a handful of refreshes a minute, not one per request.
 //!
 //! Each token acquisition is a `token_acquisition` span with the fields
 //! `cache` (`hit`, `refresh_ahead`, `miss`) and `outcome`; hits are traced at

@@ -63,7 +63,9 @@ impl BearerTokenLayer {
 
     /// Whether a request whose body is replayable is sent again, once, with
     /// a fresh token after the upstream answers `401` (default `true`). The
-    /// rejected token is dropped from the cache either way.
+    /// cache decides about the rejected token either way (see
+    /// [`TokenCache::reject`]); when its forced-refresh budget is spent the
+    /// `401` is handed back without a replay.
     #[must_use]
     pub fn retry_on_unauthorized(mut self, retry: bool) -> Self {
         self.shared.retry_on_unauthorized = retry;

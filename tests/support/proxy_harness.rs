@@ -125,6 +125,8 @@ struct UpstreamState {
     seen: Mutex<Vec<Seen>>,
     /// `Authorization` values answered `401`.
     rejected: Mutex<HashSet<String>>,
+    /// Answer every request `401`, whatever it carries.
+    reject_all: AtomicBool,
     /// Held requests report here once their head and body have arrived.
     arrived: Mutex<Option<mpsc::UnboundedSender<String>>>,
     release: Notify,
@@ -259,6 +261,11 @@ impl Upstream {
             .insert(authorization.to_owned());
     }
 
+    /// From now on answers every request `401`.
+    pub(crate) fn reject_all(&self) {
+        self.state.reject_all.store(true, Ordering::SeqCst);
+    }
+
     /// Waits until a held request has arrived; returns its path.
     pub(crate) async fn wait_arrived(&self) -> String {
         let mut rx = self.arrived.lock().await;
@@ -345,7 +352,9 @@ async fn upstream_handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if state.rejected.lock().unwrap().contains(authorization) {
+    if state.reject_all.load(Ordering::SeqCst)
+        || state.rejected.lock().unwrap().contains(authorization)
+    {
         let mut response = Response::new(full("rejected"));
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         response
