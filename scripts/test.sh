@@ -21,6 +21,9 @@ REQUIREMENTS=(
     "kill|type -P kill|apt:procps"
     "python3|type -P python3|apt:python3"
     "boto3|python3 -c 'import boto3'|pip:boto3 apt:python3-boto3"
+    # The monitoring kit: promtool for the rule tests, prometheus for the
+    # real-Prometheus alert test.
+    "prometheus|type -P prometheus && type -P promtool|apt:prometheus"
 )
 
 log="$(mktemp)"

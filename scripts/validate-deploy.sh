@@ -2,7 +2,10 @@
 # Validates deploy/: lints deploy/Dockerfile, validates every manifest in
 # deploy/kubernetes/ against pinned Kubernetes API schemas (strict: unknown
 # fields fail), checks kustomization.yaml and that the manifests, config and
-# Dockerfile agree with each other, and runs `sso-token-proxy check-config`
+# Dockerfile agree with each other, validates the Prometheus Operator overlay
+# (prometheus-operator/: a PodMonitor against a strict schema of the
+# monitoring.coreos.com/v1 fields it uses, its selector, port and path
+# against the Deployment), and runs `sso-token-proxy check-config`
 # on the config.toml shipped in the ConfigMap.
 #
 # Usage (from anywhere; CI runs it after building the binary):
@@ -410,6 +413,165 @@ def check_consistency():
     return problems
 
 
+# === Prometheus Operator overlay: PodMonitor ===
+#
+# The PodMonitor CRD's schema is not in kubernetes-validate, and the full CRD
+# (another project's 80 kB file) is not vendored here: instead a strict
+# schema of the fields this example uses, with their types and patterns as
+# in monitoring.coreos.com/v1, so a misspelt or misplaced field fails.
+
+OPERATOR_DIR = os.path.join(MANIFEST_DIR, "prometheus-operator")
+PROM_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+PODMONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "labels": STRING_MAP,
+                "annotations": STRING_MAP,
+            },
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": STRING_MAP},
+                    "required": ["matchLabels"],
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": {"type": "string", "pattern": PROM_DURATION},
+                            "scrapeTimeout": {"type": "string", "pattern": PROM_DURATION},
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def validate_podmonitor(doc):
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(PODMONITOR_SCHEMA)
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    ]
+
+
+def check_operator_overlay():
+    problems = []
+    kust_path = os.path.join(OPERATOR_DIR, "kustomization.yaml")
+    kust = load_docs(kust_path)[0]
+    if kust.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or kust.get("kind") != "Kustomization":
+        problems.append(f"{kust_path}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
+    for key in sorted(set(kust) - KUSTOMIZATION_KEYS):
+        problems.append(f"{kust_path}: unknown Kustomization field {key!r}")
+    resources = kust.get("resources") or []
+    if ".." not in resources or not os.path.isfile(os.path.join(MANIFEST_DIR, "kustomization.yaml")):
+        problems.append(f"{kust_path}: resources must include the base (..)")
+    for n in sorted(os.listdir(OPERATOR_DIR)):
+        if n.endswith((".yaml", ".yml")) and n != "kustomization.yaml" and n not in resources:
+            problems.append(f"{n} is in {OPERATOR_DIR} but not listed in resources")
+    for res in resources:
+        if res != ".." and not os.path.isfile(os.path.join(OPERATOR_DIR, res)):
+            problems.append(f"{kust_path}: resource {res!r} does not exist")
+
+    monitors = [
+        d for n in resources if n != ".." and os.path.isfile(os.path.join(OPERATOR_DIR, n))
+        for d in load_docs(os.path.join(OPERATOR_DIR, n)) if d.get("kind") == "PodMonitor"
+    ]
+    if len(monitors) != 1:
+        return problems + [f"expected one PodMonitor in {OPERATOR_DIR}, found {len(monitors)}"]
+    pm = monitors[0]
+    schema_problems = validate_podmonitor(pm)
+    problems += [f"podmonitor/{pm.get('metadata', {}).get('name', '?')}: {p}" for p in schema_problems]
+    if schema_problems:
+        return problems
+    print(f"  podmonitor/{pm['metadata']['name']}: valid against the monitoring.coreos.com/v1 subset (strict)")
+
+    # The PodMonitor scrapes what the Deployment serves and its annotations say.
+    dep = one("Deployment")
+    template = dep["spec"]["template"]
+    pod_labels = template["metadata"].get("labels", {})
+    for k, v in pm["spec"]["selector"]["matchLabels"].items():
+        if pod_labels.get(k) != v:
+            problems.append(f"PodMonitor selector {k}={v} does not match the pod template's labels {pod_labels}")
+    sidecar = [c for c in template["spec"].get("initContainers", []) if c.get("name") == SIDECAR]
+    ports = {p.get("name"): p["containerPort"] for c in sidecar for p in c.get("ports", [])}
+    ann = template["metadata"].get("annotations", {})
+    admin_port = tomllib.loads(config_text())["admin"]["listen"].rsplit(":", 1)[1]
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        port = ports.get(ep["port"])
+        if port is None:
+            problems.append(f"PodMonitor port {ep['port']!r} is not a named port of {SIDECAR} ({sorted(ports)})")
+            continue
+        if str(port) != admin_port:
+            problems.append(f"PodMonitor port {ep['port']} is {port}, but admin.listen uses {admin_port}")
+        if str(port) != ann.get("prometheus.io/port"):
+            problems.append(f"PodMonitor scrapes port {port}, the prometheus.io/port annotation says {ann.get('prometheus.io/port')}")
+        path = ep.get("path", "/metrics")
+        if path != ann.get("prometheus.io/path"):
+            problems.append(f"PodMonitor path {path}, the prometheus.io/path annotation says {ann.get('prometheus.io/path')}")
+        interval = duration_seconds(ep.get("interval", "30s"))
+        if interval > 30:
+            problems.append(f"PodMonitor interval {ep['interval']}: the alert rules assume at most 30s")
+        if "scrapeTimeout" in ep and duration_seconds(ep["scrapeTimeout"]) > interval:
+            problems.append("PodMonitor scrapeTimeout is longer than its interval")
+    return problems
+
+
+def operator_self_test():
+    """The PodMonitor schema must reject a misspelt field and a bad duration."""
+    pm = [d for d in load_docs(os.path.join(OPERATOR_DIR, "podmonitor.yaml")) if d.get("kind") == "PodMonitor"][0]
+    problems = []
+    for mutate, what in [
+        (lambda d: d["spec"]["podMetricsEndpoints"][0].update({"prot": "admin"}), "an unknown endpoint field"),
+        (lambda d: d["spec"]["podMetricsEndpoints"][0].update({"interval": "30 seconds"}), "a malformed interval"),
+        (lambda d: d["metadata"].update({"namespace": "x"}), "a namespace"),
+    ]:
+        bad = copy.deepcopy(pm)
+        mutate(bad)
+        if not validate_podmonitor(bad):
+            problems.append(f"the PodMonitor schema accepted {what}")
+    return problems
+
+
 # === render: config.toml with the in-pod paths moved into a temp dir ===
 
 def render(tmp):
@@ -449,6 +611,8 @@ def main():
         problems = check_dockerfile()
     elif mode == "consistency":
         problems = check_consistency()
+    elif mode == "operator":
+        problems = operator_self_test() + check_operator_overlay()
     elif mode == "render":
         render(sys.argv[2])
         return 0
@@ -506,6 +670,9 @@ done
 
 step "consistency: Dockerfile, ConfigMap, Secret, Deployment"
 if py consistency; then pass "cross-file consistency"; else fail "cross-file consistency"; fi
+
+step "Prometheus Operator overlay ($MANIFEST_DIR/prometheus-operator): PodMonitor schema, selector, port and path"
+if py operator; then pass "PodMonitor"; else fail "PodMonitor"; fi
 
 # ---------------------------------------------------------------------------
 # check-config on the shipped config.toml
