@@ -36,31 +36,15 @@ const ANNOUNCED_METRICS: &[(&str, &[&str], &str)] = &[
         &["source"],
         "issue 13 item 3 (one persistence path)",
     ),
-    (
-        "sso_token_proxy_forced_refreshes_total",
-        &["source", "decision"],
-        "issue 12 item 2 (bounded 401-driven refreshes)",
-    ),
 ];
 
 /// Labels announced for existing metrics: (metric, label, who adds it).
 const ANNOUNCED_LABELS: &[(&str, &str, &str)] = &[
     (
         "sso_token_proxy_token_fetches_total",
-        "source",
-        "issue 15 item 3",
-    ),
-    (
-        "sso_token_proxy_token_fetches_total",
         "kind",
         "issue 15 item 3",
     ),
-    (
-        "sso_token_proxy_token_expiry_seconds",
-        "source",
-        "issue 15 item 3",
-    ),
-    ("sso_token_proxy_token_valid", "source", "issue 15 item 3"),
     ("sso_token_proxy_requests_total", "route", "issue 15 item 1"),
     (
         "sso_token_proxy_request_duration_seconds",
