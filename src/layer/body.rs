@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 /// A body that cannot be copied (a stream) returns `None`; its request is
 /// sent once and a `401` is handed back to the caller. In-memory bodies
 /// (`Full`, `Empty`, `Bytes`, `String`, `Vec<u8>`, `()`) are replayable;
-/// streams (`hyper::body::Incoming`, `axum::body::Body`, boxed bodies) are
+/// streams (`hyper::body::Incoming`, `axum::body::Body` with the `axum` feature, boxed bodies) are
 /// not. [`ReplayBody`] lets one body type be either, per request: collect a
 /// small body into [`ReplayBody::buffered`] to make its request replayable.
 pub trait ReplayableBody: Sized {
@@ -82,7 +82,8 @@ impl ReplayableBody for hyper::body::Incoming {
     }
 }
 
-impl ReplayableBody for axum::body::Body {
+#[cfg(feature = "axum")]
+impl ReplayableBody for axum_core::body::Body {
     fn try_clone(&self) -> Option<Self> {
         None
     }
