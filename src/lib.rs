@@ -3,6 +3,20 @@
 //! Obtains OAuth 2.0 bearer tokens from AWS IAM Identity Center OIDC
 //! (`CreateToken`), keeps them fresh, and puts `Authorization: Bearer …` on
 //! outbound requests — as a tower layer or as a sidecar reverse proxy.
+//!
+//! # Cargo features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `layer` | the library core: [`BearerTokenLayer`], `TokenCache`, the token sources, the SSO-OIDC client and its retry policy |
+//! | `axum` | [`ReplayableBody`] for `axum::body::Body` (axum-core only) |
+//! | `redis` | `store`: the token store replicas share on Redis |
+//! | `emulator` | `emulator`: the in-process SSO-OIDC emulator, for tests |
+//! | `proxy` (default) | the `sso-token-proxy` binary and the `proxy` module; implies all of the above |
+//!
+//! A library user depends on `default-features = false, features =
+//! ["layer"]`: no axum server, clap, redis, toml or Prometheus exporter, and
+//! tokio with `rt`, `sync` and `time` only.
 
 #[cfg(feature = "proxy")]
 pub mod admin;

@@ -1,4 +1,4 @@
-//! Middleware that puts a bearer token from a [`TokenCache`] on every
+//! Middleware that puts a bearer token from a [`TokenCache`](crate::cache::TokenCache) on every
 //! outbound request.
 //!
 //! [`BearerTokenService`] sets `Authorization: Bearer <token>` (or another
