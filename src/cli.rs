@@ -468,7 +468,20 @@ async fn run(path: &Path) -> Result<(), Failure> {
 /// Re-reads the secret files on SIGHUP, and when their modification time
 /// changes (a Kubernetes Secret update swaps the file), without dropping
 /// connections or the current token.
+///
+/// SIGHUP is always handled, so that it never terminates the proxy (its
+/// default action): with inline secrets there is nothing to reload, and
+/// that is logged. The handler is installed before this returns, so a
+/// signal sent once the proxy has started is never fatal.
 fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cache: TokenCache) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; secret files are still watched");
+            None
+        }
+    };
     let client_secret_file = config
         .oidc
         .client_secret
@@ -480,6 +493,15 @@ fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cach
         .as_ref()
         .and_then(|s| s.file.clone());
     if client_secret_file.is_none() && refresh_token_file.is_none() {
+        if let Some(mut hup) = hup {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP: nothing to reload (no *_file secrets are configured); still serving"
+                    );
+                }
+            });
+        }
         return;
     }
     let mtime = |p: &Option<PathBuf>| {
@@ -487,14 +509,6 @@ fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cach
             .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
     };
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; secret files are still watched");
-                None
-            }
-        };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = (mtime(&client_secret_file), mtime(&refresh_token_file));

@@ -1205,3 +1205,68 @@ async fn sighup_reloads_a_replaced_refresh_token() {
     })
     .await;
 }
+
+/// SIGHUP never terminates the proxy: with inline secrets there is nothing
+/// to reload, and a request in flight when the signal arrives still gets
+/// its answer; later requests are served and SIGTERM still exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_inline_secrets_keeps_serving() {
+    bounded("sighup inline", async {
+        let env = env().await;
+        let mut proxy = env
+            .start(Opts {
+                inline_secrets: true,
+                ..Opts::default()
+            })
+            .await;
+        let http = Http::new();
+        assert_eq!(http.get(&proxy.url("/warm")).await.status, StatusCode::OK);
+        let before = env.emulator.counters().echo_authorized;
+        let slow = tokio::spawn({
+            let http = Http::new();
+            let req = get_with(&proxy.url("/slow"), &[("x-echo-delay-ms", "1500")]);
+            async move { http.send(req).await }
+        });
+        poll_until(
+            Duration::from_secs(10),
+            "the slow request to reach the upstream",
+            || {
+                let c = env.emulator.counters();
+                async move { (c.echo_authorized > before).then_some(()) }
+            },
+        )
+        .await;
+
+        let pid = proxy.child.id().expect("running");
+        for _ in 0..2 {
+            let status = std::process::Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        poll_until(Duration::from_secs(10), "the SIGHUP to be logged", || {
+            let log = proxy.stderr();
+            async move { log.contains("nothing to reload").then_some(()) }
+        })
+        .await;
+        assert!(
+            proxy.child.try_wait().unwrap().is_none(),
+            "SIGHUP ended the process; stderr:\n{}",
+            proxy.stderr()
+        );
+        let r = slow.await.expect("slow request task");
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(http.get(&proxy.url("/after")).await.status, StatusCode::OK);
+
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{status}; stderr:\n{}",
+            proxy.stderr()
+        );
+    })
+    .await;
+}

@@ -82,6 +82,9 @@ pub(crate) struct Opts {
     pub(crate) token: String,
     /// Lines of `[retry]`.
     pub(crate) retry: String,
+    /// Write the client secret and refresh token into the config itself
+    /// instead of naming the secret files.
+    pub(crate) inline_secrets: bool,
 }
 
 impl Default for Opts {
@@ -91,6 +94,7 @@ impl Default for Opts {
             proxy: "shutdown_grace = \"10s\"\n".to_owned(),
             token: String::new(),
             retry: "base_delay = \"50ms\"\nthrottle_base_delay = \"100ms\"\n".to_owned(),
+            inline_secrets: false,
         }
     }
 }
@@ -151,6 +155,23 @@ impl Env {
     /// A complete, valid config for the refresh-token source.
     pub(crate) fn config_text(&self, listen: SocketAddr, admin: SocketAddr, opts: &Opts) -> String {
         let url = self.emulator.url();
+        let (client_secret, refresh_token) = if opts.inline_secrets {
+            (
+                format!("client_secret = \"{}\"", self.client_secret),
+                format!("refresh_token = \"{}\"", self.refresh_token),
+            )
+        } else {
+            (
+                format!(
+                    "client_secret_file = \"{}\"",
+                    self.path("client_secret").display()
+                ),
+                format!(
+                    "refresh_token_file = \"{}\"",
+                    self.path("refresh_token").display()
+                ),
+            )
+        };
         format!(
             r#"[proxy]
 listen = "{listen}"
@@ -162,19 +183,17 @@ listen = "{admin}"
 [oidc]
 endpoint = "{url}"
 client_id = "{client_id}"
-client_secret_file = "{secret}"
+{client_secret}
 
 [token]
 source = "refresh_token"
-refresh_token_file = "{refresh}"
+{refresh_token}
 state_file = "{state}"
 {token}
 [retry]
 {retry}"#,
             proxy = opts.proxy,
             client_id = self.client_id,
-            secret = self.path("client_secret").display(),
-            refresh = self.path("refresh_token").display(),
             state = self.state_file().display(),
             token = opts.token,
             retry = opts.retry,
