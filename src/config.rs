@@ -14,6 +14,7 @@ use toml::{Table, Value};
 use crate::{
     fs_atomic::expand_tilde,
     oidc::{EndpointParams, resolve_endpoint},
+    proxy::EscapedSlashes,
     retry::{Backoff, Jitter, RetryConfig},
     secret::Secret,
 };
@@ -86,6 +87,28 @@ pub struct ProxyConfig {
     /// Request bodies up to this size are buffered so that a request can be
     /// replayed after an upstream 401.
     pub max_replay_body_bytes: usize,
+    /// What `%2F`, `%5C` and `\` in a request path do.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl ProxyConfig {
+    /// A config with every optional key at its default.
+    pub fn new(listen: SocketAddr, upstream: Uri) -> Self {
+        Self {
+            listen,
+            upstream,
+            upstream_ca_file: None,
+            preserve_host: false,
+            forwarded_headers: true,
+            shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(60),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_replay_body_bytes: 64 * 1024,
+            escaped_slashes: EscapedSlashes::Keep,
+        }
+    }
 }
 
 /// `[admin]`.
@@ -384,6 +407,21 @@ impl Reader {
         }
     }
 
+    fn escaped_slashes(&mut self, s: &Section<'_>, default: EscapedSlashes) -> EscapedSlashes {
+        match self.string(s, "escaped_slashes").as_deref() {
+            None => default,
+            Some("keep") => EscapedSlashes::Keep,
+            Some("reject") => EscapedSlashes::Reject,
+            Some(other) => {
+                self.problem(
+                    format!("{}.escaped_slashes", s.name),
+                    format!("`{other}` is not a policy; write \"keep\" or \"reject\""),
+                );
+                default
+            }
+        }
+    }
+
     fn socket_addr(&mut self, s: &Section<'_>, key: &str, required: bool) -> Option<SocketAddr> {
         let text = if required {
             self.required_string(s, key)?
@@ -539,6 +577,7 @@ impl Reader {
                 "upstream_response_timeout",
                 "idle_timeout",
                 "max_replay_body_bytes",
+                "escaped_slashes",
             ],
         );
         if s.table.is_none() && root.get("proxy").is_none() {
@@ -558,31 +597,32 @@ impl Reader {
                 format!("cannot read {}: {e}", p.display()),
             );
         }
+        let d = ProxyConfig::new(listen?, upstream?);
         let cfg = ProxyConfig {
-            listen: listen?,
-            upstream: upstream?,
             upstream_ca_file,
-            preserve_host: self.boolean(&s, "preserve_host", false),
-            forwarded_headers: self.boolean(&s, "forwarded_headers", true),
-            shutdown_grace: self.duration(&s, "shutdown_grace", Duration::from_secs(30)),
-            header_read_timeout: self.duration(&s, "header_read_timeout", Duration::from_secs(60)),
+            preserve_host: self.boolean(&s, "preserve_host", d.preserve_host),
+            forwarded_headers: self.boolean(&s, "forwarded_headers", d.forwarded_headers),
+            shutdown_grace: self.duration(&s, "shutdown_grace", d.shutdown_grace),
+            header_read_timeout: self.duration(&s, "header_read_timeout", d.header_read_timeout),
             upstream_connect_timeout: self.duration(
                 &s,
                 "upstream_connect_timeout",
-                Duration::from_secs(5),
+                d.upstream_connect_timeout,
             ),
             upstream_response_timeout: self.duration(
                 &s,
                 "upstream_response_timeout",
-                Duration::from_secs(60),
+                d.upstream_response_timeout,
             ),
-            idle_timeout: self.duration(&s, "idle_timeout", Duration::from_secs(60)),
+            idle_timeout: self.duration(&s, "idle_timeout", d.idle_timeout),
             max_replay_body_bytes: self.integer(
                 &s,
                 "max_replay_body_bytes",
-                64 * 1024,
+                d.max_replay_body_bytes as i64,
                 0..=16 * 1024 * 1024,
             ) as usize,
+            escaped_slashes: self.escaped_slashes(&s, d.escaped_slashes),
+            ..d
         };
         Some(cfg)
     }
@@ -1019,6 +1059,22 @@ refresh_token = "r"
         for line in err.to_string().lines() {
             assert!(line.starts_with("/etc/test.toml: "), "{line}");
         }
+    }
+
+    #[test]
+    fn escaped_slashes_is_keep_or_reject() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.escaped_slashes, EscapedSlashes::Keep);
+        let with = |policy: &str| {
+            MINIMAL.replace(
+                "upstream = \"http://127.0.0.1:9000\"",
+                &format!("upstream = \"http://127.0.0.1:9000\"\nescaped_slashes = \"{policy}\""),
+            )
+        };
+        let c = parse(&with("reject")).unwrap();
+        assert_eq!(c.proxy.escaped_slashes, EscapedSlashes::Reject);
+        let err = parse(&with("decode")).unwrap_err();
+        assert_eq!(err.problems[0].0, "proxy.escaped_slashes");
     }
 
     #[test]

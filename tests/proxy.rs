@@ -4,6 +4,7 @@
 //! Run with `cargo test --test proxy`.
 
 #[path = "support/proxy_harness.rs"]
+#[allow(dead_code)] // Shared with tests/adversarial.rs, which uses other parts.
 mod harness;
 
 use std::{

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::{body::ProxyBody, forward::ForwardError, target::Refusal};
+use super::{body::ProxyBody, forward::ForwardError, path::PathRefusal, target::Refusal};
 use crate::tls::TlsConfigError;
 
 /// Why a [`Proxy`](super::Proxy) could not be built.
@@ -65,6 +65,21 @@ pub(super) fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
     }
 }
 
+/// The answer to a target whose path is refused.
+pub(super) fn path_refusal_response(refusal: PathRefusal) -> Response<ProxyBody> {
+    match refusal {
+        PathRefusal::AboveBase => json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"path_outside_base","message":"the request path climbs above the upstream's base path (dot segments, also percent-encoded or behind encoded slashes); send a path without them"}"#,
+        ),
+        PathRefusal::EscapedSlash => json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"escaped_slash","message":"the request path holds an encoded slash (%2F, %5C) or a backslash, which proxy.escaped_slashes = \"reject\" refuses"}"#,
+        ),
+        PathRefusal::NotAPath => refusal_response(Refusal::UnsupportedTarget),
+    }
+}
+
 /// The answer when the client's request body broke off while it was read.
 pub(super) fn bad_body_response() -> Response<ProxyBody> {
     json(
@@ -103,6 +118,9 @@ mod tests {
             refusal_response(Refusal::Connect),
             refusal_response(Refusal::ForeignTarget),
             refusal_response(Refusal::UnsupportedTarget),
+            path_refusal_response(PathRefusal::AboveBase),
+            path_refusal_response(PathRefusal::EscapedSlash),
+            path_refusal_response(PathRefusal::NotAPath),
             bad_body_response(),
             upstream_error_response(&ForwardError::Timeout(std::time::Duration::from_secs(1))),
             upstream_error_response(&ForwardError::Other("x".into())),

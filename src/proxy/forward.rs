@@ -11,8 +11,8 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, Uri, Version, header, uri::PathAndQuery};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri, Version, header, request};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -27,8 +27,9 @@ use super::{
     body::ProxyBody,
     headers::{
         PROTO_HTTP, X_FORWARDED_HOST, X_FORWARDED_PROTO, append_forwarded_for, join_cookies,
-        strip_hop_by_hop, via_value,
+        strip_request_hop_by_hop, strip_response_hop_by_hop, via_value,
     },
+    path::{EscapedSlashes, PathRefusal, UpstreamPath},
     pool::{PoolError, UpstreamPool},
 };
 
@@ -64,8 +65,8 @@ impl ForwardError {
 /// connections.
 struct Upstream<B> {
     pool: UpstreamPool<B>,
-    /// The upstream's path without its trailing `/`; empty when it has none.
-    base_path: Bytes,
+    /// The upstream's base path; request targets are joined under it.
+    path: UpstreamPath,
     host: HeaderValue,
     preserve_host: bool,
     forwarded_headers: bool,
@@ -80,6 +81,7 @@ pub(crate) struct ForwarderSettings<'a> {
     pub(crate) preserve_host: bool,
     pub(crate) forwarded_headers: bool,
     pub(crate) response_timeout: Duration,
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 /// Sends requests to the one upstream. Cheap to clone; one clone per client
@@ -116,8 +118,7 @@ where
         let scheme = settings.upstream.scheme()?.clone();
         let authority = settings.upstream.authority()?.clone();
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
-        let base_path =
-            Bytes::copy_from_slice(settings.upstream.path().trim_end_matches('/').as_bytes());
+        let path = UpstreamPath::new(settings.upstream.path(), settings.escaped_slashes);
         let pool = UpstreamPool::new(
             scheme,
             authority,
@@ -128,7 +129,7 @@ where
         Some(Self {
             upstream: Arc::new(Upstream {
                 pool,
-                base_path,
+                path,
                 host,
                 preserve_host: settings.preserve_host,
                 forwarded_headers: settings.forwarded_headers,
@@ -149,45 +150,19 @@ where
 }
 
 impl<B> Forwarder<B> {
-    /// The origin-form URI the upstream is sent for a request target: its
-    /// path and query, under the upstream's base path.
-    fn upstream_uri(&self, target: Uri) -> Result<Uri, http::Error> {
+    /// Rewrites a client's request for the upstream: the target normalised
+    /// under the base path (origin form), hop-by-hop fields removed,
+    /// `Host`, `Via` and `X-Forwarded-*` set, and HTTP/1.1 as the version
+    /// (the pooled connection decides what goes on the wire).
+    ///
+    /// Runs before the token layer: nothing the client names in
+    /// `Connection` can remove what the layer and this method add, and a
+    /// refused target is refused before any token is sought.
+    pub(crate) fn prepare(&self, parts: &mut request::Parts) -> Result<(), PathRefusal> {
         let up = &*self.upstream;
-        let path_and_query = target.into_parts().path_and_query;
-        let path_and_query = match (up.base_path.is_empty(), path_and_query) {
-            (true, Some(pq)) => pq,
-            (true, None) => PathAndQuery::from_static("/"),
-            (false, pq) => {
-                let rest = pq.as_ref().map_or("/", PathAndQuery::as_str);
-                let mut joined = BytesMut::with_capacity(up.base_path.len() + rest.len());
-                joined.put_slice(&up.base_path);
-                joined.put_slice(rest.as_bytes());
-                PathAndQuery::from_maybe_shared(joined.freeze())?
-            }
-        };
-        Ok(Uri::from(path_and_query))
-    }
-}
-
-impl<B> Service<Request<B>> for Forwarder<B>
-where
-    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ForwardError;
-    type Future = ForwardFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pool takes any number of requests.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let up = &*self.upstream;
-        let (mut parts, body) = req.into_parts();
+        let path_and_query = up.path.join(parts.uri.path_and_query())?;
         let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
+        strip_request_hop_by_hop(headers);
         if parts.version == Version::HTTP_2 {
             join_cookies(headers);
         }
@@ -226,16 +201,32 @@ where
             };
         }
 
-        parts.uri = match self.upstream_uri(std::mem::take(&mut parts.uri)) {
-            Ok(uri) => uri,
-            Err(e) => {
-                return ForwardFuture::failed(ForwardError::Other(e.into()));
-            }
-        };
+        parts.uri = Uri::from(path_and_query);
         // h1 or h2 upstream: the connection (ALPN for https) decides.
         parts.version = Version::HTTP_11;
+        Ok(())
+    }
+}
 
-        let response: UpstreamResponse = Box::pin(up.pool.send(Request::from_parts(parts, body)));
+impl<B> Service<Request<B>> for Forwarder<B>
+where
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ForwardError;
+    type Future = ForwardFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The pool takes any number of requests.
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a request [`prepare`](Self::prepare)d for the upstream; its
+    /// headers are not touched here, so the token set before stays.
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let up = &*self.upstream;
+        let response: UpstreamResponse = Box::pin(up.pool.send(req));
         ForwardFuture {
             state: State::Sending {
                 response: tokio::time::timeout(up.response_timeout, response),
@@ -265,17 +256,6 @@ pin_project! {
             response: tokio::time::Timeout<UpstreamResponse>,
             limit: Duration,
         },
-        Failed {
-            error: Option<ForwardError>,
-        },
-    }
-}
-
-impl ForwardFuture {
-    fn failed(error: ForwardError) -> Self {
-        Self {
-            state: State::Failed { error: Some(error) },
-        }
     }
 }
 
@@ -290,9 +270,6 @@ impl Future for ForwardFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = match self.project().state.project() {
-            StateProj::Failed { error } => {
-                Err(error.take().expect("ForwardFuture polled after completion"))
-            }
             StateProj::Sending { response, limit } => match std::task::ready!(response.poll(cx)) {
                 Ok(Ok(response)) => Ok(relay(response)),
                 Ok(Err(PoolError::Connect(e))) => Err(ForwardError::Connect(e)),
@@ -312,7 +289,7 @@ impl Future for ForwardFuture {
 /// body streamed through.
 fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_response_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ProxyBody::upstream(body))
 }
 
@@ -330,29 +307,61 @@ mod tests {
             preserve_host: false,
             forwarded_headers: true,
             response_timeout: Duration::from_secs(1),
+            escaped_slashes: EscapedSlashes::Keep,
         })
         .unwrap()
+        .for_client("10.0.0.9".parse().unwrap())
+    }
+
+    fn prepared(f: &Forwarder<Full<Bytes>>, request: Request<()>) -> request::Parts {
+        let (mut parts, ()) = request.into_parts();
+        f.prepare(&mut parts).unwrap();
+        parts
+    }
+
+    fn upstream_uri(f: &Forwarder<Full<Bytes>>, target: &str) -> Uri {
+        prepared(f, Request::get(target).body(()).unwrap()).uri
     }
 
     #[tokio::test]
     async fn uri_keeps_path_and_query_and_joins_the_base_path() {
         let f = forwarder("http://up:9000");
-        let uri = f
-            .upstream_uri("/a/b?x=%2F&y=a+b&&z".parse().unwrap())
-            .unwrap();
-        assert_eq!(uri, "/a/b?x=%2F&y=a+b&&z");
-        let uri = f
-            .upstream_uri("http://127.0.0.1:8080".parse().unwrap())
-            .unwrap();
-        assert_eq!(uri, "/");
+        assert_eq!(
+            upstream_uri(&f, "/a/b?x=%2F&y=a+b&&z"),
+            "/a/b?x=%2F&y=a+b&&z"
+        );
+        assert_eq!(upstream_uri(&f, "http://127.0.0.1:8080"), "/");
 
         for base in ["https://up/base", "https://up/base/"] {
             let f = forwarder(base);
-            assert_eq!(
-                f.upstream_uri("/x?q=1".parse().unwrap()).unwrap(),
-                "/base/x?q=1"
-            );
-            assert_eq!(f.upstream_uri("/".parse().unwrap()).unwrap(), "/base/");
+            assert_eq!(upstream_uri(&f, "/x?q=1"), "/base/x?q=1");
+            assert_eq!(upstream_uri(&f, "/"), "/base/");
+            assert_eq!(upstream_uri(&f, "/a/%2e%2e/x?q=/../"), "/base/x?q=/../");
         }
+        let (mut parts, ()) = Request::get("/../x").body(()).unwrap().into_parts();
+        assert_eq!(f.prepare(&mut parts), Err(PathRefusal::AboveBase));
+    }
+
+    #[tokio::test]
+    async fn fields_the_proxy_sets_survive_whatever_connection_names() {
+        let f = forwarder("http://up:9000");
+        let request = Request::get("/x")
+            .header("host", "app.example")
+            .header("connection", "Host, Via, X-Forwarded-For")
+            .header("connection", "x-forwarded-proto,X-FORWARDED-HOST")
+            .header("via", "1.1 client-side")
+            .header("x-forwarded-for", "192.0.2.1")
+            .body(())
+            .unwrap();
+        let parts = prepared(&f, request);
+        let h = &parts.headers;
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["host"], "up:9000");
+        assert_eq!(h.get_all("via").iter().count(), 1);
+        assert_eq!(h["via"], "1.1 sso-token-proxy");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(parts.version, Version::HTTP_11);
     }
 }

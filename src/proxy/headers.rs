@@ -27,13 +27,29 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::PROXY_AUTHORIZATION,
 ];
 
-/// Removes the hop-by-hop fields: the fixed list and every field named in
-/// `Connection`.
+/// Removes the hop-by-hop fields of a client's request: the fixed list and
+/// every field named in any `Connection` line, except `Host`, which says
+/// which site the client meant and so is never the client's to drop.
+///
+/// Runs before the token layer sets its header, so nothing a client names
+/// can remove the token; the forwarding fields the proxy adds afterwards
+/// (`Via`, `X-Forwarded-*`) are never touched by it either.
+pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, &[&header::HOST]);
+}
+
+/// Removes the hop-by-hop fields of an upstream's response.
+pub(super) fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, &[]);
+}
+
+/// Removes the fixed hop-by-hop list and the fields named in `Connection`,
+/// keeping `protected` even when named.
 ///
 /// One pass over the (few) names present finds which of the list occur;
 /// only those are removed. Most requests carry none, and a response usually
 /// only `Connection`, so this avoids nine hash lookups per message.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+fn strip_hop_by_hop(headers: &mut HeaderMap, protected: &[&HeaderName]) {
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
@@ -44,7 +60,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        strip_connection_named(headers);
+        strip_connection_named(headers, protected);
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -54,7 +70,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the fields listed in (every line of) `Connection`.
-fn strip_connection_named(headers: &mut HeaderMap) {
+fn strip_connection_named(headers: &mut HeaderMap, protected: &[&HeaderName]) {
     // Usually just `keep-alive` or `close`, which name no other field.
     if headers
         .get_all(header::CONNECTION)
@@ -63,20 +79,31 @@ fn strip_connection_named(headers: &mut HeaderMap) {
     {
         return;
     }
-    let mut lines = headers.get_all(header::CONNECTION).iter();
-    let first = lines.next().cloned();
-    let more = lines.next().is_some();
-    if more {
-        let all: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for value in &all {
-            remove_listed(headers, value);
+    // Rare: the lines are copied (cheap clones of shared bytes) so that the
+    // map can be changed while they are read.
+    let lines: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    for line in &lines {
+        for option in line.as_bytes().split(|&b| b == b',') {
+            let option = trim_ows(option);
+            if option.is_empty()
+                || option.eq_ignore_ascii_case(b"close")
+                || option.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            // Parsing lower-cases the name; a token that is no field name
+            // names nothing that could be present.
+            let Ok(name) = HeaderName::from_bytes(option) else {
+                continue;
+            };
+            if !protected.contains(&&name) {
+                headers.remove(&name);
+            }
         }
-    } else if let Some(value) = first {
-        remove_listed(headers, &value);
     }
 }
 
@@ -86,23 +113,15 @@ fn names_no_field(connection: &HeaderValue) -> bool {
     value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
 }
 
-fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
-    let Ok(text) = connection.to_str() else {
-        return;
-    };
-    for token in text.split(',') {
-        let token = token.trim();
-        // `close` and `keep-alive` are the usual options; neither needs a lookup
-        // beyond the fixed list.
-        if token.is_empty()
-            || token.eq_ignore_ascii_case("close")
-            || token.eq_ignore_ascii_case("keep-alive")
-        {
-            continue;
-        }
-        // `&str` names are matched case-insensitively without allocating.
-        headers.remove(token);
-    }
+/// `bytes` without optional whitespace (spaces and tabs) at either end.
+fn trim_ows(bytes: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
 }
 
 // Built at compile time: `HeaderValue::from_static` at run time checks
@@ -204,7 +223,7 @@ mod tests {
             ("set-cookie", "a=1"),
             ("set-cookie", "b=2"),
         ]);
-        strip_hop_by_hop(&mut h);
+        strip_response_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-end-to-end", "set-cookie"]);
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
@@ -214,7 +233,7 @@ mod tests {
     fn strips_only_what_is_present() {
         // Nothing hop-by-hop: untouched.
         let mut h = map(&[("host", "a"), ("accept", "*/*"), ("x-keep", "1")]);
-        strip_hop_by_hop(&mut h);
+        strip_response_hop_by_hop(&mut h);
         assert_eq!(h.len(), 3);
         // `Connection: keep-alive` (a typical response) names nothing else.
         let mut h = map(&[
@@ -223,14 +242,42 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("server", "up"),
         ]);
-        strip_hop_by_hop(&mut h);
+        strip_response_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-length", "server"]);
         // Fixed-list fields without `Connection`.
         let mut h = map(&[("te", "trailers"), ("upgrade", "h2c"), ("accept", "*/*")]);
-        strip_hop_by_hop(&mut h);
+        strip_response_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["accept"]);
+    }
+
+    #[test]
+    fn a_request_names_any_field_in_connection_but_host() {
+        let mut h = map(&[
+            ("host", "app"),
+            ("authorization", "Bearer client"),
+            ("connection", "Keep-Alive,\tAUTHORIZATION , x-a"),
+            ("connection", "host, X-Forwarded-For,,"),
+            ("connection", "not a name, close"),
+            ("x-a", "1"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-kept", "2"),
+        ]);
+        strip_request_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "x-kept"]);
+        // A response may drop whatever it names.
+        let mut h = map(&[("connection", "host"), ("host", "x")]);
+        strip_response_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn options_are_trimmed_of_spaces_and_tabs_only() {
+        assert_eq!(trim_ows(b" \t a b\t "), b"a b");
+        assert_eq!(trim_ows(b" \t "), b"");
+        assert_eq!(trim_ows(b""), b"");
     }
 
     #[test]

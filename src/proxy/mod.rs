@@ -6,7 +6,17 @@
 //! 1. **Target check.** `CONNECT` is answered `405`; an HTTP/1 absolute-form
 //!    target naming neither the proxy nor the upstream is answered `400`.
 //!    Neither is forwarded or given a token.
-//! 2. **Metrics and tracing.** One `request` span at `DEBUG` (method, path
+//! 2. **Rewrite for the upstream** (`Forwarder::prepare`), before any token
+//!    is sought or set: hop-by-hop fields are removed (the fixed list and
+//!    every field named in `Connection`, but never `Host`); the path is
+//!    normalised and joined under the upstream's base path (`path.rs`: dot
+//!    segments, also percent-encoded, and `//` removed; a path that would
+//!    climb above the base path is answered `400`), the query kept byte for
+//!    byte; `Host` (unless `preserve_host`), `Via` and
+//!    `X-Forwarded-For/-Proto/-Host` (when `forwarded_headers`) are set.
+//!    Since this runs before the token layer, nothing a client names can
+//!    remove the token or the forwarding fields.
+//! 3. **Metrics and tracing.** One `request` span at `DEBUG` (method, path
 //!    without the query, status, duration; never header values or the query
 //!    string) and
 //!    `sso_token_proxy_requests_total{status_class}`,
@@ -14,18 +24,15 @@
 //!    `sso_token_proxy_requests_in_flight`. A body of known size up to
 //!    `max_replay_body_bytes` is read into memory so that the request can be
 //!    replayed; anything else is streamed.
-//! 3. **[`BearerTokenLayer`].** Sets the token; `503` when none can be
+//! 4. **[`BearerTokenLayer`].** Sets the token; `503` when none can be
 //!    had; after an upstream `401`, one refresh and one replay of a
 //!    buffered request.
-//! 4. **Forwarder.** Rewrites the URI (upstream scheme and authority, base
-//!    path joined, query kept byte for byte), `Host` (unless
-//!    `preserve_host`), drops hop-by-hop fields both ways, adds `Via` and
-//!    `X-Forwarded-For/-Proto/-Host` (when `forwarded_headers`), and sends
-//!    the request as HTTP/1.1 or, for https upstreams offering it by ALPN,
-//!    HTTP/2, on a pooled connection (`pool.rs`: one upstream, so no pool
-//!    key; idle HTTP/1.1 connections in a last-in-first-out stack, closed
-//!    after `idle_timeout`; one shared HTTP/2 connection). Bodies stream
-//!    both ways.
+//! 5. **Forwarder.** Sends the prepared request, untouched, as HTTP/1.1 or,
+//!    for https upstreams offering it by ALPN, HTTP/2, on a pooled
+//!    connection (`pool.rs`: one upstream, so no pool key; idle HTTP/1.1
+//!    connections in a last-in-first-out stack, closed after
+//!    `idle_timeout`; one shared HTTP/2 connection), and removes the
+//!    hop-by-hop fields of the response. Bodies stream both ways.
 //!    Connect failures answer `502`, no response headers within
 //!    `upstream_response_timeout` `504`; both count in
 //!    `sso_token_proxy_upstream_errors_total{kind}`.
@@ -54,13 +61,7 @@
 //! # }
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let config = ProxyConfig {
-//! #     listen: "127.0.0.1:8080".parse()?, upstream: "http://127.0.0.1:9000".parse()?,
-//! #     upstream_ca_file: None, preserve_host: false, forwarded_headers: true,
-//! #     shutdown_grace: Duration::from_secs(30), header_read_timeout: Duration::from_secs(10),
-//! #     upstream_connect_timeout: Duration::from_secs(5), upstream_response_timeout: Duration::from_secs(60),
-//! #     idle_timeout: Duration::from_secs(90), max_replay_body_bytes: 64 * 1024,
-//! # };
+//! let config = ProxyConfig::new("127.0.0.1:8080".parse()?, "http://127.0.0.1:9000".parse()?);
 //! let cache = TokenCache::new(Fixed, CacheOptions::default());
 //! let proxy = Proxy::new(&config, cache)?;
 //! let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -78,6 +79,7 @@ mod error;
 mod forward;
 mod headers;
 mod metrics;
+mod path;
 mod pool;
 mod server;
 mod service;
@@ -88,6 +90,7 @@ use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 pub use self::error::ProxyError;
+pub use self::path::{EscapedSlashes, PathRefusal, UpstreamPath};
 pub use self::target::{Refusal, TargetCheck};
 use self::{
     forward::{Forwarder, ForwarderSettings},
@@ -143,6 +146,7 @@ impl Proxy {
             preserve_host: config.preserve_host,
             forwarded_headers: config.forwarded_headers,
             response_timeout: config.upstream_response_timeout,
+            escaped_slashes: config.escaped_slashes,
         })
         .ok_or_else(|| ProxyError::Upstream(upstream.to_string()))?;
         let stack = tower::Layer::layer(&BearerTokenLayer::new(cache), forwarder);

@@ -1,7 +1,9 @@
 //! [`ConnService`]: what hyper calls for each request on one client
-//! connection. Checks the target, keeps the metrics and the request span,
-//! decides whether the body is buffered (replayable) or streamed, and hands
-//! the request to `BearerTokenService<Forwarder>`.
+//! connection. Checks the target, has the forwarder rewrite the request for
+//! the upstream (hop-by-hop fields, path, forwarding fields) *before* the
+//! token is set, keeps the metrics and the request span, decides whether
+//! the body is buffered (replayable) or streamed, and hands the request to
+//! `BearerTokenService<Forwarder>`.
 //!
 //! The `request` span is at `DEBUG`: at the default `info` level it is
 //! disabled and costs a level check, not a span allocation and the
@@ -28,7 +30,7 @@ use tracing::{Span, field::Empty};
 
 use super::{
     body::{ConnActivity, ProxyBody, RequestGuard},
-    error::{bad_body_response, refusal_response, upstream_error_response},
+    error::{bad_body_response, path_refusal_response, refusal_response, upstream_error_response},
     forward::Forwarder,
     metrics::ProxyMetrics,
     target::TargetCheck,
@@ -93,7 +95,17 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             return future;
         }
 
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // Before the token layer: see `Forwarder::prepare`.
+        if let Err(refusal) = self.stack.get_ref().prepare(&mut parts) {
+            future
+                .span
+                .in_scope(|| tracing::debug!(?refusal, "request path refused"));
+            future.state = ProxyState::Ready {
+                response: Some(path_refusal_response(refusal)),
+            };
+            return future;
+        }
         future.state = if body.is_end_stream() {
             ProxyState::call(self.stack.clone(), parts, ReplayBody::empty())
         } else if body

@@ -130,6 +130,11 @@ struct UpstreamState {
     /// Held requests report here once their head and body have arrived.
     arrived: Mutex<Option<mpsc::UnboundedSender<String>>>,
     release: Notify,
+    /// Answer `401` to a request without `Authorization`, as a protected
+    /// resource does.
+    require_authorization: AtomicBool,
+    /// Every byte received on plain-HTTP connections, in arrival order.
+    received: Mutex<Vec<u8>>,
     /// Connections accepted, and connections that have ended.
     accepted: AtomicUsize,
     ended: AtomicUsize,
@@ -204,9 +209,14 @@ impl Upstream {
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let _ended = EndedGuard(Arc::clone(&state));
+                    let recorded = Arc::clone(&state);
                     let service = service_fn(move |req| upstream_handle(Arc::clone(&state), req));
                     match tls {
                         None => {
+                            let stream = Recording {
+                                inner: stream,
+                                state: recorded,
+                            };
                             let mut builder = hyper::server::conn::http1::Builder::new();
                             if let Some(keep_alive) = keep_alive {
                                 // hyper's header timer also runs while a
@@ -251,6 +261,18 @@ impl Upstream {
 
     pub(crate) fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// From now on, requests without `Authorization` are answered `401`.
+    pub(crate) fn require_authorization(&self) {
+        self.state
+            .require_authorization
+            .store(true, Ordering::SeqCst);
+    }
+
+    /// Every byte the upstream received over plain HTTP so far.
+    pub(crate) fn received_bytes(&self) -> Vec<u8> {
+        self.state.received.lock().unwrap().clone()
     }
 
     pub(crate) fn reject(&self, authorization: &str) {
@@ -303,6 +325,57 @@ impl Upstream {
     }
 }
 
+/// A plain upstream connection that copies what it reads into
+/// [`UpstreamState::received`].
+struct Recording {
+    inner: TcpStream,
+    state: Arc<UpstreamState>,
+}
+
+impl tokio::io::AsyncRead for Recording {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let result = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &result {
+            this.state
+                .received
+                .lock()
+                .unwrap()
+                .extend_from_slice(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for Recording {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Counts a connection as ended when its task finishes.
 struct EndedGuard(Arc<UpstreamState>);
 
@@ -352,7 +425,10 @@ async fn upstream_handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if state.reject_all.load(Ordering::SeqCst)
+    let missing =
+        authorization.is_empty() && state.require_authorization.load(Ordering::SeqCst);
+    if missing
+        || state.reject_all.load(Ordering::SeqCst)
         || state.rejected.lock().unwrap().contains(authorization)
     {
         let mut response = Response::new(full("rejected"));
@@ -441,17 +517,16 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 pub(crate) fn proxy_config(upstream: &str) -> ProxyConfig {
     ProxyConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: upstream.parse::<Uri>().unwrap(),
-        upstream_ca_file: None,
-        preserve_host: false,
-        forwarded_headers: true,
         shutdown_grace: Duration::from_secs(10),
         header_read_timeout: Duration::from_secs(10),
         upstream_connect_timeout: Duration::from_secs(2),
         upstream_response_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(30),
         max_replay_body_bytes: 64 * 1024,
+        ..ProxyConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            upstream.parse::<Uri>().unwrap(),
+        )
     }
 }
 

@@ -1,0 +1,544 @@
+//! The proxy against hostile clients, on real sockets with raw bytes: an
+//! in-process `Proxy` on 127.0.0.1:0 over a counting token source, and a
+//! recording upstream. Every test asserts what reached the upstream (and
+//! how many tokens were fetched), not only what the client was answered.
+//! `SECURITY.md` maps each guarantee to the tests here.
+//!
+//! Run with `cargo test --test adversarial`.
+
+#[path = "support/adversary.rs"]
+#[allow(dead_code)] // Each suite uses the clients it needs.
+mod adversary;
+#[path = "support/proxy_harness.rs"]
+#[allow(dead_code)] // Shared with tests/proxy.rs, which uses other parts.
+mod harness;
+
+use adversary::{
+    END_HEADERS, END_STREAM, HEADERS, PROTOCOL_ERROR, RST_STREAM, RawConn, RawH2, exchange, frame,
+    get_fields, header_block, static_status,
+};
+use harness::{RunningProxy, Upstream, empty, h2c_client, proxy_config, send};
+use http::{Request, StatusCode};
+
+/// A proxy in front of `upstream` under the base path `/api`.
+async fn proxy_with_base(upstream: &Upstream) -> RunningProxy {
+    RunningProxy::start(proxy_config(&format!("{}/api", upstream.url()))).await
+}
+
+/// A raw keep-alive GET for `target` with extra header lines.
+fn get(target: &str, extra: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n{extra}\r\n").into_bytes()
+}
+
+// === 1. The injected token cannot be removed by the request ===
+
+/// `Connection` lines that name `Authorization`, as a client could write
+/// them: any case, among other options, with tabs, over several lines.
+const NAMING_AUTHORIZATION: [&str; 8] = [
+    "Connection: Authorization\r\n",
+    "Connection: authorization\r\n",
+    "connection: AUTHORIZATION\r\n",
+    "Connection: keep-alive, Authorization\r\n",
+    "Connection: x-a,\tAuThOrIzAtIoN ,x-b\r\n",
+    "Connection: keep-alive\r\nConnection: authorization\r\n",
+    "Connection: x-a\r\nconnection: x-b, Authorization\r\nAuthorization: Bearer client\r\n",
+    "Authorization: Basic Y2xpZW50\r\nConnection: ,,authorization,,\r\n",
+];
+
+#[tokio::test]
+async fn connection_naming_authorization_never_strips_the_token() {
+    let upstream = Upstream::start().await;
+    // A protected resource: no token, 401 (which would make the proxy drop
+    // its token and fetch another).
+    upstream.require_authorization();
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+
+    // Twenty keep-alive connections of ten requests each, every variant on
+    // every connection.
+    let mut variants = NAMING_AUTHORIZATION.iter().cycle();
+    let mut sent = 0;
+    for c in 0..20 {
+        let mut conn = RawConn::connect(proxy.addr).await;
+        for r in 0..10 {
+            let connection = variants.next().unwrap();
+            conn.send(&get(&format!("/r/{c}/{r}"), connection)).await;
+            let answer = conn.response().await.expect("a response");
+            assert_eq!(answer.status, 200, "{connection:?}: {answer:?}");
+            sent += 1;
+        }
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), sent);
+    for s in &seen {
+        assert_eq!(s.all("authorization"), ["Bearer token-1"], "{}", s.uri);
+        assert!(
+            s.header("connection")
+                .is_none_or(|c| !c.contains("uthoriz"))
+        );
+    }
+    assert_eq!(proxy.source.calls(), 1, "no token was refetched");
+}
+
+#[tokio::test]
+async fn fields_the_proxy_sets_survive_connection_naming_them() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.preserve_host = true;
+    let proxy = RunningProxy::start(config).await;
+    let answer = exchange(
+        proxy.addr,
+        b"GET /named HTTP/1.1\r\nHost: app.example\r\n\
+          Connection: Host, Via, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, close\r\n\
+          Via: 1.0 forged\r\nX-Forwarded-For: 192.0.2.66\r\n\r\n",
+    )
+    .await
+    .expect("a response");
+    assert_eq!(answer.status, 200);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!(s.all("host"), ["app.example"]);
+    assert_eq!(s.all("via"), ["1.1 sso-token-proxy"]);
+    assert_eq!(s.all("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(s.all("x-forwarded-proto"), ["http"]);
+    assert_eq!(s.all("x-forwarded-host"), ["app.example"]);
+    assert_eq!(s.all("authorization"), ["Bearer token-1"]);
+}
+
+#[tokio::test]
+async fn h2_connection_header_is_a_stream_protocol_error() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    for (stream, name) in [
+        (1, "connection"),
+        (3, "keep-alive"),
+        (5, "transfer-encoding"),
+    ] {
+        let fields = get_fields("/h2-hop", &[(name, "authorization")]);
+        h2.send(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &header_block(&fields),
+        ))
+        .await;
+        let end = h2
+            .stream_end(stream)
+            .await
+            .expect("an answer on the stream");
+        assert_eq!(end.kind, RST_STREAM, "{name}: {end:?}");
+        assert_eq!(end.error_code(), PROTOCOL_ERROR, "{name}");
+    }
+    // A stream error, not a connection error: the next request is served,
+    // with the token.
+    let fields = get_fields("/after", &[]);
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        7,
+        &header_block(&fields),
+    ))
+    .await;
+    let head = h2.stream_head(7).await.expect("a response");
+    assert_eq!(static_status(&head), Some(200));
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "only the well-formed request went upstream");
+    assert_eq!(seen[0].uri, "/after");
+    assert_eq!(seen[0].all("authorization"), ["Bearer token-1"]);
+}
+
+// === 3. Request targets stay under the base path ===
+
+/// Targets that climb above the base path, as HTTP/1 request targets.
+const CLIMBING: [&str; 14] = [
+    "/../internal",
+    "/..",
+    "/%2e%2e/internal",
+    "/%2E%2E/internal",
+    "/.%2e/internal",
+    "/%2e./internal",
+    "/a/../../internal",
+    "/a/./b/../../../internal",
+    "//..//internal",
+    "/..%2Finternal",
+    "/a%2F..%2F..%2Finternal",
+    "/..%5cinternal",
+    "/..\\internal",
+    "/..;/internal",
+];
+
+#[tokio::test]
+async fn targets_climbing_above_the_base_path_are_refused() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with_base(&upstream).await;
+    for target in CLIMBING {
+        let answer = exchange(proxy.addr, &get(target, "Connection: close\r\n"))
+            .await
+            .expect("a response");
+        assert_eq!(answer.status, 400, "{target}: {answer:?}");
+        assert_eq!(answer.error(), "path_outside_base", "{target}");
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+    }
+    // Absolute form naming the proxy itself: the same check on its path.
+    let absolute = format!("http://{}/../internal", proxy.addr);
+    let answer = exchange(proxy.addr, &get(&absolute, "Connection: close\r\n"))
+        .await
+        .expect("a response");
+    assert_eq!(answer.status, 400);
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    assert_eq!(proxy.source.calls(), 0, "no token is sought for a refusal");
+}
+
+#[tokio::test]
+async fn h2_paths_climbing_above_the_base_path_are_refused() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with_base(&upstream).await;
+    let client = h2c_client();
+    for target in CLIMBING {
+        let request = Request::get(proxy.url(target)).body(empty()).unwrap();
+        let (parts, body) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::BAD_REQUEST, "{target}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "path_outside_base", "{target}");
+    }
+    // `:path` as raw bytes, which no URL parser has seen first.
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let fields = get_fields("/%2e%2e/%2e%2e/internal", &[]);
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&fields),
+    ))
+    .await;
+    let head = h2.stream_head(1).await.expect("a response");
+    assert_eq!(static_status(&head), Some(400));
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    assert_eq!(proxy.source.calls(), 0);
+}
+
+#[tokio::test]
+async fn dot_segments_are_removed_and_the_query_kept_byte_for_byte() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with_base(&upstream).await;
+    let client = h2c_client();
+    for (target, forwarded) in [
+        ("/a/./b/../c?q=/../%2e%2e&&x", "/api/a/c?q=/../%2e%2e&&x"),
+        ("/a//b/%2e%2E/c/", "/api/a/c/"),
+        ("/a/b/..", "/api/a/"),
+        ("/a%2Fb/c", "/api/a%2Fb/c"),
+        ("/..a/b..", "/api/..a/b.."),
+    ] {
+        let answer = exchange(proxy.addr, &get(target, "Connection: close\r\n"))
+            .await
+            .expect("a response");
+        assert_eq!(answer.status, 200, "{target}");
+        let request = Request::get(proxy.url(target)).body(empty()).unwrap();
+        let (parts, _) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::OK, "{target}");
+        let seen = upstream.seen();
+        let last_two = &seen[seen.len() - 2..];
+        for s in last_two {
+            assert_eq!(s.uri, forwarded, "{target}");
+            assert_eq!(s.all("authorization"), ["Bearer token-1"]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn escaped_slashes_can_be_refused_outright() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&format!("{}/api", upstream.url()));
+    config.escaped_slashes = sso_token_proxy::proxy::EscapedSlashes::Reject;
+    let proxy = RunningProxy::start(config).await;
+    for target in ["/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b"] {
+        let answer = exchange(proxy.addr, &get(target, "Connection: close\r\n"))
+            .await
+            .expect("a response");
+        assert_eq!(answer.status, 400, "{target}");
+        assert_eq!(answer.error(), "escaped_slash", "{target}");
+    }
+    assert!(upstream.seen().is_empty());
+}
+
+// === 8. Smuggling, target forms, floods ===
+
+/// Requests a front end and a back end could frame differently. Each is
+/// refused, or framed one way only: the upstream never sees a second,
+/// smuggled request.
+#[tokio::test]
+async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "CL and TE",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+                5 + smuggled.len()
+            ),
+        ),
+        (
+            "TE and CL",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                 Content-Length: 3\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two Content-Lengths",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\
+                 Content-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+        (
+            "Content-Length list",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 0, {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+        (
+            "chunked, identity",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\n\
+                 Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "obs-fold TE",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\
+                 Content-Length: 0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "space before colon",
+            format!(
+                "POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\
+                 Content-Length: 0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "bare CR in a value",
+            format!("GET /front HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n{smuggled}"),
+        ),
+        (
+            "NUL in a value",
+            format!("GET /front HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "HTTP/1.0 with TE",
+            format!(
+                "POST /front HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 0\r\n\r\n{smuggled}"
+            ),
+        ),
+    ];
+    for (what, request) in &cases {
+        let mut conn = RawConn::connect(proxy.addr).await;
+        conn.send(request.as_bytes()).await;
+        let first = conn.response().await;
+        let second = conn.response().await;
+        let first = first.unwrap_or_else(|| panic!("{what}: no response"));
+        assert!(
+            first.status == 400 || first.status == 200,
+            "{what}: {first:?}"
+        );
+        assert!(second.is_none(), "{what}: a second response {second:?}");
+    }
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    assert!(!received.contains("smuggled"), "{received}");
+    for s in upstream.seen() {
+        assert_eq!(s.uri, "/front");
+        assert!(
+            s.header("transfer-encoding")
+                .is_none_or(|te| te == "chunked")
+        );
+        assert_eq!(s.body_len, 0, "{s:?}");
+    }
+}
+
+/// A bare LF ends a line for the proxy's parser; what it forwards is
+/// always re-framed with CRLF, so the upstream cannot read it differently.
+#[tokio::test]
+async fn bare_lf_lines_are_reframed_before_forwarding() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let answer = exchange(
+        proxy.addr,
+        b"GET /lf HTTP/1.1\nHost: x\nX-A: 1\nConnection: close\n\n",
+    )
+    .await;
+    let received = upstream.received_bytes();
+    match answer {
+        Some(a) if a.status == 200 => {
+            assert_eq!(upstream.seen().len(), 1);
+            // Every line the upstream got ends in CRLF.
+            for (i, &b) in received.iter().enumerate() {
+                if b == b'\n' {
+                    assert_eq!(
+                        received[i - 1],
+                        b'\r',
+                        "{:?}",
+                        String::from_utf8_lossy(&received)
+                    );
+                }
+            }
+        }
+        other => {
+            assert!(other.is_none_or(|a| a.status == 400));
+            assert!(received.is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn other_targets_and_tunnels_are_refused_and_never_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    for (request, status, error) in [
+        (
+            "GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+            400,
+            "foreign_target",
+        ),
+        (
+            "GET https://evil.example:443/x HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "foreign_target",
+        ),
+        (
+            "GET http://user@127.0.0.1/x HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "foreign_target",
+        ),
+        (
+            "GET evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "foreign_target",
+        ),
+        (
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "unsupported_target",
+        ),
+    ] {
+        let answer = exchange(proxy.addr, request.as_bytes())
+            .await
+            .expect("a response");
+        assert_eq!(answer.status, status, "{request:?}: {answer:?}");
+        assert_eq!(answer.error(), error, "{request:?}");
+    }
+    // h2 CONNECT, and a stream with a `:path` that is no path.
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let connect = [(":method", "CONNECT"), (":authority", "evil.example:443")];
+    h2.send(&frame(HEADERS, END_HEADERS, 1, &header_block(&connect)))
+        .await;
+    let (_, body) = h2.stream_response(1).await.expect("an answer");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "method_not_allowed");
+    let asterisk = [
+        (":method", "OPTIONS"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "*"),
+    ];
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &header_block(&asterisk),
+    ))
+    .await;
+    let head = h2.stream_head(3).await.expect("an answer");
+    assert!(
+        head.kind == RST_STREAM || static_status(&head) == Some(400),
+        "{head:?}"
+    );
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    assert_eq!(proxy.source.calls(), 0);
+}
+
+#[tokio::test]
+async fn header_and_uri_floods_are_refused_before_the_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    // Many fields.
+    let many: String = (0..500).map(|i| format!("X-F-{i}: {i}\r\n")).collect();
+    let answer = exchange(proxy.addr, &get("/many", &many)).await;
+    assert!(answer.is_none_or(|a| a.status == 431), "many fields");
+    // One huge field.
+    let huge = format!("X-Huge: {}\r\n", "a".repeat(1024 * 1024));
+    let mut conn = RawConn::connect(proxy.addr).await;
+    // The proxy may close before all of it is written.
+    let _ = conn.try_send(&get("/huge", &huge)).await;
+    let answer = conn.response().await;
+    assert!(answer.is_none_or(|a| a.status == 431), "huge field");
+    // A huge target.
+    let target = format!("/{}", "u".repeat(100 * 1024));
+    let mut conn = RawConn::connect(proxy.addr).await;
+    let _ = conn.try_send(&get(&target, "")).await;
+    let answer = conn.response().await;
+    assert!(
+        answer.is_none_or(|a| a.status == 414 || a.status == 431),
+        "huge target"
+    );
+    // h2: a header list over the limit.
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let big = "b".repeat(200 * 1024);
+    let fields = get_fields("/h2-huge", &[("x-big", &big)]);
+    let block = header_block(&fields);
+    // In frames of at most 16 KiB: HEADERS, then CONTINUATIONs.
+    let mut chunks = block.chunks(16 * 1024).peekable();
+    let first = chunks.next().unwrap();
+    let mut bytes = frame(HEADERS, END_STREAM, 1, first);
+    while let Some(chunk) = chunks.next() {
+        let flags = if chunks.peek().is_none() {
+            END_HEADERS
+        } else {
+            0
+        };
+        bytes.extend(frame(9, flags, 1, chunk));
+    }
+    let _ = h2.try_send(&bytes).await;
+    let end = h2.stream_end(1).await;
+    assert!(
+        end.as_ref()
+            .is_none_or(|f| f.kind != HEADERS || static_status(f) != Some(200)),
+        "{end:?}"
+    );
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen().len());
+    assert_eq!(proxy.source.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_proxy_answers_new_clients_after_each_attack() {
+    // The attacks above leave the proxy serving: one plain request after a
+    // burst of each kind, on a fresh connection.
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    for bad in [
+        &b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+        b"\x00\x01\x02garbage\r\n\r\n",
+        b"GET /x HTTP/9.9\r\n\r\n",
+    ] {
+        let _ = exchange(proxy.addr, bad).await;
+    }
+    let answer = exchange(proxy.addr, &get("/fine", "Connection: close\r\n"))
+        .await
+        .expect("a response");
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.seen().len(), 1);
+    assert_eq!(upstream.seen()[0].uri, "/fine");
+}
