@@ -28,6 +28,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "oidc_error_decode",
     "oidc_response_decode",
     "request_target",
+    "path_normalize",
 ];
 
 /// Runs the named target's entry point on one input, exactly as its fuzz
@@ -48,6 +49,7 @@ pub(crate) fn run(target: &str, data: &[u8]) {
                 check_target(&case);
             }
         }
+        "path_normalize" => path_normalize(data),
         other => panic!("unknown fuzz target `{other}`"),
     }
 }
@@ -387,4 +389,148 @@ fn exercise_uri(uri: &Uri) {
         let _ = a.as_str().contains('@');
     }
     let _ = uri.to_string();
+}
+
+// === path_normalize ===
+
+/// Parses `base path \n target` (the target as a request's path and query
+/// would be), joins the target under the base with both escaped-slash
+/// policies, and checks what the proxy promises: the joined path never
+/// leaves the base path, however an upstream reads dot segments, encoded
+/// slashes, backslashes or `;` parameters; the query is kept byte for
+/// byte; plain targets are never refused.
+pub(crate) fn path_normalize(data: &[u8]) {
+    use http::uri::PathAndQuery;
+    use sso_token_proxy::proxy::{EscapedSlashes, UpstreamPath};
+
+    let mut lines = data.splitn(2, |&b| b == b'\n');
+    let base_line = trim_cr(lines.next().unwrap_or_default());
+    let target_line = trim_cr(lines.next().unwrap_or_default());
+    // A base path as an upstream URL carries it.
+    let base = std::str::from_utf8(base_line)
+        .ok()
+        .and_then(|b| Uri::try_from(format!("http://up{b}")).ok())
+        .filter(|u| u.query().is_none())
+        .map_or_else(|| "/api".to_owned(), |u| u.path().to_owned());
+    let Ok(target) = PathAndQuery::try_from(target_line) else {
+        return;
+    };
+    for policy in [EscapedSlashes::Keep, EscapedSlashes::Reject] {
+        let upstream = UpstreamPath::new(&base, policy);
+        let Ok(joined) = upstream.join(Some(&target)) else {
+            assert!(
+                !is_plain_target(target.path().as_bytes()),
+                "a plain target was refused: {target}"
+            );
+            continue;
+        };
+        let base = upstream.base();
+        let path = joined.path().as_bytes();
+        assert!(path.starts_with(base), "{joined} is not under {base:?}");
+        let rest = &path[base.len()..];
+        assert_eq!(
+            rest.first(),
+            Some(&b'/'),
+            "{joined} does not continue {base:?}"
+        );
+        assert!(stays_within(rest), "{joined} leaves {base:?}");
+        assert_eq!(joined.query(), target.query(), "the query changed");
+        if policy == EscapedSlashes::Reject {
+            assert!(!has_slash_escape(rest), "{joined} kept an escaped slash");
+        }
+        if !is_plain_target(target.path().as_bytes()) {
+            // Normalised: no dot segment and no empty segment is left.
+            let segments: Vec<&[u8]> = rest[1..].split(|&b| b == b'/').collect();
+            for (i, segment) in segments.iter().enumerate() {
+                let last = i + 1 == segments.len();
+                let decoded = percent_decode(segment);
+                assert!(
+                    decoded != b"." && decoded != b"..",
+                    "{joined} keeps a dot segment"
+                );
+                assert!(
+                    !segment.is_empty() || last,
+                    "{joined} keeps an empty segment"
+                );
+            }
+        }
+    }
+}
+
+/// Walks `path` as the most lenient upstream would: `/`, `\`, `%2F` and
+/// `%5C` separate segments, a segment's `;` parameters are ignored and its
+/// percent-encodings decoded. True when it never climbs above its root.
+fn stays_within(path: &[u8]) -> bool {
+    let mut normalised = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'\\' {
+            normalised.push(b'/');
+            i += 1;
+        } else if is_slash_escape(&path[i..(i + 3).min(path.len())]) {
+            normalised.push(b'/');
+            i += 3;
+        } else {
+            normalised.push(path[i]);
+            i += 1;
+        }
+    }
+    let mut depth = 0i64;
+    for segment in normalised.split(|&b| b == b'/') {
+        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
+        match percent_decode(segment).as_slice() {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+/// A backslash, `%2F` or `%5C` anywhere in `bytes`.
+fn has_slash_escape(bytes: &[u8]) -> bool {
+    bytes.contains(&b'\\') || bytes.windows(3).any(is_slash_escape)
+}
+
+/// `bytes` is `%2F` or `%5C`, in any case.
+fn is_slash_escape(bytes: &[u8]) -> bool {
+    matches!(bytes, [b'%', b'2', f] if f.eq_ignore_ascii_case(&b'f'))
+        || matches!(bytes, [b'%', b'5', c] if c.eq_ignore_ascii_case(&b'c'))
+}
+
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(h * 16 + l);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A path with nothing to normalise: it starts with `/`, and has no empty
+/// segment, no segment with a `.` or `%`, and no backslash.
+fn is_plain_target(path: &[u8]) -> bool {
+    path.first() == Some(&b'/')
+        && !path.contains(&b'\\')
+        && path[1..].split(|&b| b == b'/').enumerate().all(|(i, s)| {
+            let last = i + 1 == path[1..].split(|&b| b == b'/').count();
+            (!s.is_empty() || last) && !s.contains(&b'.') && !s.contains(&b'%')
+        })
 }

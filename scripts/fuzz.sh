@@ -27,7 +27,7 @@ SECONDS_PER_TARGET=${FUZZ_SECONDS:-60}
 RSS_LIMIT_MB=${FUZZ_RSS_LIMIT_MB:-2048}
 INPUT_TIMEOUT=${FUZZ_INPUT_TIMEOUT:-10}
 BUILD_SECONDS=${FUZZ_BUILD_SECONDS:-2400}
-ALL_TARGETS="config_parse sso_cache_parse oidc_error_decode oidc_response_decode request_target"
+ALL_TARGETS="config_parse sso_cache_parse oidc_error_decode oidc_response_decode request_target path_normalize"
 TARGETS=${FUZZ_TARGETS:-$ALL_TARGETS}
 FEATURE_ARGS=()
 if [[ -n "${FUZZ_FEATURES:-}" ]]; then

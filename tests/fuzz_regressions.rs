@@ -83,6 +83,11 @@ fn request_target() {
 }
 
 #[test]
+fn path_normalize() {
+    replay("path_normalize");
+}
+
+#[test]
 fn every_target_has_a_test() {
     assert_eq!(
         harness::TARGETS,
@@ -91,7 +96,8 @@ fn every_target_has_a_test() {
             "sso_cache_parse",
             "oidc_error_decode",
             "oidc_response_decode",
-            "request_target"
+            "request_target",
+            "path_normalize"
         ]
     );
     let regressions = root().join("tests/fixtures/fuzz-regressions");
