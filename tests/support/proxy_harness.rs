@@ -425,8 +425,7 @@ async fn upstream_handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let missing =
-        authorization.is_empty() && state.require_authorization.load(Ordering::SeqCst);
+    let missing = authorization.is_empty() && state.require_authorization.load(Ordering::SeqCst);
     if missing
         || state.reject_all.load(Ordering::SeqCst)
         || state.rejected.lock().unwrap().contains(authorization)
