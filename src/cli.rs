@@ -9,13 +9,16 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use tokio::net::TcpListener;
 
 use crate::{
     admin,
     cache::{CacheOptions, TokenCache},
-    config::{Config, ConfigError, SourceKind, StoreKind},
+    config::{
+        Config, ConfigError, EmulatorSection, LoginConfig, OidcConfig, SourceKind, StoreKind,
+        TokenConfig,
+    },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
     proxy::Proxy,
@@ -23,8 +26,8 @@ use crate::{
     store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
     tls,
     token::{
-        CredentialUpdate, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile, SsoCacheSource,
-        StateFile, Token, TokenError, TokenSource, device_login, sso_cache_file_name,
+        CredentialUpdate, DevicePrompt, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile,
+        SsoCacheSource, StateFile, Token, TokenError, TokenSource, device_login,
     },
 };
 
@@ -63,14 +66,27 @@ pub enum Command {
         #[arg(long)]
         no_bind_check: bool,
     },
-    /// Get a token and print it as JSON (one CreateToken response).
+    /// Print a valid access token as JSON (stored, else from CreateToken).
+    ///
+    /// The stored one (state or cache file) while it has at least
+    /// refresh_before_expiry + expiry_margin left, else a new one from
+    /// CreateToken, stored as the proxy stores it.
     Token {
+        /// Always call CreateToken. The service may rotate the refresh
+        /// token: a proxy running with the same state or cache file keeps
+        /// the old one and its next refresh can fail.
+        #[arg(long)]
+        fresh: bool,
         /// Refresh this many times in a row, printing each (always calls
         /// CreateToken); for exercising rotation and persistence.
         #[arg(long, hide = true)]
         count: Option<u32>,
     },
     /// Log in with the device flow and write an AWS SSO cache file.
+    ///
+    /// Needs only oidc.region and token.start_url; the file is
+    /// token.sso_cache_file, else the AWS CLI's
+    /// ~/.aws/sso/cache/<sha1 of session_name or start_url>.json.
     Login,
     /// Run the SSO-OIDC emulator alone.
     Emulator {
@@ -83,7 +99,9 @@ pub enum Command {
 /// Parses the command line and runs. Config problems exit 2, other
 /// failures 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let config_given = matches.value_source("config") != Some(ValueSource::DefaultValue);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing(cli.log_format);
     tls::install_crypto_provider();
     // One worker (TOKIO_WORKER_THREADS=1, e.g. a sidecar pinned to one
@@ -105,6 +123,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("{e}");
+            if let Some(hint) = config_hint(&e, config_given) {
+                eprintln!("{hint}");
+            }
             ExitCode::from(2)
         }
         Err(Failure::Other(message)) => {
@@ -112,6 +133,25 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A second line for a config file that is not there: how to name one.
+fn config_hint(e: &ConfigError, config_given: bool) -> Option<String> {
+    let [(key, reason)] = e.problems.as_slice() else {
+        return None;
+    };
+    if key != "(file)" || !reason.contains("No such file") {
+        return None;
+    }
+    Some(if config_given {
+        "hint: check the path given to --config (see sso-token-proxy --help)".to_owned()
+    } else {
+        format!(
+            "hint: no --config was given, so {} in the current directory was tried; \
+             pass --config FILE (see sso-token-proxy --help)",
+            e.file
+        )
+    })
 }
 
 fn init_tracing(format: LogFormat) {
@@ -140,8 +180,12 @@ impl From<ConfigError> for Failure {
 }
 
 fn config_problem(config: &Config, key: &str, reason: impl Into<String>) -> Failure {
+    file_problem(&config.path, key, reason)
+}
+
+fn file_problem(file: &Path, key: &str, reason: impl Into<String>) -> Failure {
     Failure::Config(ConfigError {
-        file: config.path.display().to_string(),
+        file: file.display().to_string(),
         problems: vec![(key.to_owned(), reason.into())],
     })
 }
@@ -153,7 +197,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             .map_err(|e| Failure::Other(format!("emulator: cannot listen on {listen}: {e}"))),
         Command::CheckConfig { no_bind_check } => check_config(&cli.config, !no_bind_check).await,
         Command::Run => run(&cli.config).await,
-        Command::Token { count } => token(&cli.config, count).await,
+        Command::Token { fresh, count } => token(&cli.config, fresh, count).await,
         Command::Login => login(&cli.config).await,
     }
 }
@@ -209,69 +253,132 @@ fn listen_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
 
 // === shared set-up ===
 
+/// What to do when the `[emulator]`'s address is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenTaken {
+    /// A config error (the proxy must own its emulator).
+    Fail,
+    /// Use the emulator that listens there (e.g. the running quick start's),
+    /// if it is one.
+    UseRunning,
+}
+
 /// Starts the `[emulator]` of the quick start, seeded with the configured
 /// client and refresh token (and the state file's, so a restart works).
-async fn start_embedded_emulator(config: &Config) -> Result<Option<EmulatorHandle>, Failure> {
-    let Some(section) = &config.emulator else {
+async fn start_embedded_emulator(
+    file: &Path,
+    section: Option<&EmulatorSection>,
+    oidc: &OidcConfig,
+    token: &TokenConfig,
+    when_taken: WhenTaken,
+) -> Result<Option<EmulatorHandle>, Failure> {
+    let Some(section) = section else {
         return Ok(None);
     };
     let mut refresh_tokens = Vec::new();
-    if let Some(rt) = &config.token.refresh_token {
+    if let Some(rt) = &token.refresh_token {
         refresh_tokens.push(rt.value.clone());
     }
-    if let Some(p) = &config.token.state_file
+    if let Some(p) = &token.state_file
         && let Ok(Some(state)) = StateFile::load(p)
         && let Some(rt) = state.refresh_token
     {
         refresh_tokens.push(rt);
     }
-    let clients = match (&config.oidc.client_id, &config.oidc.client_secret) {
+    let clients = match (&oidc.client_id, &oidc.client_secret) {
         (Some(id), Some(secret)) => vec![SeedClient {
             client_id: id.clone(),
             client_secret: secret.value.clone(),
             refresh_tokens,
-            scopes: config.token.scopes.clone(),
+            scopes: token.scopes.clone(),
         }],
         _ => Vec::new(),
     };
-    let handle = Emulator::start(EmulatorConfig {
+    let started = Emulator::start(EmulatorConfig {
         listen: section.listen,
         access_token_lifetime: section.access_token_lifetime,
         rotate_refresh_tokens: section.rotate_refresh_tokens,
         clients,
         ..Default::default()
     })
-    .await
-    .map_err(|e| {
-        config_problem(
-            config,
-            "emulator.listen",
-            format!("cannot listen on {}: {e}", section.listen),
-        )
-    })?;
+    .await;
+    let handle = match started {
+        Ok(handle) => handle,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && when_taken == WhenTaken::UseRunning
+                && is_running_emulator(section.listen).await =>
+        {
+            tracing::info!(listen = %section.listen, "an SSO-OIDC emulator already listens there (the running quick start?); using it");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(file_problem(
+                file,
+                "emulator.listen",
+                format!("cannot listen on {}: {e}", section.listen),
+            ));
+        }
+    };
     tracing::info!(url = %handle.url(), "built-in SSO-OIDC emulator started");
     Ok(Some(handle))
 }
 
-fn oidc_client(config: &Config) -> Result<OidcClient, Failure> {
+/// Whether an sso-token-proxy emulator answers on `listen`: its counters
+/// route returns the counters' JSON.
+async fn is_running_emulator(listen: SocketAddr) -> bool {
+    use http_body_util::{BodyExt as _, Empty, Limited};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let Ok(uri) = format!("http://{addr}/_emulator/counters").parse::<http::Uri>() else {
+        return false;
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let probe = async {
+        let resp = client.get(uri).await.ok()?;
+        if resp.status() != http::StatusCode::OK {
+            return None;
+        }
+        let body = Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice::<crate::emulator::Counters>(&body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+fn oidc_client(file: &Path, oidc: &OidcConfig) -> Result<OidcClient, Failure> {
     let mut builder = OidcClient::builder()
-        .fips(config.oidc.use_fips)
-        .dual_stack(config.oidc.use_dual_stack)
-        .connect_timeout(config.oidc.connect_timeout)
-        .call_timeout(config.oidc.call_timeout);
-    if let Some(region) = &config.oidc.region {
+        .fips(oidc.use_fips)
+        .dual_stack(oidc.use_dual_stack)
+        .connect_timeout(oidc.connect_timeout)
+        .call_timeout(oidc.call_timeout);
+    if let Some(region) = &oidc.region {
         builder = builder.region(region.clone());
     }
-    if let Some(endpoint) = &config.oidc.endpoint {
+    if let Some(endpoint) = &oidc.endpoint {
         builder = builder.endpoint(endpoint.clone());
     }
     builder.build().map_err(|e| {
-        let key = if config.oidc.endpoint.is_some() {
+        let key = if oidc.endpoint.is_some() {
             "oidc.endpoint"
         } else {
             "oidc.region"
         };
-        config_problem(config, key, e.to_string())
+        file_problem(file, key, e.to_string())
     })
 }
 
@@ -313,6 +420,18 @@ fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource
                 builder = builder.configured_at(at);
             }
             if let Some(p) = &config.token.state_file {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    crate::fs_atomic::create_private_dir_all(dir).map_err(|e| {
+                        config_problem(
+                            config,
+                            "token.state_file",
+                            format!("cannot create directory {}: {e}", dir.display()),
+                        )
+                    })?;
+                    tracing::info!(dir = %dir.display(), "created the state file's directory (mode 0700)");
+                }
                 builder = builder.state_file(p.clone());
             }
             let source = builder
@@ -411,8 +530,15 @@ async fn run(path: &Path) -> Result<(), Failure> {
     }
     let proxy_listener = bind(&config, "proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;
-    let emulator = start_embedded_emulator(&config).await?;
-    let oidc = oidc_client(&config)?;
+    let emulator = start_embedded_emulator(
+        &config.path,
+        config.emulator.as_ref(),
+        &config.oidc,
+        &config.token,
+        WhenTaken::Fail,
+    )
+    .await?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let source = token_source(&config, oidc)?;
     let cache = TokenCache::from_arc(source.clone(), cache_options(&config));
     spawn_credential_reloader(&config, source, cache.clone());
@@ -575,20 +701,34 @@ fn token_json(token: &Token) -> serde_json::Value {
     })
 }
 
-async fn token(path: &Path, count: Option<u32>) -> Result<(), Failure> {
+async fn token(path: &Path, fresh: bool, count: Option<u32>) -> Result<(), Failure> {
     let config = Config::load(path)?;
-    let emulator = start_embedded_emulator(&config).await?;
-    let oidc = oidc_client(&config)?;
+    let emulator = start_embedded_emulator(
+        &config.path,
+        config.emulator.as_ref(),
+        &config.oidc,
+        &config.token,
+        WhenTaken::UseRunning,
+    )
+    .await?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let source = token_source(&config, oidc)?;
     let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));
+    if fresh {
+        eprintln!(
+            "token --fresh: calling CreateToken. If the service rotates the refresh token, \
+             a proxy running with the same state or cache file keeps the old one and its next \
+             refresh can fail; without --fresh the stored token is printed while it is valid."
+        );
+    }
     match count {
-        None => {
+        None if !fresh => {
             let min = config.token.refresh_before_expiry + config.token.expiry_margin;
             let token = source.fetch(Reuse::IfValidFor(min)).await.map_err(fail)?;
             println!("{}", token_json(&token));
         }
-        Some(n) => {
-            for _ in 0..n {
+        _ => {
+            for _ in 0..count.unwrap_or(1) {
                 let token = source.fetch(Reuse::Never).await.map_err(fail)?;
                 println!("{}", token_json(&token));
             }
@@ -603,31 +743,35 @@ async fn token(path: &Path, count: Option<u32>) -> Result<(), Failure> {
 // === login ===
 
 async fn login(path: &Path) -> Result<(), Failure> {
-    let config = Config::load(path)?;
+    let config = LoginConfig::load(path)?;
+    let problem = |key: &str, reason: &str| file_problem(&config.path, key, reason);
     let start_url = config.token.start_url.clone().ok_or_else(|| {
-        config_problem(
-            &config,
+        problem(
             "token.start_url",
             "missing: login needs the AWS access portal URL",
         )
     })?;
     let region = config.oidc.region.clone().ok_or_else(|| {
-        config_problem(
-            &config,
+        problem(
             "oidc.region",
             "missing: login writes the region into the cache file",
         )
     })?;
-    let cache_file = match &config.token.sso_cache_file {
-        Some(p) => p.clone(),
-        None => {
-            let name =
-                sso_cache_file_name(config.token.session_name.as_deref().unwrap_or(&start_url));
-            crate::fs_atomic::expand_tilde("~/.aws/sso/cache").join(name)
-        }
-    };
-    let emulator = start_embedded_emulator(&config).await?;
-    let oidc = oidc_client(&config)?;
+    let cache_file = config.token.sso_cache_file.clone().ok_or_else(|| {
+        problem(
+            "token.sso_cache_file",
+            "missing: set it, or set HOME for the default ~/.aws/sso/cache/<sha1>.json",
+        )
+    })?;
+    let emulator = start_embedded_emulator(
+        &config.path,
+        config.emulator.as_ref(),
+        &config.oidc,
+        &config.token,
+        WhenTaken::UseRunning,
+    )
+    .await?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let mut options = LoginOptions::new(start_url, region, cache_file.clone());
     options.scopes = config.token.scopes.clone();
     options.retry = config.retry.clone();
@@ -642,6 +786,10 @@ async fn login(path: &Path) -> Result<(), Failure> {
         );
         eprintln!("and confirm the code: {}", prompt.user_code);
         eprintln!("(the code expires in {} s)", prompt.expires_in.as_secs());
+        if let Some(command) = emulator_approve_command(prompt) {
+            eprintln!("This is the SSO-OIDC emulator; to approve without a browser, run:");
+            eprintln!("  {command}");
+        }
     })
     .await
     .map_err(|e| Failure::Other(e.to_string()))?;
@@ -654,4 +802,98 @@ async fn login(path: &Path) -> Result<(), Failure> {
         e.shutdown().await;
     }
     Ok(())
+}
+
+/// The emulator's approval call for this prompt, as a curl command; `None`
+/// when the verification page is not the emulator's. The user code and URL
+/// are checked to be shell-safe, since the line is meant to be pasted.
+fn emulator_approve_command(prompt: &DevicePrompt) -> Option<String> {
+    let page = prompt
+        .verification_uri
+        .strip_suffix('/')
+        .unwrap_or(&prompt.verification_uri);
+    let base = page.strip_suffix("/_emulator/device")?;
+    let uri: http::Uri = base.parse().ok()?;
+    let shell_safe = |s: &str| {
+        s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '/' | '[' | ']' | '_')
+        })
+    };
+    let code = &prompt.user_code;
+    if !matches!(uri.scheme_str(), Some("http" | "https"))
+        || !shell_safe(base)
+        || code.is_empty()
+        || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return None;
+    }
+    Some(format!(
+        "curl -fsS -X POST -H 'content-type: application/json' -d '{{\"user_code\":\"{code}\"}}' {base}/_emulator/device/approve"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(verification_uri: &str, user_code: &str) -> DevicePrompt {
+        DevicePrompt {
+            verification_uri: verification_uri.to_owned(),
+            verification_uri_complete: None,
+            user_code: user_code.to_owned(),
+            expires_in: Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn approve_command_only_for_the_emulator_and_only_shell_safe() {
+        assert_eq!(
+            emulator_approve_command(&prompt(
+                "http://127.0.0.1:8999/_emulator/device",
+                "ABCD-EFGH"
+            ))
+            .as_deref(),
+            Some(
+                "curl -fsS -X POST -H 'content-type: application/json' -d '{\"user_code\":\"ABCD-EFGH\"}' http://127.0.0.1:8999/_emulator/device/approve"
+            )
+        );
+        // The real service's page.
+        assert!(
+            emulator_approve_command(&prompt(
+                "https://device.sso.us-east-1.amazonaws.com/",
+                "ABCD-EFGH"
+            ))
+            .is_none()
+        );
+        // Anything a shell would interpret is never printed as a command.
+        assert!(
+            emulator_approve_command(&prompt("http://127.0.0.1:8999/_emulator/device", "AB'$(x)"))
+                .is_none()
+        );
+        assert!(
+            emulator_approve_command(&prompt("http://a;b/_emulator/device", "ABCD-EFGH")).is_none()
+        );
+    }
+
+    #[test]
+    fn hint_only_for_a_missing_file() {
+        let missing = ConfigError {
+            file: "config.toml".to_owned(),
+            problems: vec![(
+                "(file)".to_owned(),
+                "cannot read: No such file or directory (os error 2)".to_owned(),
+            )],
+        };
+        let hint = config_hint(&missing, false).unwrap();
+        assert!(
+            hint.contains("--config FILE") && hint.contains("--help"),
+            "{hint}"
+        );
+        assert!(config_hint(&missing, true).unwrap().contains("--config"));
+        let bad_key = ConfigError {
+            file: "config.toml".to_owned(),
+            problems: vec![("proxy.listen".to_owned(), "missing required key".to_owned())],
+        };
+        assert!(config_hint(&bad_key, false).is_none());
+    }
 }

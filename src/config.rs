@@ -240,58 +240,141 @@ pub struct Config {
     pub store: StoreConfig,
 }
 
+/// What `login` reads: a config file where only `[oidc]` and the login keys
+/// of `[token]` are needed (`region` and `start_url`). Sections it does not
+/// use are still validated when present, so a full config is accepted or
+/// refused exactly as for the proxy.
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[oidc]`.
+    pub oidc: OidcConfig,
+    /// `[token]`; `source` is `sso_cache` when not set.
+    pub token: TokenConfig,
+    /// `[retry]`.
+    pub retry: RetryConfig,
+    /// `[emulator]`, when present.
+    pub emulator: Option<EmulatorSection>,
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let fail = |key: &str, reason: String| ConfigError {
-            file: file.clone(),
-            problems: vec![(key.to_owned(), reason)],
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
-        Self::parse(&text, path)
+        parse(&read_file(path)?, path, Reader::config)
     }
 
     /// Parses and validates config text; `path` is used in messages and to
     /// resolve relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let table: Table = text.parse().map_err(|e: toml::de::Error| {
-            let key = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
-                    format!("(line {line})")
-                })
-                .unwrap_or_else(|| "(syntax)".to_owned());
-            ConfigError {
-                file: file.clone(),
-                problems: vec![(key, e.message().to_owned())],
-            }
-        })?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut r = Reader {
-            problems: Vec::new(),
-            base,
-        };
-        let config = r.config(&table);
-        match config {
-            Some(mut c) if r.problems.is_empty() => {
-                c.path = path.to_path_buf();
-                Ok(c)
-            }
-            _ => Err(ConfigError {
-                file,
-                problems: r.problems,
-            }),
-        }
+        parse(text, path, Reader::config)
     }
+}
+
+impl LoginConfig {
+    /// Reads and validates a config file for `login`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        parse(&read_file(path)?, path, Reader::login)
+    }
+
+    /// Parses and validates config text for `login`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        parse(text, path, Reader::login)
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        problems: vec![("(file)".to_owned(), format!("cannot read: {e}"))],
+    })
+}
+
+/// The file's path inside a parsed config.
+trait WithPath {
+    fn set_path(&mut self, path: &Path);
+}
+
+impl WithPath for Config {
+    fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+}
+
+impl WithPath for LoginConfig {
+    fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+}
+
+fn parse<T: WithPath>(
+    text: &str,
+    path: &Path,
+    read: fn(&mut Reader, &Table) -> Option<T>,
+) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let table: Table = text.parse().map_err(|e: toml::de::Error| {
+        let key = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start.min(text.len())].lines().count().max(1);
+                format!("(line {line})")
+            })
+            .unwrap_or_else(|| "(syntax)".to_owned());
+        ConfigError {
+            file: file.clone(),
+            problems: vec![(key, e.message().to_owned())],
+        }
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut r = Reader {
+        problems: Vec::new(),
+        base,
+    };
+    match read(&mut r, &table) {
+        Some(mut c) if r.problems.is_empty() => {
+            c.set_path(path);
+            Ok(c)
+        }
+        _ => Err(ConfigError {
+            file,
+            problems: r.problems,
+        }),
+    }
+}
+
+/// The AWS CLI's cache file for a session name or start URL:
+/// `~/.aws/sso/cache/<sha1>.json`. `None` when `HOME` is not set.
+pub fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+    Some(
+        Path::new(&home)
+            .join(".aws/sso/cache")
+            .join(crate::token::sso_cache_file_name(session_name_or_start_url)),
+    )
 }
 
 const SECTIONS: &[&str] = &[
     "proxy", "admin", "oidc", "token", "retry", "emulator", "store",
 ];
+
+/// Which command reads the file: `login` needs less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Run,
+    Login,
+}
+
+/// Each section as read; `None` where it is missing or has a problem.
+struct Sections {
+    proxy: Option<ProxyConfig>,
+    admin: Option<AdminConfig>,
+    oidc: Option<OidcConfig>,
+    token: Option<TokenConfig>,
+    retry: Option<RetryConfig>,
+    emulator: Option<EmulatorSection>,
+    store: Option<StoreConfig>,
+}
 
 /// Walks the TOML table, collecting problems instead of stopping at the
 /// first.
@@ -344,6 +427,15 @@ impl Reader {
                 None
             }
         }
+    }
+
+    fn non_empty_string(&mut self, s: &Section<'_>, key: &str) -> Option<String> {
+        let v = self.string(s, key)?;
+        if v.trim().is_empty() {
+            self.problem(format!("{}.{key}", s.name), "must not be empty");
+            return None;
+        }
+        Some(v)
     }
 
     fn required_string(&mut self, s: &Section<'_>, key: &str) -> Option<String> {
@@ -502,6 +594,33 @@ impl Reader {
     }
 
     fn config(&mut self, root: &Table) -> Option<Config> {
+        let s = self.sections(root, Purpose::Run);
+        Some(Config {
+            path: PathBuf::new(),
+            proxy: s.proxy?,
+            admin: s.admin?,
+            oidc: s.oidc?,
+            token: s.token?,
+            retry: s.retry?,
+            emulator: s.emulator,
+            store: s.store?,
+        })
+    }
+
+    fn login(&mut self, root: &Table) -> Option<LoginConfig> {
+        let s = self.sections(root, Purpose::Login);
+        Some(LoginConfig {
+            path: PathBuf::new(),
+            oidc: s.oidc?,
+            token: s.token?,
+            retry: s.retry?,
+            emulator: s.emulator,
+        })
+    }
+
+    /// Every section, with the checks across sections. For `login`, a
+    /// missing `[proxy]` or `[admin]` is fine; present ones are checked.
+    fn sections(&mut self, root: &Table, purpose: Purpose) -> Sections {
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
                 self.problem(
@@ -510,10 +629,19 @@ impl Reader {
                 );
             }
         }
-        let proxy = self.proxy(root);
-        let admin = self.admin(root);
+        let optional = |name: &str| purpose == Purpose::Login && !root.contains_key(name);
+        let proxy = if optional("proxy") {
+            None
+        } else {
+            self.proxy(root)
+        };
+        let admin = if optional("admin") {
+            None
+        } else {
+            self.admin(root)
+        };
         let oidc = self.oidc(root);
-        let token = self.token(root);
+        let token = self.token(root, purpose);
         let retry = self.retry(root);
         let emulator = self.emulator(root);
         let store = self.store(root);
@@ -549,16 +677,15 @@ impl Reader {
         {
             self.problem("admin.listen", "must differ from proxy.listen");
         }
-        Some(Config {
-            path: PathBuf::new(),
-            proxy: proxy?,
-            admin: admin?,
-            oidc: oidc?,
-            token: token?,
-            retry: retry?,
+        Sections {
+            proxy,
+            admin,
+            oidc,
+            token,
+            retry,
             emulator,
-            store: store?,
-        })
+            store,
+        }
     }
 
     fn proxy(&mut self, root: &Table) -> Option<ProxyConfig> {
@@ -725,7 +852,7 @@ impl Reader {
         Some(cfg)
     }
 
-    fn token(&mut self, root: &Table) -> Option<TokenConfig> {
+    fn token(&mut self, root: &Table, purpose: Purpose) -> Option<TokenConfig> {
         let s = self.section(
             root,
             "token",
@@ -742,11 +869,16 @@ impl Reader {
                 "session_name",
             ],
         );
-        if root.get("token").is_none() {
+        if root.get("token").is_none() && purpose == Purpose::Run {
             self.problem("token", "missing required section");
             return None;
         }
-        let source = match self.required_string(&s, "source").as_deref() {
+        let source = match purpose {
+            Purpose::Run => self.required_string(&s, "source"),
+            // `login` writes an SSO cache file, whatever the proxy reads.
+            Purpose::Login => self.string(&s, "source"),
+        };
+        let source = match source.as_deref() {
             Some("refresh_token") => SourceKind::RefreshToken,
             Some("sso_cache") => SourceKind::SsoCache,
             Some(other) => {
@@ -756,17 +888,31 @@ impl Reader {
                 );
                 return None;
             }
+            None if purpose == Purpose::Login && self.raw(&s, "source").is_none() => {
+                SourceKind::SsoCache
+            }
             None => return None,
         };
         let refresh_token = self.secret(&s, "refresh_token", source == SourceKind::RefreshToken);
-        let sso_cache_file = self.path(&s, "sso_cache_file");
+        let start_url = self.non_empty_string(&s, "start_url");
+        let session_name = self.non_empty_string(&s, "session_name");
+        let sso_cache_file = match self.path(&s, "sso_cache_file") {
+            Some(p) => Some(p),
+            None if self.raw(&s, "sso_cache_file").is_some() => None,
+            None => session_name
+                .as_deref()
+                .or(start_url.as_deref())
+                .and_then(default_sso_cache_file),
+        };
+        // `login` names what it misses itself (start_url first).
         if source == SourceKind::SsoCache
+            && purpose == Purpose::Run
             && sso_cache_file.is_none()
             && self.raw(&s, "sso_cache_file").is_none()
         {
             self.problem(
                 "token.sso_cache_file",
-                "missing required key (token.source = \"sso_cache\" needs it)",
+                "missing: set sso_cache_file, or start_url (or session_name) to use the AWS CLI's ~/.aws/sso/cache/<sha1>.json (needs HOME)",
             );
         }
         let state_file = self.path(&s, "state_file");
@@ -775,10 +921,26 @@ impl Reader {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            if !dir.is_dir() {
+            // A missing directory is created (0700) at start, as long as
+            // its nearest existing ancestor is a directory.
+            let existing = dir
+                .ancestors()
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| a.exists());
+            if !existing.is_some_and(Path::is_dir) {
                 self.problem(
                     "token.state_file",
-                    format!("directory {} does not exist", dir.display()),
+                    format!(
+                        "directory {} does not exist and cannot be created ({} is not a directory)",
+                        dir.display(),
+                        existing.unwrap_or(dir).display()
+                    ),
                 );
             }
         }
@@ -810,8 +972,8 @@ impl Reader {
             scopes,
             refresh_before_expiry,
             expiry_margin,
-            start_url: self.string(&s, "start_url"),
-            session_name: self.string(&s, "session_name"),
+            start_url,
+            session_name,
         })
     }
 

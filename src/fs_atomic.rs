@@ -45,6 +45,16 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Creates `dir` and any missing parents with mode 0700 (narrowed further
+/// by the umask); directories that exist are left as they are.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Expands a leading `~/` to `$HOME/`.
 pub fn expand_tilde(path: &str) -> std::path::PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
@@ -59,6 +69,26 @@ pub fn expand_tilde(path: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_dirs_are_created_0700_and_existing_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let nested = dir.path().join("state/sso-token-proxy");
+        create_private_dir_all(&nested).unwrap();
+        for d in [dir.path().join("state"), nested.clone()] {
+            assert_eq!(
+                fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
+        }
+        assert_eq!(
+            fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+            0o755,
+            "an existing directory keeps its mode"
+        );
+        create_private_dir_all(&nested).unwrap();
+    }
 
     #[test]
     fn replaces_file_with_mode_0600_and_leaves_no_temp() {
