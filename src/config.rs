@@ -89,6 +89,43 @@ pub struct ProxyConfig {
     pub max_replay_body_bytes: usize,
     /// What `%2F`, `%5C` and `\` in a request path do.
     pub escaped_slashes: EscapedSlashes,
+    /// Limit for a buffered request body to arrive, and for a streamed one
+    /// to pause between reads (then 408 and the connection is closed).
+    pub request_body_timeout: Duration,
+    /// Limit for a client to take response bytes it is sent: a connection
+    /// whose writes make no progress this long is closed.
+    pub send_timeout: Duration,
+    /// How long a connection asked to close (idle, shutdown; h2 GOAWAY)
+    /// may take to go, once nothing is in flight, before its socket is
+    /// closed.
+    pub drain_timeout: Duration,
+    /// Client connections served at once; beyond it, new connections wait
+    /// in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Bytes a request head may have (HTTP/1 request line and fields; h2
+    /// header list); beyond it, 431.
+    pub max_request_header_bytes: usize,
+    /// Connections to the upstream at once; beyond it, requests wait for
+    /// one to come free.
+    pub upstream_max_connections: usize,
+    /// Limit for a request to wait for an upstream connection (then 503).
+    pub upstream_queue_timeout: Duration,
+    /// Header fields an upstream response head may have.
+    pub upstream_max_response_headers: usize,
+    /// Bytes an upstream response head may have.
+    pub upstream_max_response_header_bytes: usize,
+    /// Streams one HTTP/2 client may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Streams an HTTP/2 client may reset before the proxy has accepted
+    /// them (the "rapid reset" attack); beyond it, GOAWAY.
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Streams the proxy may reset because of a client's protocol errors,
+    /// over a connection's life; beyond it, GOAWAY.
+    pub http2_max_local_error_reset_streams: usize,
+    /// Control frames (SETTINGS, PING, PRIORITY, RST_STREAM, WINDOW_UPDATE,
+    /// empty DATA/HEADERS/CONTINUATION, unknown types) one HTTP/2 client may
+    /// send per second; beyond it, GOAWAY (ENHANCE_YOUR_CALM) and close.
+    pub http2_max_control_frames_per_second: u32,
 }
 
 impl ProxyConfig {
@@ -107,6 +144,19 @@ impl ProxyConfig {
             idle_timeout: Duration::from_secs(60),
             max_replay_body_bytes: 64 * 1024,
             escaped_slashes: EscapedSlashes::Keep,
+            request_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_request_header_bytes: 64 * 1024,
+            upstream_max_connections: 1024,
+            upstream_queue_timeout: Duration::from_secs(5),
+            upstream_max_response_headers: 256,
+            upstream_max_response_header_bytes: 128 * 1024,
+            http2_max_concurrent_streams: 128,
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 1024,
+            http2_max_control_frames_per_second: 1000,
         }
     }
 }
@@ -499,6 +549,41 @@ impl Reader {
         }
     }
 
+    /// A count that must lie in `range`.
+    fn count(
+        &mut self,
+        s: &Section<'_>,
+        key: &str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> usize {
+        let range = (*range.start() as i64)..=(*range.end() as i64);
+        self.integer(s, key, default as i64, range) as usize
+    }
+
+    /// A duration that must lie in `range`.
+    fn duration_within(
+        &mut self,
+        s: &Section<'_>,
+        key: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Duration {
+        let value = self.duration(s, key, default);
+        if range.contains(&value) {
+            return value;
+        }
+        self.problem(
+            format!("{}.{key}", s.name),
+            format!(
+                "must be from {} to {}",
+                humantime::format_duration(*range.start()),
+                humantime::format_duration(*range.end())
+            ),
+        );
+        default
+    }
+
     fn escaped_slashes(&mut self, s: &Section<'_>, default: EscapedSlashes) -> EscapedSlashes {
         match self.string(s, "escaped_slashes").as_deref() {
             None => default,
@@ -705,6 +790,19 @@ impl Reader {
                 "idle_timeout",
                 "max_replay_body_bytes",
                 "escaped_slashes",
+                "request_body_timeout",
+                "send_timeout",
+                "drain_timeout",
+                "max_connections",
+                "max_request_header_bytes",
+                "upstream_max_connections",
+                "upstream_queue_timeout",
+                "upstream_max_response_headers",
+                "upstream_max_response_header_bytes",
+                "http2_max_concurrent_streams",
+                "http2_max_pending_accept_reset_streams",
+                "http2_max_local_error_reset_streams",
+                "http2_max_control_frames_per_second",
             ],
         );
         if s.table.is_none() && root.get("proxy").is_none() {
@@ -725,6 +823,11 @@ impl Reader {
             );
         }
         let d = ProxyConfig::new(listen?, upstream?);
+        // Bounds: wide enough for any real client or upstream, narrow
+        // enough that a typo cannot hold connections for days or disable a
+        // limit.
+        let seconds = Duration::from_secs;
+        let ms = Duration::from_millis;
         let cfg = ProxyConfig {
             upstream_ca_file,
             preserve_host: self.boolean(&s, "preserve_host", d.preserve_host),
@@ -749,6 +852,79 @@ impl Reader {
                 0..=16 * 1024 * 1024,
             ) as usize,
             escaped_slashes: self.escaped_slashes(&s, d.escaped_slashes),
+            request_body_timeout: self.duration_within(
+                &s,
+                "request_body_timeout",
+                d.request_body_timeout,
+                ms(100)..=seconds(3600),
+            ),
+            send_timeout: self.duration_within(
+                &s,
+                "send_timeout",
+                d.send_timeout,
+                ms(100)..=seconds(3600),
+            ),
+            drain_timeout: self.duration_within(
+                &s,
+                "drain_timeout",
+                d.drain_timeout,
+                ms(10)..=seconds(600),
+            ),
+            max_connections: self.count(&s, "max_connections", d.max_connections, 1..=1_000_000),
+            max_request_header_bytes: self.count(
+                &s,
+                "max_request_header_bytes",
+                d.max_request_header_bytes,
+                8 * 1024..=1024 * 1024,
+            ),
+            upstream_max_connections: self.count(
+                &s,
+                "upstream_max_connections",
+                d.upstream_max_connections,
+                1..=1_000_000,
+            ),
+            upstream_queue_timeout: self.duration_within(
+                &s,
+                "upstream_queue_timeout",
+                d.upstream_queue_timeout,
+                ms(1)..=seconds(600),
+            ),
+            upstream_max_response_headers: self.count(
+                &s,
+                "upstream_max_response_headers",
+                d.upstream_max_response_headers,
+                100..=10_000,
+            ),
+            upstream_max_response_header_bytes: self.count(
+                &s,
+                "upstream_max_response_header_bytes",
+                d.upstream_max_response_header_bytes,
+                8 * 1024..=16 * 1024 * 1024,
+            ),
+            http2_max_concurrent_streams: self.count(
+                &s,
+                "http2_max_concurrent_streams",
+                d.http2_max_concurrent_streams as usize,
+                1..=10_000,
+            ) as u32,
+            http2_max_pending_accept_reset_streams: self.count(
+                &s,
+                "http2_max_pending_accept_reset_streams",
+                d.http2_max_pending_accept_reset_streams,
+                1..=10_000,
+            ),
+            http2_max_local_error_reset_streams: self.count(
+                &s,
+                "http2_max_local_error_reset_streams",
+                d.http2_max_local_error_reset_streams,
+                1..=1_000_000,
+            ),
+            http2_max_control_frames_per_second: self.count(
+                &s,
+                "http2_max_control_frames_per_second",
+                d.http2_max_control_frames_per_second as usize,
+                10..=1_000_000,
+            ) as u32,
             ..d
         };
         Some(cfg)
@@ -1221,6 +1397,52 @@ refresh_token = "r"
         for line in err.to_string().lines() {
             assert!(line.starts_with("/etc/test.toml: "), "{line}");
         }
+    }
+
+    #[test]
+    fn proxy_limits_have_defaults_and_bounds() {
+        let c = parse(MINIMAL).unwrap();
+        let d = ProxyConfig::new(c.proxy.listen, c.proxy.upstream.clone());
+        assert_eq!(c.proxy.max_connections, d.max_connections);
+        assert_eq!(c.proxy.request_body_timeout, d.request_body_timeout);
+        assert!(c.proxy.upstream_max_response_headers >= 200);
+        assert!(c.proxy.upstream_max_response_header_bytes >= 64 * 1024);
+
+        let text = MINIMAL.replace(
+            "upstream = \"http://127.0.0.1:9000\"",
+            "upstream = \"http://127.0.0.1:9000\"\n\
+             request_body_timeout = \"2s\"\n\
+             max_connections = 10\n\
+             upstream_queue_timeout = \"250ms\"\n\
+             http2_max_concurrent_streams = 7",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.proxy.request_body_timeout, Duration::from_secs(2));
+        assert_eq!(c.proxy.max_connections, 10);
+        assert_eq!(c.proxy.upstream_queue_timeout, Duration::from_millis(250));
+        assert_eq!(c.proxy.http2_max_concurrent_streams, 7);
+
+        let text = MINIMAL.replace(
+            "upstream = \"http://127.0.0.1:9000\"",
+            "upstream = \"http://127.0.0.1:9000\"\n\
+             request_body_timeout = \"0s\"\n\
+             drain_timeout = \"2h\"\n\
+             max_connections = 0\n\
+             upstream_max_response_headers = 5\n\
+             http2_max_control_frames_per_second = -1",
+        );
+        let err = parse(&text).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "proxy.request_body_timeout",
+                "proxy.drain_timeout",
+                "proxy.max_connections",
+                "proxy.upstream_max_response_headers",
+                "proxy.http2_max_control_frames_per_second",
+            ]
+        );
     }
 
     #[test]

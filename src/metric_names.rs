@@ -113,11 +113,32 @@ pub const REQUESTS_IN_FLIGHT: Metric = gauge(
     &[],
     "Requests being served.",
 );
-/// Upstream failures by kind (`connect`, `timeout`, `other`).
+/// Upstream failures by kind (`connect`, `timeout`, `queue_timeout`,
+/// `other`).
 pub const UPSTREAM_ERRORS_TOTAL: Metric = counter(
     "sso_token_proxy_upstream_errors_total",
     &["kind"],
-    "Upstream connect, timeout and other failures.",
+    "Upstream connect, timeout, connection-queue timeout and other failures.",
+);
+/// Requests answered as the client's fault, by kind (`target_refused`,
+/// `path_refused`, `bad_body`, `body_timeout`).
+pub const CLIENT_ERRORS_TOTAL: Metric = counter(
+    "sso_token_proxy_client_errors_total",
+    &["kind"],
+    "Requests refused or cut short because of what the client sent (or did not send).",
+);
+/// Open client connections.
+pub const CLIENT_CONNECTIONS: Metric = gauge(
+    "sso_token_proxy_client_connections",
+    &[],
+    "Open client connections (at most proxy.max_connections).",
+);
+/// Client connections the proxy closed, by reason (`idle`,
+/// `header_timeout`, `send_timeout`, `drain_timeout`, `http2_abuse`).
+pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: Metric = counter(
+    "sso_token_proxy_client_connections_closed_total",
+    &["reason"],
+    "Client connections the proxy closed or asked to close, by reason.",
 );
 /// Upstream connections opened, by protocol (`http1`, `http2`).
 pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: Metric = counter(
@@ -253,6 +274,9 @@ pub const ALL: &[Metric] = &[
     REQUEST_DURATION_SECONDS,
     REQUESTS_IN_FLIGHT,
     UPSTREAM_ERRORS_TOTAL,
+    CLIENT_ERRORS_TOTAL,
+    CLIENT_CONNECTIONS,
+    CLIENT_CONNECTIONS_CLOSED_TOTAL,
     UPSTREAM_CONNECTIONS_OPENED_TOTAL,
     UPSTREAM_CONNECTIONS_IDLE,
     TOKEN_FETCHES_TOTAL,

@@ -13,12 +13,21 @@ mod adversary;
 #[allow(dead_code)] // Shared with tests/proxy.rs, which uses other parts.
 mod harness;
 
+use std::time::Duration;
+
 use adversary::{
     END_HEADERS, END_STREAM, HEADERS, PROTOCOL_ERROR, RST_STREAM, RawConn, RawH2, exchange, frame,
     get_fields, header_block, static_status,
 };
 use harness::{RunningProxy, Upstream, empty, h2c_client, proxy_config, send};
 use http::{Request, StatusCode};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+    task::JoinHandle,
+    time::Instant,
+};
 
 /// A proxy in front of `upstream` under the base path `/api`.
 async fn proxy_with_base(upstream: &Upstream) -> RunningProxy {
@@ -541,4 +550,367 @@ async fn a_proxy_answers_new_clients_after_each_attack() {
     assert_eq!(answer.status, 200);
     assert_eq!(upstream.seen().len(), 1);
     assert_eq!(upstream.seen()[0].uri, "/fine");
+}
+
+// === 4. Every state of a connection has a timer; connections are capped ===
+
+/// Reads until the proxy closes `stream`; how long that took from `since`,
+/// or `None` if it stayed open for the whole guard.
+async fn closed_after(mut stream: TcpStream, since: Instant) -> Option<Duration> {
+    adversary::wait_eof(&mut stream, adversary::GUARD)
+        .await
+        .then(|| since.elapsed())
+}
+
+/// Sends plain requests on fresh connections until told to stop; each must
+/// be answered 200. Returns how many were.
+fn probe_until(addr: std::net::SocketAddr, mut stop: watch::Receiver<bool>) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut served = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return served,
+                _ = tick.tick() => {
+                    let answer = exchange(addr, &get("/probe", "Connection: close\r\n"))
+                        .await
+                        .expect("a new client is answered");
+                    assert_eq!(answer.status, 200, "{answer:?}");
+                    served += 1;
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_of_every_kind_are_closed_while_new_clients_are_served() {
+    const EACH: usize = 100;
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.header_read_timeout = Duration::from_secs(1);
+    config.request_body_timeout = Duration::from_secs(1);
+    // Far longer than the test: only the timers under test may close.
+    config.idle_timeout = Duration::from_secs(60);
+    let proxy = RunningProxy::start(config).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let prober = probe_until(proxy.addr, stop_rx);
+
+    let start = Instant::now();
+    let mut stalled: Vec<(&str, TcpStream)> = Vec::new();
+    for _ in 0..EACH {
+        // Nothing at all.
+        stalled.push(("no bytes", TcpStream::connect(proxy.addr).await.unwrap()));
+        // Half a request head.
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-A:")
+            .await
+            .unwrap();
+        stalled.push(("partial head", s));
+        // A head, then three of ten body bytes.
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        stalled.push(("partial body", s));
+        // The h2 preface and SETTINGS, then nothing.
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut hello = adversary::PREFACE.to_vec();
+        hello.extend(frame(adversary::SETTINGS, 0, 0, &[]));
+        s.write_all(&hello).await.unwrap();
+        stalled.push(("h2 preface", s));
+    }
+    let sent = Instant::now();
+    let waits: Vec<_> = stalled
+        .into_iter()
+        .map(|(kind, s)| tokio::spawn(async move { (kind, closed_after(s, sent).await) }))
+        .collect();
+    for wait in waits {
+        let (kind, closed) = wait.await.unwrap();
+        let closed =
+            closed.unwrap_or_else(|| panic!("{kind}: still open after {:?}", adversary::GUARD));
+        // Not before its timer: measured from the connect (earlier than
+        // `sent`) the timer is 1 s.
+        assert!(
+            closed + (sent - start) >= Duration::from_secs(1),
+            "{kind}: closed after {closed:?}"
+        );
+    }
+    let _ = stop_tx.send(true);
+    let served = prober.await.unwrap();
+    assert!(served >= 5, "only {served} probes were served");
+    // Only the probes reached the upstream.
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), served);
+    assert!(seen.iter().all(|s| s.uri == "/probe"));
+}
+
+#[tokio::test]
+async fn a_buffered_body_that_stops_gets_408_and_the_connection_is_closed() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.request_body_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await;
+    let answer = conn.response().await.expect("an answer");
+    assert_eq!(answer.status, 408);
+    assert_eq!(answer.error(), "request_body_timeout");
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(conn.closed_within(adversary::GUARD).await);
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_streamed_body_that_stops_gets_408_and_the_upstream_request_is_aborted() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.request_body_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n",
+    )
+    .await;
+    let answer = conn.response().await.expect("an answer");
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(answer.error(), "request_body_timeout");
+    assert!(conn.closed_within(adversary::GUARD).await);
+    // The upstream got the head and the five bytes, then the connection
+    // was cut: it never saw a complete body.
+    upstream.wait_ended(1).await;
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_len, 5);
+    assert_eq!(seen[0].all("authorization"), ["Bearer token-1"]);
+}
+
+#[tokio::test]
+async fn an_h2_body_that_stops_gets_408_on_its_stream() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.request_body_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/upload"),
+        ("content-length", "10"),
+    ];
+    h2.send(&frame(HEADERS, END_HEADERS, 1, &header_block(&fields)))
+        .await;
+    h2.send(&frame(adversary::DATA, 0, 1, b"abc")).await;
+    let (head, body) = h2.stream_response(1).await.expect("an answer");
+    assert_eq!(head.kind, HEADERS);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "request_body_timeout");
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_request_bodies_are_the_clients_fault() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    // Streamed (chunked) and buffered (Content-Length) bodies that break.
+    for (what, request) in [
+        (
+            "bad chunk size",
+            &b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"[..],
+        ),
+        (
+            "chunk longer than declared",
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let answer = exchange(proxy.addr, request).await.expect("an answer");
+        assert_eq!(answer.status, 400, "{what}: {answer:?}");
+        assert_eq!(answer.error(), "bad_request_body", "{what}");
+    }
+    // A body shorter than its Content-Length, then the client half-closes.
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        .await;
+    let mut stream = conn.into_stream();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(adversary::GUARD, stream.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    // Nothing complete reached the upstream.
+    for s in upstream.seen() {
+        assert!(s.body_len < 10, "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_upstream_response_timer_starts_once_the_body_is_sent() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_response_timeout = Duration::from_millis(800);
+    config.request_body_timeout = Duration::from_secs(5);
+    let proxy = RunningProxy::start(config).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"POST /slow-upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    // An upload that takes three times the response timeout, at a pace
+    // well inside the body timeout.
+    for _ in 0..12 {
+        conn.send(b"4\r\ndata\r\n").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    conn.send(b"0\r\n\r\n").await;
+    let answer = conn.response().await.expect("an answer");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_len, 48);
+}
+
+#[tokio::test]
+async fn large_upstream_response_heads_pass() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let answer = exchange(
+        proxy.addr,
+        &get(
+            "/many",
+            "X-Test-Response-Headers: 250\r\nX-Test-Response-Header-Bytes: 65536\r\nConnection: close\r\n",
+        ),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.header("x-h-249"), Some("249"));
+    assert_eq!(answer.header("x-big").map(str::len), Some(65536));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_capped_and_requests_wait_then_get_503() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_max_connections = 2;
+    config.upstream_queue_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                exchange(addr, &get(&format!("/held/{i}"), "X-Test-Hold: 1\r\n")).await
+            })
+        })
+        .collect();
+    upstream.wait_arrived().await;
+    upstream.wait_arrived().await;
+    // Both connections busy: a third request waits, then is refused.
+    let answer = exchange(proxy.addr, &get("/third", "Connection: close\r\n"))
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.error(), "upstream_saturated");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(upstream.connections(), 2);
+    // A request that waits while one comes free gets that connection.
+    let waiting = tokio::spawn({
+        let addr = proxy.addr;
+        async move { exchange(addr, &get("/fourth", "Connection: close\r\n")).await }
+    });
+    upstream.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().expect("an answer").status, 200);
+    }
+    assert_eq!(waiting.await.unwrap().expect("an answer").status, 200);
+    assert_eq!(upstream.connections(), 2, "never more than the cap");
+    let uris: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
+    assert!(!uris.contains(&"/third".to_owned()), "{uris:?}");
+    assert!(uris.contains(&"/fourth".to_owned()), "{uris:?}");
+}
+
+#[tokio::test]
+async fn client_connections_are_capped_and_new_clients_wait_for_a_free_slot() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.max_connections = 5;
+    config.header_read_timeout = Duration::from_millis(800);
+    let proxy = RunningProxy::start(config).await;
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    // The sixth gets through the kernel's backlog but is served only once
+    // one of the five has been closed by its header timer.
+    let start = Instant::now();
+    let sixth = tokio::spawn({
+        let addr = proxy.addr;
+        async move {
+            let answer = exchange(addr, &get("/sixth", "Connection: close\r\n")).await;
+            (answer, Instant::now())
+        }
+    });
+    let mut first_closed = None;
+    for s in idle {
+        let after = closed_after(s, start).await.expect("closed by its timer");
+        first_closed = Some(first_closed.map_or(after, |f: Duration| f.min(after)));
+    }
+    let (answer, answered) = sixth.await.unwrap();
+    assert_eq!(answer.expect("an answer").status, 200);
+    assert!(
+        answered.duration_since(start) >= first_closed.unwrap(),
+        "the sixth client was served before a slot was free"
+    );
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_gets_goaway_and_is_closed_after_the_drain_timeout() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.idle_timeout = Duration::from_millis(500);
+    config.drain_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let fields = get_fields("/once", &[]);
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&fields),
+    ))
+    .await;
+    let (head, _) = h2.stream_response(1).await.expect("an answer");
+    assert_eq!(static_status(&head), Some(200));
+    // Idle: GOAWAY (with a PING this client never answers), then the socket
+    // is closed rather than left waiting for the client.
+    let goaway = h2.goaway().await.expect("a GOAWAY");
+    assert_eq!(goaway.error_code(), 0);
+    assert!(h2.closed_within(adversary::GUARD).await, "socket left open");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
+    const SIZE: usize = 32 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.send_timeout = Duration::from_millis(500);
+    let proxy = RunningProxy::start(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(&get("/big", &format!("X-Test-Response-Bytes: {SIZE}\r\n")))
+        .await
+        .unwrap();
+    // The client reads nothing. Once the proxy gives up on it, it drops
+    // the response and with it the upstream connection.
+    upstream.wait_ended(1).await;
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(adversary::GUARD, stream.read_to_end(&mut received)).await;
+    assert!(received.len() < SIZE, "the whole response was delivered");
 }

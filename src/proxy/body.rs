@@ -1,22 +1,16 @@
-//! The body of every response the proxy sends, and the per-request
-//! bookkeeping that lives exactly as long as that body.
+//! The body of every response the proxy sends; the request's bookkeeping
+//! ([`RequestGuard`]) lives exactly as long as it.
 
 use std::{
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Instant;
 
-use super::metrics::ProxyMetrics;
+use super::activity::RequestGuard;
 
 /// A response body: the upstream's, streamed through untouched, or a small
 /// one the proxy wrote itself (refusals and errors).
@@ -92,79 +86,6 @@ impl Body for ProxyBody {
     }
 }
 
-// === impl ConnActivity ===
-
-/// What one client connection is doing, for the idle timeout.
-#[derive(Debug)]
-pub(super) struct ConnActivity {
-    metrics: Arc<ProxyMetrics>,
-    opened: Instant,
-    in_flight: AtomicUsize,
-    /// When the last request finished, in ms after `opened`.
-    last_done_ms: AtomicU64,
-}
-
-impl ConnActivity {
-    pub(super) fn new(metrics: Arc<ProxyMetrics>) -> Arc<Self> {
-        Arc::new(Self {
-            metrics,
-            opened: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_done_ms: AtomicU64::new(0),
-        })
-    }
-
-    /// Marks a request as started; it ends when the guard is dropped.
-    pub(super) fn start(self: &Arc<Self>) -> RequestGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.metrics.in_flight().increment(1.0);
-        RequestGuard {
-            activity: Arc::clone(self),
-        }
-    }
-
-    /// Resolves once the connection has had no request in flight for
-    /// `timeout`.
-    pub(super) async fn idle_for(&self, timeout: Duration) {
-        loop {
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                // A long request: look again later rather than being woken
-                // by every request's end.
-                tokio::time::sleep(timeout).await;
-                continue;
-            }
-            let deadline = self.opened
-                + Duration::from_millis(self.last_done_ms.load(Ordering::Acquire))
-                + timeout;
-            if Instant::now() >= deadline {
-                if self.in_flight.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                continue;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// One request in flight on a connection.
-#[derive(Debug)]
-pub(crate) struct RequestGuard {
-    activity: Arc<ConnActivity>,
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        let a = &*self.activity;
-        let done = a.opened.elapsed().as_millis() as u64;
-        // Record the time before the count drops, so the idle check never
-        // sees zero requests with a stale time.
-        a.last_done_ms.fetch_max(done, Ordering::AcqRel);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
-        a.metrics.in_flight().decrement(1.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,24 +98,5 @@ mod tests {
         assert!(!body.is_end_stream());
         assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
         assert!(ProxyBody::full(Bytes::new()).is_end_stream());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_waits_for_requests_to_end() {
-        let activity = ConnActivity::new(Arc::default());
-        let guard = activity.start();
-        let idle = activity.idle_for(Duration::from_secs(10));
-        tokio::pin!(idle);
-        // A request in flight keeps the connection busy however long it takes.
-        assert!(
-            tokio::time::timeout(Duration::from_secs(60), idle.as_mut())
-                .await
-                .is_err()
-        );
-        drop(guard);
-        let ended = Instant::now();
-        idle.await;
-        assert!(Instant::now() >= ended + Duration::from_secs(10));
-        assert!(Instant::now() < ended + Duration::from_secs(11));
     }
 }

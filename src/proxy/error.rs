@@ -88,6 +88,14 @@ pub(super) fn bad_body_response() -> Response<ProxyBody> {
     )
 }
 
+/// The answer when the client stopped sending its request body.
+pub(super) fn body_timeout_response() -> Response<ProxyBody> {
+    json(
+        StatusCode::REQUEST_TIMEOUT,
+        r#"{"error":"request_body_timeout","message":"the request body did not arrive within proxy.request_body_timeout"}"#,
+    )
+}
+
 /// The answer when the upstream gave none.
 pub(super) fn upstream_error_response(error: &ForwardError) -> Response<ProxyBody> {
     match error {
@@ -99,10 +107,22 @@ pub(super) fn upstream_error_response(error: &ForwardError) -> Response<ProxyBod
             StatusCode::GATEWAY_TIMEOUT,
             r#"{"error":"upstream_timeout","message":"the upstream sent no response within proxy.upstream_response_timeout"}"#,
         ),
+        ForwardError::Saturated(_) => {
+            let mut response = json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"upstream_saturated","message":"every upstream connection (proxy.upstream_max_connections) stayed busy for proxy.upstream_queue_timeout; try again"}"#,
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
         ForwardError::Other(_) => json(
             StatusCode::BAD_GATEWAY,
             r#"{"error":"upstream_error","message":"the exchange with the upstream failed before a response arrived"}"#,
         ),
+        // Answered as the client's fault before this is reached.
+        ForwardError::Client(..) => bad_body_response(),
     }
 }
 
@@ -122,7 +142,9 @@ mod tests {
             path_refusal_response(PathRefusal::EscapedSlash),
             path_refusal_response(PathRefusal::NotAPath),
             bad_body_response(),
+            body_timeout_response(),
             upstream_error_response(&ForwardError::Timeout(std::time::Duration::from_secs(1))),
+            upstream_error_response(&ForwardError::Saturated(std::time::Duration::from_secs(1))),
             upstream_error_response(&ForwardError::Other("x".into())),
         ];
         for response in responses {

@@ -1,26 +1,31 @@
-//! [`Forwarder`]: the innermost service. Rewrites a request for the upstream
-//! (URI, `Host`, hop-by-hop fields, `Via`/`X-Forwarded-*`, version) and sends
-//! it on a pooled client; streams the response back.
+//! [`Forwarder`]: the innermost service, one per upstream. Rewrites a
+//! request for the upstream ([`Forwarder::prepare`], called before the token
+//! layer: URI, `Host`, hop-by-hop fields, `Via`/`X-Forwarded-*`, version),
+//! sends it on a pooled connection, and streams the response back.
+//!
+//! The upstream's response timer runs while the upstream owes the next
+//! step: from the call for a buffered or empty body, and for a streamed body
+//! from the last part the upstream took (or the body's end). While the
+//! proxy waits on the client for more of the body, the body's own timer
+//! applies instead (`upload.rs`).
 
 use std::{
     fmt,
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version, header, request};
-use http_body::Body;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
-use crate::layer::ReplayableBody;
 use crate::metric_names;
 
 use super::{
@@ -30,7 +35,8 @@ use super::{
         strip_request_hop_by_hop, strip_response_hop_by_hop, via_value,
     },
     path::{EscapedSlashes, PathRefusal, UpstreamPath},
-    pool::{PoolError, UpstreamPool},
+    pool::{PoolError, PoolSettings, UpstreamPool},
+    upload::{Upload, UploadStatus, UpstreamBody, upload_of},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -45,26 +51,45 @@ pub(crate) enum ForwardError {
     /// No response headers within `upstream_response_timeout`.
     #[error("the upstream sent no response within {0:?}")]
     Timeout(Duration),
+    /// Every upstream connection stayed busy for `upstream_queue_timeout`.
+    #[error("no upstream connection came free within {0:?}")]
+    Saturated(Duration),
     /// The exchange failed after connecting.
     #[error("the upstream request failed")]
     Other(#[source] BoxError),
+    /// The client's request body broke off or stalled: its fault, not the
+    /// upstream's.
+    #[error("the client's request body did not arrive")]
+    Client(ClientFault, #[source] BoxError),
+}
+
+/// How a client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientFault {
+    /// Nothing arrived for `request_body_timeout`.
+    BodyTimeout,
+    /// Bad framing, or cut off before its end.
+    BadBody,
 }
 
 impl ForwardError {
-    /// The `kind` label of `sso_token_proxy_upstream_errors_total`.
-    pub(crate) fn kind(&self) -> &'static str {
+    /// The `kind` label of `sso_token_proxy_upstream_errors_total`; `None`
+    /// for a client's fault.
+    pub(crate) fn kind(&self) -> Option<&'static str> {
         match self {
-            Self::Connect(_) => "connect",
-            Self::Timeout(_) => "timeout",
-            Self::Other(_) => "other",
+            Self::Connect(_) => Some("connect"),
+            Self::Timeout(_) => Some("timeout"),
+            Self::Saturated(_) => Some("queue_timeout"),
+            Self::Other(_) => Some("other"),
+            Self::Client(..) => None,
         }
     }
 }
 
 /// The upstream and how requests are rewritten for it; shared by all
 /// connections.
-struct Upstream<B> {
-    pool: UpstreamPool<B>,
+struct Upstream {
+    pool: UpstreamPool<UpstreamBody>,
     /// The upstream's base path; request targets are joined under it.
     path: UpstreamPath,
     host: HeaderValue,
@@ -77,30 +102,22 @@ struct Upstream<B> {
 pub(crate) struct ForwarderSettings<'a> {
     pub(crate) upstream: &'a Uri,
     pub(crate) connector: HttpsConnector<HttpConnector>,
-    pub(crate) pool_idle_timeout: Duration,
+    pub(crate) pool: PoolSettings,
     pub(crate) preserve_host: bool,
     pub(crate) forwarded_headers: bool,
     pub(crate) response_timeout: Duration,
     pub(crate) escaped_slashes: EscapedSlashes,
 }
 
-/// Sends requests to the one upstream. Cheap to clone; one clone per client
+/// Sends requests to one upstream. Cheap to clone; one clone per client
 /// connection carries that client's address for `X-Forwarded-For`.
-pub(crate) struct Forwarder<B> {
-    upstream: Arc<Upstream<B>>,
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    upstream: Arc<Upstream>,
     client_ip: Option<HeaderValue>,
 }
 
-impl<B> Clone for Forwarder<B> {
-    fn clone(&self) -> Self {
-        Self {
-            upstream: Arc::clone(&self.upstream),
-            client_ip: self.client_ip.clone(),
-        }
-    }
-}
-
-impl<B> fmt::Debug for Forwarder<B> {
+impl fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forwarder")
             .field("upstream", &self.upstream.pool)
@@ -108,24 +125,14 @@ impl<B> fmt::Debug for Forwarder<B> {
     }
 }
 
-impl<B> Forwarder<B>
-where
-    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+impl Forwarder {
     /// `None` when the upstream URI has no scheme or authority.
     pub(crate) fn new(settings: ForwarderSettings<'_>) -> Option<Self> {
         let scheme = settings.upstream.scheme()?.clone();
         let authority = settings.upstream.authority()?.clone();
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
         let path = UpstreamPath::new(settings.upstream.path(), settings.escaped_slashes);
-        let pool = UpstreamPool::new(
-            scheme,
-            authority,
-            settings.connector,
-            settings.pool_idle_timeout,
-        )
-        .ok()?;
+        let pool = UpstreamPool::new(scheme, authority, settings.connector, settings.pool).ok()?;
         Some(Self {
             upstream: Arc::new(Upstream {
                 pool,
@@ -144,12 +151,10 @@ where
         let text = client_ip.to_canonical().to_string();
         Self {
             upstream: Arc::clone(&self.upstream),
-            client_ip: HeaderValue::from_maybe_shared(Bytes::from(text)).ok(),
+            client_ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok(),
         }
     }
-}
 
-impl<B> Forwarder<B> {
     /// Rewrites a client's request for the upstream: the target normalised
     /// under the base path (origin form), hop-by-hop fields removed,
     /// `Host`, `Via` and `X-Forwarded-*` set, and HTTP/1.1 as the version
@@ -208,30 +213,27 @@ impl<B> Forwarder<B> {
     }
 }
 
-impl<B> Service<Request<B>> for Forwarder<B>
-where
-    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+impl Service<Request<UpstreamBody>> for Forwarder {
     type Response = Response<ProxyBody>;
     type Error = ForwardError;
     type Future = ForwardFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pool takes any number of requests.
+        // The pool queues requests itself, bounded by its own timer.
         Poll::Ready(Ok(()))
     }
 
     /// Sends a request [`prepare`](Self::prepare)d for the upstream; its
     /// headers are not touched here, so the token set before stays.
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<UpstreamBody>) -> Self::Future {
         let up = &*self.upstream;
+        let upload = upload_of(req.body());
         let response: UpstreamResponse = Box::pin(up.pool.send(req));
         ForwardFuture {
-            state: State::Sending {
-                response: tokio::time::timeout(up.response_timeout, response),
-                limit: up.response_timeout,
-            },
+            response,
+            timer: tokio::time::sleep(up.response_timeout),
+            limit: up.response_timeout,
+            upload,
         }
     }
 }
@@ -243,19 +245,13 @@ type UpstreamResponse =
 pin_project! {
     /// Response future of [`Forwarder`].
     pub(crate) struct ForwardFuture {
+        response: UpstreamResponse,
+        // When the upstream has owed its next step for too long.
         #[pin]
-        state: State,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State {
-        Sending {
-            #[pin]
-            response: tokio::time::Timeout<UpstreamResponse>,
-            limit: Duration,
-        },
+        timer: Sleep,
+        limit: Duration,
+        // How a streamed body's upload is going.
+        upload: Option<Arc<Upload>>,
     }
 }
 
@@ -265,20 +261,69 @@ impl fmt::Debug for ForwardFuture {
     }
 }
 
+/// What a failed exchange was: the client's doing when its body broke.
+fn failure(upload: Option<&Upload>, error: PoolError) -> ForwardError {
+    let client = upload.and_then(|u| match u.status() {
+        UploadStatus::ClientTimedOut => Some(ClientFault::BodyTimeout),
+        UploadStatus::ClientMalformed => Some(ClientFault::BadBody),
+        _ => None,
+    });
+    match (client, error) {
+        (Some(fault), error) => ForwardError::Client(fault, error.into()),
+        (None, PoolError::Connect(e)) => ForwardError::Connect(e),
+        (None, PoolError::Saturated(waited)) => ForwardError::Saturated(waited),
+        (None, PoolError::Request(e)) => ForwardError::Other(e.into()),
+    }
+}
+
+/// Resolves to [`ForwardError::Timeout`] once the upstream has owed its
+/// next step for `limit`; re-arms `timer` until then.
+fn upstream_overdue(
+    mut timer: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+    limit: Duration,
+    upload: Option<&Upload>,
+) -> Poll<ForwardError> {
+    loop {
+        ready!(timer.as_mut().poll(cx));
+        let Some(upload) = upload else {
+            return Poll::Ready(ForwardError::Timeout(limit));
+        };
+        let now = Instant::now();
+        let deadline = match upload.status() {
+            UploadStatus::Sending(at) | UploadStatus::Sent(at) => at + limit,
+            // The body's own timer bounds the wait; look again later.
+            UploadStatus::WaitingOnClient
+            | UploadStatus::ClientTimedOut
+            | UploadStatus::ClientMalformed => now + limit,
+        };
+        if now >= deadline {
+            return Poll::Ready(ForwardError::Timeout(limit));
+        }
+        timer.as_mut().reset(deadline);
+    }
+}
+
 impl Future for ForwardFuture {
     type Output = Result<Response<ProxyBody>, ForwardError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = match self.project().state.project() {
-            StateProj::Sending { response, limit } => match std::task::ready!(response.poll(cx)) {
-                Ok(Ok(response)) => Ok(relay(response)),
-                Ok(Err(PoolError::Connect(e))) => Err(ForwardError::Connect(e)),
-                Ok(Err(PoolError::Request(e))) => Err(ForwardError::Other(e.into())),
-                Err(_elapsed) => Err(ForwardError::Timeout(*limit)),
-            },
+        let this = self.project();
+        let upload = this.upload.as_deref();
+        let result = match this.response.as_mut().poll(cx) {
+            Poll::Ready(Ok(response)) => Ok(relay(response)),
+            Poll::Ready(Err(e)) => Err(failure(upload, e)),
+            Poll::Pending => Err(ready!(upstream_overdue(
+                this.timer,
+                cx,
+                *this.limit,
+                upload
+            ))),
         };
-        if let Err(e) = &result {
-            metrics::counter!(metric_names::UPSTREAM_ERRORS_TOTAL.name, "kind" => e.kind())
+        if let Err(e) = &result
+            && let Some(kind) = e.kind()
+        {
+            metrics::counter!(metric_names::UPSTREAM_ERRORS_TOTAL.name, "kind" => kind)
                 .increment(1);
         }
         Poll::Ready(result)
@@ -296,14 +341,13 @@ fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::Full;
 
-    fn forwarder(upstream: &str) -> Forwarder<Full<Bytes>> {
+    fn forwarder(upstream: &str) -> Forwarder {
         let config = crate::tls::client_config(None).unwrap();
         Forwarder::new(ForwarderSettings {
             upstream: &upstream.parse().unwrap(),
             connector: crate::tls::https_connector(config, Duration::from_secs(1)),
-            pool_idle_timeout: Duration::from_secs(1),
+            pool: PoolSettings::default(),
             preserve_host: false,
             forwarded_headers: true,
             response_timeout: Duration::from_secs(1),
@@ -313,13 +357,13 @@ mod tests {
         .for_client("10.0.0.9".parse().unwrap())
     }
 
-    fn prepared(f: &Forwarder<Full<Bytes>>, request: Request<()>) -> request::Parts {
+    fn prepared(f: &Forwarder, request: Request<()>) -> request::Parts {
         let (mut parts, ()) = request.into_parts();
         f.prepare(&mut parts).unwrap();
         parts
     }
 
-    fn upstream_uri(f: &Forwarder<Full<Bytes>>, target: &str) -> Uri {
+    fn upstream_uri(f: &Forwarder, target: &str) -> Uri {
         prepared(f, Request::get(target).body(()).unwrap()).uri
     }
 

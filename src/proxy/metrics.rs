@@ -18,12 +18,31 @@ use crate::metric_names;
 /// The `status_class` label values, by `status / 100 - 1`.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// A request answered as the client's fault; the `kind` label of
+/// `sso_token_proxy_client_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClientError {
+    /// `CONNECT`, a foreign absolute-form target, `*`.
+    TargetRefused,
+    /// A path above the base path, or an escaped slash refused.
+    PathRefused,
+    /// A malformed or cut-off request body.
+    BadBody,
+    /// A request body that did not arrive in time.
+    BodyTimeout,
+}
+
+const CLIENT_ERROR_KINDS: [&str; 4] =
+    ["target_refused", "path_refused", "bad_body", "body_timeout"];
+
 /// Per-request metric handles shared by every connection of one proxy.
 #[derive(Debug, Default)]
 pub(super) struct ProxyMetrics {
     requests: [OnceLock<Counter>; 5],
     duration: OnceLock<Histogram>,
     in_flight: OnceLock<Gauge>,
+    client_errors: [OnceLock<Counter>; 4],
+    connections: OnceLock<Gauge>,
 }
 
 impl ProxyMetrics {
@@ -39,6 +58,20 @@ impl ProxyMetrics {
     pub(super) fn duration(&self) -> &Histogram {
         self.duration
             .get_or_init(|| metrics::histogram!(metric_names::REQUEST_DURATION_SECONDS.name))
+    }
+
+    /// `sso_token_proxy_client_errors_total{kind}`.
+    pub(super) fn client_errors(&self, kind: ClientError) -> &Counter {
+        let i = kind as usize;
+        self.client_errors[i].get_or_init(|| {
+            metrics::counter!(metric_names::CLIENT_ERRORS_TOTAL.name, "kind" => CLIENT_ERROR_KINDS[i])
+        })
+    }
+
+    /// `sso_token_proxy_client_connections`.
+    pub(super) fn connections(&self) -> &Gauge {
+        self.connections
+            .get_or_init(|| metrics::gauge!(metric_names::CLIENT_CONNECTIONS.name))
     }
 
     /// `sso_token_proxy_requests_in_flight`.

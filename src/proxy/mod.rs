@@ -74,16 +74,20 @@
 //! # }
 //! ```
 
+mod activity;
 mod body;
 mod error;
 mod forward;
+mod h2_monitor;
 mod headers;
+mod io;
 mod metrics;
 mod path;
 mod pool;
 mod server;
 mod service;
 mod target;
+mod upload;
 
 use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -93,8 +97,10 @@ pub use self::error::ProxyError;
 pub use self::path::{EscapedSlashes, PathRefusal, UpstreamPath};
 pub use self::target::{Refusal, TargetCheck};
 use self::{
+    activity::ConnTimers,
     forward::{Forwarder, ForwarderSettings},
     metrics::ProxyMetrics,
+    pool::PoolSettings,
     service::Stack,
 };
 use crate::{cache::TokenCache, config::ProxyConfig, layer::BearerTokenLayer, tls};
@@ -110,10 +116,16 @@ pub struct Proxy {
 
 #[derive(Debug, Clone, Copy)]
 struct ServerSettings {
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
+    timers: ConnTimers,
     shutdown_grace: Duration,
     max_replay_body_bytes: u64,
+    request_body_timeout: Duration,
+    max_connections: usize,
+    max_request_header_bytes: usize,
+    http2_max_concurrent_streams: u32,
+    http2_max_pending_accept_reset_streams: usize,
+    http2_max_local_error_reset_streams: usize,
+    http2_max_control_frames_per_second: u32,
 }
 
 impl fmt::Debug for Proxy {
@@ -142,7 +154,13 @@ impl Proxy {
         let forwarder = Forwarder::new(ForwarderSettings {
             upstream,
             connector,
-            pool_idle_timeout: config.idle_timeout,
+            pool: PoolSettings {
+                idle_timeout: config.idle_timeout,
+                max_connections: config.upstream_max_connections,
+                queue_timeout: config.upstream_queue_timeout,
+                max_response_headers: config.upstream_max_response_headers,
+                max_response_header_bytes: config.upstream_max_response_header_bytes,
+            },
             preserve_host: config.preserve_host,
             forwarded_headers: config.forwarded_headers,
             response_timeout: config.upstream_response_timeout,
@@ -155,10 +173,22 @@ impl Proxy {
             check: Arc::new(TargetCheck::new(upstream)),
             metrics: Arc::default(),
             settings: ServerSettings {
-                header_read_timeout: config.header_read_timeout,
-                idle_timeout: config.idle_timeout,
+                timers: ConnTimers {
+                    header_read: config.header_read_timeout,
+                    idle: config.idle_timeout,
+                    send: config.send_timeout,
+                    drain: config.drain_timeout,
+                },
                 shutdown_grace: config.shutdown_grace,
                 max_replay_body_bytes: config.max_replay_body_bytes as u64,
+                request_body_timeout: config.request_body_timeout,
+                max_connections: config.max_connections,
+                max_request_header_bytes: config.max_request_header_bytes,
+                http2_max_concurrent_streams: config.http2_max_concurrent_streams,
+                http2_max_pending_accept_reset_streams: config
+                    .http2_max_pending_accept_reset_streams,
+                http2_max_local_error_reset_streams: config.http2_max_local_error_reset_streams,
+                http2_max_control_frames_per_second: config.http2_max_control_frames_per_second,
             },
         })
     }

@@ -26,6 +26,15 @@
 //! - Connections idle for `idle_timeout` are closed: a reaper ticks every
 //!   quarter of it, at most one second apart, and closes connections idle
 //!   for longer than the timeout (so within one tick of it).
+//! - At most `max_connections` are open at once (idle ones included). A
+//!   request that finds none idle and the cap reached waits for the first
+//!   connection to come back or close, at most `queue_timeout`; then it
+//!   fails with [`PoolError::Saturated`] (the proxy answers `503`). Envoy's
+//!   circuit breaker caps connections the same way (1024 by default).
+//! - Response heads may have up to `max_response_headers` fields and
+//!   `max_response_header_bytes` bytes (HTTP/1.1), or a header list of that
+//!   many bytes (HTTP/2), so that a healthy upstream with a large head is
+//!   not turned into a `502`.
 //!
 //! Metrics: `sso_token_proxy_upstream_connections_opened_total{protocol}`
 //! (`http1`, `http2`), and `sso_token_proxy_upstream_connections_idle`,
@@ -37,7 +46,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -57,6 +66,7 @@ use hyper_util::{
     client::legacy::connect::{Connection as _, HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::Service as _;
 
 use crate::layer::ReplayableBody;
@@ -74,13 +84,45 @@ const TICKS_PER_IDLE_TIMEOUT: u32 = 4;
 const MAX_TICK: Duration = Duration::from_secs(1);
 
 /// Why the pool produced no response.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum PoolError {
     /// No connection could be made (refused, unreachable, TLS, connect
     /// timeout, or the HTTP/2 handshake failed). Nothing was sent.
-    Connect(BoxError),
+    #[error("cannot connect to the upstream")]
+    Connect(#[source] BoxError),
+    /// Every connection stayed busy for this long. Nothing was sent.
+    #[error("no upstream connection came free within {0:?}")]
+    Saturated(Duration),
     /// The exchange failed on an established connection.
-    Request(hyper::Error),
+    #[error("the upstream exchange failed")]
+    Request(#[source] hyper::Error),
+}
+
+/// How a pool keeps and limits its connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolSettings {
+    /// Idle connections are closed after this; zero keeps none.
+    pub(crate) idle_timeout: Duration,
+    /// Connections open at once, idle ones included.
+    pub(crate) max_connections: usize,
+    /// How long a request waits for a connection when all are busy.
+    pub(crate) queue_timeout: Duration,
+    /// Header fields in an HTTP/1.1 response head.
+    pub(crate) max_response_headers: usize,
+    /// Bytes in a response head (HTTP/1.1) or header list (HTTP/2).
+    pub(crate) max_response_header_bytes: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            queue_timeout: Duration::from_secs(5),
+            max_response_headers: 256,
+            max_response_header_bytes: 128 * 1024,
+        }
+    }
 }
 
 /// Connections to one upstream. Cheap to clone.
@@ -134,6 +176,13 @@ struct Inner<B> {
     /// The reaper's tick count; idle connections are stamped with it.
     epoch: AtomicU64,
     reaper_started: AtomicBool,
+    /// One permit per open connection.
+    permits: Arc<Semaphore>,
+    queue_timeout: Duration,
+    /// Requests waiting for a connection, and their wake-up when one comes
+    /// back to the pool.
+    queued: AtomicUsize,
+    returned: Notify,
 }
 
 struct IdleConn<B> {
@@ -161,21 +210,27 @@ where
     B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    /// A pool for `scheme://authority`. `idle_timeout` of zero keeps no
-    /// idle connections.
+    /// A pool for `scheme://authority`.
     pub(crate) fn new(
         scheme: Scheme,
         authority: Authority,
         connector: HttpsConnector<HttpConnector>,
-        idle_timeout: Duration,
+        settings: PoolSettings,
     ) -> Result<Self, http::Error> {
+        let idle_timeout = settings.idle_timeout;
         let origin = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
             .path_and_query("/")
             .build()?;
+        let header_bytes = settings.max_response_header_bytes;
+        let mut h1 = http1::Builder::new();
+        // hyper's own limit is 100 fields; many upstreams send more.
+        h1.max_headers(settings.max_response_headers)
+            .max_header_size(header_bytes);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
         let tick = (idle_timeout / TICKS_PER_IDLE_TIMEOUT)
             .min(MAX_TICK)
             .max(Duration::from_millis(1));
@@ -186,7 +241,7 @@ where
                 origin,
                 scheme,
                 authority,
-                h1: http1::Builder::new(),
+                h1,
                 h2,
                 idle: Mutex::new(Vec::new()),
                 shared_h2: Mutex::new(None),
@@ -198,6 +253,10 @@ where
                 idle_ticks,
                 epoch: AtomicU64::new(0),
                 reaper_started: AtomicBool::new(false),
+                permits: Arc::new(Semaphore::new(settings.max_connections)),
+                queue_timeout: settings.queue_timeout,
+                queued: AtomicUsize::new(0),
+                returned: Notify::new(),
             }),
         })
     }
@@ -222,7 +281,7 @@ where
                     Some(checkout) => checkout,
                     // Boxed: the handshake futures are large, and this
                     // future is built (and moved) for every request.
-                    None => Box::pin(inner.connect()).await?,
+                    None => Box::pin(inner.connect_or_wait()).await?,
                 };
                 let mut keep = None;
                 let (result, reused) = match checkout {
@@ -356,9 +415,49 @@ where
         }
     }
 
+    /// A new connection when fewer than `max_connections` are open; else
+    /// the first that comes back to the pool, or a new one once another
+    /// closes, waiting at most `queue_timeout`.
+    async fn connect_or_wait(self: &Arc<Self>) -> Result<Checkout<B>, PoolError> {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return self.connect(permit).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let _queued = Queued(&self.queued);
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            // Registered before looking, so a return in between wakes it.
+            returned.as_mut().enable();
+            if let Some(checkout) = self.take_idle() {
+                return Ok(checkout);
+            }
+            tokio::select! {
+                permit = Arc::clone(&self.permits).acquire_owned() => {
+                    // The semaphore is never closed.
+                    let permit = permit.map_err(|e| PoolError::Connect(e.into()))?;
+                    return self.connect(permit).await;
+                }
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::debug!(
+                        waited_ms = self.queue_timeout.as_millis() as u64,
+                        "every upstream connection stayed busy"
+                    );
+                    return Err(PoolError::Saturated(self.queue_timeout));
+                }
+            }
+        }
+    }
+
     /// A new connection: TCP (and TLS), then the HTTP/1.1 or HTTP/2
-    /// handshake that ALPN chose, its driver spawned.
-    async fn connect(self: &Arc<Self>) -> Result<Checkout<B>, PoolError> {
+    /// handshake that ALPN chose, its driver spawned. `permit` is held for
+    /// as long as the connection is open.
+    async fn connect(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Checkout<B>, PoolError> {
         let _one_at_a_time = if self.prefers_h2.load(Ordering::Relaxed) {
             let guard = self.h2_connecting.lock().await;
             // Someone else may have connected while we waited.
@@ -385,7 +484,7 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            drive(conn, "HTTP/2");
+            drive(conn, "HTTP/2", permit);
             sender
                 .ready()
                 .await
@@ -408,7 +507,7 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            drive(conn, "HTTP/1.1");
+            drive(conn, "HTTP/1.1", permit);
             metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "protocol" => "http1").increment(1);
             Ok(Checkout::Http1 {
                 sender,
@@ -445,6 +544,10 @@ where
             sender,
             since_epoch,
         });
+        // Only when at the cap does anyone wait for a returned connection.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.returned.notify_waiters();
+        }
     }
 
     fn to_absolute_form(&self, request: &mut Request<B>) {
@@ -517,8 +620,8 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
 }
 
 /// Runs a connection's driver (its reads, writes and keep-alive) until the
-/// connection closes.
-fn drive<C>(conn: C, protocol: &'static str)
+/// connection closes, then gives its place under the cap back.
+fn drive<C>(conn: C, protocol: &'static str, permit: OwnedSemaphorePermit)
 where
     C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
@@ -526,7 +629,17 @@ where
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, protocol, "upstream connection ended");
         }
+        drop(permit);
     });
+}
+
+/// Counts a request as waiting for a connection while it lives.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A poisoned lock only means a panic elsewhere while it was held; the

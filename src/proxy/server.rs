@@ -1,5 +1,11 @@
-//! The accept loop, one task per client connection, the idle timeout, and
-//! the graceful drain.
+//! The accept loop (at most `max_connections` client connections at once),
+//! one task per client connection with its timers, and the graceful drain.
+//!
+//! At the connection cap the proxy stops accepting, as nginx
+//! (`worker_connections`) and HAProxy (`maxconn`) do: new clients wait in
+//! the kernel's listen backlog and are served as soon as an old connection
+//! goes, instead of being accepted and dropped (Envoy's
+//! `max_downstream_connections`), which would fail them at once.
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,14 +15,43 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
+    time::Instant,
 };
 
-use super::{Proxy, body::ConnActivity, service::ConnService};
+use super::{
+    Proxy, ServerSettings,
+    activity::{ConnActivity, ConnTimers, Step},
+    io::ClientIo,
+    metrics::ProxyMetrics,
+    service::ConnService,
+};
+use crate::metric_names;
 
 /// How long to pause accepting after an error such as "too many open files".
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The HTTP/1 and HTTP/2 server settings every connection is served with.
+fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.timers.header_read)
+        // A head must fit in the read buffer (hyper answers 431 when not);
+        // hyper's own floor for it is 8 KiB.
+        .max_buf_size(settings.max_request_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(settings.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(settings.http2_max_local_error_reset_streams)
+        .max_header_list_size(u32::try_from(settings.max_request_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
 
 pub(super) async fn serve(
     proxy: Proxy,
@@ -24,19 +59,21 @@ pub(super) async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let settings = proxy.settings;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    let builder = Arc::new(connection_builder(&settings));
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let mut at_cap = false;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        if permits.available_permits() == 0 && !at_cap {
+            tracing::warn!(
+                max_connections = settings.max_connections,
+                "client connection limit reached; new connections wait until one closes"
+            );
+        }
+        at_cap = permits.available_permits() == 0;
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -47,7 +84,7 @@ pub(super) async fn serve(
                     tracing::error!("a connection task panicked");
                 }
             }
-            accepted = listener.accept() => match accepted {
+            (permit, accepted) = accept_under_cap(&listener, &permits) => match accepted {
                 Ok((stream, remote)) => {
                     let local = match stream.local_addr() {
                         Ok(local) => local,
@@ -62,18 +99,22 @@ pub(super) async fn serve(
                         check: Arc::clone(&proxy.check),
                         local,
                         max_replay_body_bytes: settings.max_replay_body_bytes,
+                        request_body_timeout: settings.request_body_timeout,
                         activity: Arc::clone(&activity),
                         metrics: Arc::clone(&proxy.metrics),
                     };
-                    connections.spawn(serve_connection(
-                        Arc::clone(&builder),
+                    connections.spawn(serve_connection(Connection {
+                        builder: Arc::clone(&builder),
                         stream,
                         remote,
                         service,
                         activity,
-                        settings.idle_timeout,
-                        stop_rx.clone(),
-                    ));
+                        timers: settings.timers,
+                        control_frames_per_second: settings.http2_max_control_frames_per_second,
+                        metrics: Arc::clone(&proxy.metrics),
+                        stop: stop_rx.clone(),
+                        _permit: permit,
+                    }));
                 }
                 Err(e) if is_connection_error(&e) => {
                     tracing::debug!(error = %e, "connection failed before it was accepted");
@@ -109,41 +150,114 @@ pub(super) async fn serve(
     Ok(())
 }
 
-/// Serves one client connection until it ends, closing it gracefully on
-/// shutdown or after `idle_timeout` without a request in flight.
-async fn serve_connection(
+/// Waits for room under the connection cap, then for a connection.
+async fn accept_under_cap(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> (OwnedSemaphorePermit, io::Result<(TcpStream, SocketAddr)>) {
+    // The semaphore is never closed.
+    let permit = Arc::clone(permits)
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore stays open");
+    (permit, listener.accept().await)
+}
+
+/// One client connection and what serving it needs.
+struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     remote: SocketAddr,
     service: ConnService,
     activity: Arc<ConnActivity>,
-    idle_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+    timers: ConnTimers,
+    control_frames_per_second: u32,
+    metrics: Arc<ProxyMetrics>,
+    stop: watch::Receiver<bool>,
+    /// Its place under `max_connections`, given back when it ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Serves one client connection until it ends, asking it to close on
+/// shutdown or once idle, and closing it when a timer of
+/// [`ConnActivity::next_step`] runs out.
+async fn serve_connection(conn: Connection) {
+    let Connection {
+        builder,
+        stream,
+        remote,
+        service,
+        activity,
+        timers,
+        control_frames_per_second,
+        metrics,
+        mut stop,
+        _permit,
+    } = conn;
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let open = OpenConnection::count(&metrics);
+    let io = ClientIo::new(stream, Arc::clone(&activity), control_frames_per_second);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let mut closing = false;
+    let watchdog = tokio::time::sleep(timers.header_read);
+    tokio::pin!(watchdog);
+    let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%remote, error = &*e as &dyn std::error::Error, "client connection ended with an error");
                 }
-                return;
+                break;
             }
-            _ = stop.wait_for(|stop| *stop), if !closing => {
-                closing = true;
+            _ = stop.wait_for(|stop| *stop), if closing_since.is_none() => {
+                closing_since = Some(Instant::now());
                 connection.as_mut().graceful_shutdown();
+                watchdog.as_mut().reset(Instant::now());
             }
-            () = activity.idle_for(idle_timeout), if !closing => {
-                tracing::debug!(%remote, "closing idle client connection");
-                closing = true;
-                connection.as_mut().graceful_shutdown();
+            () = watchdog.as_mut() => {
+                let now = Instant::now();
+                match activity.next_step(now, &timers, closing_since) {
+                    Step::SleepUntil(at) => watchdog.as_mut().reset(at),
+                    Step::Drain => {
+                        tracing::debug!(%remote, "closing idle client connection");
+                        closed_counter("idle");
+                        closing_since = Some(now);
+                        connection.as_mut().graceful_shutdown();
+                        watchdog.as_mut().reset(now);
+                    }
+                    Step::Close(reason) => {
+                        tracing::debug!(%remote, reason = reason.as_str(), "closing client connection");
+                        closed_counter(reason.as_str());
+                        break;
+                    }
+                }
             }
         }
+    }
+    drop(open);
+}
+
+fn closed_counter(reason: &'static str) {
+    metrics::counter!(metric_names::CLIENT_CONNECTIONS_CLOSED_TOTAL.name, "reason" => reason)
+        .increment(1);
+}
+
+/// Counts a client connection as open while it lives.
+struct OpenConnection<'a>(&'a ProxyMetrics);
+
+impl<'a> OpenConnection<'a> {
+    fn count(metrics: &'a ProxyMetrics) -> Self {
+        metrics.connections().increment(1.0);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections().decrement(1.0);
     }
 }
 

@@ -17,31 +17,34 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
-use http::{Method, Request, Response, Uri, request};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header, request};
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, combinators::Collect};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tracing::{Span, field::Empty};
 
 use super::{
-    body::{ConnActivity, ProxyBody, RequestGuard},
-    error::{bad_body_response, path_refusal_response, refusal_response, upstream_error_response},
-    forward::Forwarder,
-    metrics::ProxyMetrics,
+    activity::{ConnActivity, RequestGuard},
+    body::ProxyBody,
+    error::{
+        bad_body_response, body_timeout_response, path_refusal_response, refusal_response,
+        upstream_error_response,
+    },
+    forward::{ClientFault, ForwardError, Forwarder},
+    metrics::{ClientError, ProxyMetrics},
     target::TargetCheck,
+    upload::{ClientBody, UpstreamBody},
 };
 use crate::layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response};
 
-/// The request body the inner stack sees.
-pub(super) type UpstreamBody = ReplayBody<Incoming>;
-
 /// Token layer over forwarder.
-pub(super) type Stack = BearerTokenService<Forwarder<UpstreamBody>>;
+pub(super) type Stack = BearerTokenService<Forwarder>;
 
 /// Per-connection request handler.
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ pub(super) struct ConnService {
     pub(super) check: Arc<TargetCheck>,
     pub(super) local: SocketAddr,
     pub(super) max_replay_body_bytes: u64,
+    pub(super) request_body_timeout: Duration,
     pub(super) activity: Arc<ConnActivity>,
     pub(super) metrics: Arc<ProxyMetrics>,
 }
@@ -79,6 +83,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             // clones (an enum, shared bytes).
             method: request.method().clone(),
             uri: request.uri().clone(),
+            version: request.version(),
         };
         if let Err(refusal) = self.check.check(
             request.method(),
@@ -89,6 +94,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             future
                 .span
                 .in_scope(|| tracing::debug!(?refusal, "request refused"));
+            self.metrics
+                .client_errors(ClientError::TargetRefused)
+                .increment(1);
             future.state = ProxyState::Ready {
                 response: Some(refusal_response(refusal)),
             };
@@ -101,6 +109,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             future
                 .span
                 .in_scope(|| tracing::debug!(?refusal, "request path refused"));
+            self.metrics
+                .client_errors(ClientError::PathRefused)
+                .increment(1);
             future.state = ProxyState::Ready {
                 response: Some(path_refusal_response(refusal)),
             };
@@ -117,9 +128,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             // answered by a replay.
             ProxyState::Collecting {
                 collect: body.collect(),
+                timer: tokio::time::sleep(self.request_body_timeout),
                 request: Some((parts, self.stack.clone())),
             }
         } else {
+            let body = ClientBody::new(body, self.request_body_timeout);
             ProxyState::call(self.stack.clone(), parts, ReplayBody::streaming(body))
         };
         future
@@ -137,6 +150,7 @@ pin_project! {
         metrics: Arc<ProxyMetrics>,
         method: Method,
         uri: Uri,
+        version: Version,
     }
 }
 
@@ -145,10 +159,13 @@ pin_project! {
     enum ProxyState {
         // Answered without forwarding.
         Ready { response: Option<Response<ProxyBody>> },
-        // Reading a small body into memory.
+        // Reading a small body into memory, all of it within
+        // `request_body_timeout`.
         Collecting {
             #[pin]
             collect: Collect<Incoming>,
+            #[pin]
+            timer: Sleep,
             request: Option<(request::Parts, Stack)>,
         },
         // Token layer and forwarder at work.
@@ -181,22 +198,38 @@ impl Future for ProxyFuture {
                         .take()
                         .expect("ProxyFuture polled after completion");
                 }
-                ProxyStateProj::Collecting { collect, request } => match ready!(collect.poll(cx)) {
-                    Ok(collected) => {
+                ProxyStateProj::Collecting {
+                    collect,
+                    timer,
+                    request,
+                } => match collect.poll(cx) {
+                    Poll::Ready(Ok(collected)) => {
                         let (parts, stack) =
                             request.take().expect("request held while its body is read");
                         let body = ReplayBody::buffered(collected.to_bytes());
                         this.state.set(ProxyState::call(stack, parts, body));
                     }
-                    Err(e) => {
+                    Poll::Ready(Err(e)) => {
                         tracing::debug!(error = %e, "client request body broke off");
-                        break bad_body_response();
+                        break client_fault(this.metrics, *this.version, ClientFault::BadBody);
+                    }
+                    Poll::Pending => {
+                        ready!(timer.poll(cx));
+                        tracing::debug!("client request body did not arrive in time");
+                        break client_fault(this.metrics, *this.version, ClientFault::BodyTimeout);
                     }
                 },
                 ProxyStateProj::Calling { call } => {
                     break match ready!(call.poll(cx)) {
                         Ok(response) => response,
                         Err(BearerTokenError::Token(e)) => unavailable_response(&e),
+                        Err(BearerTokenError::Inner(ForwardError::Client(fault, e))) => {
+                            tracing::debug!(
+                                error = &*e as &dyn std::error::Error,
+                                "client request body broke off"
+                            );
+                            client_fault(this.metrics, *this.version, fault)
+                        }
                         Err(BearerTokenError::Inner(e)) => {
                             tracing::warn!(
                                 method = %this.method,
@@ -229,4 +262,25 @@ impl Future for ProxyFuture {
         }
         Poll::Ready(Ok(response))
     }
+}
+
+/// The answer to a request whose body the client broke or did not send:
+/// `400` or `408`, counted as the client's error; an HTTP/1 connection is
+/// closed after it, since what follows on it cannot be framed.
+fn client_fault(
+    metrics: &ProxyMetrics,
+    version: Version,
+    fault: ClientFault,
+) -> Response<ProxyBody> {
+    let (mut response, kind) = match fault {
+        ClientFault::BadBody => (bad_body_response(), ClientError::BadBody),
+        ClientFault::BodyTimeout => (body_timeout_response(), ClientError::BodyTimeout),
+    };
+    metrics.client_errors(kind).increment(1);
+    if version != Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

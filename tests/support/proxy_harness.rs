@@ -150,6 +150,8 @@ struct UpstreamState {
 /// * `x-test-set-cookies`: answer with two `Set-Cookie` fields.
 /// * `x-test-hop-headers`: answer with hop-by-hop fields that must not reach
 ///   the client.
+/// * `x-test-response-headers: N`: add N fields `x-h-0` … to the answer.
+/// * `x-test-response-header-bytes: N`: add one field of N bytes.
 pub(crate) struct Upstream {
     pub(crate) addr: SocketAddr,
     state: Arc<UpstreamState>,
@@ -451,6 +453,17 @@ async fn upstream_handle(
     };
     let out = response.headers_mut();
     out.insert("x-upstream", HeaderValue::from_static("yes"));
+    if let Some(n) = headers.get("x-test-response-headers") {
+        let n: usize = n.to_str().unwrap().parse().unwrap();
+        for i in 0..n {
+            let name = http::HeaderName::try_from(format!("x-h-{i}")).unwrap();
+            out.insert(name, HeaderValue::from(i));
+        }
+    }
+    if let Some(n) = headers.get("x-test-response-header-bytes") {
+        let n: usize = n.to_str().unwrap().parse().unwrap();
+        out.insert("x-big", HeaderValue::try_from("b".repeat(n)).unwrap());
+    }
     if headers.contains_key("x-test-set-cookies") {
         out.append("set-cookie", HeaderValue::from_static("a=1; Path=/"));
         out.append(
