@@ -914,3 +914,150 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
     let _ = tokio::time::timeout(adversary::GUARD, stream.read_to_end(&mut received)).await;
     assert!(received.len() < SIZE, "the whole response was delivered");
 }
+
+// === 6. HTTP/2 abuse ===
+
+/// A proxy whose HTTP/2 clients may send 100 control frames a second.
+async fn proxy_with_frame_budget(upstream: &Upstream) -> RunningProxy {
+    let mut config = proxy_config(&upstream.url());
+    config.http2_max_control_frames_per_second = 100;
+    RunningProxy::start(config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frame_floods_get_goaway_enhance_your_calm_and_are_closed() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with_frame_budget(&upstream).await;
+    let open_post = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &header_block(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/flood"),
+        ]),
+    );
+    let floods: [(&str, Vec<u8>, Vec<u8>); 7] = [
+        ("PING", vec![], frame(adversary::PING, 0, 0, &[7; 8])),
+        ("SETTINGS", vec![], frame(adversary::SETTINGS, 0, 0, &[])),
+        (
+            "SETTINGS with a value",
+            vec![],
+            frame(adversary::SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]),
+        ),
+        (
+            "PRIORITY",
+            vec![],
+            frame(adversary::PRIORITY, 0, 3, &[0, 0, 0, 0, 16]),
+        ),
+        (
+            "WINDOW_UPDATE",
+            vec![],
+            frame(adversary::WINDOW_UPDATE, 0, 0, &[0, 0, 0, 1]),
+        ),
+        ("empty DATA", open_post, frame(adversary::DATA, 0, 1, &[])),
+        ("unknown type", vec![], frame(0xee, 0, 0, &[])),
+    ];
+    let client = h2c_client();
+    for (what, setup, unit) in floods {
+        let (goaway, closed) = adversary::flood(proxy.addr, &setup, &unit).await;
+        let goaway = goaway.unwrap_or_else(|| panic!("{what}: no GOAWAY"));
+        assert_eq!(
+            goaway.error_code(),
+            adversary::ENHANCE_YOUR_CALM,
+            "{what}: {goaway:?}"
+        );
+        assert!(closed, "{what}: the connection stayed open");
+        // Others are served all the while.
+        let request = Request::get(proxy.url("/after-flood"))
+            .body(empty())
+            .unwrap();
+        let (parts, _) = send(&client, request).await;
+        assert_eq!(parts.status, StatusCode::OK, "{what}");
+    }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|s| s.uri != "/flood" || s.body_len == 0),
+        "nothing but empty bodies came of the floods"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_is_cut_off() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with_frame_budget(&upstream).await;
+    // Open a stream and cancel it at once, over and over (CVE-2023-44487).
+    let mut unit = Vec::new();
+    for i in 0..500u32 {
+        let id = 2 * i + 1;
+        let fields = get_fields("/reset", &[]);
+        unit.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            id,
+            &header_block(&fields),
+        ));
+        unit.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    let (goaway, closed) =
+        adversary::flood(proxy.addr, &unit, &frame(adversary::PING, 0, 0, &[1; 8])).await;
+    let goaway = goaway.expect("a GOAWAY");
+    assert_eq!(
+        goaway.error_code(),
+        adversary::ENHANCE_YOUR_CALM,
+        "{goaway:?}"
+    );
+    assert!(closed);
+    let reached = upstream.seen().len();
+    assert!(
+        reached <= 200,
+        "{reached} of 500 cancelled requests reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_streams_beyond_the_limit_are_refused() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.http2_max_concurrent_streams = 4;
+    let proxy = RunningProxy::start(config).await;
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    // Take in the server's SETTINGS (and its limit) first.
+    let fields = get_fields("/first", &[]);
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&fields),
+    ))
+    .await;
+    let (head, _) = h2.stream_response(1).await.expect("an answer");
+    assert_eq!(static_status(&head), Some(200));
+    for i in 0..6u32 {
+        let fields = get_fields("/held", &[("x-test-hold", "1")]);
+        h2.send(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            3 + 2 * i,
+            &header_block(&fields),
+        ))
+        .await;
+    }
+    for _ in 0..4 {
+        upstream.wait_arrived().await;
+    }
+    let mut refused = 0;
+    while refused < 2 {
+        let f = h2.frame().await.expect("frames until two refusals");
+        if f.kind == RST_STREAM {
+            assert_eq!(f.error_code(), 7, "REFUSED_STREAM: {f:?}");
+            refused += 1;
+        }
+    }
+    upstream.release();
+    assert_eq!(upstream.seen().len(), 5, "the first and four held");
+}

@@ -1270,3 +1270,49 @@ async fn sighup_with_inline_secrets_keeps_serving() {
     })
     .await;
 }
+
+/// A malformed request body is the client's fault: 400, counted in
+/// `sso_token_proxy_client_errors_total{kind="bad_body"}`, and not as an
+/// upstream error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_bodies_count_as_client_errors() {
+    bounded("client errors", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        assert_eq!(http.get(&proxy.url("/warm")).await.status, StatusCode::OK);
+        let r = raw_request(
+            proxy.addr,
+            "POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\nzz\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.json()["error"], "bad_request_body");
+
+        let text = poll_until(
+            Duration::from_secs(10),
+            "the client error in /metrics",
+            || {
+                let http = http.clone();
+                let url = proxy.admin_url("/metrics");
+                async move {
+                    let body = http.get(&url).await.body;
+                    let text = String::from_utf8(body.to_vec()).unwrap();
+                    text.contains("sso_token_proxy_client_errors_total{kind=\"bad_body\"} 1")
+                        .then_some(text)
+                }
+            },
+        )
+        .await;
+        assert!(
+            !text.contains("sso_token_proxy_upstream_errors_total"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sso_token_proxy_requests_total{status_class=\"4xx\"} 1"),
+            "{text}"
+        );
+    })
+    .await;
+}

@@ -33,15 +33,22 @@
 //!    connections in a last-in-first-out stack, closed after
 //!    `idle_timeout`; one shared HTTP/2 connection), and removes the
 //!    hop-by-hop fields of the response. Bodies stream both ways.
+//!    At most `upstream_max_connections` are open; a request that finds
+//!    all busy waits up to `upstream_queue_timeout`, then `503`.
 //!    Connect failures answer `502`, no response headers within
-//!    `upstream_response_timeout` `504`; both count in
-//!    `sso_token_proxy_upstream_errors_total{kind}`.
+//!    `upstream_response_timeout` `504`; these count in
+//!    `sso_token_proxy_upstream_errors_total{kind}`. A request body the
+//!    client breaks or stops sending is the client's fault (`400`, `408`,
+//!    `sso_token_proxy_client_errors_total{kind}`).
 //!
 //! The server speaks HTTP/1.1 with keep-alive and HTTP/2 without TLS (prior
-//! knowledge). `header_read_timeout` bounds reading an HTTP/1 request head;
-//! hyper starts that timer as soon as it waits for the next request, so an
-//! idle HTTP/1 connection is closed after the shorter of
-//! `header_read_timeout` and `idle_timeout`. On shutdown the listener is
+//! knowledge), to at most `max_connections` clients at once (`server.rs`).
+//! Every state of a connection has a timer (`activity.rs`): the first
+//! request head, later HTTP/1 heads (`header_read_timeout`), request bodies
+//! (`request_body_timeout`), responses the client does not take
+//! (`send_timeout`), idleness (`idle_timeout`) and a connection asked to
+//! close (`drain_timeout`). HTTP/2 clients are limited in streams, resets
+//! and control frames (`h2_monitor.rs`). On shutdown the listener is
 //! closed at once, in-flight requests get up to `shutdown_grace` to finish,
 //! and [`Proxy::serve`] returns.
 //!

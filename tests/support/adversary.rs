@@ -433,3 +433,58 @@ pub(crate) fn static_status(headers: &Frame) -> Option<u16> {
         _ => None,
     }
 }
+
+/// Floods an h2c connection: sends `setup` after the preface and SETTINGS,
+/// then `unit` over and over until the proxy stops taking bytes, while
+/// reading what it answers. Returns the first GOAWAY it sent (if any), and
+/// whether it then closed the connection within [`GUARD`].
+pub(crate) async fn flood(addr: SocketAddr, setup: &[u8], unit: &[u8]) -> (Option<Frame>, bool) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend_from_slice(setup);
+    wr.write_all(&hello).await.expect("write the preface");
+    // Many units per write, so the flood is fast.
+    let batch: Vec<u8> = unit.repeat((16 * 1024 / unit.len()).max(1));
+    let writer = tokio::spawn(async move {
+        let deadline = Instant::now() + GUARD;
+        while Instant::now() < deadline {
+            if wr.write_all(&batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let mut goaway = None;
+    let deadline = Instant::now() + GUARD;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, rd.read(&mut chunk)).await {
+            Err(_) => break false,
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        // Frames in what arrived; look for the GOAWAY.
+        while goaway.is_none() && buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            if buf[3] == GOAWAY {
+                goaway = Some(Frame {
+                    kind: GOAWAY,
+                    flags: buf[4],
+                    stream: 0,
+                    payload: buf[9..9 + len].to_vec(),
+                });
+            }
+            buf.drain(..9 + len);
+        }
+        if goaway.is_some() {
+            buf.clear();
+        }
+    };
+    writer.abort();
+    (goaway, closed)
+}
