@@ -9,8 +9,8 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 use criterion::Criterion;
 use futures_util::FutureExt;
 use sso_token_proxy::{
+    Secret,
     cache::{CacheOptions, TokenCache},
-    secret::Secret,
     token::{FetchFuture, Reuse, Token, TokenSource},
 };
 

@@ -21,9 +21,9 @@ use criterion::Criterion;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, header::AUTHORIZATION};
 use sso_token_proxy::{
+    Secret,
     cache::{CacheOptions, TokenCache},
     layer::BearerTokenLayer,
-    secret::Secret,
     token::{FetchFuture, Reuse, Token, TokenSource},
 };
 use tower::{Layer, Service, ServiceExt, service_fn};

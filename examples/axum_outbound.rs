@@ -26,11 +26,11 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use sso_token_proxy::{
+    Secret,
     cache::{CacheOptions, TokenCache},
     emulator::{Emulator, EmulatorConfig, SeedClient},
     layer::{BearerTokenError, BearerTokenLayer, BearerTokenService, unavailable_response},
     oidc::OidcClient,
-    secret::Secret,
     token::RefreshTokenSource,
 };
 use tower::{ServiceBuilder, ServiceExt as _};
@@ -51,9 +51,7 @@ async fn handler(State(state): State<AppState>) -> Response {
     match state.upstream.oneshot(request).await {
         Ok(response) => response.map(Body::new),
         Err(BearerTokenError::Token(e)) => unavailable_response(&e),
-        Err(BearerTokenError::Inner(e)) => {
-            (StatusCode::BAD_GATEWAY, format!("upstream failed: {e}")).into_response()
-        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("upstream failed: {e}")).into_response(),
     }
 }
 

@@ -4,7 +4,8 @@
 //! the fuzzer ran. Each function takes the raw bytes libFuzzer produced and
 //! must not panic; the few `assert!`s check properties the crate promises.
 //!
-//! Only the crate's public API, `http`, `serde_json` and `std` are used here.
+//! Only the crate's public API (plus its hidden config-parsing entry
+//! point), `http`, `serde_json` and `std` are used here.
 
 // Each includer uses only some of the entry points.
 #![allow(dead_code)]
@@ -13,7 +14,7 @@ use std::{net::SocketAddr, path::Path};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use sso_token_proxy::{
-    config::Config,
+    __private::parse_config,
     oidc::{
         CreateTokenResponse, OidcError, Operation, RegisterClientResponse,
         StartDeviceAuthorizationResponse, parse_error_response,
@@ -56,19 +57,13 @@ pub(crate) fn run(target: &str, data: &[u8]) {
 
 // === config_parse ===
 
-/// `Config::parse` on UTF-8 text; invalid UTF-8 is skipped.
+/// Config parsing (and the parsed config's `Debug`, or the error message)
+/// on UTF-8 text; invalid UTF-8 is skipped.
 pub(crate) fn config_parse(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match Config::parse(text, Path::new("fuzz.toml")) {
-        Ok(config) => {
-            let _ = format!("{config:?}");
-        }
-        Err(e) => {
-            let _ = e.to_string();
-        }
-    }
+    let _ = parse_config(text, Path::new("fuzz.toml"));
 }
 
 // === sso_cache_parse ===

@@ -19,7 +19,7 @@ use crate::{cache::TokenCache, metric_names};
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 /// Call once, at start.
-pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
+pub(crate) fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("duration_seconds".to_owned()),
@@ -42,7 +42,7 @@ struct AdminState {
 }
 
 /// The admin router.
-pub fn router(cache: TokenCache, metrics: Option<PrometheusHandle>) -> Router {
+pub(crate) fn router(cache: TokenCache, metrics: Option<PrometheusHandle>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -9,7 +9,8 @@
 //!   once instead of each starting a fetch.
 //! * `reject(&token)` (an upstream answered `401`) drops the token only if
 //!   it is still the cached one, and only within the forced-refresh budget
-//!   (see [`forced_refresh`]); otherwise the caller hands the `401` back.
+//!   ([`CacheOptions::forced_refreshes_per_minute`]); otherwise the caller
+//!   hands the `401` back.
 //!
 //! Validity is judged on tokio's clock (so `tokio::time::pause` controls
 //! it); moka's own expiry, on its own clock, only evicts dead entries.
@@ -87,6 +88,7 @@ impl Default for CacheOptions {
 /// No valid token could be had. Says why, and when to try again.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("no valid token ({}): {source}", source.kind_name())]
+#[non_exhaustive]
 pub struct TokenUnavailable {
     /// The failure behind it.
     #[source]
@@ -96,6 +98,14 @@ pub struct TokenUnavailable {
 }
 
 impl TokenUnavailable {
+    /// `source` failed; the next attempt will be made in `retry_after`.
+    pub fn new(source: TokenError, retry_after: Duration) -> Self {
+        Self {
+            source,
+            retry_after,
+        }
+    }
+
     /// Short error kind (`InvalidGrant`, `SlowDown`, `Connect`, ...).
     pub fn kind(&self) -> &'static str {
         self.source.kind_name()
@@ -110,6 +120,7 @@ impl TokenUnavailable {
 /// What to do with a request whose token an upstream rejected (`401`); see
 /// [`TokenCache::reject`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Rejection {
     /// The rejected token is no longer handed out: a request may be sent
     /// again with the token [`TokenCache::get`] returns. Either this
@@ -123,6 +134,7 @@ pub enum Rejection {
 
 /// Result of [`TokenCache::lookup`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Lookup {
     /// A valid token outside its refresh window.
     Hit(Arc<Token>),
@@ -232,6 +244,44 @@ struct Inner {
 
 /// A cache of the token of one [`TokenSource`]. Cheap to clone; clones share
 /// everything.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use sso_token_proxy::{
+///     CacheOptions, Lookup, Reuse, Secret, Token, TokenCache, TokenSource, token::FetchFuture,
+/// };
+///
+/// // A source with one fixed token; real code uses `RefreshTokenSource`.
+/// struct Fixed;
+///
+/// impl TokenSource for Fixed {
+///     fn identity(&self) -> String {
+///         "fixed".into()
+///     }
+///     fn scopes(&self) -> &[String] {
+///         &[]
+///     }
+///     fn fetch(&self, _reuse: Reuse) -> FetchFuture<'_> {
+///         Box::pin(async { Ok(Token::new(Secret::new("abc123"), Duration::from_secs(3600))) })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache = TokenCache::new(Fixed, CacheOptions::default());
+/// assert!(matches!(cache.lookup(), Lookup::Miss));
+///
+/// // The first caller fetches; later ones are answered from memory.
+/// let token = cache.get().await?;
+/// assert_eq!(token.access_token().expose(), "abc123");
+/// assert!(matches!(cache.lookup(), Lookup::Hit(t) if t.id() == token.id()));
+/// assert_eq!(cache.stats().fetch_success, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct TokenCache {
     inner: Arc<Inner>,

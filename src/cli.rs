@@ -34,21 +34,21 @@ use crate::{
 /// Token-exchange reverse proxy for AWS IAM Identity Center OIDC.
 #[derive(Debug, Parser)]
 #[command(name = "sso-token-proxy", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = "config.toml")]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
     /// Log line format (level from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// What to do (default: run the proxy).
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 }
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
@@ -57,7 +57,7 @@ pub enum LogFormat {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the config file and exit (0 when valid, 2 otherwise).
@@ -98,7 +98,7 @@ pub enum Command {
 
 /// Parses the command line and runs. Config problems exit 2, other
 /// failures 1.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let config_given = matches.value_source("config") != Some(ValueSource::DefaultValue);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

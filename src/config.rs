@@ -22,11 +22,11 @@ use crate::{
 /// Every problem found in a config file. `Display` gives one
 /// `FILE: key: reason` line per problem.
 #[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     /// The file.
-    pub file: String,
+    pub(crate) file: String,
     /// `(key, reason)` pairs.
-    pub problems: Vec<(String, String)>,
+    pub(crate) problems: Vec<(String, String)>,
 }
 
 impl fmt::Display for ConfigError {
@@ -43,18 +43,18 @@ impl fmt::Display for ConfigError {
 
 /// A secret and where it came from.
 #[derive(Debug, Clone)]
-pub struct SecretSetting {
+pub(crate) struct SecretSetting {
     /// The value.
-    pub value: Secret,
+    pub(crate) value: Secret,
     /// The file it was read from, if any.
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// That file's modification time.
-    pub modified: Option<SystemTime>,
+    pub(crate) modified: Option<SystemTime>,
 }
 
 /// Where tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     /// `refresh_token` grant with a configured client and refresh token.
     RefreshToken,
     /// An AWS SSO cache file.
@@ -130,7 +130,7 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// A config with every optional key at its default.
-    pub fn new(listen: SocketAddr, upstream: Uri) -> Self {
+    pub(crate) fn new(listen: SocketAddr, upstream: Uri) -> Self {
         Self {
             listen,
             upstream,
@@ -163,35 +163,35 @@ impl ProxyConfig {
 
 /// `[admin]`.
 #[derive(Debug, Clone)]
-pub struct AdminConfig {
+pub(crate) struct AdminConfig {
     /// Where `/healthz`, `/readyz`, `/metrics` are served.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 /// `[oidc]`.
 #[derive(Debug, Clone)]
-pub struct OidcConfig {
+pub(crate) struct OidcConfig {
     /// Explicit endpoint URL.
-    pub endpoint: Option<String>,
+    pub(crate) endpoint: Option<String>,
     /// Region, for the regional endpoint.
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
     /// Use the FIPS endpoint.
-    pub use_fips: bool,
+    pub(crate) use_fips: bool,
     /// Use the dual-stack endpoint.
-    pub use_dual_stack: bool,
+    pub(crate) use_dual_stack: bool,
     /// Client id (refresh_token source).
-    pub client_id: Option<String>,
+    pub(crate) client_id: Option<String>,
     /// Client secret (refresh_token source).
-    pub client_secret: Option<SecretSetting>,
+    pub(crate) client_secret: Option<SecretSetting>,
     /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Timeout of one call.
-    pub call_timeout: Duration,
+    pub(crate) call_timeout: Duration,
 }
 
 impl OidcConfig {
     /// The endpoint parameters.
-    pub fn endpoint_params(&self) -> EndpointParams {
+    pub(crate) fn endpoint_params(&self) -> EndpointParams {
         EndpointParams {
             region: self.region.clone(),
             use_fips: self.use_fips,
@@ -203,41 +203,41 @@ impl OidcConfig {
 
 /// `[token]`.
 #[derive(Debug, Clone)]
-pub struct TokenConfig {
+pub(crate) struct TokenConfig {
     /// Where tokens come from.
-    pub source: SourceKind,
+    pub(crate) source: SourceKind,
     /// The refresh token (refresh_token source).
-    pub refresh_token: Option<SecretSetting>,
+    pub(crate) refresh_token: Option<SecretSetting>,
     /// The AWS SSO cache file (sso_cache source, and where `login` writes).
-    pub sso_cache_file: Option<PathBuf>,
+    pub(crate) sso_cache_file: Option<PathBuf>,
     /// Where rotated refresh tokens are persisted.
-    pub state_file: Option<PathBuf>,
+    pub(crate) state_file: Option<PathBuf>,
     /// Scopes to request.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Refresh this long before expiry.
-    pub refresh_before_expiry: Duration,
+    pub(crate) refresh_before_expiry: Duration,
     /// Never hand out a token with less than this left.
-    pub expiry_margin: Duration,
+    pub(crate) expiry_margin: Duration,
     /// Access portal URL, for `login`.
-    pub start_url: Option<String>,
+    pub(crate) start_url: Option<String>,
     /// SSO session name, for `login`'s cache file name.
-    pub session_name: Option<String>,
+    pub(crate) session_name: Option<String>,
 }
 
 /// `[emulator]`: run the built-in emulator in-process (quick start).
 #[derive(Debug, Clone)]
-pub struct EmulatorSection {
+pub(crate) struct EmulatorSection {
     /// Where it listens.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Lifetime of the access tokens it issues.
-    pub access_token_lifetime: Duration,
+    pub(crate) access_token_lifetime: Duration,
     /// Whether it rotates refresh tokens.
-    pub rotate_refresh_tokens: bool,
+    pub(crate) rotate_refresh_tokens: bool,
 }
 
 /// Where the tokens live (`[store] kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKind {
+pub(crate) enum StoreKind {
     /// In this process only (one replica).
     Local,
     /// In Redis, shared by every replica.
@@ -246,48 +246,48 @@ pub enum StoreKind {
 
 /// `[store]`: sharing tokens between replicas.
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     /// Where the tokens live.
-    pub kind: StoreKind,
+    pub(crate) kind: StoreKind,
     /// `redis://` or `rediss://` URL without credentials (kind = "redis").
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Prepended to every Redis key.
-    pub key_prefix: String,
+    pub(crate) key_prefix: String,
     /// Redis ACL user.
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// Redis password.
-    pub password: Option<SecretSetting>,
+    pub(crate) password: Option<SecretSetting>,
     /// CA certificates for a `rediss://` server.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Time to live of the refresh lock.
-    pub lock_lease: Duration,
+    pub(crate) lock_lease: Duration,
     /// How long a replica waits for another's refresh.
-    pub wait_timeout: Duration,
+    pub(crate) wait_timeout: Duration,
     /// Limit for each Redis command.
-    pub command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// Refresh with the local refresh token when Redis is unreachable.
-    pub refresh_without_store: bool,
+    pub(crate) refresh_without_store: bool,
 }
 
 /// The whole file.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub(crate) struct Config {
     /// The file it was read from.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// `[proxy]`.
-    pub proxy: ProxyConfig,
+    pub(crate) proxy: ProxyConfig,
     /// `[admin]`.
-    pub admin: AdminConfig,
+    pub(crate) admin: AdminConfig,
     /// `[oidc]`.
-    pub oidc: OidcConfig,
+    pub(crate) oidc: OidcConfig,
     /// `[token]`.
-    pub token: TokenConfig,
+    pub(crate) token: TokenConfig,
     /// `[retry]`.
-    pub retry: RetryConfig,
+    pub(crate) retry: RetryConfig,
     /// `[emulator]`, when present.
-    pub emulator: Option<EmulatorSection>,
+    pub(crate) emulator: Option<EmulatorSection>,
     /// `[store]`.
-    pub store: StoreConfig,
+    pub(crate) store: StoreConfig,
 }
 
 /// What `login` reads: a config file where only `[oidc]` and the login keys
@@ -295,40 +295,40 @@ pub struct Config {
 /// use are still validated when present, so a full config is accepted or
 /// refused exactly as for the proxy.
 #[derive(Debug, Clone)]
-pub struct LoginConfig {
+pub(crate) struct LoginConfig {
     /// The file it was read from.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// `[oidc]`.
-    pub oidc: OidcConfig,
+    pub(crate) oidc: OidcConfig,
     /// `[token]`; `source` is `sso_cache` when not set.
-    pub token: TokenConfig,
+    pub(crate) token: TokenConfig,
     /// `[retry]`.
-    pub retry: RetryConfig,
+    pub(crate) retry: RetryConfig,
     /// `[emulator]`, when present.
-    pub emulator: Option<EmulatorSection>,
+    pub(crate) emulator: Option<EmulatorSection>,
 }
 
 impl Config {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         parse(&read_file(path)?, path, Reader::config)
     }
 
     /// Parses and validates config text; `path` is used in messages and to
     /// resolve relative paths.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         parse(text, path, Reader::config)
     }
 }
 
 impl LoginConfig {
     /// Reads and validates a config file for `login`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         parse(&read_file(path)?, path, Reader::login)
     }
 
     /// Parses and validates config text for `login`.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         parse(text, path, Reader::login)
     }
 }
@@ -395,7 +395,7 @@ fn parse<T: WithPath>(
 
 /// The AWS CLI's cache file for a session name or start URL:
 /// `~/.aws/sso/cache/<sha1>.json`. `None` when `HOME` is not set.
-pub fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<PathBuf> {
+pub(crate) fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<PathBuf> {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
     Some(
         Path::new(&home)
@@ -1308,7 +1308,7 @@ impl Reader {
 
 /// Reads a secret file: trailing whitespace (the newline editors add) is
 /// dropped. Errors never include the contents.
-pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
+pub(crate) fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
     use std::io::Read;
     // Secrets are small; a bound keeps a mistaken path (`/dev/zero`) harmless.
     const MAX_SECRET_BYTES: u64 = 64 * 1024;

@@ -11,7 +11,7 @@ use std::{
 };
 
 /// Atomically replaces `path` with `contents`, mode 0600.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -56,7 +56,9 @@ pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
 }
 
 /// Expands a leading `~/` to `$HOME/`.
-pub fn expand_tilde(path: &str) -> std::path::PathBuf {
+// Only the binary reads paths from config files.
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn expand_tilde(path: &str) -> std::path::PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => Path::new(&home).join(rest),
         _ if path == "~" => std::env::var_os("HOME")

@@ -18,6 +18,7 @@ use crate::oidc::{CreateTokenRequest, CreateTokenResponse, ErrorClass, OidcError
 
 /// How a backoff delay is randomised inside its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Jitter {
     /// Uniform in `[0, window]`: spreads a fleet best (AWS "full jitter").
     Full,
@@ -107,6 +108,7 @@ pub struct RetryEvent {
 
 /// Why no further attempt was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GiveUp {
     /// The error is fatal (or pending).
     NotRetryable,

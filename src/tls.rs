@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsConfigError {
     /// The CA file could not be read or holds no usable certificate.
     #[error("cannot load CA certificates from {path}: {reason}")]
@@ -24,14 +25,18 @@ pub enum TlsConfigError {
 }
 
 /// Installs the process-wide rustls crypto provider (ring). Idempotent.
-pub fn install_crypto_provider() {
+// The library passes its provider explicitly; the binary installs it once.
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn install_crypto_provider() {
     // A second install returns Err, which only means one is already in place.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A client config trusting the webpki roots plus the certificates in
 /// `extra_ca_file`, with ALPN for h2 and http/1.1.
-pub fn client_config(extra_ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsConfigError> {
+pub(crate) fn client_config(
+    extra_ca_file: Option<&Path>,
+) -> Result<rustls::ClientConfig, TlsConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca_file {
@@ -60,7 +65,7 @@ pub fn client_config(extra_ca_file: Option<&Path>) -> Result<rustls::ClientConfi
 
 /// An HTTPS-or-HTTP connector with a connect timeout, speaking HTTP/1.1 and
 /// HTTP/2 (chosen by ALPN for https).
-pub fn https_connector(
+pub(crate) fn https_connector(
     config: rustls::ClientConfig,
     connect_timeout: Duration,
 ) -> HttpsConnector<HttpConnector> {

@@ -12,9 +12,9 @@ use hyper_util::{
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use sso_token_proxy::{
+    Secret,
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, Fault, SeedClient},
-    oidc::error::{Operation, ServiceErrorKind, parse_error_response},
-    secret::Secret,
+    oidc::{Operation, ServiceErrorKind, parse_error_response},
 };
 
 const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";

@@ -2,6 +2,7 @@
 //! sockets against the emulator's protected echo resource.
 
 use std::{
+    future::Future,
     io::Write,
     sync::{
         Arc, Mutex, OnceLock,
@@ -20,14 +21,14 @@ use hyper_util::{
 };
 use serde_json::Value;
 use sso_token_proxy::{
+    Lookup, Rejection, Secret,
     cache::{CacheOptions, TokenCache, TokenUnavailable},
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, Fault, SeedClient},
     layer::{
         BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody,
-        unavailable_response,
+        TokenProvider, unavailable_response,
     },
     oidc::{ErrorClass, OidcClient, OidcError, Operation, ServiceErrorKind},
-    secret::Secret,
     token::{FetchFuture, RefreshTokenSource, Reuse, Token, TokenError, TokenSource},
 };
 use tower::{Layer, Service, ServiceExt};
@@ -93,7 +94,9 @@ fn fake_cache() -> (FakeSource, TokenCache) {
     (source, cache)
 }
 
-fn mocked<B>(layer: BearerTokenLayer) -> (BearerTokenService<Mock<B>>, MockHandle<B>) {
+fn mocked<B, P: TokenProvider>(
+    layer: BearerTokenLayer<P>,
+) -> (BearerTokenService<Mock<B>, P>, MockHandle<B>) {
     let (mock, handle) = mock::pair();
     (layer.layer(mock), handle)
 }
@@ -140,7 +143,7 @@ where
 #[tokio::test]
 async fn sets_a_sensitive_bearer_header_on_miss_and_on_hit() {
     let (source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache.clone()));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache.clone()));
 
     // Cold cache: the token is fetched, then the service polled ready is called.
     for _ in 0..2 {
@@ -158,7 +161,7 @@ async fn sets_a_sensitive_bearer_header_on_miss_and_on_hit() {
 #[tokio::test]
 async fn replaces_every_authorization_value_the_caller_sent() {
     let (_source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache));
 
     let mut req = request("{}");
     req.headers_mut().append(
@@ -184,8 +187,8 @@ async fn custom_header_name_and_prefix() {
     let name = HeaderName::from_static("x-upstream-token");
     let layer = BearerTokenLayer::new(cache)
         .header_name(name.clone())
-        .prefix("Token ");
-    let (mut service, mut handle) = mocked::<Body>(layer);
+        .prefix(HeaderValue::from_static("Token "));
+    let (mut service, mut handle) = mocked::<Body, _>(layer);
 
     for _ in 0..2 {
         let mut req = request("{}");
@@ -205,6 +208,127 @@ async fn custom_header_name_and_prefix() {
         reply.send_response(status(StatusCode::OK));
         call.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn prefix_is_any_header_value_even_empty_or_not_utf8() {
+    for prefix in [&b""[..], b"Token ", b"T\xe9ken "] {
+        let (_source, cache) = fake_cache();
+        let layer = BearerTokenLayer::new(cache).prefix(HeaderValue::from_bytes(prefix).unwrap());
+        let (mut service, mut handle) = mocked::<Body, _>(layer);
+        let call = spawn_call(&mut service, request("{}")).await;
+        let (seen, reply) = handle.next_request().await.unwrap();
+        let mut expected = prefix.to_vec();
+        expected.extend_from_slice(b"fake-0");
+        assert_eq!(seen.headers()[AUTHORIZATION].as_bytes(), expected);
+        assert!(seen.headers()[AUTHORIZATION].is_sensitive());
+        reply.send_response(status(StatusCode::OK));
+        call.await.unwrap().unwrap();
+    }
+}
+
+// === a provider of one's own ===
+
+/// A `TokenProvider` that is not a `TokenCache`: issues `own-0`, `own-1`, ...
+/// on `get`, and records every call.
+#[derive(Debug, Clone, Default)]
+struct OwnProvider(Arc<Mutex<OwnState>>);
+
+#[derive(Debug, Default)]
+struct OwnState {
+    current: Option<Arc<Token>>,
+    lookups: u64,
+    gets: u64,
+    rejected: Vec<String>,
+    refuse_rejections: bool,
+}
+
+impl TokenProvider for OwnProvider {
+    fn lookup(&self) -> Lookup {
+        let mut state = self.0.lock().unwrap();
+        state.lookups += 1;
+        match &state.current {
+            Some(token) => Lookup::Hit(Arc::clone(token)),
+            None => Lookup::Miss,
+        }
+    }
+
+    fn get(&self) -> impl Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send + 'static {
+        let mut state = self.0.lock().unwrap();
+        let n = state.gets;
+        state.gets += 1;
+        let token = state
+            .current
+            .get_or_insert_with(|| {
+                Arc::new(Token::new(
+                    Secret::new(format!("own-{n}")),
+                    Duration::from_secs(3600),
+                ))
+            })
+            .clone();
+        std::future::ready(Ok(token))
+    }
+
+    fn reject(&self, token: &Token) -> Rejection {
+        let mut state = self.0.lock().unwrap();
+        state
+            .rejected
+            .push(token.access_token().expose().to_owned());
+        if state.refuse_rejections {
+            return Rejection::Limited;
+        }
+        if state.current.as_ref().is_some_and(|c| c.id() == token.id()) {
+            state.current = None;
+        }
+        Rejection::Refresh
+    }
+}
+
+#[tokio::test]
+async fn the_layer_takes_tokens_from_a_provider_of_ones_own() {
+    let provider = OwnProvider::default();
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(provider.clone()));
+    let state = |f: fn(&OwnState) -> u64| f(&provider.0.lock().unwrap());
+
+    // Miss: one `get`; hit: none.
+    for _ in 0..2 {
+        let call = spawn_call(&mut service, request("{}")).await;
+        let (seen, reply) = handle.next_request().await.unwrap();
+        assert_eq!(seen.headers()[AUTHORIZATION], "Bearer own-0");
+        reply.send_response(status(StatusCode::OK));
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(state(|s| s.lookups), 2);
+    assert_eq!(state(|s| s.gets), 1);
+
+    // 401: the provider is told which token was rejected, and the replay
+    // carries the token `get` hands out next.
+    let call = spawn_call(&mut service, request(r#"{"n":3}"#)).await;
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response(status(StatusCode::UNAUTHORIZED));
+    let (replay, reply) = handle.next_request().await.unwrap();
+    assert_eq!(replay.headers()[AUTHORIZATION], "Bearer own-1");
+    assert_eq!(body_bytes(replay.into_body()).await, r#"{"n":3}"#);
+    reply.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(provider.0.lock().unwrap().rejected, ["own-0"]);
+    assert_eq!(state(|s| s.gets), 2);
+
+    // A provider that refuses: the 401 comes back, nothing is replayed or
+    // fetched.
+    provider.0.lock().unwrap().refuse_rejections = true;
+    let call = spawn_call(&mut service, request("{}")).await;
+    let (seen, reply) = handle.next_request().await.unwrap();
+    assert_eq!(seen.headers()[AUTHORIZATION], "Bearer own-1");
+    reply.send_response(status(StatusCode::UNAUTHORIZED));
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(handle.poll_request().is_pending(), "no replay");
+    assert_eq!(provider.0.lock().unwrap().rejected, ["own-0", "own-1"]);
+    assert_eq!(state(|s| s.gets), 2);
+    assert_eq!(service.provider().0.lock().unwrap().lookups, 4);
 }
 
 // === readiness ===
@@ -242,7 +366,7 @@ async fn poll_ready_follows_the_inner_service() {
 #[tokio::test]
 async fn unauthorized_replays_a_buffered_request_once_with_a_new_token() {
     let (source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache.clone()));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache.clone()));
 
     let call = spawn_call(&mut service, request(r#"{"n":1}"#)).await;
     let (first, reply) = handle.next_request().await.unwrap();
@@ -266,7 +390,7 @@ async fn unauthorized_replays_a_buffered_request_once_with_a_new_token() {
 #[tokio::test]
 async fn a_second_unauthorized_is_final() {
     let (source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache));
 
     let call = spawn_call(&mut service, request("{}")).await;
     let (_, reply) = handle.next_request().await.unwrap();
@@ -286,7 +410,7 @@ async fn a_second_unauthorized_is_final() {
 async fn streaming_body_is_not_replayed_but_the_token_is_dropped() {
     let (source, cache) = fake_cache();
     let (mut service, mut handle) =
-        mocked::<ReplayBody<Body>>(BearerTokenLayer::new(cache.clone()));
+        mocked::<ReplayBody<Body>, _>(BearerTokenLayer::new(cache.clone()));
 
     let req = Request::post("http://upstream.test/upload")
         .body(ReplayBody::streaming(Full::new(Bytes::from_static(
@@ -321,7 +445,7 @@ async fn streaming_body_is_not_replayed_but_the_token_is_dropped() {
 async fn retry_off_hands_back_the_401_and_drops_the_token() {
     let (source, cache) = fake_cache();
     let layer = BearerTokenLayer::new(cache.clone()).retry_on_unauthorized(false);
-    let (mut service, mut handle) = mocked::<Body>(layer);
+    let (mut service, mut handle) = mocked::<Body, _>(layer);
 
     let call = spawn_call(&mut service, request("{}")).await;
     let (_, reply) = handle.next_request().await.unwrap();
@@ -401,7 +525,7 @@ async fn an_upstream_rejecting_everything_for_a_minute_costs_at_most_five_fetche
 async fn token_failure_is_typed_and_answers_503() {
     let (source, cache) = fake_cache();
     source.fail_with(ServiceErrorKind::InvalidGrant);
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache));
 
     let call = spawn_call(&mut service, request("{}")).await;
     let err = call.await.unwrap().unwrap_err();
@@ -428,10 +552,10 @@ async fn token_failure_is_typed_and_answers_503() {
 #[tokio::test]
 async fn retry_after_is_whole_seconds_rounded_up() {
     for (delay, expected) in [(0, "1"), (1, "1"), (1000, "1"), (1500, "2"), (30_000, "30")] {
-        let err = TokenUnavailable {
-            source: TokenError::NoRefreshToken("nothing configured".into()),
-            retry_after: Duration::from_millis(delay),
-        };
+        let err = TokenUnavailable::new(
+            TokenError::NoRefreshToken("nothing configured".into()),
+            Duration::from_millis(delay),
+        );
         let response: Response<Body> = unavailable_response(&err);
         assert_eq!(response.headers()["retry-after"], expected, "{delay} ms");
     }
@@ -523,7 +647,7 @@ fn logs() -> &'static Captured {
 #[tokio::test]
 async fn traces_cache_status_and_outcome_but_never_the_token() {
     let (_source, cache) = fake_cache();
-    let (mut service, mut handle) = mocked::<Body>(BearerTokenLayer::new(cache));
+    let (mut service, mut handle) = mocked::<Body, _>(BearerTokenLayer::new(cache));
     // Marks this test's lines among those of the tests running beside it.
     let scope = tracing::info_span!("layer_tracing_test");
     for code in [

@@ -5,14 +5,13 @@
 use std::sync::{Arc, Mutex};
 
 use rcgen::generate_simple_self_signed;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sso_token_proxy::{
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, Fault},
     oidc::{
         CreateTokenRequest, ErrorClass, OidcClient, OidcError, Operation, RegisterClientRequest,
         ServiceErrorKind, StartDeviceAuthorizationRequest,
     },
-    tls,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -21,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 /// http/1.1; records the protocol each connection negotiated.
 struct TlsFront {
     port: u16,
-    cert_pem: String,
+    cert_der: CertificateDer<'static>,
     negotiated: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
 }
 
@@ -66,14 +65,13 @@ async fn tls_front(emulator: &EmulatorHandle) -> TlsFront {
     });
     TlsFront {
         port,
-        cert_pem: certified.cert.pem(),
+        cert_der: certified.cert.der().clone(),
         negotiated,
     }
 }
 
 #[tokio::test]
 async fn untrusted_certificate_is_a_fatal_tls_error() {
-    tls::install_crypto_provider();
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let front = tls_front(&emulator).await;
     let client = OidcClient::builder()
@@ -91,7 +89,6 @@ async fn untrusted_certificate_is_a_fatal_tls_error() {
 
 #[tokio::test]
 async fn every_operation_and_grant_round_trips_over_https_and_h2() {
-    tls::install_crypto_provider();
     let emulator = Emulator::start(EmulatorConfig {
         device_poll_interval: std::time::Duration::ZERO,
         ..Default::default()
@@ -99,12 +96,19 @@ async fn every_operation_and_grant_round_trips_over_https_and_h2() {
     .await
     .unwrap();
     let front = tls_front(&emulator).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &front.cert_pem).unwrap();
+    // A caller's own rustls config, trusting the front's certificate only.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(front.cert_der.clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let client = OidcClient::builder()
         .endpoint(format!("https://localhost:{}", front.port))
-        .tls_config(tls::client_config(Some(&ca)).unwrap())
+        .tls_config(tls)
         .build()
         .unwrap();
 

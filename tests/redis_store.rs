@@ -38,9 +38,9 @@ use std::{
 use harness::{BIN, Env, Http, assert_no_secrets, free_addr, poll_until};
 use redis_support::RedisServer;
 use sso_token_proxy::{
+    Secret,
     emulator::{EmulatorConfig, Fault},
     oidc::{OidcClient, Operation},
-    secret::Secret,
     store::{
         Commit, NewTokens, RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource,
         StoreKeys, TokenRecord,

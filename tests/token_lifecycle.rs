@@ -136,7 +136,7 @@ async fn one_refresh_per_window_and_no_caller_waits() {
                     seen.push(t.id());
                 }
             }
-            Lookup::Miss => panic!("a caller would have waited for a token"),
+            other => panic!("a caller would have waited for a token: {other:?}"),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -7,7 +7,7 @@ use http::{HeaderMap, Method, StatusCode, header};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::json;
 
-use crate::oidc::error::Operation;
+use crate::oidc::Operation;
 
 use super::{Shared, fault::Fault, state::ceil_secs, wire};
 

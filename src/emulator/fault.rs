@@ -7,7 +7,7 @@ use serde::{
     Deserialize, Deserializer, Serialize, Serializer, de::Error as _, ser::SerializeMap as _,
 };
 
-use crate::oidc::error::ServiceErrorKind;
+use crate::oidc::ServiceErrorKind;
 
 /// One fault the emulator plays back instead of handling a call normally.
 ///
@@ -16,6 +16,7 @@ use crate::oidc::error::ServiceErrorKind;
 /// `Exception` suffix), `"Html502"` or `"Malformed200"` — or as an object:
 /// `{"empty_body": 503}` or `{"delay_ms": 500}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Fault {
     /// Answer this modelled error, shaped exactly like the real service's.
     Error(ServiceErrorKind),

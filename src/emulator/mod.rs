@@ -34,6 +34,36 @@
 //! `x-echo-set-cookies: N`.
 //!
 //! No token, client secret or device code is ever logged.
+//!
+//! # Example
+//!
+//! A token through the whole chain, offline: the emulator plays
+//! SSO-OIDC for a [`RefreshTokenSource`](crate::RefreshTokenSource) behind
+//! a [`TokenCache`](crate::TokenCache).
+//!
+//! ```
+//! use sso_token_proxy::{
+//!     CacheOptions, OidcClient, RefreshTokenSource, TokenCache,
+//!     emulator::{Emulator, EmulatorConfig},
+//! };
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let emulator = Emulator::start(EmulatorConfig::default()).await?;
+//! let (client_id, client_secret) = emulator.register_client("doc-example");
+//! let refresh_token = emulator.issue_refresh_token(&client_id, &[]);
+//!
+//! let oidc = OidcClient::builder().endpoint(emulator.url()).build()?;
+//! let source = RefreshTokenSource::builder(oidc, client_id, client_secret, refresh_token).build()?;
+//! let cache = TokenCache::new(source, CacheOptions::default());
+//!
+//! let token = cache.get().await?;
+//! assert!(emulator.is_access_token_live(token.access_token().expose()));
+//! assert_eq!(emulator.counters().create_token, 1);
+//! emulator.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 mod admin;
 mod echo;
@@ -55,7 +85,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use self::state::{Settings, State};
 pub use self::{fault::Fault, state::Counters};
-use crate::{oidc::error::Operation, secret::Secret};
+use crate::{oidc::Operation, secret::Secret};
 
 /// How long [`EmulatorHandle::shutdown`] lets in-flight requests finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -8,8 +8,8 @@ use http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::oidc::{
-    error::{Operation, ServiceErrorKind},
-    model::{CreateTokenRequest, RegisterClientRequest, StartDeviceAuthorizationRequest},
+    CreateTokenRequest, Operation, RegisterClientRequest, ServiceErrorKind,
+    StartDeviceAuthorizationRequest,
 };
 
 use super::{

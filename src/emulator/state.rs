@@ -16,12 +16,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     oidc::{
-        error::{Operation, ServiceErrorKind},
-        model::{
-            CreateTokenRequest, CreateTokenResponse, GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE,
-            GRANT_REFRESH_TOKEN, RegisterClientRequest, RegisterClientResponse,
-            StartDeviceAuthorizationRequest, StartDeviceAuthorizationResponse,
-        },
+        CreateTokenRequest, CreateTokenResponse, GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE,
+        GRANT_REFRESH_TOKEN, Operation, RegisterClientRequest, RegisterClientResponse,
+        ServiceErrorKind, StartDeviceAuthorizationRequest, StartDeviceAuthorizationResponse,
     },
     secret::Secret,
 };

@@ -7,7 +7,7 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde::Serialize;
 
-use crate::oidc::error::ServiceErrorKind;
+use crate::oidc::ServiceErrorKind;
 
 use super::{fault::Fault, state::ApiError};
 

@@ -141,6 +141,7 @@ pin_project! {
     // Variant fields cannot carry docs inside `pin_project!`; the variant
     // docs name them.
     #[allow(missing_docs)]
+    #[non_exhaustive]
     pub enum ReplayBody<B> {
         /// The whole body in memory (`data`, the bytes still to send):
         /// replayable.

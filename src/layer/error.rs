@@ -13,6 +13,7 @@ use crate::cache::TokenUnavailable;
 /// Error of a [`BearerTokenService`](super::BearerTokenService): either no
 /// token could be had, or the inner service failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BearerTokenError<E> {
     /// No valid token could be had; the request was not sent (or, after a
     /// `401`, not replayed). Answer it with [`unavailable_response`].

@@ -13,13 +13,13 @@ use tower::Service;
 use tracing::{Instrument, field::Empty};
 
 use super::{
-    ReplayableBody,
+    ReplayableBody, TokenProvider,
     body::with_replay_copy,
     error::BearerTokenError,
     service::{Shared, record_outcome},
 };
 use crate::{
-    cache::{Rejection, TokenUnavailable},
+    cache::{Rejection, TokenCache, TokenUnavailable},
     token::Token,
 };
 
@@ -29,7 +29,7 @@ pub(super) type TokenFuture =
 
 pin_project! {
     /// Response future of [`BearerTokenService`](super::BearerTokenService).
-    pub struct ResponseFuture<S, B>
+    pub struct ResponseFuture<S, B, P = TokenCache>
     where
         S: Service<Request<B>>,
     {
@@ -43,7 +43,7 @@ pin_project! {
         service: Option<S>,
         // The token the pending call carries.
         token: Option<Arc<Token>>,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<P>>,
     }
 }
 
@@ -64,7 +64,7 @@ pin_project! {
     }
 }
 
-impl<S, B> ResponseFuture<S, B>
+impl<S, B, P> ResponseFuture<S, B, P>
 where
     S: Service<Request<B>>,
 {
@@ -74,7 +74,7 @@ where
         token: Arc<Token>,
         replay: Option<Request<B>>,
         service: Option<S>,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<P>>,
     ) -> Self {
         Self {
             state: State::Calling { future },
@@ -91,7 +91,7 @@ where
         fetch: TokenFuture,
         request: Request<B>,
         service: S,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<P>>,
     ) -> Self {
         Self {
             state: State::Fetching { fetch },
@@ -103,9 +103,10 @@ where
     }
 }
 
-impl<S, B, ResB> Future for ResponseFuture<S, B>
+impl<S, B, P, ResB> Future for ResponseFuture<S, B, P>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
+    P: TokenProvider,
     B: ReplayableBody,
 {
     type Output = Result<Response<ResB>, BearerTokenError<S::Error>>;
@@ -155,7 +156,7 @@ where
                     };
                     // The cache decides: this very token was sent, and
                     // forced refreshes are rate-limited.
-                    let rejection = this.shared.cache.reject(&rejected);
+                    let rejection = this.shared.provider.reject(&rejected);
                     let replayable = this.request.is_some() && this.service.is_some();
                     if rejection == Rejection::Limited || !replayable {
                         tracing::debug!(
@@ -173,7 +174,7 @@ where
                     );
                     // The 401's body is of no use; let its connection go.
                     drop(response);
-                    let cache = this.shared.cache.clone();
+                    let get = this.shared.provider.get();
                     let span = tracing::debug_span!(
                         "token_acquisition",
                         cache = "miss",
@@ -183,7 +184,7 @@ where
                     );
                     let fetch: TokenFuture = Box::pin(
                         async move {
-                            let result = cache.get().await;
+                            let result = get.await;
                             record_outcome(&result);
                             result
                         }

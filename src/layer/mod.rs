@@ -1,5 +1,5 @@
-//! Middleware that puts a bearer token from a [`TokenCache`](crate::cache::TokenCache) on every
-//! outbound request.
+//! Middleware that puts a bearer token from a [`TokenCache`] (or any
+//! [`TokenProvider`]) on every outbound request.
 //!
 //! [`BearerTokenService`] sets `Authorization: Bearer <token>` (or another
 //! header and prefix) as a sensitive header value, replacing whatever the
@@ -36,10 +36,8 @@
 //! use http::{Request, Response, header::AUTHORIZATION};
 //! use http_body_util::Full;
 //! use sso_token_proxy::{
-//!     cache::{CacheOptions, TokenCache},
-//!     layer::BearerTokenLayer,
-//!     secret::Secret,
-//!     token::{FetchFuture, Reuse, Token, TokenSource},
+//!     BearerTokenLayer, CacheOptions, Reuse, Secret, Token, TokenCache, TokenSource,
+//!     token::FetchFuture,
 //! };
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
@@ -82,11 +80,16 @@
 mod body;
 mod error;
 mod future;
+mod provider;
 mod service;
+
+#[cfg(doc)]
+use crate::cache::TokenCache;
 
 pub use self::{
     body::{ReplayBody, ReplayableBody},
     error::{BearerTokenError, unavailable_response},
     future::ResponseFuture,
+    provider::TokenProvider,
     service::{BearerTokenLayer, BearerTokenService},
 };

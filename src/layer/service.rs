@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 
 use super::{
-    ReplayableBody,
+    ReplayableBody, TokenProvider,
     body::with_replay_copy,
     error::BearerTokenError,
     future::{ResponseFuture, TokenFuture},
@@ -27,19 +27,19 @@ const DEFAULT_PREFIX: &str = "Bearer ";
 
 // === impl BearerTokenLayer ===
 
-/// Applies [`BearerTokenService`]: puts a token from a [`TokenCache`] on
-/// every request.
+/// Applies [`BearerTokenService`]: puts a token from a [`TokenProvider`]
+/// (by default a [`TokenCache`]) on every request.
 #[derive(Debug, Clone)]
-pub struct BearerTokenLayer {
-    shared: Shared,
+pub struct BearerTokenLayer<P = TokenCache> {
+    shared: Shared<P>,
 }
 
-impl BearerTokenLayer {
-    /// Sets `Authorization: Bearer <token>` from `cache`, and on a `401`
+impl<P: TokenProvider> BearerTokenLayer<P> {
+    /// Sets `Authorization: Bearer <token>` from `provider`, and on a `401`
     /// replays a replayable request once with a fresh token.
-    pub fn new(cache: TokenCache) -> Self {
+    pub fn new(provider: P) -> Self {
         Self {
-            shared: Shared::new(cache),
+            shared: Shared::new(provider),
         }
     }
 
@@ -50,13 +50,11 @@ impl BearerTokenLayer {
         self
     }
 
-    /// Writes the value as `<prefix><token>` instead of `Bearer <token>`.
-    ///
-    /// # Panics
-    ///
-    /// When `prefix` is not a valid header value (control characters).
+    /// Writes the value as `<prefix><token>` instead of `Bearer <token>`,
+    /// e.g. `HeaderValue::from_static("Token ")`, or an empty value for the
+    /// bare token.
     #[must_use]
-    pub fn prefix(mut self, prefix: &str) -> Self {
+    pub fn prefix(mut self, prefix: HeaderValue) -> Self {
         self.shared.header.set_prefix(prefix);
         self
     }
@@ -73,8 +71,8 @@ impl BearerTokenLayer {
     }
 }
 
-impl<S> Layer<S> for BearerTokenLayer {
-    type Service = BearerTokenService<S>;
+impl<S, P: TokenProvider> Layer<S> for BearerTokenLayer<P> {
+    type Service = BearerTokenService<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BearerTokenService {
@@ -86,23 +84,24 @@ impl<S> Layer<S> for BearerTokenLayer {
 
 // === impl BearerTokenService ===
 
-/// Middleware that puts a bearer token from a [`TokenCache`] on every
-/// request; see the [module docs](super).
+/// Middleware that puts a bearer token from a [`TokenProvider`] (by
+/// default a [`TokenCache`]) on every request; see the
+/// [module docs](super).
 #[derive(Debug, Clone)]
-pub struct BearerTokenService<S> {
+pub struct BearerTokenService<S, P = TokenCache> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<P>>,
 }
 
-impl<S> BearerTokenService<S> {
+impl<S, P: TokenProvider> BearerTokenService<S, P> {
     /// Wraps `inner` with the defaults of [`BearerTokenLayer::new`].
-    pub fn new(inner: S, cache: TokenCache) -> Self {
-        BearerTokenLayer::new(cache).layer(inner)
+    pub fn new(inner: S, provider: P) -> Self {
+        BearerTokenLayer::new(provider).layer(inner)
     }
 
-    /// A [`BearerTokenLayer`] over `cache`.
-    pub fn layer(cache: TokenCache) -> BearerTokenLayer {
-        BearerTokenLayer::new(cache)
+    /// A [`BearerTokenLayer`] over `provider`.
+    pub fn layer(provider: P) -> BearerTokenLayer<P> {
+        BearerTokenLayer::new(provider)
     }
 
     /// See [`BearerTokenLayer::header_name`].
@@ -113,12 +112,8 @@ impl<S> BearerTokenService<S> {
     }
 
     /// See [`BearerTokenLayer::prefix`].
-    ///
-    /// # Panics
-    ///
-    /// When `prefix` is not a valid header value (control characters).
     #[must_use]
-    pub fn prefix(mut self, prefix: &str) -> Self {
+    pub fn prefix(mut self, prefix: HeaderValue) -> Self {
         Arc::make_mut(&mut self.shared).header.set_prefix(prefix);
         self
     }
@@ -130,9 +125,9 @@ impl<S> BearerTokenService<S> {
         self
     }
 
-    /// The token cache.
-    pub fn cache(&self) -> &TokenCache {
-        &self.shared.cache
+    /// Where the tokens come from.
+    pub fn provider(&self) -> &P {
+        &self.shared.provider
     }
 
     /// The inner service.
@@ -151,21 +146,22 @@ impl<S> BearerTokenService<S> {
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for BearerTokenService<S>
+impl<S, P, B, ResB> Service<Request<B>> for BearerTokenService<S, P>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    P: TokenProvider,
     B: ReplayableBody,
 {
     type Response = Response<ResB>;
     type Error = BearerTokenError<S::Error>;
-    type Future = ResponseFuture<S, B>;
+    type Future = ResponseFuture<S, B, P>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(BearerTokenError::Inner)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let (token, status) = match self.shared.cache.lookup() {
+        let (token, status) = match self.shared.provider.lookup() {
             Lookup::Hit(token) => (token, "hit"),
             Lookup::RefreshAhead(token) => (token, "refresh_ahead"),
             Lookup::Miss => return self.call_after_fetch(request),
@@ -200,17 +196,17 @@ where
     }
 }
 
-impl<S> BearerTokenService<S> {
+impl<S, P: TokenProvider> BearerTokenService<S, P> {
     /// Miss path: the call waits for the token, so the service that was
     /// polled ready moves into the future and a fresh clone stays here.
-    fn call_after_fetch<B, ResB>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    fn call_after_fetch<B, ResB>(&mut self, request: Request<B>) -> ResponseFuture<S, B, P>
     where
         S: Service<Request<B>, Response = Response<ResB>> + Clone,
         B: ReplayableBody,
     {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let cache = self.shared.cache.clone();
+        let get = self.shared.provider.get();
         let span = tracing::debug_span!(
             "token_acquisition",
             cache = "miss",
@@ -219,7 +215,7 @@ impl<S> BearerTokenService<S> {
         );
         let fetch: TokenFuture = Box::pin(
             async move {
-                let result = cache.get().await;
+                let result = get.await;
                 record_outcome(&result);
                 result
             }
@@ -250,18 +246,18 @@ pub(super) fn record_outcome<T>(result: &Result<T, crate::cache::TokenUnavailabl
 
 // === impl Shared ===
 
-/// Settings and cache shared by a service, its clones and its futures.
+/// Settings and provider shared by a service, its clones and its futures.
 #[derive(Debug, Clone)]
-pub(super) struct Shared {
-    pub(super) cache: TokenCache,
+pub(super) struct Shared<P> {
+    pub(super) provider: P,
     pub(super) header: HeaderSetting,
     pub(super) retry_on_unauthorized: bool,
 }
 
-impl Shared {
-    fn new(cache: TokenCache) -> Self {
+impl<P> Shared<P> {
+    fn new(provider: P) -> Self {
         Self {
-            cache,
+            provider,
             header: HeaderSetting {
                 name: AUTHORIZATION,
                 custom: None,
@@ -280,13 +276,9 @@ pub(super) struct HeaderSetting {
 }
 
 impl HeaderSetting {
-    fn set_prefix(&mut self, prefix: &str) {
-        assert!(
-            HeaderValue::from_str(prefix).is_ok(),
-            "the token prefix must be a valid header value"
-        );
+    fn set_prefix(&mut self, prefix: HeaderValue) {
         self.custom = (prefix != DEFAULT_PREFIX).then(|| CustomPrefix {
-            prefix: prefix.into(),
+            prefix,
             last: Arc::new(ArcSwapOption::empty()),
         });
     }
@@ -304,7 +296,7 @@ impl HeaderSetting {
 /// A non-default prefix; the value built for the latest token is kept.
 #[derive(Clone)]
 struct CustomPrefix {
-    prefix: Arc<str>,
+    prefix: HeaderValue,
     last: Arc<ArcSwapOption<(u64, HeaderValue)>>,
 }
 
@@ -323,10 +315,11 @@ impl CustomPrefix {
         {
             return last.1.clone();
         }
-        let text = format!("{}{}", self.prefix, token.access_token().expose());
-        // Tokens are checked to fit a header; the prefix was checked above.
+        let mut bytes = self.prefix.as_bytes().to_vec();
+        bytes.extend_from_slice(token.access_token().expose().as_bytes());
+        // Both halves are valid header value bytes, so the whole is too.
         let mut value =
-            HeaderValue::try_from(text).unwrap_or_else(|_| token.header_value().clone());
+            HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| token.header_value().clone());
         value.set_sensitive(true);
         self.last.store(Some(Arc::new((token.id(), value.clone()))));
         value

@@ -31,6 +31,7 @@ const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientBuildError {
     /// Endpoint resolution failed.
     #[error(transparent)]
@@ -142,6 +143,26 @@ impl OidcClientBuilder {
 
 /// A client for the SSO-OIDC operations. Cheap to clone; clones share the
 /// connection pool.
+///
+/// # Example
+///
+/// ```no_run
+/// use sso_token_proxy::{OidcClient, Secret, oidc::CreateTokenRequest};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // https://oidc.eu-west-1.amazonaws.com, from the AWS endpoint rules.
+/// let client = OidcClient::builder().region("eu-west-1").build()?;
+/// let request = CreateTokenRequest::refresh(
+///     "my-client-id",
+///     Secret::new("my-client-secret"),
+///     Secret::new("my-refresh-token"),
+/// );
+/// let response = client.create_token(&request).await?;
+/// println!("expires in {:?} s", response.expires_in);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct OidcClient {
     inner: Arc<Inner>,

@@ -75,6 +75,7 @@ impl EndpointParams {
 /// reproduced verbatim, so they can be compared with the published test
 /// vectors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EndpointError {
     /// A custom endpoint was combined with FIPS.
     #[error("Invalid Configuration: FIPS and custom endpoint are not supported")]

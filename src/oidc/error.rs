@@ -10,11 +10,9 @@ use std::{fmt, sync::Arc};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-/// Boxed error used for transport causes.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
 /// What a caller should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// The service asked us to slow down: retry later, with a growing delay.
     Throttled,
@@ -46,6 +44,7 @@ impl fmt::Display for ErrorClass {
 
 /// The errors the SSO-OIDC model declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ServiceErrorKind {
     /// `AccessDeniedException` (400).
     AccessDenied,
@@ -245,6 +244,7 @@ impl fmt::Display for ErrorDetails {
 
 /// Which operation failed; part of every error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Operation {
     /// `CreateToken`.
     CreateToken,
@@ -286,7 +286,7 @@ pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
 
 impl Cause {
     /// Wraps an error.
-    pub fn new(e: impl Into<BoxError>) -> Self {
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self(Arc::from(e.into()))
     }
 }
@@ -312,6 +312,7 @@ impl std::error::Error for Cause {
 /// Any failure of an SSO-OIDC call. Cheap to clone, so one failure can be
 /// handed to many waiting callers. Never carries a secret.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum OidcError {
     /// A modelled service error.
     #[error("{operation} failed with {kind}: {details}")]

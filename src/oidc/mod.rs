@@ -1,13 +1,14 @@
 //! The SSO-OIDC client: wire model, typed errors, endpoint resolution.
 
-pub mod client;
-pub mod endpoint;
-pub mod error;
-pub mod model;
+mod client;
+mod endpoint;
+mod error;
+mod model;
 
-pub use client::{OidcClient, OidcClientBuilder};
+pub use crate::tls::TlsConfigError;
+pub use client::{ClientBuildError, OidcClient, OidcClientBuilder};
 pub use endpoint::{EndpointError, EndpointParams, resolve_endpoint};
 pub use error::{
-    ErrorClass, ErrorDetails, OidcError, Operation, ServiceErrorKind, parse_error_response,
+    Cause, ErrorClass, ErrorDetails, OidcError, Operation, ServiceErrorKind, parse_error_response,
 };
 pub use model::*;

@@ -8,6 +8,7 @@ use crate::tls::TlsConfigError;
 
 /// Why a [`Proxy`](super::Proxy) could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProxyError {
     /// The upstream URL is not an absolute `http://` or `https://` URL.
     #[error(

@@ -56,7 +56,7 @@
 //!
 //! ```no_run
 //! # use std::time::Duration;
-//! # use sso_token_proxy::{cache::{CacheOptions, TokenCache}, config::ProxyConfig, proxy::Proxy, secret::Secret,
+//! # use sso_token_proxy::{CacheOptions, Secret, TokenCache, proxy::{Proxy, ProxyConfig},
 //! #     token::{FetchFuture, Reuse, Token, TokenSource}};
 //! # struct Fixed;
 //! # impl TokenSource for Fixed {
@@ -110,7 +110,8 @@ use self::{
     pool::PoolSettings,
     service::Stack,
 };
-use crate::{cache::TokenCache, config::ProxyConfig, layer::BearerTokenLayer, tls};
+pub use crate::config::ProxyConfig;
+use crate::{cache::TokenCache, layer::BearerTokenLayer, tls};
 
 /// The reverse proxy: built from the `[proxy]` config and a token cache,
 /// then served on a listener.

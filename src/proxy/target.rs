@@ -14,6 +14,7 @@ use http::{Method, Uri, Version, uri::Authority};
 
 /// Why a request is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Refusal {
     /// `CONNECT` (405).
     Connect,

@@ -71,6 +71,7 @@ fn redact_userinfo(url: &str) -> String {
 
 /// A failed store operation. Never carries a token or password.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The settings cannot work (bad URL, unreadable CA file).
     #[error("invalid Redis settings: {0}")]
@@ -209,6 +210,7 @@ impl Fence {
 
 /// Result of [`RedisStore::commit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Commit {
     /// Written while holding the lock; `replaced` is the generation that was
     /// there (differs from the expected one only if someone wrote without

@@ -196,6 +196,7 @@ impl fmt::Debug for Token {
 /// Why a source could not produce a token. Cheap to clone; never holds a
 /// secret.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenError {
     /// The SSO-OIDC call failed.
     #[error(transparent)]
@@ -245,6 +246,7 @@ impl TokenError {
 /// When a source may hand back a token it already holds (from a state or
 /// cache file) instead of calling `CreateToken`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reuse {
     /// A held token valid for at least this long may be returned.
     IfValidFor(Duration),

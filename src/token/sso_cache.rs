@@ -205,6 +205,22 @@ impl fmt::Debug for SsoCacheSource {
 impl SsoCacheSource {
     /// A source for the cache file at `path`. The file is validated now, so
     /// a corrupt file fails at start.
+    ///
+    /// ```no_run
+    /// use sso_token_proxy::{
+    ///     CacheOptions, OidcClient, SsoCacheSource, TokenCache, retry::OidcRetryPolicy,
+    /// };
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The file `aws sso login` wrote (its name is the SHA-1 of the session name).
+    /// let path = "/home/me/.aws/sso/cache/0123456789abcdef0123456789abcdef01234567.json";
+    /// let oidc = OidcClient::builder().region("us-east-1").build()?;
+    /// let source = SsoCacheSource::new(path, oidc, OidcRetryPolicy::new(Default::default()), Vec::new())?;
+    /// let cache = TokenCache::new(source, CacheOptions::default());
+    /// # let _ = cache;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(
         path: impl Into<PathBuf>,
         oidc: OidcClient,

@@ -24,11 +24,10 @@ use hyper_util::{
 };
 use sha2::{Digest as _, Sha256};
 use sso_token_proxy::{
+    Secret,
     cache::{CacheOptions, TokenCache},
-    config::ProxyConfig,
     oidc::{ErrorDetails, OidcError, Operation, ServiceErrorKind},
-    proxy::Proxy,
-    secret::Secret,
+    proxy::{Proxy, ProxyConfig},
     token::{FetchFuture, Reuse, Token, TokenError, TokenSource},
 };
 use tokio::{
