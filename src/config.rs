@@ -130,7 +130,7 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// A config with every optional key at its default.
-    pub(crate) fn new(listen: SocketAddr, upstream: Uri) -> Self {
+    pub fn new(listen: SocketAddr, upstream: Uri) -> Self {
         Self {
             listen,
             upstream,
@@ -220,8 +220,6 @@ pub(crate) struct TokenConfig {
     pub(crate) expiry_margin: Duration,
     /// Access portal URL, for `login`.
     pub(crate) start_url: Option<String>,
-    /// SSO session name, for `login`'s cache file name.
-    pub(crate) session_name: Option<String>,
 }
 
 /// `[emulator]`: run the built-in emulator in-process (quick start).
@@ -325,11 +323,6 @@ impl LoginConfig {
     /// Reads and validates a config file for `login`.
     pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         parse(&read_file(path)?, path, Reader::login)
-    }
-
-    /// Parses and validates config text for `login`.
-    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        parse(text, path, Reader::login)
     }
 }
 
@@ -1149,7 +1142,6 @@ impl Reader {
             refresh_before_expiry,
             expiry_margin,
             start_url,
-            session_name,
         })
     }
 

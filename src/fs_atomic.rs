@@ -47,7 +47,8 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Creates `dir` and any missing parents with mode 0700 (narrowed further
 /// by the umask); directories that exist are left as they are.
-pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn create_private_dir_all(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
