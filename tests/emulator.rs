@@ -567,6 +567,49 @@ async fn refresh_grant_without_rotation_keeps_the_token() {
     assert!(!emu.is_refresh_token_live(rt.expose()));
 }
 
+/// An administrator ending every session: each refresh token, rotated or
+/// not, is refused with InvalidGrant from then on; a token issued later
+/// works.
+#[tokio::test]
+async fn admin_revokes_every_refresh_token() {
+    let (emu, http) = start_default().await;
+    let (id, secret) = emu.register_client("svc");
+    let first = emu.issue_refresh_token(&id, &[]);
+    let rotated = create_token(&http, &emu, &refresh_body(&id, &secret, first.expose()))
+        .await
+        .json()["refreshToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = emu.issue_refresh_token(&id, &[]);
+    assert!(emu.is_refresh_token_live(&rotated) && emu.is_refresh_token_live(other.expose()));
+
+    let url = format!("{}/_emulator/revoke_refresh_tokens", emu.url());
+    let r = http.post_json(&url, &json!({})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json(), json!({"ok": true, "revoked": 2}));
+    for token in [rotated.as_str(), other.expose()] {
+        assert!(!emu.is_refresh_token_live(token));
+        let r = create_token(&http, &emu, &refresh_body(&id, &secret, token)).await;
+        let body = r.assert_service_error(ServiceErrorKind::InvalidGrant);
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("revoked"),
+            "{body}"
+        );
+    }
+    // Nothing left to revoke; the method matters.
+    assert_eq!(http.post_json(&url, &json!({})).await.json()["revoked"], 0);
+    assert_eq!(http.get(&url, &[]).await.status, StatusCode::UNAUTHORIZED);
+
+    let fresh = emu.issue_refresh_token(&id, &[]);
+    let r = create_token(&http, &emu, &refresh_body(&id, &secret, fresh.expose())).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(emu.revoke_refresh_tokens(), 1);
+}
+
 #[tokio::test]
 async fn seed_clients_and_their_refresh_tokens_work() {
     let (emu, http) = start(EmulatorConfig {

@@ -26,6 +26,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Result<Response, Re
         (&Method::POST, "/_emulator/authorization_codes") => Route::AuthorizationCodes,
         (&Method::POST, "/_emulator/config") => Route::Config,
         (&Method::POST, "/_emulator/revoke_access_tokens") => Route::RevokeAccessTokens,
+        (&Method::POST, "/_emulator/revoke_refresh_tokens") => Route::RevokeRefreshTokens,
         (&Method::GET, "/_emulator/device") => Route::DevicePage,
         (&Method::POST, "/_emulator/device/approve") => Route::Decide { approve: true },
         (&Method::POST, "/_emulator/device/deny") => Route::Decide { approve: false },
@@ -52,6 +53,7 @@ enum Route {
     AuthorizationCodes,
     Config,
     RevokeAccessTokens,
+    RevokeRefreshTokens,
     DevicePage,
     Decide { approve: bool },
 }
@@ -202,6 +204,13 @@ fn run(shared: &Shared, route: Route, headers: &HeaderMap, body: &[u8]) -> Respo
         Route::RevokeAccessTokens => {
             shared.lock().revoke_access_tokens();
             Ok(ok())
+        }
+        Route::RevokeRefreshTokens => {
+            let revoked = shared.lock().revoke_refresh_tokens();
+            Ok(wire::json(
+                StatusCode::OK,
+                &json!({"ok": true, "revoked": revoked}),
+            ))
         }
         Route::Decide { approve } => Ok(decide(shared, headers, body, approve)),
         Route::Counters | Route::DevicePage => Ok(not_found("no such admin route")),

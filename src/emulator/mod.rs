@@ -382,6 +382,12 @@ impl EmulatorHandle {
         self.shared.lock().revoke_access_tokens();
     }
 
+    /// Revokes every refresh token issued so far: the next refresh with any
+    /// of them gets `InvalidGrant`. Returns how many were live.
+    pub fn revoke_refresh_tokens(&self) -> usize {
+        self.shared.lock().revoke_refresh_tokens()
+    }
+
     /// Whether `token` is a refresh token this emulator issued and has not
     /// revoked.
     pub fn is_refresh_token_live(&self, token: &str) -> bool {

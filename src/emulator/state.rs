@@ -532,6 +532,16 @@ impl State {
         self.access_tokens.clear();
     }
 
+    /// Revokes every refresh token issued so far (a user signing out, an
+    /// administrator ending the session); returns how many were live.
+    pub(crate) fn revoke_refresh_tokens(&mut self) -> usize {
+        let live = self.refresh_tokens.values().filter(|e| !e.revoked).count();
+        for entry in self.refresh_tokens.values_mut() {
+            entry.revoked = true;
+        }
+        live
+    }
+
     /// `CreateToken`. Counts the grant and, on success, the issued token.
     pub(crate) fn create_token(
         &mut self,
