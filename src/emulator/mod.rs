@@ -15,6 +15,7 @@
 //! | `POST /_emulator/authorization_codes` | `{"client_id","redirect_uri","code_challenge"?}` → `{"code"}` |
 //! | `POST /_emulator/config` | `{"access_token_lifetime_secs"?, "access_token_lifetime_ms"?, "rotate_refresh_tokens"?}` |
 //! | `POST /_emulator/revoke_access_tokens` | every access token stops working |
+//! | `POST /_emulator/revoke_refresh_tokens` | every refresh token is refused (`InvalidGrant`) → `{"ok","revoked"}` |
 //! | `GET /_emulator/device?user_code=X` | HTML page with an Approve / Deny form |
 //! | `POST /_emulator/device/approve`, `.../deny` | decide a device authorization (form or JSON `user_code`) |
 //! | anything else | the protected echo resource |
