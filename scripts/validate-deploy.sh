@@ -3,9 +3,10 @@
 # deploy/kubernetes/ against pinned Kubernetes API schemas (strict: unknown
 # fields fail), checks kustomization.yaml and that the manifests, config and
 # Dockerfile agree with each other, validates the Prometheus Operator overlay
-# (prometheus-operator/: a PodMonitor against a strict schema of the
-# monitoring.coreos.com/v1 fields it uses, its selector, port and path
-# against the Deployment), and runs `sso-token-proxy check-config`
+# (prometheus-operator/: a PodMonitor and a PrometheusRule against strict
+# schemas of the monitoring.coreos.com/v1 fields they use; the PodMonitor's
+# selector, port and path against the Deployment; the PrometheusRule's
+# groups against deploy/monitoring/alerts.yaml), and runs `sso-token-proxy check-config`
 # on the config.toml shipped in the ConfigMap.
 #
 # Usage (from anywhere; CI runs it after building the binary):
@@ -609,14 +610,89 @@ PODMONITOR_SCHEMA = {
 }
 
 
-def validate_podmonitor(doc):
+RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+    "properties": {
+        "alert": {"type": "string", "minLength": 1},
+        "record": {"type": "string", "minLength": 1},
+        "expr": {"type": "string", "minLength": 1},
+        "for": {"type": "string", "pattern": PROM_DURATION},
+        "keep_firing_for": {"type": "string", "pattern": PROM_DURATION},
+        "labels": STRING_MAP,
+        "annotations": STRING_MAP,
+    },
+}
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": PODMONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": PROM_DURATION},
+                            "rules": {"type": "array", "items": RULE_SCHEMA},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def schema_problems(schema, doc):
     import jsonschema
 
-    validator = jsonschema.Draft7Validator(PODMONITOR_SCHEMA)
+    validator = jsonschema.Draft7Validator(schema)
     return [
         f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
         for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     ]
+
+
+def validate_podmonitor(doc):
+    return schema_problems(PODMONITOR_SCHEMA, doc)
+
+
+def check_prometheus_rule(docs):
+    """The PrometheusRule is valid and carries exactly alerts.yaml's groups."""
+    rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    if len(rules) != 1:
+        return [f"expected one PrometheusRule in {OPERATOR_DIR}, found {len(rules)}"]
+    pr = rules[0]
+    problems = [f"prometheusrule/{pr.get('metadata', {}).get('name', '?')}: {p}"
+                for p in schema_problems(PROMETHEUSRULE_SCHEMA, pr)]
+    if problems:
+        return problems
+    print(f"  prometheusrule/{pr['metadata']['name']}: valid against the monitoring.coreos.com/v1 subset (strict)")
+    with open("deploy/monitoring/alerts.yaml") as f:
+        shipped = yaml.safe_load(f)
+    if pr["spec"]["groups"] != shipped["groups"]:
+        problems.append("PrometheusRule groups differ from deploy/monitoring/alerts.yaml: run python3 deploy/monitoring/render.py --write")
+    else:
+        count = sum(len(g["rules"]) for g in shipped["groups"])
+        print(f"  prometheusrule: the {count} rules of deploy/monitoring/alerts.yaml")
+    return problems
+
+
 
 
 def check_operator_overlay():
@@ -637,10 +713,12 @@ def check_operator_overlay():
         if res != ".." and not os.path.isfile(os.path.join(OPERATOR_DIR, res)):
             problems.append(f"{kust_path}: resource {res!r} does not exist")
 
-    monitors = [
+    docs = [
         d for n in resources if n != ".." and os.path.isfile(os.path.join(OPERATOR_DIR, n))
-        for d in load_docs(os.path.join(OPERATOR_DIR, n)) if d.get("kind") == "PodMonitor"
+        for d in load_docs(os.path.join(OPERATOR_DIR, n))
     ]
+    problems += check_prometheus_rule(docs)
+    monitors = [d for d in docs if d.get("kind") == "PodMonitor"]
     if len(monitors) != 1:
         return problems + [f"expected one PodMonitor in {OPERATOR_DIR}, found {len(monitors)}"]
     pm = monitors[0]
@@ -694,6 +772,15 @@ def operator_self_test():
         mutate(bad)
         if not validate_podmonitor(bad):
             problems.append(f"the PodMonitor schema accepted {what}")
+    pr = [d for d in load_docs(os.path.join(OPERATOR_DIR, "prometheusrule.yaml")) if d.get("kind") == "PrometheusRule"][0]
+    for mutate, what in [
+        (lambda d: d["spec"]["groups"][1]["rules"][0].update({"fro": "1m"}), "an unknown rule field"),
+        (lambda d: d["spec"]["groups"][1]["rules"][0].update({"record": "x"}), "a rule that is alert and record"),
+    ]:
+        bad = copy.deepcopy(pr)
+        mutate(bad)
+        if not schema_problems(PROMETHEUSRULE_SCHEMA, bad):
+            problems.append(f"the PrometheusRule schema accepted {what}")
     return problems
 
 
@@ -800,8 +887,9 @@ done
 step "consistency: Dockerfile, ConfigMap, Secret, Deployment"
 if py consistency; then pass "cross-file consistency"; else fail "cross-file consistency"; fi
 
-step "Prometheus Operator overlay ($MANIFEST_DIR/prometheus-operator): PodMonitor schema, selector, port and path"
-if py operator; then pass "PodMonitor"; else fail "PodMonitor"; fi
+step "Prometheus Operator overlay ($MANIFEST_DIR/prometheus-operator): PodMonitor and PrometheusRule"
+if py operator; then pass "Prometheus Operator overlay"; else fail "Prometheus Operator overlay"; fi
+
 step "sidecar patch for an existing Deployment ($SIDECAR_PATCH)"
 if py sidecar-patch "$K8S_VERSIONS"; then pass "$SIDECAR_PATCH"; else fail "$SIDECAR_PATCH"; fi
 
