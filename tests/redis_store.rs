@@ -39,6 +39,7 @@ use harness::{BIN, Env, Http, assert_no_secrets, free_addr, poll_until};
 use redis_support::RedisServer;
 use sso_token_proxy::{
     Secret,
+    cache::{CacheOptions, Rejection, TokenCache},
     emulator::{EmulatorConfig, Fault},
     oidc::{OidcClient, Operation},
     store::{
@@ -486,6 +487,74 @@ async fn replicas_in_one_process_share_one_refresh_per_window() {
         }
         let text = format!("{:?}", replicas[0]);
         assert!(!text.contains(record.refresh_token.expose()), "{text}");
+    })
+    .await;
+}
+
+/// Issue 13: a token an upstream rejected is not adopted back from Redis,
+/// although the shared record still lists it as valid: tokens are known by
+/// their value, so the replica's cache asks its source for a new one
+/// (`Reuse::Never`), which refreshes and stores it for every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rejected_upstream_is_not_adopted_back_from_redis() {
+    bounded(Duration::from_secs(60), "rejected shared token", async {
+        let redis = RedisServer::start();
+        let env = Env::new(EmulatorConfig::default()).await;
+        let replica = |i: usize| {
+            let oidc = OidcClient::builder()
+                .endpoint(env.emulator.url())
+                .build()
+                .unwrap();
+            let inner = RefreshTokenSource::builder(
+                oidc,
+                env.client_id.clone(),
+                Secret::new(env.client_secret.clone()),
+                Secret::new(env.refresh_token.clone()),
+            )
+            .state_file(env.path(&format!("state-{i}.json")))
+            .build()
+            .unwrap();
+            TokenCache::new(
+                SharedStoreSource::new(
+                    inner,
+                    store_for(&redis.url()),
+                    env.client_id.clone(),
+                    Secret::new(env.refresh_token.clone()),
+                    SharedStoreOptions {
+                        key_prefix: PREFIX.to_owned(),
+                        ..Default::default()
+                    },
+                ),
+                CacheOptions::default(),
+            )
+        };
+        let (a, b) = (replica(0), replica(1));
+        let first = a.get().await.unwrap();
+        assert_eq!(
+            b.get().await.unwrap().id(),
+            first.id(),
+            "adopted from Redis"
+        );
+        assert_eq!(env.emulator.counters().create_token, 1);
+
+        // The upstream rejects it at replica B; Redis still lists it.
+        assert_eq!(b.reject(&first), Rejection::Refresh);
+        let second = b.get().await.unwrap();
+        assert_ne!(second.id(), first.id());
+        assert_eq!(env.emulator.counters().create_token, 2);
+        let record = store_for(&redis.url())
+            .read(&StoreKeys::new(PREFIX, &b.source().identity()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.access_token, *second.access_token());
+        for _ in 0..10 {
+            assert_eq!(b.get().await.unwrap().id(), second.id());
+        }
+        // Replica A, told the same, takes B's token from Redis: no refresh.
+        assert_eq!(a.reject(&first), Rejection::Refresh);
+        assert_eq!(a.get().await.unwrap().id(), second.id());
+        assert_eq!(env.emulator.counters().create_token, 2);
     })
     .await;
 }

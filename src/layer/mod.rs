@@ -11,9 +11,9 @@
 //!   fetch however many requests wait), then the inner service is called. A
 //!   failure answers [`BearerTokenError::Token`]; [`unavailable_response`]
 //!   turns it into a `503` with `Retry-After`.
-//! * **`401`.** The [cache decides](TokenCache::reject): only the token
-//!   this very request carried is dropped, each token at most once, and
-//!   within a budget of forced refreshes per minute. When the token was
+//! * **`401`.** The [cache decides](crate::cache::TokenCache::reject): only
+//!   the token this very request carried is dropped, each token at most
+//!   once, and within a budget of forced refreshes per minute. When the token was
 //!   dropped (or already replaced) and the request's body is
 //!   [replayable](ReplayableBody) and
 //!   [`retry_on_unauthorized`](BearerTokenLayer::retry_on_unauthorized) is on

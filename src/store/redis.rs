@@ -170,6 +170,15 @@ impl TokenRecord {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO)
     }
+
+    /// The lifetime the access token was issued with: from the write (right
+    /// after the refresh) to its expiry; at least what it has left.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.updated_at)
+            .unwrap_or(Duration::ZERO)
+            .max(self.ttl())
+    }
 }
 
 /// What to write: the tokens a refresh produced.

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::redis::{Commit, Fence, NewTokens, RedisStore, StoreError, StoreKeys, TokenRecord};
 use crate::{
+    cache::scaled_expiry_margin,
     metric_names,
     oidc::ServiceErrorKind,
     secret::Secret,
@@ -38,7 +39,8 @@ pub struct SharedStoreOptions {
     /// Refresh with the local refresh token when Redis is unreachable.
     pub refresh_without_store: bool,
     /// A stored token with less than this left is never handed out (the
-    /// cache's `expiry_margin`).
+    /// cache's `expiry_margin`, scaled like the cache scales it: at most a
+    /// quarter of the token's lifetime).
     pub expiry_margin: Duration,
     /// How often Redis is pinged for the `store_up` gauge and to publish a
     /// token refreshed while it was down.
@@ -59,7 +61,7 @@ impl Default for SharedStoreOptions {
 }
 
 /// The token this replica last handed out.
-struct Held {
+struct HandedOut {
     /// Generation of the record it came from; `None` when it is not (yet)
     /// in Redis.
     generation: Option<u64>,
@@ -75,7 +77,7 @@ struct Pending {
 }
 
 struct State {
-    held: Option<Held>,
+    held: Option<HandedOut>,
     /// The refresh token the inner source holds, and the generation it
     /// came from (0: configured or state file).
     known_refresh_token: Option<(Secret, u64)>,
@@ -278,7 +280,7 @@ impl Inner {
         }
     }
 
-    fn hold(&self, state: &mut State, held: Held) {
+    fn hold(&self, state: &mut State, held: HandedOut) {
         if state
             .held
             .as_ref()
@@ -296,7 +298,7 @@ impl Inner {
         // waited for the mutex: that is the token this one came for.
         if self.held_serial.load(Ordering::Acquire) != serial
             && let Some(held) = &state.held
-            && held.token.ttl() > self.options.expiry_margin
+            && held.token.ttl() > self.margin_for(held.token.lifetime())
         {
             return Ok(held.token.clone());
         }
@@ -304,7 +306,7 @@ impl Inner {
         // round trip (e.g. while Redis is down and the token is valid).
         if let (Reuse::IfValidFor(min), Some(held)) = (reuse, &state.held)
             && held.token.ttl() >= min
-            && held.token.ttl() > self.options.expiry_margin
+            && held.token.ttl() > self.margin_for(held.token.lifetime())
         {
             return Ok(held.token.clone());
         }
@@ -379,10 +381,16 @@ impl Inner {
         }
     }
 
+    /// The expiry margin for a token of `lifetime`, scaled as the cache
+    /// scales it.
+    fn margin_for(&self, lifetime: Duration) -> Duration {
+        scaled_expiry_margin(self.options.expiry_margin, lifetime)
+    }
+
     /// Whether a stored record can be handed out for this request.
     fn acceptable(&self, state: &State, rec: &TokenRecord, reuse: Reuse) -> bool {
         let ttl = rec.ttl();
-        if ttl <= self.options.expiry_margin {
+        if ttl <= self.margin_for(rec.lifetime()) {
             return false;
         }
         let held_generation = state.held.as_ref().and_then(|h| h.generation);
@@ -403,10 +411,10 @@ impl Inner {
         if let Some(held) = &state.held
             && held.generation == Some(rec.generation)
         {
-            // Same token object: the cache recognises a rejected token by id.
             return held.token.clone();
         }
         let token = Token::expiring_at(rec.access_token.clone(), rec.expires_at)
+            .issued_at(rec.updated_at)
             .with_scopes(self.refresh.scopes().to_vec());
         metrics::counter!(metric_names::STORE_TOKENS_ADOPTED_TOTAL.name).increment(1);
         tracing::debug!(
@@ -423,7 +431,7 @@ impl Inner {
         .await;
         self.hold(
             state,
-            Held {
+            HandedOut {
                 generation: Some(rec.generation),
                 token: token.clone(),
             },
@@ -597,7 +605,7 @@ impl Inner {
                 state.known_refresh_token = Some((newest, 0));
                 self.hold(
                     state,
-                    Held {
+                    HandedOut {
                         generation: None,
                         token: token.clone(),
                     },
@@ -636,7 +644,7 @@ impl Inner {
         });
         self.hold(
             state,
-            Held {
+            HandedOut {
                 generation: None,
                 token: token.clone(),
             },
@@ -648,7 +656,7 @@ impl Inner {
         state.known_refresh_token = Some((refresh_token, generation));
         self.hold(
             state,
-            Held {
+            HandedOut {
                 generation: Some(generation),
                 token,
             },
@@ -707,7 +715,7 @@ impl Inner {
             generation = rec.generation,
             "refresh token rejected, but another replica stored a newer one meanwhile; using it"
         );
-        if rec.ttl() > self.options.expiry_margin {
+        if rec.ttl() > self.margin_for(rec.lifetime()) {
             return Ok(self.adopt(state, &rec).await);
         }
         self.learn_refresh_token(state, &rec.refresh_token, rec.generation, None)

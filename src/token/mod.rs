@@ -12,11 +12,11 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
 use http::HeaderValue;
+use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
 pub use device::{DevicePrompt, LoginOptions, device_login, sso_cache_file_name};
@@ -29,11 +29,15 @@ use crate::{
     secret::Secret,
 };
 
-static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
+/// The longest lifetime a token is taken to have, whatever its source says
+/// (an absurd `expiresIn` or `expiresAt` must not overflow a clock).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// An access token with what is known about it. `Debug` redacts secrets.
 #[derive(Clone)]
 pub struct Token {
+    /// First 8 bytes of the SHA-256 of the access token: equal for the same
+    /// token however often it is read back (file, Redis).
     id: u64,
     access_token: Secret,
     header: HeaderValue,
@@ -46,13 +50,15 @@ pub struct Token {
 }
 
 impl Token {
-    /// A token valid for `lifetime` from now.
+    /// A token valid for `lifetime` from now (at most
+    /// [`MAX_TOKEN_LIFETIME`]).
     pub fn new(access_token: Secret, lifetime: Duration) -> Self {
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let mut header = HeaderValue::try_from(format!("Bearer {}", access_token.expose()))
             .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
         header.set_sensitive(true);
         Self {
-            id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
+            id: token_id(&access_token),
             access_token,
             header,
             expires_at: Instant::now() + lifetime,
@@ -64,14 +70,29 @@ impl Token {
         }
     }
 
-    /// A token that expires at a wall-clock time (from a cache file).
+    /// A token that expires at a wall-clock time (from a cache file). Its
+    /// [`lifetime`](Self::lifetime) is the time it has left, unless
+    /// [`issued_at`](Self::issued_at) says more.
     pub fn expiring_at(access_token: Secret, expires_at: SystemTime) -> Self {
         let lifetime = expires_at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         let mut token = Self::new(access_token, lifetime);
-        token.expires_at_wall = expires_at;
+        if lifetime < MAX_TOKEN_LIFETIME {
+            token.expires_at_wall = expires_at;
+        }
         token
+    }
+
+    /// Sets when the token was issued, where a file or store recorded it,
+    /// so its [`lifetime`](Self::lifetime) is the whole lifetime it was
+    /// issued with rather than what was left when it was read back.
+    #[must_use]
+    pub fn issued_at(mut self, issued_at: SystemTime) -> Self {
+        if let Ok(whole) = self.expires_at_wall.duration_since(issued_at) {
+            self.lifetime = whole.clamp(self.lifetime, MAX_TOKEN_LIFETIME);
+        }
+        self
     }
 
     /// Builds a token from a `CreateToken` response. A response without an
@@ -124,7 +145,9 @@ impl Token {
         self
     }
 
-    /// Process-unique id of this token, used to invalidate exactly it.
+    /// The token's identity: derived from its value (a SHA-256 prefix), so
+    /// the same access token has the same id whether it came from
+    /// `CreateToken`, a file or the shared store. Safe to log.
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -144,7 +167,9 @@ impl Token {
         self.expires_at
     }
 
-    /// The lifetime the token had when this process got it.
+    /// The lifetime the token was issued with, where known; else the time
+    /// it had left when this process got it. The cache's margins scale
+    /// with it.
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
@@ -178,6 +203,14 @@ impl Token {
     pub fn scopes(&self) -> &[String] {
         &self.scopes
     }
+}
+
+/// A token's id: the first 8 bytes of the SHA-256 of its value.
+fn token_id(access_token: &Secret) -> u64 {
+    let digest = Sha256::digest(access_token.expose().as_bytes());
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(prefix)
 }
 
 impl fmt::Debug for Token {
@@ -219,6 +252,22 @@ pub enum TokenError {
     /// it may pass.
     #[error("shared token store: {0}")]
     Store(String),
+    /// The source handed back a token that is already unusable: too little
+    /// of its life left for the cache's margin.
+    #[error(
+        "the source handed back a token with {left:?} left, not more than the {margin:?} margin \
+         (or under the 1s minimum); is the clock right, or is the token file stale?"
+    )]
+    ExpiredOnArrival {
+        /// What the token had left.
+        left: Duration,
+        /// The margin it had to exceed.
+        margin: Duration,
+    },
+    /// Asked for a new token, the source handed back one an upstream had
+    /// rejected.
+    #[error("the source handed back a token an upstream rejected, even when asked for a new one")]
+    RejectedAgain,
 }
 
 impl TokenError {
@@ -227,7 +276,9 @@ impl TokenError {
         match self {
             Self::Oidc(e) => e.class(),
             Self::File { .. } | Self::NoRefreshToken(_) | Self::Login(_) => ErrorClass::Fatal,
-            Self::Store(_) => ErrorClass::Transient,
+            Self::Store(_) | Self::ExpiredOnArrival { .. } | Self::RejectedAgain => {
+                ErrorClass::Transient
+            }
         }
     }
 
@@ -239,6 +290,8 @@ impl TokenError {
             Self::NoRefreshToken(_) => "NoRefreshToken",
             Self::Login(_) => "Login",
             Self::Store(_) => "SharedStore",
+            Self::ExpiredOnArrival { .. } => "ExpiredOnArrival",
+            Self::RejectedAgain => "RejectedAgain",
         }
     }
 }
@@ -304,6 +357,54 @@ mod tests {
         assert!(!text.contains("S3CRET"), "{text}");
         assert!(t.header_value().is_sensitive());
         assert_eq!(t.header_value().to_str().unwrap(), "Bearer S3CRET-access");
+    }
+
+    #[test]
+    fn identity_is_the_value() {
+        let a = Token::new(Secret::new("same-value"), Duration::from_secs(60));
+        let b = Token::expiring_at(
+            Secret::new("same-value"),
+            SystemTime::now() + Duration::from_secs(5),
+        );
+        let c = Token::new(Secret::new("other-value"), Duration::from_secs(60));
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.id(), c.id());
+        // The id is not the token.
+        assert!(!format!("{a:?}").contains("same-value"));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_capped_not_overflowed() {
+        let t = Token::new(Secret::new("a"), Duration::MAX);
+        assert_eq!(t.lifetime(), MAX_TOKEN_LIFETIME);
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799); // year 9999
+        let t = Token::expiring_at(Secret::new("a"), far);
+        assert_eq!(t.lifetime(), MAX_TOKEN_LIFETIME);
+        assert!(t.expires_at_wall() <= SystemTime::now() + MAX_TOKEN_LIFETIME);
+        let t = Token::expiring_at(Secret::new("a"), SystemTime::UNIX_EPOCH);
+        assert_eq!(t.ttl(), Duration::ZERO);
+        let r = CreateTokenResponse {
+            access_token: Some("a".into()),
+            expires_in: Some(i32::MAX),
+            ..Default::default()
+        };
+        assert_eq!(
+            Token::from_response(&r).unwrap().lifetime(),
+            MAX_TOKEN_LIFETIME
+        );
+    }
+
+    #[test]
+    fn issued_at_gives_the_whole_lifetime() {
+        let now = SystemTime::now();
+        let t = Token::expiring_at(Secret::new("a"), now + Duration::from_secs(600))
+            .issued_at(now - Duration::from_secs(3000));
+        let whole = t.lifetime().as_secs();
+        assert!((3599..=3600).contains(&whole), "{whole}");
+        // An issue time after the expiry changes nothing.
+        let t = Token::expiring_at(Secret::new("a"), now + Duration::from_secs(600))
+            .issued_at(now + Duration::from_secs(3600));
+        assert!(t.lifetime() <= Duration::from_secs(600));
     }
 
     #[test]

@@ -118,9 +118,13 @@ impl RefreshTokenSourceBuilder {
                 tracing::info!(path = %path.display(), "using the refresh token from the state file");
                 refresh_token = state.refresh_token.clone().unwrap_or(refresh_token);
                 access = match (&state.access_token, state.expires_at.as_deref()) {
-                    (Some(a), Some(exp)) => parse_expires_at(exp)
-                        .ok()
-                        .map(|exp| Token::expiring_at(a.clone(), exp)),
+                    (Some(a), Some(exp)) => parse_expires_at(exp).ok().map(|exp| {
+                        let token = Token::expiring_at(a.clone(), exp);
+                        match state.updated_at() {
+                            Some(written) => token.issued_at(written),
+                            None => token,
+                        }
+                    }),
                     _ => None,
                 };
             } else {

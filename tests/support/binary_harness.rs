@@ -80,6 +80,9 @@ pub(crate) struct Opts {
     pub(crate) proxy: String,
     /// Extra lines for `[token]`.
     pub(crate) token: String,
+    /// Replaces the `[token]` source lines (`source`, `refresh_token_file`,
+    /// `state_file`), e.g. for `source = "sso_cache"`.
+    pub(crate) token_source: Option<String>,
     /// Lines of `[retry]`.
     pub(crate) retry: String,
     /// Write the client secret and refresh token into the config itself
@@ -93,6 +96,7 @@ impl Default for Opts {
             rust_log: "info,sso_token_proxy=debug".to_owned(),
             proxy: "shutdown_grace = \"10s\"\n".to_owned(),
             token: String::new(),
+            token_source: None,
             retry: "base_delay = \"50ms\"\nthrottle_base_delay = \"100ms\"\n".to_owned(),
             inline_secrets: false,
         }
@@ -186,15 +190,16 @@ client_id = "{client_id}"
 {client_secret}
 
 [token]
-source = "refresh_token"
-{refresh_token}
-state_file = "{state}"
+{source}
 {token}
 [retry]
 {retry}"#,
             proxy = opts.proxy,
             client_id = self.client_id,
-            state = self.state_file().display(),
+            source = opts.token_source.clone().unwrap_or_else(|| format!(
+                "source = \"refresh_token\"\n{refresh_token}\nstate_file = \"{}\"",
+                self.state_file().display(),
+            )),
             token = opts.token,
             retry = opts.retry,
         )

@@ -1,0 +1,117 @@
+//! Refresh-ahead scheduling: inside a token's refresh window the first
+//! caller starts one background refresh; everybody keeps the current token
+//! meanwhile. A failed refresh is tried again after a pause, not on every
+//! request, until the token is unusable (then callers fetch, and the
+//! failure memory paces them).
+
+use std::{sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::retry::Backoff;
+
+/// Bookkeeping of the background refresh; touched only inside the refresh
+/// window.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// The token a refresh was last started for (one refresh per token).
+    started_for: Option<u64>,
+    /// A refresh is running.
+    in_flight: bool,
+    /// After a failed refresh: not before then.
+    not_before: Option<Instant>,
+    /// Failed refreshes in a row; the pause grows with it.
+    failures: u32,
+}
+
+/// Decides when a background refresh starts.
+#[derive(Debug, Default)]
+pub(super) struct RefreshAheadSchedule {
+    schedule: Mutex<Schedule>,
+}
+
+impl RefreshAheadSchedule {
+    /// Whether the caller that found token `id` inside its refresh window at
+    /// `now` should start the refresh. At most one runs; each token gets
+    /// one (more only after a failure and its pause).
+    pub(super) fn try_start(&self, id: u64, now: Instant) -> bool {
+        let mut s = self.schedule.lock().expect("refresh lock");
+        if s.in_flight || s.started_for == Some(id) || s.not_before.is_some_and(|t| now < t) {
+            return false;
+        }
+        s.in_flight = true;
+        s.started_for = Some(id);
+        true
+    }
+
+    /// The refresh ended: `refreshed` when it produced a token that expires
+    /// later. Otherwise the next attempt waits for `backoff`'s next delay.
+    /// Returns that delay, if any.
+    pub(super) fn finish(&self, refreshed: bool, backoff: &Backoff) -> Option<Duration> {
+        let mut s = self.schedule.lock().expect("refresh lock");
+        s.in_flight = false;
+        if refreshed {
+            s.failures = 0;
+            s.not_before = None;
+            return None;
+        }
+        s.failures += 1;
+        let delay = backoff.delay(s.failures - 1);
+        let now = Instant::now();
+        s.not_before = Some(now.checked_add(delay).unwrap_or(now));
+        s.started_for = None;
+        Some(delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::Jitter;
+
+    const BACKOFF: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        factor: 2.0,
+        cap: Duration::from_secs(30),
+        jitter: Jitter::None,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn one_refresh_per_token_and_one_at_a_time() {
+        let schedule = RefreshAheadSchedule::default();
+        let now = Instant::now();
+        assert!(schedule.try_start(1, now));
+        assert!(!schedule.try_start(1, now), "running");
+        assert!(!schedule.try_start(2, now), "running, whatever the token");
+        assert_eq!(schedule.finish(true, &BACKOFF), None);
+        assert!(!schedule.try_start(1, now), "token 1 had its refresh");
+        assert!(schedule.try_start(2, now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_pauses_with_growing_backoff() {
+        let schedule = RefreshAheadSchedule::default();
+        assert!(schedule.try_start(1, Instant::now()));
+        assert_eq!(
+            schedule.finish(false, &BACKOFF),
+            Some(Duration::from_secs(1))
+        );
+        assert!(!schedule.try_start(1, Instant::now()), "paused");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            schedule.try_start(1, Instant::now()),
+            "same token, after the pause"
+        );
+        assert_eq!(
+            schedule.finish(false, &BACKOFF),
+            Some(Duration::from_secs(2))
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(schedule.try_start(1, Instant::now()));
+        assert_eq!(schedule.finish(true, &BACKOFF), None);
+        assert!(
+            schedule.try_start(2, Instant::now()),
+            "success resets the pause"
+        );
+    }
+}
