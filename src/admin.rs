@@ -1,7 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! `/healthz` answers 200 while the process serves. `/readyz` answers 200
-//! only while a valid token is held, 503 with the reason otherwise.
+//! only while a valid token is held, 503 with the reason otherwise; either
+//! way its JSON says whether the newest refresh token is on disk
+//! (`refresh_token_persisted`, and `persist_error` while it is not).
 //! `/metrics` is Prometheus text from the `metrics` recorder.
 
 use std::time::Duration;
@@ -55,15 +57,14 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    match state.cache.current() {
+    let (status, mut body) = match state.cache.current() {
         Some(token) => (
             StatusCode::OK,
-            Json(serde_json::json!({
+            serde_json::json!({
                 "status": "ready",
                 "token_expires_in_seconds": token.ttl().as_secs(),
-            })),
-        )
-            .into_response(),
+            }),
+        ),
         None => {
             let reason = match state.cache.last_failure() {
                 Some(f) => serde_json::json!({
@@ -78,9 +79,27 @@ async fn readyz(State(state): State<AdminState>) -> Response {
                     "reason": "no_token_yet",
                 }),
             };
-            (StatusCode::SERVICE_UNAVAILABLE, Json(reason)).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, reason)
+        }
+    };
+    // A refresh token only in memory is reported, but serving is fine:
+    // readiness does not depend on it.
+    if let Some(persist) = state.cache.persistence()
+        && let Some(fields) = body.as_object_mut()
+    {
+        fields.insert(
+            "refresh_token_persisted".to_owned(),
+            persist.persisted.into(),
+        );
+        if let Some(reason) = persist.reason {
+            fields.insert("persist_error".to_owned(), reason.into());
+            fields.insert(
+                "persist_failed_attempts".to_owned(),
+                persist.failed_attempts.into(),
+            );
         }
     }
+    (status, Json(body)).into_response()
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {
@@ -91,11 +110,12 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
     let source = state.cache.name().to_owned();
     metrics::gauge!(metric_names::TOKEN_EXPIRY_SECONDS.name, "source" => source.clone())
         .set(ttl.as_secs_f64());
-    metrics::gauge!(metric_names::TOKEN_VALID.name, "source" => source).set(if ttl.is_zero() {
-        0.0
-    } else {
-        1.0
-    });
+    metrics::gauge!(metric_names::TOKEN_VALID.name, "source" => source.clone())
+        .set(if ttl.is_zero() { 0.0 } else { 1.0 });
+    if let Some(persist) = state.cache.persistence() {
+        metrics::gauge!(metric_names::REFRESH_TOKEN_PERSISTED.name, "source" => source)
+            .set(if persist.persisted { 1.0 } else { 0.0 });
+    }
     handle.run_upkeep();
     (
         StatusCode::OK,

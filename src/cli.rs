@@ -214,6 +214,7 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
             }
         }
     }
+    problems.extend(token_dirs_not_writable(&config));
     match config.token.source {
         SourceKind::RefreshToken => {
             if let Some(p) = &config.token.state_file
@@ -238,6 +239,37 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
     }
     println!("{}: ok", config.path.display());
     Ok(())
+}
+
+/// The directories the token source writes its files in, and whether this
+/// process can create files there (a rotated refresh token that cannot be
+/// saved is lost with the process).
+fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
+    let files = match config.token.source {
+        SourceKind::RefreshToken => [("token.state_file", config.token.state_file.as_ref())],
+        SourceKind::SsoCache => [("token.sso_cache_file", config.token.sso_cache_file.as_ref())],
+    };
+    files
+        .into_iter()
+        .filter_map(|(key, path)| {
+            // A missing directory is created at start: then its nearest
+            // existing parent must take files.
+            let dir = crate::fs_atomic::parent_dir(path?)
+                .ancestors()
+                .find(|d| d.as_os_str().is_empty() || d.exists())
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            crate::fs_atomic::check_dir_writable(dir).err().map(|e| {
+                (
+                    key.to_owned(),
+                    format!(
+                        "cannot create files in {}: {e}; the rotated refresh token could not be saved there",
+                        dir.display()
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 fn listen_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
@@ -527,6 +559,13 @@ async fn run(path: &Path) -> Result<(), Failure> {
                 handle.run_upkeep();
             }
         });
+    }
+    let unwritable = token_dirs_not_writable(&config);
+    if !unwritable.is_empty() {
+        return Err(Failure::Config(ConfigError {
+            file: config.path.display().to_string(),
+            problems: unwritable,
+        }));
     }
     let proxy_listener = bind(&config, "proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;

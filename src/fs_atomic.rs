@@ -69,6 +69,30 @@ pub(crate) fn expand_tilde(path: &str) -> std::path::PathBuf {
     }
 }
 
+/// Checks that this process can create files in `dir` (what
+/// [`write_atomic`] needs) by creating and removing a temp file there.
+pub fn check_dir_writable(dir: &Path) -> io::Result<()> {
+    let probe = dir.join(format!(
+        ".sso-token-proxy-write-check-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)?;
+    fs::remove_file(&probe)
+}
+
+/// The directory a file named by `path` lives in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +148,19 @@ mod tests {
         let home = std::env::var("HOME").unwrap();
         assert_eq!(expand_tilde("~/a/b"), Path::new(&home).join("a/b"));
         assert_eq!(expand_tilde("/x/y"), Path::new("/x/y"));
+    }
+
+    #[test]
+    fn writable_dirs_pass_and_the_probe_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        check_dir_writable(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A "directory" that is a regular file, and one that does not exist.
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(check_dir_writable(&file).is_err());
+        assert!(check_dir_writable(&dir.path().join("missing")).is_err());
+        assert_eq!(parent_dir(Path::new("state.json")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("/a/b.json")), Path::new("/a"));
     }
 }

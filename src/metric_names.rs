@@ -204,6 +204,12 @@ pub const FORCED_REFRESHES_TOTAL: Metric = counter(
     &["source", "decision"],
     "Upstream 401s by decision: allowed (token dropped, a refresh follows), superseded (already dropped or replaced), limited (forced-refresh budget spent; token kept, 401 handed back).",
 );
+/// 0 while the newest refresh token is only in memory.
+pub const REFRESH_TOKEN_PERSISTED: Metric = gauge(
+    "sso_token_proxy_refresh_token_persisted",
+    &["source"],
+    "1 while the newest refresh token is on disk (state or SSO cache file); 0 while a failed write of it is being retried.",
+);
 /// Failed writes of the state or cache file.
 pub const PERSIST_FAILURES_TOTAL: Metric = counter(
     "sso_token_proxy_persist_failures_total",
@@ -287,6 +293,7 @@ pub const ALL: &[Metric] = &[
     OIDC_RETRY_DECISIONS_TOTAL,
     TOKEN_INVALIDATIONS_TOTAL,
     FORCED_REFRESHES_TOTAL,
+    REFRESH_TOKEN_PERSISTED,
     PERSIST_FAILURES_TOTAL,
     STORE_UP,
     STORE_DEGRADED,

@@ -268,3 +268,324 @@ async fn sso_cache_token_rejected_upstream_is_never_sent_again() {
     })
     .await;
 }
+
+/// `[token]` lines for the refresh-token source with its state file in a
+/// directory of its own, which a test can rename away.
+fn state_in_subdir(env: &Env) -> (String, std::path::PathBuf) {
+    let dir = env.path("state");
+    std::fs::create_dir(&dir).unwrap();
+    let lines = format!(
+        "source = \"refresh_token\"\nrefresh_token_file = \"{}\"\nstate_file = \"{}\"",
+        env.path("refresh_token").display(),
+        dir.join("state.json").display()
+    );
+    (lines, dir)
+}
+
+/// The refresh token in a state file, if it parses.
+fn saved_refresh_token(state_file: &std::path::Path) -> Option<String> {
+    let text = std::fs::read(state_file).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v["refreshToken"].as_str().map(str::to_owned)
+}
+
+/// Issue 13: the state directory disappears (renamed away; tests run as
+/// root, so permissions cannot stand in for a failing disk) while tokens
+/// rotate. Requests keep being served with the newest refresh token held in
+/// memory, `/readyz` and the gauge say it is not on disk, and once the
+/// directory is back the newest refresh token is written within 2 s with no
+/// traffic at all. A `kill -9` and a restart then serve from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_directory_gone_mid_rotation_loses_nothing() {
+    bounded("state directory gone", async {
+        let env = Env::new(EmulatorConfig {
+            access_token_lifetime: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await;
+        let (token_source, state_dir) = state_in_subdir(&env);
+        let state_file = state_dir.join("state.json");
+        let opts = Opts {
+            token_source: Some(token_source),
+            ..Opts::default()
+        };
+        let mut proxy = env.start(opts.clone()).await;
+        let http = Http::new();
+
+        // Steady traffic keeps the 2 s tokens rotating, about once a second.
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let traffic = {
+            let (url, ok, failed, stop) = (
+                proxy.url("/rotating"),
+                ok.clone(),
+                failed.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let http = Http::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let r = http.get(&url).await;
+                    if r.status == StatusCode::OK {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("{}: {}", r.status, String::from_utf8_lossy(&r.body));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let rotations = |n: u64| {
+            let env = &env;
+            async move {
+                let start = env.emulator.counters().create_token;
+                harness::poll_until(Duration::from_secs(20), "rotations", || async {
+                    (env.emulator.counters().create_token >= start + n).then_some(())
+                })
+                .await;
+            }
+        };
+        rotations(2).await;
+        assert!(saved_refresh_token(&state_file).is_some());
+
+        let away = env.path("state-away");
+        std::fs::rename(&state_dir, &away).unwrap();
+        rotations(3).await;
+        let ready = http.get(&proxy.admin_url("/readyz")).await;
+        assert_eq!(ready.status, StatusCode::OK, "serving is fine");
+        let ready = ready.json();
+        assert_eq!(ready["refresh_token_persisted"], false, "{ready}");
+        assert!(
+            ready["persist_error"]
+                .as_str()
+                .unwrap()
+                .contains("state.json"),
+            "{ready}"
+        );
+        let metrics = scrape(&http, &proxy.admin_url("/metrics")).await;
+        assert_eq!(
+            sample(
+                &metrics,
+                "sso_token_proxy_refresh_token_persisted",
+                &[("source", "default")]
+            ),
+            0.0
+        );
+
+        stop.store(true, Ordering::SeqCst);
+        traffic.await.unwrap();
+        let before_return = env.emulator.counters();
+        let stale = saved_refresh_token(&away.join("state.json")).unwrap();
+        assert!(
+            !env.emulator.is_refresh_token_live(&stale),
+            "the file on disk is stale"
+        );
+
+        // The directory returns; no request is made from here on.
+        std::fs::rename(&away, &state_dir).unwrap();
+        let returned = Instant::now();
+        harness::poll_until(
+            Duration::from_secs(2),
+            "the newest refresh token on disk",
+            || async {
+                saved_refresh_token(&state_file)
+                    .filter(|t| env.emulator.is_refresh_token_live(t))
+                    .map(|_| ())
+            },
+        )
+        .await;
+        eprintln!(
+            "on disk {:?} after the directory returned",
+            returned.elapsed()
+        );
+        assert_eq!(
+            env.emulator.counters().create_token,
+            before_return.create_token
+        );
+        let ready = http.get(&proxy.admin_url("/readyz")).await.json();
+        assert_eq!(ready["refresh_token_persisted"], true, "{ready}");
+        assert!(ready.get("persist_error").is_none(), "{ready}");
+        let log = proxy.stderr();
+        assert!(
+            log.matches("could not write the newest refresh token")
+                .count()
+                >= 2,
+            "a warning per retry:\n{log}"
+        );
+
+        // kill -9, restart: the saved refresh token carries on.
+        proxy.child.kill().await.unwrap();
+        let restarted = env.start(opts).await;
+        let r = http.get(&restarted.url("/after-restart")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+
+        let counters = env.emulator.counters();
+        assert_eq!(failed.load(Ordering::SeqCst), 0, "{counters:?}");
+        assert!(ok.load(Ordering::SeqCst) > 50);
+        assert_eq!(
+            counters.errors_by_kind.get("InvalidGrant"),
+            None,
+            "{counters:?}"
+        );
+        let newest = saved_refresh_token(&state_file).unwrap();
+        harness::assert_no_secrets(
+            "proxy stderr",
+            &log,
+            &[
+                ("configured refresh token", env.refresh_token.as_str()),
+                ("client secret", env.client_secret.as_str()),
+                ("newest refresh token", newest.as_str()),
+            ],
+            &[env.client_id.as_str()],
+        );
+    })
+    .await;
+}
+
+/// `check-config`, and a plain run, as a user who cannot create files in
+/// the state file's directory (root-owned, mode 0755), and with a state
+/// file under a regular file: exit 2 naming `token.state_file`. The same
+/// checks for an `sso_cache` file's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_state_directory_is_a_config_error() {
+    use std::os::unix::fs::PermissionsExt;
+    bounded("unwritable state directory", async {
+        let env = Env::new(EmulatorConfig::default()).await;
+        // Everything readable by `nobody`; the state directory not writable.
+        let shared = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let readonly = shared.path().join("state");
+        std::fs::create_dir(&readonly).unwrap();
+        std::fs::set_permissions(&readonly, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache_file = readonly.join("sso-cache.json");
+        std::fs::write(
+            &cache_file,
+            serde_json::to_vec(&serde_json::json!({
+                "accessToken": "a",
+                "expiresAt": "2020-01-01T00:00:00Z",
+                "refreshToken": "r",
+                "clientId": "c",
+                "clientSecret": "s",
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cache_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config_for = |name: &str, token: &str| {
+            let text = format!(
+                r#"[proxy]
+listen = "127.0.0.1:0"
+upstream = "{url}"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+endpoint = "{url}"
+client_id = "c"
+client_secret = "s"
+[token]
+{token}
+"#,
+                url = env.emulator.url()
+            );
+            let path = shared.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            path
+        };
+        let as_nobody = |args: &'static [&'static str], config: std::path::PathBuf| async move {
+            let child = tokio::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    harness::BIN,
+                ])
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "error")
+                .env_remove("RUST_BACKTRACE")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("run setpriv");
+            let out = timeout(Duration::from_secs(20), child.wait_with_output())
+                .await
+                .unwrap_or_else(|_| panic!("{args:?} did not exit within 20 s"))
+                .unwrap();
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let refresh = config_for(
+            "refresh.toml",
+            &format!(
+                "source = \"refresh_token\"\nrefresh_token = \"r\"\nstate_file = \"{}\"",
+                readonly.join("state.json").display()
+            ),
+        );
+        let sso = config_for(
+            "sso.toml",
+            &format!(
+                "source = \"sso_cache\"\nsso_cache_file = \"{}\"",
+                cache_file.display()
+            ),
+        );
+        for (config, key) in [
+            (&refresh, "token.state_file"),
+            (&sso, "token.sso_cache_file"),
+        ] {
+            for args in [&["check-config", "--no-bind-check"][..], &[][..]] {
+                let (status, stderr) = as_nobody(args, config.clone()).await;
+                assert_eq!(status.code(), Some(2), "{args:?} {key}: {stderr}");
+                let line = format!(
+                    "{}: {key}: cannot create files in {}",
+                    config.display(),
+                    readonly.display()
+                );
+                assert!(stderr.contains(&line), "{args:?}: {stderr}");
+                assert!(!stderr.contains("panicked"), "{stderr}");
+            }
+        }
+        // Root may write there: the same configs pass.
+        let (status, stdout, stderr) = harness::run_binary(
+            &["check-config", "--no-bind-check"],
+            &refresh,
+            "error",
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(status.success(), "{stdout}{stderr}");
+
+        // A state file under a regular file: no directory at all.
+        let regular = env.write("regular-file", "x");
+        let under_file = config_for(
+            "under-file.toml",
+            &format!(
+                "source = \"refresh_token\"\nrefresh_token = \"r\"\nstate_file = \"{}\"",
+                regular.join("state.json").display()
+            ),
+        );
+        let (status, _, stderr) = harness::run_binary(
+            &["check-config", "--no-bind-check"],
+            &under_file,
+            "error",
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}: token.state_file: ", under_file.display())),
+            "{stderr}"
+        );
+    })
+    .await;
+}

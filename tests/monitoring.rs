@@ -31,11 +31,6 @@ const ANNOUNCED_METRICS: &[(&str, &[&str], &str)] = &[
         &["source"],
         "issue 15 item 3 (lifecycle metrics)",
     ),
-    (
-        "sso_token_proxy_refresh_token_persisted",
-        &["source"],
-        "issue 13 item 3 (one persistence path)",
-    ),
 ];
 
 /// Labels announced for existing metrics: (metric, label, who adds it).

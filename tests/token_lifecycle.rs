@@ -539,3 +539,255 @@ async fn login_completes_after_approval_through_pending_and_slow_down() {
     let refreshed = src.fetch(Reuse::Never).await.unwrap();
     assert!(emulator.is_access_token_live(refreshed.access_token().expose()));
 }
+
+// === SSO cache file: failed writes and other writers (issue 13) ===
+
+/// An SSO cache file with an expired access token and `refresh_token`.
+fn write_expired_cache_file(s: &Setup, path: &std::path::Path, refresh_token: &Secret) {
+    let json = serde_json::json!({
+        "startUrl": "https://example.awsapps.com/start",
+        "region": "us-east-1",
+        "accessToken": "expired-token",
+        "expiresAt": "2020-01-01T00:00:00Z",
+        "clientId": s.client_id,
+        "clientSecret": s.client_secret.expose(),
+        "registrationExpiresAt": "2099-01-01T00:00:00Z",
+        "refreshToken": refresh_token.expose(),
+        "someFutureKey": {"kept": true},
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+}
+
+fn cache_file_field(path: &std::path::Path, key: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v[key].as_str().map(str::to_owned)
+}
+
+fn sso_source(s: &Setup, path: &std::path::Path) -> SsoCacheSource {
+    SsoCacheSource::new(
+        path,
+        oidc(&s.emulator),
+        OidcRetryPolicy::new(fast_retry()),
+        vec![],
+    )
+    .unwrap()
+}
+
+/// Writes tokens into the cache file as the AWS CLI would after its own
+/// refresh: the other keys stay.
+fn another_process_writes(
+    path: &std::path::Path,
+    access: &Secret,
+    refresh: &Secret,
+    expires_in: Duration,
+) {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["accessToken"] = access.expose().into();
+    v["refreshToken"] = refresh.expose().into();
+    v["expiresAt"] = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + expires_in)
+        .to_string()
+        .into();
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Polls `check` every 20 ms for at most `limit`.
+async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The cache file's directory disappears: the rotated refresh token is kept
+/// in memory and used for the next refresh, also once the directory is
+/// back with the stale file in it (which still holds a revoked refresh
+/// token), and the write is retried until the newest token is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sso_cache_failed_write_keeps_the_newest_refresh_token_and_retries() {
+    let s = setup(EmulatorConfig::default()).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("cache");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("cache.json");
+    write_expired_cache_file(&s, &path, &s.refresh_token);
+    let source = sso_source(&s, &path);
+    source
+        .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let on_disk = cache_file_field(&path, "refreshToken").unwrap();
+    assert!(s.emulator.is_refresh_token_live(&on_disk));
+
+    let away = root.path().join("away");
+    std::fs::rename(&dir, &away).unwrap();
+    let second = source.fetch(Reuse::Never).await.unwrap();
+    assert!(
+        s.emulator
+            .is_access_token_live(second.access_token().expose())
+    );
+    let status = source.persistence();
+    assert!(!status.persisted, "{status:?}");
+    assert!(status.reason.is_some(), "{status:?}");
+    assert!(
+        !s.emulator.is_refresh_token_live(&on_disk),
+        "the file's refresh token was rotated away"
+    );
+    // Just after the second retry failed, the next is a second away.
+    eventually(Duration::from_secs(10), "two retries", || {
+        source.persistence().failed_attempts >= 3
+    })
+    .await;
+
+    // The directory returns with the stale file: the held token wins.
+    std::fs::rename(&away, &dir).unwrap();
+    assert_eq!(cache_file_field(&path, "refreshToken").unwrap(), on_disk);
+    let third = source.fetch(Reuse::Never).await.unwrap();
+    assert!(
+        s.emulator
+            .is_access_token_live(third.access_token().expose())
+    );
+    let counters = s.emulator.counters();
+    assert_eq!(counters.create_token, 3);
+    assert_eq!(
+        counters.errors_by_kind.get("InvalidGrant"),
+        None,
+        "{counters:?}"
+    );
+    eventually(
+        Duration::from_secs(2),
+        "the newest refresh token on disk",
+        || {
+            cache_file_field(&path, "refreshToken")
+                .is_some_and(|t| s.emulator.is_refresh_token_live(&t))
+        },
+    )
+    .await;
+    assert!(source.persistence().persisted);
+    assert_eq!(
+        cache_file_field(&path, "accessToken").unwrap(),
+        third.access_token().expose()
+    );
+    let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(raw["someFutureKey"]["kept"], true);
+}
+
+/// Another process (the AWS CLI) refreshed and rewrote the cache file: its
+/// newer tokens are adopted instead of redeeming the refresh token it
+/// rotated away.
+#[tokio::test]
+async fn sso_cache_adopts_newer_tokens_another_process_wrote() {
+    let s = setup(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.json");
+    write_expired_cache_file(&s, &path, &s.refresh_token);
+    let source = sso_source(&s, &path);
+    let ours = source
+        .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
+        .await
+        .unwrap();
+
+    // The other process redeems the file's refresh token and writes.
+    let file_refresh = Secret::new(cache_file_field(&path, "refreshToken").unwrap());
+    let theirs = oidc(&s.emulator)
+        .create_token(&sso_token_proxy::oidc::CreateTokenRequest::refresh(
+            s.client_id.clone(),
+            s.client_secret.clone(),
+            file_refresh,
+        ))
+        .await
+        .unwrap();
+    let (their_access, their_refresh) = (
+        theirs.access_token.clone().unwrap(),
+        theirs.refresh_token.clone().unwrap(),
+    );
+    // Same second as ours or not, a refresh token we never held wins.
+    another_process_writes(
+        &path,
+        &their_access,
+        &their_refresh,
+        Duration::from_secs(3600),
+    );
+    let calls = s.emulator.counters().create_token;
+
+    let adopted = source
+        .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(adopted.access_token(), &their_access);
+    assert_ne!(adopted.access_token(), ours.access_token());
+    assert_eq!(
+        s.emulator.counters().create_token,
+        calls,
+        "no refresh needed"
+    );
+    // The next refresh redeems their refresh token, not the revoked one.
+    let next = source.fetch(Reuse::Never).await.unwrap();
+    assert!(
+        s.emulator
+            .is_access_token_live(next.access_token().expose())
+    );
+    let counters = s.emulator.counters();
+    assert_eq!(
+        counters.errors_by_kind.get("InvalidGrant"),
+        None,
+        "{counters:?}"
+    );
+    assert!(!s.emulator.is_refresh_token_live(their_refresh.expose()));
+    let on_disk = cache_file_field(&path, "refreshToken").unwrap();
+    assert!(s.emulator.is_refresh_token_live(&on_disk));
+}
+
+/// Another process redeems the refresh token while our refresh is on its
+/// way (ours is slowed down): ours is refused with `InvalidGrant`, the file
+/// is read again, and the other process's newer token is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sso_cache_invalid_grant_rereads_the_file_and_uses_the_newer_token() {
+    let s = setup(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.json");
+    write_expired_cache_file(&s, &path, &s.refresh_token);
+    let source = Arc::new(sso_source(&s, &path));
+    s.emulator.inject(
+        Operation::CreateToken,
+        [Fault::Delay(Duration::from_millis(1500))],
+    );
+    let ours = tokio::spawn({
+        let source = Arc::clone(&source);
+        async move { source.fetch(Reuse::Never).await }
+    });
+    // Our call has reached the emulator and waits there.
+    eventually(Duration::from_secs(10), "our CreateToken", || {
+        s.emulator.counters().create_token == 1
+    })
+    .await;
+    let theirs = oidc(&s.emulator)
+        .create_token(&sso_token_proxy::oidc::CreateTokenRequest::refresh(
+            s.client_id.clone(),
+            s.client_secret.clone(),
+            s.refresh_token.clone(),
+        ))
+        .await
+        .unwrap();
+    let their_access = theirs.access_token.clone().unwrap();
+    another_process_writes(
+        &path,
+        &their_access,
+        theirs.refresh_token.as_ref().unwrap(),
+        Duration::from_secs(3600),
+    );
+
+    let token = ours.await.unwrap().expect("their token is used");
+    assert_eq!(token.access_token(), &their_access);
+    let counters = s.emulator.counters();
+    assert_eq!(counters.create_token, 2, "{counters:?}");
+    assert_eq!(counters.errors_by_kind.get("InvalidGrant"), Some(&1));
+    // Their tokens are left in the file.
+    assert_eq!(
+        cache_file_field(&path, "accessToken").unwrap(),
+        their_access.expose()
+    );
+}

@@ -64,7 +64,7 @@ use crate::{
     metric_names,
     oidc::ErrorClass,
     retry::{Backoff, Jitter},
-    token::{Reuse, Token, TokenError, TokenSource},
+    token::{PersistStatus, Reuse, Token, TokenError, TokenSource},
 };
 
 /// Settings of a [`TokenCache`].
@@ -323,6 +323,12 @@ impl TokenCache {
     /// The token source.
     pub fn source(&self) -> &Arc<dyn TokenSource> {
         &self.inner.source
+    }
+
+    /// Whether the source's newest refresh token is on disk, for sources
+    /// that keep one there (see [`TokenSource::persistence`]).
+    pub fn persistence(&self) -> Option<PersistStatus> {
+        self.inner.source.persistence()
     }
 
     /// A valid token: from memory when there is one, otherwise from one

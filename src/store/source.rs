@@ -4,12 +4,11 @@
 
 use std::{
     fmt,
-    path::Path,
     sync::{
         Arc, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::time::Instant;
@@ -21,8 +20,8 @@ use crate::{
     oidc::ServiceErrorKind,
     secret::Secret,
     token::{
-        CredentialUpdate, FetchFuture, RefreshTokenSource, ReloadFuture, Reuse, StateFile, Token,
-        TokenError, TokenSource,
+        CredentialUpdate, FetchFuture, PersistStatus, RefreshTokenSource, ReloadFuture, Reuse,
+        StateFile, Token, TokenError, TokenSource,
     },
 };
 
@@ -120,6 +119,7 @@ impl fmt::Debug for SharedStoreSource {
         f.debug_struct("SharedStoreSource")
             .field("store", &self.inner.store)
             .field("keys", &self.inner.keys)
+            .field("client_id", &self.inner.client_id)
             .field("owner", &self.inner.owner)
             .field("options", &self.inner.options)
             .finish_non_exhaustive()
@@ -216,6 +216,11 @@ impl TokenSource for SharedStoreSource {
         // A new client secret applies at once; a new configured refresh
         // token only seeds an empty store (the store's token is newer).
         Box::pin(self.inner.refresh.reload(update))
+    }
+
+    fn persistence(&self) -> Option<PersistStatus> {
+        // The local copy of the shared refresh token, in the state file.
+        self.inner.refresh.persistence()
     }
 }
 
@@ -422,13 +427,8 @@ impl Inner {
             ttl_ms = rec.ttl().as_millis() as u64,
             "using the token from the shared store"
         );
-        self.learn_refresh_token(
-            state,
-            &rec.refresh_token,
-            rec.generation,
-            Some((&token, rec.expires_at)),
-        )
-        .await;
+        self.learn_refresh_token(state, &rec.refresh_token, rec.generation, Some(&token))
+            .await;
         self.hold(
             state,
             HandedOut {
@@ -439,14 +439,15 @@ impl Inner {
         token
     }
 
-    /// Hands `refresh_token` to the inner source and the local state file
-    /// unless they have it already.
+    /// Hands `refresh_token` (with the access token it came with, if any)
+    /// to the inner source unless it has it already; the inner source keeps
+    /// it in its state file like a rotation of its own.
     async fn learn_refresh_token(
         &self,
         state: &mut State,
         refresh_token: &Secret,
         generation: u64,
-        access: Option<(&Token, SystemTime)>,
+        access: Option<&Token>,
     ) {
         if state
             .known_refresh_token
@@ -458,33 +459,10 @@ impl Inner {
             }
             return;
         }
-        self.refresh.set_refresh_token(refresh_token.clone()).await;
-        state.known_refresh_token = Some((refresh_token.clone(), generation));
-        if let Some(path) = self.refresh.state_file() {
-            self.write_state_file(path, refresh_token, access).await;
-        }
-    }
-
-    async fn write_state_file(
-        &self,
-        path: &Path,
-        refresh_token: &Secret,
-        access: Option<(&Token, SystemTime)>,
-    ) {
-        let state = StateFile {
-            client_id: Some(self.client_id.clone()),
-            refresh_token: Some(refresh_token.clone()),
-            access_token: access.map(|(t, _)| t.access_token().clone()),
-            expires_at: access.map(|(_, at)| humantime::format_rfc3339_seconds(at).to_string()),
-            updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
-            extra: Default::default(),
-        };
-        state
-            .store_keeping_unknown_keys(
-                path,
-                "could not copy the shared refresh token to the state file",
-            )
+        self.refresh
+            .adopt(refresh_token.clone(), access.cloned())
             .await;
+        state.known_refresh_token = Some((refresh_token.clone(), generation));
     }
 
     /// Refreshes while holding the lock, writes the result to Redis before

@@ -4,6 +4,7 @@
 //! [`TokenCache`](crate::cache::TokenCache) decides when to ask.
 
 mod device;
+mod persist;
 mod refresh;
 mod sso_cache;
 mod state;
@@ -20,6 +21,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
 pub use device::{DevicePrompt, LoginOptions, device_login, sso_cache_file_name};
+pub use persist::PersistStatus;
 pub use refresh::RefreshTokenSource;
 pub use sso_cache::{SsoCacheFile, SsoCacheSource, parse_expires_at};
 pub use state::StateFile;
@@ -342,6 +344,12 @@ pub trait TokenSource: Send + Sync + 'static {
     fn reload(&self, update: CredentialUpdate) -> ReloadFuture<'_> {
         let _ = update;
         Box::pin(std::future::ready(false))
+    }
+
+    /// Whether the newest refresh token is on disk, for sources that keep
+    /// one there; `None` (the default) for the others.
+    fn persistence(&self) -> Option<PersistStatus> {
+        None
     }
 }
 

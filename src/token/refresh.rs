@@ -1,6 +1,7 @@
 //! The `refresh_token` grant source: exchanges a long-lived refresh token,
-//! persisting each rotated one before the access token it came with is
-//! handed out.
+//! keeping the newest (rotated) one in memory and persisting it through the
+//! one persistence path ([`persist`](super::persist)) before the access
+//! token it came with is handed out.
 
 use std::{
     fmt,
@@ -12,7 +13,10 @@ use tower::ServiceExt;
 
 use super::{
     CredentialUpdate, FetchFuture, ReloadFuture, Reuse, StateFile, Token, TokenError, TokenSource,
-    parse_expires_at, sso_cache::format_time,
+    parse_expires_at,
+    persist::{PersistStatus, TokenFileWriter},
+    sso_cache::format_time,
+    state::StateFileFormat,
 };
 use crate::{
     oidc::{CreateTokenRequest, OidcClient},
@@ -20,12 +24,14 @@ use crate::{
     secret::Secret,
 };
 
-/// What the source holds between fetches.
-struct Held {
+/// The credentials the source holds between fetches.
+struct Credentials {
     client_secret: Secret,
     /// The refresh token as configured (file or inline), to tell an
     /// operator's new token from the one we started with.
     configured: Secret,
+    /// The newest refresh token: used for the next refresh whatever the
+    /// state file says.
     refresh_token: Secret,
     /// The last access token, possibly loaded from the state file.
     access: Option<Token>,
@@ -37,8 +43,9 @@ pub struct RefreshTokenSource {
     policy: OidcRetryPolicy,
     client_id: String,
     scopes: Vec<String>,
-    state_file: Option<PathBuf>,
-    held: tokio::sync::Mutex<Held>,
+    /// Writes the newest tokens to `token.state_file`, if configured.
+    state: Option<TokenFileWriter<StateFileFormat>>,
+    credentials: tokio::sync::Mutex<Credentials>,
 }
 
 impl fmt::Debug for RefreshTokenSource {
@@ -46,7 +53,7 @@ impl fmt::Debug for RefreshTokenSource {
         f.debug_struct("RefreshTokenSource")
             .field("client_id", &self.client_id)
             .field("scopes", &self.scopes)
-            .field("state_file", &self.state_file)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -144,8 +151,10 @@ impl RefreshTokenSourceBuilder {
             policy: self.policy,
             client_id: self.client_id,
             scopes: self.scopes,
-            state_file: self.state_file,
-            held: tokio::sync::Mutex::new(Held {
+            state: self
+                .state_file
+                .map(|path| TokenFileWriter::new(path, StateFileFormat)),
+            credentials: tokio::sync::Mutex::new(Credentials {
                 client_secret: self.client_secret,
                 configured,
                 refresh_token,
@@ -177,7 +186,13 @@ impl RefreshTokenSource {
 
     /// The state file, if one is configured.
     pub fn state_file(&self) -> Option<&Path> {
-        self.state_file.as_deref()
+        self.state.as_ref().map(TokenFileWriter::path)
+    }
+
+    /// Whether the newest refresh token is in the state file, if one is
+    /// configured.
+    pub fn persistence(&self) -> Option<PersistStatus> {
+        self.state.as_ref().map(TokenFileWriter::status)
     }
 
     /// Takes credentials an operator replaced (SIGHUP, changed secret
@@ -185,81 +200,85 @@ impl RefreshTokenSource {
     /// change: after rotations it would be a revoked token. Returns whether
     /// anything changed.
     pub async fn reload(&self, update: CredentialUpdate) -> bool {
-        let mut held = self.held.lock().await;
+        let mut credentials = self.credentials.lock().await;
         let mut changed = false;
         if let Some(secret) = update
             .client_secret
-            .filter(|s| !s.is_empty() && *s != held.client_secret)
+            .filter(|s| !s.is_empty() && *s != credentials.client_secret)
         {
-            held.client_secret = secret;
+            credentials.client_secret = secret;
             changed = true;
         }
         if let Some(token) = update
             .refresh_token
-            .filter(|t| !t.is_empty() && *t != held.configured)
+            .filter(|t| !t.is_empty() && *t != credentials.configured)
         {
-            held.configured = token.clone();
-            held.refresh_token = token;
+            credentials.configured = token.clone();
+            credentials.refresh_token = token;
             changed = true;
         }
         changed
     }
 
-    /// Replaces the refresh token (after an operator rotated the secret).
-    pub async fn set_refresh_token(&self, refresh_token: Secret) {
-        let mut held = self.held.lock().await;
-        held.refresh_token = refresh_token;
-        held.access = None;
+    /// Takes a refresh token another replica obtained (from the shared
+    /// store), with the access token that came with it if there is one:
+    /// it is used for the next refresh and persisted like a rotation.
+    pub async fn adopt(&self, refresh_token: Secret, access: Option<Token>) {
+        let mut credentials = self.credentials.lock().await;
+        credentials.refresh_token = refresh_token;
+        credentials.access = access;
+        self.persist(&credentials).await;
+    }
+
+    /// Writes the newest tokens to the state file; a failed write is
+    /// retried in the background (see [`persist`](super::persist)).
+    async fn persist(&self, credentials: &Credentials) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        let access = credentials.access.as_ref();
+        state
+            .persist(StateFile {
+                client_id: Some(self.client_id.clone()),
+                refresh_token: Some(credentials.refresh_token.clone()),
+                access_token: access.map(|t| t.access_token().clone()),
+                expires_at: access.map(|t| format_time(t.expires_at_wall())),
+                updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
+                extra: Default::default(),
+            })
+            .await;
     }
 
     async fn fetch_inner(&self, reuse: Reuse) -> Result<Token, TokenError> {
         // Held across the call: with rotation, two concurrent refreshes
         // would revoke each other's token.
-        let mut held = self.held.lock().await;
-        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, &held.access)
+        let mut credentials = self.credentials.lock().await;
+        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, &credentials.access)
             && token.ttl() >= min
         {
             return Ok(token.clone().with_scopes(self.scopes.clone()));
         }
         let request = CreateTokenRequest::refresh(
             self.client_id.clone(),
-            held.client_secret.clone(),
-            held.refresh_token.clone(),
+            credentials.client_secret.clone(),
+            credentials.refresh_token.clone(),
         )
         .with_scopes(self.scopes.clone());
         let response = tower::retry::Retry::new(self.policy.clone(), self.oidc.clone())
             .oneshot(request)
             .await?;
         let token = Token::from_response(&response)?.with_scopes(self.scopes.clone());
-        let rotated = response
+        if let Some(rotated) = response
             .refresh_token
             .clone()
-            .filter(|r| !r.is_empty() && r != &held.refresh_token);
-        let newest = rotated
-            .clone()
-            .unwrap_or_else(|| held.refresh_token.clone());
-
-        if let Some(path) = &self.state_file {
-            let state = StateFile {
-                client_id: Some(self.client_id.clone()),
-                refresh_token: Some(newest.clone()),
-                access_token: Some(token.access_token().clone()),
-                expires_at: Some(format_time(token.expires_at_wall())),
-                updated_at: Some(humantime::format_rfc3339_nanos(SystemTime::now()).to_string()),
-                extra: Default::default(),
-            };
-            state
-                .store_keeping_unknown_keys(
-                    path,
-                    "could not persist the refresh token; it is kept in memory only",
-                )
-                .await;
-        }
-        if rotated.is_some() {
+            .filter(|r| !r.is_empty() && *r != credentials.refresh_token)
+        {
             tracing::debug!("refresh token rotated");
+            // In memory first: from now on only this one is valid.
+            credentials.refresh_token = rotated;
         }
-        held.refresh_token = newest;
-        held.access = Some(token.clone());
+        credentials.access = Some(token.clone());
+        self.persist(&credentials).await;
         Ok(token)
     }
 }
@@ -279,5 +298,9 @@ impl TokenSource for RefreshTokenSource {
 
     fn reload(&self, update: CredentialUpdate) -> ReloadFuture<'_> {
         Box::pin(RefreshTokenSource::reload(self, update))
+    }
+
+    fn persistence(&self) -> Option<PersistStatus> {
+        RefreshTokenSource::persistence(self)
     }
 }

@@ -4,16 +4,20 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
-use super::{FetchFuture, Reuse, Token, TokenError, TokenSource};
+use super::{
+    FetchFuture, Reuse, Token, TokenError, TokenSource,
+    persist::{PersistStatus, Rendered, TokenFileFormat, TokenFileWriter},
+};
 use crate::{
-    fs_atomic, metric_names,
-    oidc::{CreateTokenRequest, OidcClient},
+    fs_atomic,
+    oidc::{CreateTokenRequest, OidcClient, ServiceErrorKind},
     retry::OidcRetryPolicy,
     secret::Secret,
 };
@@ -184,22 +188,88 @@ impl SsoCacheFile {
     }
 }
 
-/// Uses and refreshes an AWS SSO cache file. The file is re-read on every
-/// fetch, so a concurrent `aws sso login` is picked up.
+/// Uses and refreshes an AWS SSO cache file, which the AWS CLI and SDKs
+/// may rewrite at any time.
+///
+/// The file is re-read before every refresh, and again when a refresh is
+/// refused with `InvalidGrant`: tokens another process wrote there that are
+/// newer than the ones held (a later `expiresAt`) are adopted instead of
+/// redeeming a refresh token that may have been rotated away. The newest
+/// tokens are always held in memory; when writing them back fails, the
+/// write is retried (see the `persist` module) and meanwhile the held
+/// tokens win over the file's older ones.
 pub struct SsoCacheSource {
     path: PathBuf,
     oidc: OidcClient,
     policy: OidcRetryPolicy,
     scopes: Vec<String>,
-    lock: tokio::sync::Mutex<()>,
+    /// The newest contents known (from the file, or from a refresh whose
+    /// write is still pending); locked across a refresh, so refreshes do not
+    /// overlap.
+    newest: tokio::sync::Mutex<Option<SsoCacheFile>>,
+    /// Shared with the writer, which must not overwrite another process's
+    /// newer tokens either.
+    known: Arc<Mutex<KnownRefreshTokens>>,
+    writer: TokenFileWriter<SsoCacheFormat>,
 }
 
 impl fmt::Debug for SsoCacheSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SsoCacheSource")
             .field("path", &self.path)
+            .field("writer", &self.writer)
             .finish_non_exhaustive()
     }
+}
+
+/// How many refresh tokens this process held are remembered, to tell its
+/// own stale writes from another process's new ones.
+const KNOWN_REFRESH_TOKENS: usize = 16;
+
+/// The refresh tokens this source has held, newest last. A file holding
+/// one of them is stale (a write of ours failed or is pending); a file
+/// holding one it never held was written by another process.
+#[derive(Default)]
+struct KnownRefreshTokens(std::collections::VecDeque<Secret>);
+
+impl KnownRefreshTokens {
+    fn remember(&mut self, token: Option<&Secret>) {
+        let Some(token) = token else { return };
+        if self.0.contains(token) {
+            return;
+        }
+        if self.0.len() == KNOWN_REFRESH_TOKENS {
+            self.0.pop_front();
+        }
+        self.0.push_back(token.clone());
+    }
+
+    /// Whether `on_disk` holds tokens another process wrote that are newer
+    /// than `held`: a refresh token this source never held, or the same
+    /// refresh token with another access token that expires later.
+    fn written_by_another(&self, on_disk: &SsoCacheFile, held: &SsoCacheFile) -> bool {
+        if on_disk.refresh_token != held.refresh_token {
+            return on_disk
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| !self.0.contains(t));
+        }
+        let expiry = |f: &SsoCacheFile| {
+            f.expires_at
+                .as_deref()
+                .and_then(|e| parse_expires_at(e).ok())
+        };
+        on_disk.access_token != held.access_token
+            && match (expiry(on_disk), expiry(held)) {
+                (Some(theirs), Some(ours)) => theirs > ours,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+    }
+}
+
+fn is_invalid_grant(e: &TokenError) -> bool {
+    matches!(e, TokenError::Oidc(e) if e.service_kind() == Some(ServiceErrorKind::InvalidGrant))
 }
 
 impl SsoCacheSource {
@@ -229,12 +299,21 @@ impl SsoCacheSource {
     ) -> Result<Self, TokenError> {
         let path = path.into();
         SsoCacheFile::load(&path)?;
+        let known = Arc::new(Mutex::new(KnownRefreshTokens::default()));
         Ok(Self {
+            writer: TokenFileWriter::new(
+                &path,
+                SsoCacheFormat {
+                    path: path.clone(),
+                    known: Arc::clone(&known),
+                },
+            ),
+            known,
             path,
             oidc,
             policy,
             scopes,
-            lock: tokio::sync::Mutex::new(()),
+            newest: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -243,19 +322,98 @@ impl SsoCacheSource {
         &self.path
     }
 
+    /// Whether the newest tokens are in the cache file.
+    pub fn persistence(&self) -> PersistStatus {
+        self.writer.status()
+    }
+
     async fn fetch_inner(&self, reuse: Reuse) -> Result<Token, TokenError> {
-        let _guard = self.lock.lock().await;
-        let path = self.path.clone();
-        let mut file = load_blocking(path.clone()).await?;
-        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, file.token())
+        let mut newest = self.newest.lock().await;
+        let held = self.reconcile(&mut newest).await?;
+        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, held.token())
             && token.ttl() >= min
         {
             return Ok(token.with_scopes(self.scopes.clone()));
         }
+        let refreshed = match self.refresh(&held).await {
+            Err(e) if is_invalid_grant(&e) => {
+                // Another process may have redeemed and rotated the refresh
+                // token since the file was read.
+                let reread = self.reconcile(&mut newest).await?;
+                if reread.refresh_token == held.refresh_token {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "refresh token refused, but another process wrote newer tokens to the SSO cache file; using them"
+                );
+                if let Some(token) = reread.token() {
+                    let usable = match reuse {
+                        Reuse::IfValidFor(min) => token.ttl() >= min,
+                        Reuse::Never => reread.access_token != held.access_token,
+                    };
+                    if usable && token.is_valid() {
+                        return Ok(token.with_scopes(self.scopes.clone()));
+                    }
+                }
+                self.refresh(&reread).await?
+            }
+            other => other?,
+        };
+        let (token, updated) = refreshed;
+        self.known
+            .lock()
+            .expect("known tokens lock")
+            .remember(updated.refresh_token.as_ref());
+        *newest = Some(updated.clone());
+        self.writer.persist(updated).await;
+        Ok(token)
+    }
+
+    /// The newest tokens: the file's when another process wrote newer ones
+    /// (or none are held yet), else the held ones (the file may be stale
+    /// after a failed write). An unreadable file falls back to the held
+    /// tokens.
+    async fn reconcile(
+        &self,
+        newest: &mut Option<SsoCacheFile>,
+    ) -> Result<SsoCacheFile, TokenError> {
+        let on_disk = load_blocking(self.path.clone()).await;
+        let mut known = self.known.lock().expect("known tokens lock");
+        match (on_disk, newest.as_ref()) {
+            (Ok(on_disk), Some(held)) if !known.written_by_another(&on_disk, held) => {
+                Ok(held.clone())
+            }
+            (Ok(on_disk), held) => {
+                if held.is_some() {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        "another process wrote newer tokens to the SSO cache file; using them"
+                    );
+                    // Theirs win over a write of ours still pending.
+                    self.writer.abandon_pending();
+                }
+                known.remember(on_disk.refresh_token.as_ref());
+                *newest = Some(on_disk.clone());
+                Ok(on_disk)
+            }
+            (Err(e), Some(held)) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot read the SSO cache file; using the tokens held in memory"
+                );
+                Ok(held.clone())
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Redeems `file`'s refresh token: the new token, and `file` with it.
+    async fn refresh(&self, file: &SsoCacheFile) -> Result<(Token, SsoCacheFile), TokenError> {
         let missing = |what: &str| {
             TokenError::NoRefreshToken(format!(
                 "{} has no {what}; log in again with `sso-token-proxy login` or `aws sso login`",
-                path.display()
+                self.path.display()
             ))
         };
         let client_id = file.client_id.clone().ok_or_else(|| missing("clientId"))?;
@@ -275,36 +433,65 @@ impl SsoCacheSource {
         {
             return Err(TokenError::NoRefreshToken(format!(
                 "{}: the client registration expired; log in again",
-                path.display()
+                self.path.display()
             )));
         }
-
         let request = CreateTokenRequest::refresh(client_id, client_secret, refresh_token)
             .with_scopes(self.scopes.clone());
         let response = tower::retry::Retry::new(self.policy.clone(), self.oidc.clone())
             .oneshot(request)
             .await?;
         let token = Token::from_response(&response)?.with_scopes(self.scopes.clone());
+        let mut updated = file.clone();
+        updated.access_token = Some(token.access_token().clone());
+        updated.expires_at = Some(format_time(token.expires_at_wall()));
+        if let Some(rotated) = response.refresh_token.filter(|r| !r.is_empty()) {
+            updated.refresh_token = Some(rotated);
+        }
+        Ok((token, updated))
+    }
+}
 
-        file.access_token = Some(token.access_token().clone());
-        file.expires_at = Some(format_time(token.expires_at_wall()));
-        if let Some(rotated) = &response.refresh_token {
-            file.refresh_token = Some(rotated.clone());
-        }
-        let write = tokio::task::spawn_blocking(move || file.store(&path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(TokenError::File {
-                    path: self.path.display().to_string(),
-                    reason: format!("writer task failed: {e}"),
-                })
-            });
-        if let Err(e) = write {
-            // The new refresh token is in the returned token; keep serving.
-            metrics::counter!(metric_names::PERSIST_FAILURES_TOTAL.name).increment(1);
-            tracing::error!(error = %e, "could not write the refreshed SSO cache file");
-        }
-        Ok(token)
+/// The SSO cache file as a [`TokenFileFormat`]: the newest tokens go into
+/// the file as it is now, keeping every other key, unless the file holds
+/// newer tokens another process wrote. A missing file is written anew; a
+/// corrupt one is reported, never overwritten.
+pub(crate) struct SsoCacheFormat {
+    path: PathBuf,
+    known: Arc<Mutex<KnownRefreshTokens>>,
+}
+
+impl TokenFileFormat for SsoCacheFormat {
+    type Contents = SsoCacheFile;
+    const WHAT: &'static str = "SSO cache file";
+
+    fn render(&self, current: Option<&[u8]>, newest: &SsoCacheFile) -> Result<Rendered, String> {
+        let merged = match current {
+            None => newest.clone(),
+            Some(bytes) => {
+                let on_disk = SsoCacheFile::parse(bytes, &self.path).map_err(|e| {
+                    format!("{e}; it is left alone (fix or remove it, or log in again)")
+                })?;
+                let known = self.known.lock().expect("known tokens lock");
+                if known.written_by_another(&on_disk, newest) {
+                    return Ok(Rendered::Superseded);
+                }
+                SsoCacheFile {
+                    access_token: newest.access_token.clone(),
+                    expires_at: newest.expires_at.clone(),
+                    refresh_token: newest.refresh_token.clone(),
+                    ..on_disk
+                }
+            }
+        };
+        serde_json::to_vec_pretty(&merged)
+            .map(Rendered::Write)
+            .map_err(|e| {
+                format!(
+                    "cannot serialise the SSO cache file: {}",
+                    json_error_reason(&e)
+                )
+            })
     }
 }
 
@@ -332,6 +519,10 @@ impl TokenSource for SsoCacheSource {
     fn fetch(&self, reuse: Reuse) -> FetchFuture<'_> {
         Box::pin(self.fetch_inner(reuse))
     }
+
+    fn persistence(&self) -> Option<PersistStatus> {
+        Some(self.writer.status())
+    }
 }
 
 #[cfg(test)]
@@ -357,6 +548,79 @@ mod tests {
         assert!(parse_expires_at("2023-11-14T22:13:20+0é:00").is_err());
         assert!(parse_expires_at("ééééééééé").is_err());
         assert_eq!(format_time(want), "2023-11-14T22:13:20Z");
+    }
+
+    fn file(access: &str, refresh: &str, expires: &str) -> SsoCacheFile {
+        SsoCacheFile {
+            access_token: Some(Secret::new(access)),
+            refresh_token: Some(Secret::new(refresh)),
+            expires_at: Some(expires.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn another_writer_is_told_from_a_stale_file_of_ours() {
+        let mut known = KnownRefreshTokens::default();
+        known.remember(Some(&Secret::new("rt-1")));
+        known.remember(Some(&Secret::new("rt-2")));
+        let held = file("at-2", "rt-2", "2030-01-01T10:00:00Z");
+        // Our own older write (a newer one failed): the held tokens win,
+        // even with an expiry in the same second.
+        let stale = file("at-1", "rt-1", "2030-01-01T10:00:00Z");
+        assert!(!known.written_by_another(&stale, &held));
+        // A refresh token never held: another process's login or rotation,
+        // whatever its expiry says.
+        let theirs = file("at-x", "rt-x", "2030-01-01T09:00:00Z");
+        assert!(known.written_by_another(&theirs, &held));
+        // Same refresh token, another access token: only a later one counts.
+        let later = file("at-y", "rt-2", "2030-01-01T11:00:00Z");
+        let same_time = file("at-y", "rt-2", "2030-01-01T10:00:00Z");
+        assert!(known.written_by_another(&later, &held));
+        assert!(!known.written_by_another(&same_time, &held));
+        assert!(!known.written_by_another(&held, &held));
+        // Bounded: the oldest are forgotten.
+        for n in 0..KNOWN_REFRESH_TOKENS {
+            known.remember(Some(&Secret::new(format!("rt-new-{n}"))));
+        }
+        assert_eq!(known.0.len(), KNOWN_REFRESH_TOKENS);
+        assert!(!known.0.contains(&Secret::new("rt-1")));
+    }
+
+    #[test]
+    fn render_keeps_other_keys_and_leaves_newer_or_corrupt_files_alone() {
+        let known = Arc::new(Mutex::new(KnownRefreshTokens::default()));
+        known.lock().unwrap().remember(Some(&Secret::new("rt-1")));
+        known.lock().unwrap().remember(Some(&Secret::new("rt-2")));
+        let format = SsoCacheFormat {
+            path: PathBuf::from("/cache.json"),
+            known,
+        };
+        let newest = file("at-2", "rt-2", "2030-01-01T10:00:00Z");
+        let current = br#"{"accessToken":"at-1","refreshToken":"rt-1","expiresAt":"2030-01-01T09:00:00Z","clientId":"c","futureKey":[1]}"#;
+        let Rendered::Write(bytes) = format.render(Some(current), &newest).unwrap() else {
+            panic!("our stale file is overwritten");
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["refreshToken"], "rt-2");
+        assert_eq!(v["accessToken"], "at-2");
+        assert_eq!(v["clientId"], "c");
+        assert_eq!(v["futureKey"], serde_json::json!([1]));
+        let theirs =
+            br#"{"accessToken":"at-x","refreshToken":"rt-x","expiresAt":"2030-01-01T12:00:00Z"}"#;
+        assert!(matches!(
+            format.render(Some(theirs), &newest),
+            Ok(Rendered::Superseded)
+        ));
+        let err = format.render(Some(b"{torn"), &newest).err().unwrap();
+        assert!(
+            err.contains("corrupt") && err.contains("left alone"),
+            "{err}"
+        );
+        assert!(matches!(
+            format.render(None, &newest),
+            Ok(Rendered::Write(_))
+        ));
     }
 
     #[test]

@@ -6,8 +6,12 @@ use std::{fmt, path::Path, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{TokenError, sso_cache::json_error_reason};
-use crate::{fs_atomic, metric_names, secret::Secret};
+use super::{
+    TokenError,
+    persist::{Rendered, TokenFileFormat},
+    sso_cache::json_error_reason,
+};
+use crate::{fs_atomic, secret::Secret};
 
 /// Contents of `token.state_file` (JSON, camelCase). Keys this version does
 /// not know survive a rewrite.
@@ -83,30 +87,6 @@ impl StateFile {
             .and_then(|s| super::parse_expires_at(s).ok())
     }
 
-    /// Writes the file atomically on the blocking pool, keeping the keys a
-    /// newer version wrote there. A failure is counted and logged (`what`
-    /// says what is lost); the caller carries on with the token in memory.
-    pub async fn store_keeping_unknown_keys(self, path: &Path, what: &'static str) {
-        let path = path.to_path_buf();
-        let stored = tokio::task::spawn_blocking(move || {
-            let extra = Self::load(&path)
-                .ok()
-                .flatten()
-                .map(|s| s.extra)
-                .unwrap_or_default();
-            Self { extra, ..self }.store(&path)
-        })
-        .await;
-        match stored {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                metrics::counter!(metric_names::PERSIST_FAILURES_TOTAL.name).increment(1);
-                tracing::error!(error = %e, "{what}");
-            }
-            Err(e) => tracing::error!(error = %e, "state file writer task failed"),
-        }
-    }
-
     /// Writes the file atomically (mode 0600).
     pub fn store(&self, path: &Path) -> Result<(), TokenError> {
         let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
@@ -114,5 +94,57 @@ impl StateFile {
             path: path.display().to_string(),
             reason: format!("cannot write state file: {e}"),
         })
+    }
+}
+
+/// The state file as a [`TokenFileFormat`]: the newest tokens replace the
+/// file's, keys a newer version wrote there are kept.
+pub(crate) struct StateFileFormat;
+
+impl TokenFileFormat for StateFileFormat {
+    type Contents = StateFile;
+    const WHAT: &'static str = "state file";
+
+    fn render(&self, current: Option<&[u8]>, newest: &StateFile) -> Result<Rendered, String> {
+        // A file that does not parse is this process's own, damaged: the
+        // newest tokens replace it.
+        let extra = current
+            .and_then(|bytes| serde_json::from_slice::<StateFile>(bytes).ok())
+            .map(|s| s.extra)
+            .unwrap_or_default();
+        let merged = StateFile {
+            extra,
+            ..newest.clone()
+        };
+        serde_json::to_vec_pretty(&merged)
+            .map(Rendered::Write)
+            .map_err(|e| format!("cannot serialise the state file: {}", json_error_reason(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_keeps_unknown_keys_and_replaces_tokens() {
+        let current = br#"{"refreshToken":"old","futureKey":{"kept":true}}"#;
+        let newest = StateFile {
+            client_id: Some("c".into()),
+            refresh_token: Some(Secret::new("new")),
+            ..Default::default()
+        };
+        let Rendered::Write(bytes) = StateFileFormat.render(Some(current), &newest).unwrap() else {
+            panic!("a state file is always written");
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["refreshToken"], "new");
+        assert_eq!(v["clientId"], "c");
+        assert_eq!(v["futureKey"]["kept"], true);
+        let Rendered::Write(bytes) = StateFileFormat.render(Some(b"{torn"), &newest).unwrap()
+        else {
+            panic!("a state file is always written");
+        };
+        assert!(serde_json::from_slice::<StateFile>(&bytes).is_ok());
     }
 }
