@@ -71,7 +71,8 @@ pub(crate) fn expand_tilde(path: &str) -> std::path::PathBuf {
 
 /// Checks that this process can create files in `dir` (what
 /// [`write_atomic`] needs) by creating and removing a temp file there.
-pub fn check_dir_writable(dir: &Path) -> io::Result<()> {
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn check_dir_writable(dir: &Path) -> io::Result<()> {
     let probe = dir.join(format!(
         ".sso-token-proxy-write-check-{}-{:016x}",
         std::process::id(),
@@ -86,7 +87,8 @@ pub fn check_dir_writable(dir: &Path) -> io::Result<()> {
 }
 
 /// The directory a file named by `path` lives in (`.` for a bare name).
-pub fn parent_dir(path: &Path) -> &Path {
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
