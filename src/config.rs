@@ -397,6 +397,9 @@ pub(crate) fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<
     )
 }
 
+/// Seconds in a day, for duration bounds.
+const DAY: u64 = 24 * 3600;
+
 const SECTIONS: &[&str] = &[
     "proxy", "admin", "oidc", "token", "retry", "emulator", "store",
 ];
@@ -524,24 +527,6 @@ impl Reader {
         }
     }
 
-    fn duration(&mut self, s: &Section<'_>, key: &str, default: Duration) -> Duration {
-        let Some(text) = self.string(s, key) else {
-            return default;
-        };
-        match humantime::parse_duration(text.trim()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.problem(
-                    format!("{}.{key}", s.name),
-                    format!(
-                        "`{text}` is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\""
-                    ),
-                );
-                default
-            }
-        }
-    }
-
     /// A count that must lie in `range`.
     fn count(
         &mut self,
@@ -554,7 +539,8 @@ impl Reader {
         self.integer(s, key, default as i64, range) as usize
     }
 
-    /// A duration that must lie in `range`.
+    /// A duration that must lie in `range`: every duration key has one, so
+    /// no value from a config file can overflow a clock.
     fn duration_within(
         &mut self,
         s: &Section<'_>,
@@ -562,14 +548,28 @@ impl Reader {
         default: Duration,
         range: std::ops::RangeInclusive<Duration>,
     ) -> Duration {
-        let value = self.duration(s, key, default);
+        let Some(text) = self.string(s, key) else {
+            return default;
+        };
+        let value = match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    format!("{}.{key}", s.name),
+                    format!(
+                        "`{text}` is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\""
+                    ),
+                );
+                return default;
+            }
+        };
         if range.contains(&value) {
             return value;
         }
         self.problem(
             format!("{}.{key}", s.name),
             format!(
-                "must be from {} to {}",
+                "`{text}` is out of range: must be from {} to {}",
                 humantime::format_duration(*range.start()),
                 humantime::format_duration(*range.end())
             ),
@@ -825,19 +825,36 @@ impl Reader {
             upstream_ca_file,
             preserve_host: self.boolean(&s, "preserve_host", d.preserve_host),
             forwarded_headers: self.boolean(&s, "forwarded_headers", d.forwarded_headers),
-            shutdown_grace: self.duration(&s, "shutdown_grace", d.shutdown_grace),
-            header_read_timeout: self.duration(&s, "header_read_timeout", d.header_read_timeout),
-            upstream_connect_timeout: self.duration(
+            shutdown_grace: self.duration_within(
+                &s,
+                "shutdown_grace",
+                d.shutdown_grace,
+                Duration::ZERO..=seconds(3600),
+            ),
+            header_read_timeout: self.duration_within(
+                &s,
+                "header_read_timeout",
+                d.header_read_timeout,
+                ms(100)..=seconds(3600),
+            ),
+            upstream_connect_timeout: self.duration_within(
                 &s,
                 "upstream_connect_timeout",
                 d.upstream_connect_timeout,
+                ms(10)..=seconds(600),
             ),
-            upstream_response_timeout: self.duration(
+            upstream_response_timeout: self.duration_within(
                 &s,
                 "upstream_response_timeout",
                 d.upstream_response_timeout,
+                ms(100)..=seconds(DAY),
             ),
-            idle_timeout: self.duration(&s, "idle_timeout", d.idle_timeout),
+            idle_timeout: self.duration_within(
+                &s,
+                "idle_timeout",
+                d.idle_timeout,
+                ms(100)..=seconds(DAY),
+            ),
             max_replay_body_bytes: self.integer(
                 &s,
                 "max_replay_body_bytes",
@@ -1002,8 +1019,18 @@ impl Reader {
             use_dual_stack: self.boolean(&s, "use_dual_stack", false),
             client_id: self.string(&s, "client_id").filter(|c| !c.is_empty()),
             client_secret: self.secret(&s, "client_secret", false),
-            connect_timeout: self.duration(&s, "connect_timeout", Duration::from_secs(5)),
-            call_timeout: self.duration(&s, "call_timeout", Duration::from_secs(15)),
+            connect_timeout: self.duration_within(
+                &s,
+                "connect_timeout",
+                Duration::from_secs(5),
+                Duration::from_millis(10)..=Duration::from_secs(600),
+            ),
+            call_timeout: self.duration_within(
+                &s,
+                "call_timeout",
+                Duration::from_secs(15),
+                Duration::from_millis(100)..=Duration::from_secs(600),
+            ),
         };
         if cfg.endpoint.is_none() && cfg.region.is_none() {
             self.problem(
@@ -1130,9 +1157,20 @@ impl Reader {
                 Vec::new()
             }
         };
-        let refresh_before_expiry =
-            self.duration(&s, "refresh_before_expiry", Duration::from_secs(300));
-        let expiry_margin = self.duration(&s, "expiry_margin", Duration::from_secs(10));
+        // Both scale down with each token's lifetime (see the cache's
+        // margins); the bounds only stop values no token could use.
+        let refresh_before_expiry = self.duration_within(
+            &s,
+            "refresh_before_expiry",
+            Duration::from_secs(300),
+            Duration::ZERO..=Duration::from_secs(7 * DAY),
+        );
+        let expiry_margin = self.duration_within(
+            &s,
+            "expiry_margin",
+            Duration::from_secs(10),
+            Duration::ZERO..=Duration::from_secs(DAY),
+        );
         Some(TokenConfig {
             source,
             refresh_token,
@@ -1162,14 +1200,34 @@ impl Reader {
             max_attempts: self.integer(&s, "max_attempts", defaults.max_attempts as i64, 1..=20)
                 as u32,
             transient: Backoff {
-                base: self.duration(&s, "base_delay", defaults.transient.base),
-                cap: self.duration(&s, "max_delay", defaults.transient.cap),
+                base: self.duration_within(
+                    &s,
+                    "base_delay",
+                    defaults.transient.base,
+                    Duration::from_millis(1)..=Duration::from_secs(60),
+                ),
+                cap: self.duration_within(
+                    &s,
+                    "max_delay",
+                    defaults.transient.cap,
+                    Duration::from_millis(1)..=Duration::from_secs(600),
+                ),
                 factor: 2.0,
                 jitter: Jitter::Full,
             },
             throttled: Backoff {
-                base: self.duration(&s, "throttle_base_delay", defaults.throttled.base),
-                cap: self.duration(&s, "throttle_max_delay", defaults.throttled.cap),
+                base: self.duration_within(
+                    &s,
+                    "throttle_base_delay",
+                    defaults.throttled.base,
+                    Duration::from_millis(1)..=Duration::from_secs(60),
+                ),
+                cap: self.duration_within(
+                    &s,
+                    "throttle_max_delay",
+                    defaults.throttled.cap,
+                    Duration::from_millis(1)..=Duration::from_secs(600),
+                ),
                 factor: 3.0,
                 jitter: Jitter::Equal,
             },
@@ -1223,18 +1281,24 @@ impl Reader {
                 self.problem("store.ca_file", "only applies to a TLS URL (rediss://)");
             }
         }
-        let lock_lease = self.duration(&s, "lock_lease", Duration::from_secs(15));
-        if lock_lease < Duration::from_millis(100) {
-            self.problem("store.lock_lease", "must be at least 100ms");
-        }
-        let wait_timeout = self.duration(&s, "wait_timeout", Duration::from_secs(10));
-        if wait_timeout.is_zero() {
-            self.problem("store.wait_timeout", "must be more than 0s");
-        }
-        let command_timeout = self.duration(&s, "command_timeout", Duration::from_secs(2));
-        if command_timeout.is_zero() {
-            self.problem("store.command_timeout", "must be more than 0s");
-        }
+        let lock_lease = self.duration_within(
+            &s,
+            "lock_lease",
+            Duration::from_secs(15),
+            Duration::from_millis(100)..=Duration::from_secs(600),
+        );
+        let wait_timeout = self.duration_within(
+            &s,
+            "wait_timeout",
+            Duration::from_secs(10),
+            Duration::from_millis(1)..=Duration::from_secs(600),
+        );
+        let command_timeout = self.duration_within(
+            &s,
+            "command_timeout",
+            Duration::from_secs(2),
+            Duration::from_millis(1)..=Duration::from_secs(60),
+        );
         Some(StoreConfig {
             kind,
             url,
@@ -1288,10 +1352,11 @@ impl Reader {
         );
         Some(EmulatorSection {
             listen: self.socket_addr(&s, "listen", true)?,
-            access_token_lifetime: self.duration(
+            access_token_lifetime: self.duration_within(
                 &s,
                 "access_token_lifetime",
                 Duration::from_secs(3600),
+                Duration::from_secs(1)..=Duration::from_secs(7 * DAY),
             ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
         })
@@ -1351,6 +1416,85 @@ client_secret = "s"
 source = "refresh_token"
 refresh_token = "r"
 "#;
+
+    /// Every duration key, `(section, key)`.
+    const DURATION_KEYS: &[(&str, &str)] = &[
+        ("proxy", "shutdown_grace"),
+        ("proxy", "header_read_timeout"),
+        ("proxy", "upstream_connect_timeout"),
+        ("proxy", "upstream_response_timeout"),
+        ("proxy", "idle_timeout"),
+        ("proxy", "request_body_timeout"),
+        ("proxy", "send_timeout"),
+        ("proxy", "drain_timeout"),
+        ("proxy", "upstream_queue_timeout"),
+        ("oidc", "connect_timeout"),
+        ("oidc", "call_timeout"),
+        ("token", "refresh_before_expiry"),
+        ("token", "expiry_margin"),
+        ("retry", "base_delay"),
+        ("retry", "max_delay"),
+        ("retry", "throttle_base_delay"),
+        ("retry", "throttle_max_delay"),
+        ("store", "lock_lease"),
+        ("store", "wait_timeout"),
+        ("store", "command_timeout"),
+        ("emulator", "access_token_lifetime"),
+    ];
+
+    /// MINIMAL with `key = "value"` in `[section]`.
+    fn with_key(section: &str, key: &str, value: &str) -> String {
+        let header = format!("[{section}]\n");
+        let line = format!("{key} = \"{value}\"\n");
+        if MINIMAL.contains(&header) {
+            MINIMAL.replace(&header, &format!("{header}{line}"))
+        } else if section == "emulator" {
+            format!("{MINIMAL}{header}listen = \"127.0.0.1:0\"\n{line}")
+        } else {
+            format!("{MINIMAL}{header}{line}")
+        }
+    }
+
+    /// Issue 13: no duration from a config file can overflow a clock. Each
+    /// has a range; absurd values are a `FILE: key: reason` problem, not a
+    /// panic at the first `Instant + Duration`.
+    #[test]
+    fn every_duration_has_a_range_and_huge_values_are_errors() {
+        // The list above is complete: one entry per duration read.
+        let calls = include_str!("config.rs")
+            .matches(&format!("self.{}(", "duration_within"))
+            .count();
+        assert_eq!(
+            calls,
+            DURATION_KEYS.len(),
+            "a duration key is missing above"
+        );
+        for (section, key) in DURATION_KEYS {
+            for huge in ["8d", "10000d", "584942417355y", "18446744073709551615s"] {
+                let err = parse(&with_key(section, key, huge)).unwrap_err();
+                assert_eq!(err.problems.len(), 1, "{section}.{key} = {huge}: {err}");
+                let (problem_key, reason) = &err.problems[0];
+                assert_eq!(problem_key, &format!("{section}.{key}"), "{err}");
+                assert!(
+                    reason.contains("out of range") || reason.contains("is not a duration"),
+                    "{section}.{key} = {huge}: {reason}"
+                );
+                assert!(
+                    err.to_string()
+                        .starts_with(&format!("/etc/test.toml: {section}.{key}: ")),
+                    "{err}"
+                );
+            }
+            // Each default lies in its range, and "1m" in every one.
+            parse(&with_key(section, key, "1m"))
+                .unwrap_or_else(|e| panic!("{section}.{key} = 1m: {e}"));
+        }
+        let err = parse(&with_key("store", "lock_lease", "10ms")).unwrap_err();
+        assert_eq!(
+            err.problems[0].1,
+            "`10ms` is out of range: must be from 100ms to 10m"
+        );
+    }
 
     #[test]
     fn quick_start_and_minimal_configs_parse_with_defaults() {

@@ -589,3 +589,42 @@ client_secret = "s"
     })
     .await;
 }
+
+/// Issue 13: durations have ranges; absurd values exit 2 with one
+/// `FILE: key: reason` line each, at `check-config` and at start, and never
+/// reach a clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_durations_exit_2_naming_each_key() {
+    bounded("absurd durations", async {
+        let env = Env::new(EmulatorConfig::default()).await;
+        let opts = Opts {
+            proxy: "idle_timeout = \"10000d\"\nupstream_response_timeout = \"100000000d\"\n"
+                .to_owned(),
+            token: "refresh_before_expiry = \"1000d\"\nexpiry_margin = \"584942417355y\"\n"
+                .to_owned(),
+            retry: "max_delay = \"20000d\"\n".to_owned(),
+            ..Opts::default()
+        };
+        let text = env.config_text(harness::free_addr(), harness::free_addr(), &opts);
+        let config = env.write("absurd.toml", &text);
+        for args in [&["check-config", "--no-bind-check"][..], &[][..]] {
+            let (status, _, stderr) =
+                harness::run_binary(args, &config, "error", Duration::from_secs(20)).await;
+            assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+            for key in [
+                "proxy.idle_timeout",
+                "proxy.upstream_response_timeout",
+                "token.refresh_before_expiry",
+                "token.expiry_margin",
+                "retry.max_delay",
+            ] {
+                assert!(
+                    stderr.contains(&format!("{}: {key}: ", config.display())),
+                    "{args:?} {key}: {stderr}"
+                );
+            }
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    })
+    .await;
+}
