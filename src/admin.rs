@@ -6,8 +6,6 @@
 //! (`refresh_token_persisted`, and `persist_error` while it is not).
 //! `/metrics` is Prometheus text from the `metrics` recorder.
 
-use std::time::Duration;
-
 use axum::{
     Json, Router,
     extract::State,
@@ -106,15 +104,13 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics recorder not installed\n").into_response();
     };
-    let ttl = state.cache.current().map_or(Duration::ZERO, |t| t.ttl());
-    let source = state.cache.name().to_owned();
-    metrics::gauge!(metric_names::TOKEN_EXPIRY_SECONDS.name, "source" => source.clone())
-        .set(ttl.as_secs_f64());
-    metrics::gauge!(metric_names::TOKEN_VALID.name, "source" => source.clone())
-        .set(if ttl.is_zero() { 0.0 } else { 1.0 });
+    state.cache.publish_metrics();
     if let Some(persist) = state.cache.persistence() {
-        metrics::gauge!(metric_names::REFRESH_TOKEN_PERSISTED.name, "source" => source)
-            .set(if persist.persisted { 1.0 } else { 0.0 });
+        metrics::gauge!(
+            metric_names::REFRESH_TOKEN_PERSISTED.name,
+            "source" => state.cache.name().to_owned()
+        )
+        .set(if persist.persisted { 1.0 } else { 0.0 });
     }
     handle.run_upkeep();
     (

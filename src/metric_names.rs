@@ -155,11 +155,12 @@ pub const UPSTREAM_CONNECTIONS_IDLE: Metric = gauge(
 
 // === token ===
 
-/// Token fetches by outcome (`success`, `throttled`, `transient`, `fatal`).
+/// Token fetches by outcome (`success`, `throttled`, `transient`, `fatal`)
+/// and error kind (`none` on success).
 pub const TOKEN_FETCHES_TOTAL: Metric = counter(
     "sso_token_proxy_token_fetches_total",
-    &["source", "outcome"],
-    "Token fetches by outcome: success, throttled, transient, fatal.",
+    &["source", "outcome", "kind"],
+    "Token fetches by outcome (success, throttled, transient, fatal) and error kind (SlowDown, InternalServer, InvalidGrant, ...; none on success).",
 );
 /// Token fetch duration, retries included.
 pub const TOKEN_FETCH_DURATION_SECONDS: Metric = histogram(
@@ -178,6 +179,18 @@ pub const TOKEN_VALID: Metric = gauge(
     "sso_token_proxy_token_valid",
     &["source"],
     "1 while a valid token is held, else 0.",
+);
+/// Seconds until the client registration expires, where known.
+pub const REGISTRATION_EXPIRY_SECONDS: Metric = gauge(
+    "sso_token_proxy_registration_expiry_seconds",
+    &["source"],
+    "Seconds until the client registration behind the source expires (registrationExpiresAt of an SSO cache file; absent where unknown).",
+);
+/// 1 while a person must log in again.
+pub const NEEDS_LOGIN: Metric = gauge(
+    "sso_token_proxy_needs_login",
+    &["source"],
+    "1 after SSO-OIDC rejected the refresh token (InvalidGrant) or once the client registration expired; 0 again after a successful fetch.",
 );
 /// Background refreshes started.
 pub const REFRESH_AHEAD_TOTAL: Metric = counter(
@@ -289,6 +302,8 @@ pub const ALL: &[Metric] = &[
     TOKEN_FETCH_DURATION_SECONDS,
     TOKEN_EXPIRY_SECONDS,
     TOKEN_VALID,
+    REGISTRATION_EXPIRY_SECONDS,
+    NEEDS_LOGIN,
     REFRESH_AHEAD_TOTAL,
     OIDC_RETRY_DECISIONS_TOTAL,
     TOKEN_INVALIDATIONS_TOTAL,

@@ -29,6 +29,7 @@
 
 mod failure;
 mod forced_refresh;
+mod lifecycle_metrics;
 mod margins;
 mod refresh_ahead;
 mod rejected;
@@ -50,6 +51,7 @@ use tracing::Instrument;
 use self::{
     failure::FailureMemory,
     forced_refresh::{ForcedRefreshBudget, ForcedRefreshDecision},
+    lifecycle_metrics::LifecycleMetrics,
     margins::Deadlines,
     refresh_ahead::RefreshAheadSchedule,
     rejected::RejectedTokens,
@@ -223,6 +225,7 @@ struct Inner {
     refresh_ahead: RefreshAheadSchedule,
     rejections: Mutex<Rejections>,
     counters: Counters,
+    lifecycle: LifecycleMetrics,
 }
 
 /// A cache of the token of one [`TokenSource`]. Cheap to clone; clones share
@@ -297,6 +300,7 @@ impl TokenCache {
                 source,
                 source_identity,
                 current: ArcSwapOption::empty(),
+                lifecycle: LifecycleMetrics::new(&options.name),
                 single_flight: SingleFlight::new(),
                 failures: FailureMemory::default(),
                 refresh_ahead: RefreshAheadSchedule::default(),
@@ -376,6 +380,17 @@ impl TokenCache {
             .deadlines
             .usable_at(Instant::now())
             .then(|| Arc::clone(&current.token))
+    }
+
+    /// Sets the clock-dependent lifecycle gauges of this source (time left on
+    /// the token and the registration, `token_valid`, `needs_login`); call
+    /// before rendering metrics.
+    pub fn publish_metrics(&self) {
+        let current = self.current();
+        self.inner.lifecycle.publish(
+            current.as_deref(),
+            self.inner.source.registration_expires_at(),
+        );
     }
 
     /// The remembered failure, if callers are currently being turned away.
@@ -607,15 +622,11 @@ impl TokenCache {
                 }
             },
         };
-        let source = options.name.clone();
-        metrics::counter!(
-            metric_names::TOKEN_FETCHES_TOTAL.name,
-            "source" => source.clone(),
-            "outcome" => outcome
-        )
-        .increment(1);
-        metrics::histogram!(metric_names::TOKEN_FETCH_DURATION_SECONDS.name, "source" => source)
-            .record(started.elapsed().as_secs_f64());
+        inner.lifecycle.record_fetch(
+            &result,
+            started.elapsed(),
+            inner.source.registration_expires_at(),
+        );
         match &result {
             Ok(token) => tracing::info!(
                 outcome,

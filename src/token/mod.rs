@@ -351,6 +351,13 @@ pub trait TokenSource: Send + Sync + 'static {
     fn persistence(&self) -> Option<PersistStatus> {
         None
     }
+
+    /// When the client registration behind this source expires, on tokio's
+    /// clock, where known (an SSO cache file's `registrationExpiresAt`). The
+    /// default does not know.
+    fn registration_expires_at(&self) -> Option<Instant> {
+        None
+    }
 }
 
 #[cfg(test)]

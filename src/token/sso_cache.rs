@@ -9,6 +9,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::{
@@ -180,6 +181,16 @@ impl SsoCacheFile {
         })
     }
 
+    /// When the client registration expires, on tokio's clock (the past
+    /// clamps to now), if the file says.
+    pub fn registration_expires_at(&self) -> Option<Instant> {
+        let at = parse_expires_at(self.registration_expires_at.as_deref()?).ok()?;
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Some(Instant::now() + left)
+    }
+
     /// The access token, if present and parseable, with its expiry.
     pub fn token(&self) -> Option<Token> {
         let access = self.access_token.clone().filter(|t| !t.is_empty())?;
@@ -211,6 +222,8 @@ pub struct SsoCacheSource {
     /// newer tokens either.
     known: Arc<Mutex<KnownRefreshTokens>>,
     writer: TokenFileWriter<SsoCacheFormat>,
+    /// `registrationExpiresAt` of the newest contents known.
+    registration_expires_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for SsoCacheSource {
@@ -298,7 +311,7 @@ impl SsoCacheSource {
         scopes: Vec<String>,
     ) -> Result<Self, TokenError> {
         let path = path.into();
-        SsoCacheFile::load(&path)?;
+        let file = SsoCacheFile::load(&path)?;
         let known = Arc::new(Mutex::new(KnownRefreshTokens::default()));
         Ok(Self {
             writer: TokenFileWriter::new(
@@ -314,6 +327,7 @@ impl SsoCacheSource {
             policy,
             scopes,
             newest: tokio::sync::Mutex::new(None),
+            registration_expires_at: std::sync::Mutex::new(file.registration_expires_at()),
         })
     }
 
@@ -330,6 +344,10 @@ impl SsoCacheSource {
     async fn fetch_inner(&self, reuse: Reuse) -> Result<Token, TokenError> {
         let mut newest = self.newest.lock().await;
         let held = self.reconcile(&mut newest).await?;
+        *self
+            .registration_expires_at
+            .lock()
+            .expect("registration lock") = held.registration_expires_at();
         if let (Reuse::IfValidFor(min), Some(token)) = (reuse, held.token())
             && token.ttl() >= min
         {
@@ -510,6 +528,13 @@ async fn load_blocking(path: PathBuf) -> Result<SsoCacheFile, TokenError> {
 impl TokenSource for SsoCacheSource {
     fn identity(&self) -> String {
         format!("sso_cache:{}", self.path.display())
+    }
+
+    fn registration_expires_at(&self) -> Option<Instant> {
+        *self
+            .registration_expires_at
+            .lock()
+            .expect("registration lock")
     }
 
     fn scopes(&self) -> &[String] {
