@@ -19,7 +19,7 @@
 //!     .find(|m| m.name == "sso_token_proxy_token_fetches_total")
 //!     .unwrap();
 //! assert_eq!(fetches.kind, MetricKind::Counter);
-//! assert_eq!(fetches.labels, ["source", "outcome"]);
+//! assert_eq!(fetches.labels, ["source", "outcome", "kind"]);
 //! ```
 
 /// The Prometheus type of a metric.
