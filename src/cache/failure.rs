@@ -24,6 +24,7 @@ struct Failure {
 /// Remembers the last failure until its backoff ends; a token clears it.
 #[derive(Debug, Default)]
 pub(super) struct FailureMemory {
+    /// `None` while fetches succeed (or after `clear`).
     remembered: Mutex<Option<Failure>>,
 }
 

@@ -198,6 +198,7 @@ pub enum Lookup {
 /// published.
 struct CurrentToken {
     token: Arc<Token>,
+    /// When it stops being handed out, and when its refresh is due.
     deadlines: Deadlines,
 }
 
@@ -212,6 +213,7 @@ struct Rejections {
 }
 
 struct Inner {
+    /// Where tokens come from.
     source: Arc<dyn TokenSource>,
     /// `source.identity()`, for spans and `Debug`.
     source_identity: String,
@@ -221,9 +223,13 @@ struct Inner {
     current: ArcSwapOption<CurrentToken>,
     /// Where concurrent misses wait for one fetch.
     single_flight: SingleFlight,
+    /// The last failed fetch, while callers are answered from it.
     failures: FailureMemory,
+    /// When the next background refresh may start.
     refresh_ahead: RefreshAheadSchedule,
+    /// Rejected tokens and the forced-refresh budget.
     rejections: Mutex<Rejections>,
+    /// What [`TokenCache::stats`] reports.
     counters: Counters,
     lifecycle: LifecycleMetrics,
 }

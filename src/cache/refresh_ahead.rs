@@ -27,6 +27,7 @@ struct Schedule {
 /// Decides when a background refresh starts.
 #[derive(Debug, Default)]
 pub(super) struct RefreshAheadSchedule {
+    /// Locked only inside a refresh window, never on a plain hit.
     schedule: Mutex<Schedule>,
 }
 

@@ -29,7 +29,8 @@ pub struct CacheStats {
     pub forced_refreshes_limited: u64,
 }
 
-/// The live counters behind [`CacheStats`].
+/// The live counters behind [`CacheStats`]; each field counts what the
+/// field of the same name there documents.
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) fetch_success: AtomicU64,

@@ -16,7 +16,7 @@ use super::{
     ReplayableBody, TokenProvider,
     body::with_replay_copy,
     error::BearerTokenError,
-    service::{Shared, record_outcome},
+    service::{BearerConfig, record_outcome},
 };
 use crate::{
     cache::{Rejection, TokenCache, TokenUnavailable},
@@ -43,7 +43,7 @@ pin_project! {
         service: Option<S>,
         // The token the pending call carries.
         token: Option<Arc<Token>>,
-        shared: Arc<Shared<P>>,
+        config: Arc<BearerConfig<P>>,
     }
 }
 
@@ -74,14 +74,14 @@ where
         token: Arc<Token>,
         replay: Option<Request<B>>,
         service: Option<S>,
-        shared: Arc<Shared<P>>,
+        config: Arc<BearerConfig<P>>,
     ) -> Self {
         Self {
             state: State::Calling { future },
             request: replay,
             service,
             token: Some(token),
-            shared,
+            config,
         }
     }
 
@@ -91,14 +91,14 @@ where
         fetch: TokenFuture,
         request: Request<B>,
         service: S,
-        shared: Arc<Shared<P>>,
+        config: Arc<BearerConfig<P>>,
     ) -> Self {
         Self {
             state: State::Fetching { fetch },
             request: Some(request),
             service: Some(service),
             token: None,
-            shared,
+            config,
         }
     }
 }
@@ -127,8 +127,8 @@ where
                         .request
                         .take()
                         .expect("request held until its token arrives");
-                    this.shared.header.apply(&mut request, &token);
-                    if this.shared.retry_on_unauthorized {
+                    this.config.header.apply(&mut request, &token);
+                    if this.config.retry_on_unauthorized {
                         let copy;
                         (request, copy) = with_replay_copy(request);
                         *this.request = copy;
@@ -156,7 +156,7 @@ where
                     };
                     // The cache decides: this very token was sent, and
                     // forced refreshes are rate-limited.
-                    let rejection = this.shared.provider.reject(&rejected);
+                    let rejection = this.config.provider.reject(&rejected);
                     let replayable = this.request.is_some() && this.service.is_some();
                     if rejection == Rejection::Limited || !replayable {
                         tracing::debug!(
@@ -174,7 +174,7 @@ where
                     );
                     // The 401's body is of no use; let its connection go.
                     drop(response);
-                    let get = this.shared.provider.get();
+                    let get = this.config.provider.get();
                     let span = tracing::debug_span!(
                         "token_acquisition",
                         cache = "miss",
@@ -213,7 +213,7 @@ where
                         .take()
                         .expect("request copy held for the replay");
                     let token = this.token.take().expect("token fetched for the replay");
-                    this.shared.header.apply(&mut request, &token);
+                    this.config.header.apply(&mut request, &token);
                     let future = service.call(request);
                     this.state.set(State::Replaying { future });
                 }

@@ -31,7 +31,7 @@ const DEFAULT_PREFIX: &str = "Bearer ";
 /// (by default a [`TokenCache`]) on every request.
 #[derive(Debug, Clone)]
 pub struct BearerTokenLayer<P = TokenCache> {
-    shared: Shared<P>,
+    config: BearerConfig<P>,
 }
 
 impl<P: TokenProvider> BearerTokenLayer<P> {
@@ -39,14 +39,14 @@ impl<P: TokenProvider> BearerTokenLayer<P> {
     /// replays a replayable request once with a fresh token.
     pub fn new(provider: P) -> Self {
         Self {
-            shared: Shared::new(provider),
+            config: BearerConfig::new(provider),
         }
     }
 
     /// Puts the token in this header instead of `Authorization`.
     #[must_use]
     pub fn header_name(mut self, name: HeaderName) -> Self {
-        self.shared.header.name = name;
+        self.config.header.name = name;
         self
     }
 
@@ -55,7 +55,7 @@ impl<P: TokenProvider> BearerTokenLayer<P> {
     /// bare token.
     #[must_use]
     pub fn prefix(mut self, prefix: HeaderValue) -> Self {
-        self.shared.header.set_prefix(prefix);
+        self.config.header.set_prefix(prefix);
         self
     }
 
@@ -66,7 +66,7 @@ impl<P: TokenProvider> BearerTokenLayer<P> {
     /// `401` is handed back without a replay.
     #[must_use]
     pub fn retry_on_unauthorized(mut self, retry: bool) -> Self {
-        self.shared.retry_on_unauthorized = retry;
+        self.config.retry_on_unauthorized = retry;
         self
     }
 }
@@ -77,7 +77,7 @@ impl<S, P: TokenProvider> Layer<S> for BearerTokenLayer<P> {
     fn layer(&self, inner: S) -> Self::Service {
         BearerTokenService {
             inner,
-            shared: Arc::new(self.shared.clone()),
+            config: Arc::new(self.config.clone()),
         }
     }
 }
@@ -90,7 +90,7 @@ impl<S, P: TokenProvider> Layer<S> for BearerTokenLayer<P> {
 #[derive(Debug, Clone)]
 pub struct BearerTokenService<S, P = TokenCache> {
     inner: S,
-    shared: Arc<Shared<P>>,
+    config: Arc<BearerConfig<P>>,
 }
 
 impl<S, P: TokenProvider> BearerTokenService<S, P> {
@@ -107,27 +107,27 @@ impl<S, P: TokenProvider> BearerTokenService<S, P> {
     /// See [`BearerTokenLayer::header_name`].
     #[must_use]
     pub fn header_name(mut self, name: HeaderName) -> Self {
-        Arc::make_mut(&mut self.shared).header.name = name;
+        Arc::make_mut(&mut self.config).header.name = name;
         self
     }
 
     /// See [`BearerTokenLayer::prefix`].
     #[must_use]
     pub fn prefix(mut self, prefix: HeaderValue) -> Self {
-        Arc::make_mut(&mut self.shared).header.set_prefix(prefix);
+        Arc::make_mut(&mut self.config).header.set_prefix(prefix);
         self
     }
 
     /// See [`BearerTokenLayer::retry_on_unauthorized`].
     #[must_use]
     pub fn retry_on_unauthorized(mut self, retry: bool) -> Self {
-        Arc::make_mut(&mut self.shared).retry_on_unauthorized = retry;
+        Arc::make_mut(&mut self.config).retry_on_unauthorized = retry;
         self
     }
 
     /// Where the tokens come from.
     pub fn provider(&self) -> &P {
-        &self.shared.provider
+        &self.config.provider
     }
 
     /// The inner service.
@@ -161,7 +161,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let (token, status) = match self.shared.provider.lookup() {
+        let (token, status) = match self.config.provider.lookup() {
             Lookup::Hit(token) => (token, "hit"),
             Lookup::RefreshAhead(token) => (token, "refresh_ahead"),
             Lookup::Miss => return self.call_after_fetch(request),
@@ -175,10 +175,10 @@ where
                 token_id = token.id()
             )
             .entered();
-            self.shared.header.apply(&mut request, &token);
+            self.config.header.apply(&mut request, &token);
         }
         let replay;
-        (request, replay) = if self.shared.retry_on_unauthorized {
+        (request, replay) = if self.config.retry_on_unauthorized {
             with_replay_copy(request)
         } else {
             (request, None)
@@ -191,7 +191,7 @@ where
             token,
             replay,
             retry_service,
-            Arc::clone(&self.shared),
+            Arc::clone(&self.config),
         )
     }
 }
@@ -206,7 +206,7 @@ impl<S, P: TokenProvider> BearerTokenService<S, P> {
     {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let get = self.shared.provider.get();
+        let get = self.config.provider.get();
         let span = tracing::debug_span!(
             "token_acquisition",
             cache = "miss",
@@ -221,7 +221,7 @@ impl<S, P: TokenProvider> BearerTokenService<S, P> {
             }
             .instrument(span),
         );
-        ResponseFuture::fetching(fetch, request, ready, Arc::clone(&self.shared))
+        ResponseFuture::fetching(fetch, request, ready, Arc::clone(&self.config))
     }
 }
 
@@ -244,17 +244,18 @@ pub(super) fn record_outcome<T>(result: &Result<T, crate::cache::TokenUnavailabl
     }
 }
 
-// === impl Shared ===
+// === impl BearerConfig ===
 
-/// Settings and provider shared by a service, its clones and its futures.
+/// The token provider and how tokens go on requests; one per layer, shared
+/// by its services, their clones and their futures.
 #[derive(Debug, Clone)]
-pub(super) struct Shared<P> {
+pub(super) struct BearerConfig<P> {
     pub(super) provider: P,
     pub(super) header: HeaderSetting,
     pub(super) retry_on_unauthorized: bool,
 }
 
-impl<P> Shared<P> {
+impl<P> BearerConfig<P> {
     fn new(provider: P) -> Self {
         Self {
             provider,
