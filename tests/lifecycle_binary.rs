@@ -375,6 +375,21 @@ async fn state_directory_gone_mid_rotation_loses_nothing() {
 
         stop.store(true, Ordering::SeqCst);
         traffic.await.unwrap();
+        // A background refresh the last requests started may still reach
+        // the emulator: wait until CreateToken calls have stopped for a
+        // second (bounded), so what follows happens with no refresh at all.
+        let mut last = (env.emulator.counters().create_token, Instant::now());
+        harness::poll_until(Duration::from_secs(15), "refreshes to stop", || {
+            let now = env.emulator.counters();
+            let settled = now.create_token == last.0
+                && now.create_token == now.tokens_issued
+                && last.1.elapsed() >= Duration::from_secs(1);
+            if now.create_token != last.0 {
+                last = (now.create_token, Instant::now());
+            }
+            std::future::ready(settled.then_some(()))
+        })
+        .await;
         let before_return = env.emulator.counters();
         let stale = saved_refresh_token(&away.join("state.json")).unwrap();
         assert!(
@@ -403,8 +418,16 @@ async fn state_directory_gone_mid_rotation_loses_nothing() {
             env.emulator.counters().create_token,
             before_return.create_token
         );
-        let ready = http.get(&proxy.admin_url("/readyz")).await.json();
-        assert_eq!(ready["refresh_token_persisted"], true, "{ready}");
+        // The writer marks it written once the directory is synced too.
+        let ready = harness::poll_until(
+            Duration::from_secs(2),
+            "/readyz to say persisted",
+            || async {
+                let ready = http.get(&proxy.admin_url("/readyz")).await.json();
+                (ready["refresh_token_persisted"] == true).then_some(ready)
+            },
+        )
+        .await;
         assert!(ready.get("persist_error").is_none(), "{ready}");
         let log = proxy.stderr();
         assert!(

@@ -492,6 +492,12 @@ impl TokenCache {
         // A stale slot (moka's clock lags a paused tokio clock, or a caller
         // put back a token rejected meanwhile) is emptied and the lookup
         // repeated; the next fetch is fresh, so twice is enough.
+        // A background refresh under way ends sooner than a fetch of our
+        // own would, and spares a second CreateToken.
+        inner.refresh_ahead.wait_if_running().await;
+        if let Some(token) = self.try_get_now() {
+            return Ok(token);
+        }
         let mut unservable = None;
         for _ in 0..3 {
             if let Some(err) = inner.failures.active(Instant::now()) {

@@ -6,7 +6,7 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::retry::Backoff;
 
@@ -29,6 +29,8 @@ struct Schedule {
 pub(super) struct RefreshAheadSchedule {
     /// Locked only inside a refresh window, never on a plain hit.
     schedule: Mutex<Schedule>,
+    /// Wakes callers waiting for the running refresh.
+    finished: Notify,
 }
 
 impl RefreshAheadSchedule {
@@ -49,19 +51,38 @@ impl RefreshAheadSchedule {
     /// later. Otherwise the next attempt waits for `backoff`'s next delay.
     /// Returns that delay, if any.
     pub(super) fn finish(&self, refreshed: bool, backoff: &Backoff) -> Option<Duration> {
-        let mut s = self.schedule.lock().expect("refresh lock");
-        s.in_flight = false;
-        if refreshed {
-            s.failures = 0;
-            s.not_before = None;
-            return None;
+        let delay = {
+            let mut s = self.schedule.lock().expect("refresh lock");
+            s.in_flight = false;
+            if refreshed {
+                s.failures = 0;
+                s.not_before = None;
+                None
+            } else {
+                s.failures += 1;
+                let delay = backoff.delay(s.failures - 1);
+                let now = Instant::now();
+                s.not_before = Some(now.checked_add(delay).unwrap_or(now));
+                s.started_for = None;
+                Some(delay)
+            }
+        };
+        self.finished.notify_waiters();
+        delay
+    }
+
+    /// Waits for the running refresh, if one runs: a caller that finds the
+    /// token unusable while it is under way takes its result instead of
+    /// fetching a second token.
+    pub(super) async fn wait_if_running(&self) {
+        let finished = self.finished.notified();
+        tokio::pin!(finished);
+        // Registered before the check, so a refresh ending in between wakes it.
+        finished.as_mut().enable();
+        if !self.schedule.lock().expect("refresh lock").in_flight {
+            return;
         }
-        s.failures += 1;
-        let delay = backoff.delay(s.failures - 1);
-        let now = Instant::now();
-        s.not_before = Some(now.checked_add(delay).unwrap_or(now));
-        s.started_for = None;
-        Some(delay)
+        finished.await;
     }
 }
 
@@ -87,6 +108,22 @@ mod tests {
         assert_eq!(schedule.finish(true, &BACKOFF), None);
         assert!(!schedule.try_start(1, now), "token 1 had its refresh");
         assert!(schedule.try_start(2, now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_the_refresh_ends() {
+        let schedule = std::sync::Arc::new(RefreshAheadSchedule::default());
+        // Nothing running: no wait.
+        schedule.wait_if_running().await;
+        assert!(schedule.try_start(1, Instant::now()));
+        let waiter = tokio::spawn({
+            let schedule = schedule.clone();
+            async move { schedule.wait_if_running().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        schedule.finish(true, &BACKOFF);
+        waiter.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -177,6 +177,29 @@ async fn one_background_refresh_per_window_and_nobody_waits() {
     assert_eq!(cache.stats().refresh_ahead, 5);
 }
 
+/// A caller that finds the token unusable while its background refresh is
+/// still under way (a slow source) waits for that refresh instead of
+/// fetching a second token.
+#[tokio::test(start_paused = true)]
+async fn a_miss_during_a_background_refresh_waits_for_it() {
+    let fake = Fake::new(Duration::from_secs(4), Duration::from_millis(1500));
+    let cache = TokenCache::new(fake.clone(), CacheOptions::default());
+    let first = cache.get().await.unwrap();
+    assert_eq!(fake.calls(), 1);
+    // Inside the window (2 s before expiry): the refresh starts, slowly.
+    tokio::time::advance(Duration::from_millis(2100)).await;
+    assert_eq!(cache.try_get_now().unwrap().id(), first.id());
+    tokio::task::yield_now().await;
+    assert_eq!(fake.calls(), 2);
+    // Past the margin (1 s before expiry) before the refresh returns.
+    tokio::time::advance(Duration::from_millis(1000)).await;
+    assert!(cache.try_get_now().is_none());
+    let next = cache.get().await.unwrap();
+    assert_ne!(next.id(), first.id());
+    assert_eq!(fake.calls(), 2, "no second fetch");
+    assert!(next.ttl() > Duration::from_secs(3));
+}
+
 /// Issue 13: with the default margins (10 s, 5 min), tokens of 2 s, 30 s,
 /// 1 h and 12 h are each used for a sensible share of their life over five
 /// lifetimes: only the cold start waits, no caller ever gets a token with
