@@ -5,7 +5,7 @@
 //!
 //! | state | timer | then |
 //! |---|---|---|
-//! | accepted, no request yet (no bytes, a partial HTTP/1 head, an h2 preface with no stream) | `header_read_timeout` from accept | closed |
+//! | accepted, no request yet (no bytes, a partial HTTP/1 head, an h2 preface with no stream) | `header_read_timeout` from accept | asked to close (h2: GOAWAY; otherwise closed at once) |
 //! | HTTP/1 reading a later request head | hyper's `header_read_timeout` | closed |
 //! | reading a request body | `request_body_timeout` (see `upload.rs` and `service.rs`) | `408`, closed |
 //! | writing a response the client does not read | `send_timeout` without progress | closed |
@@ -50,18 +50,36 @@ pub(super) struct ConnTimers {
 pub(super) enum Step {
     /// Close the socket now.
     Close(CloseReason),
-    /// Ask the client to close: HTTP/1 closes once idle, h2 sends GOAWAY.
-    Drain,
+    /// Ask the client to close: HTTP/1 closes once idle, h2 sends GOAWAY,
+    /// a connection that has not chosen a protocol yet closes at once.
+    Drain(DrainReason),
     /// Nothing due; look again then.
     SleepUntil(Instant),
+}
+
+/// Why the proxy asked a client connection to close; the `reason` label
+/// of `sso_token_proxy_client_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DrainReason {
+    /// No request for `idle_timeout`.
+    Idle,
+    /// No first request within `header_read_timeout`.
+    HeaderTimeout,
+}
+
+impl DrainReason {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::HeaderTimeout => "header_timeout",
+        }
+    }
 }
 
 /// Why the proxy closed a client connection; the `reason` label of
 /// `sso_token_proxy_client_connections_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CloseReason {
-    /// No first request within `header_read_timeout`.
-    HeaderTimeout,
     /// The client took no response bytes for `send_timeout`.
     SendTimeout,
     /// Asked to close, it did not within `drain_timeout`.
@@ -73,7 +91,6 @@ pub(super) enum CloseReason {
 impl CloseReason {
     pub(super) fn as_str(self) -> &'static str {
         match self {
-            Self::HeaderTimeout => "header_timeout",
             Self::SendTimeout => "send_timeout",
             Self::DrainTimeout => "drain_timeout",
             Self::Http2Abuse => "http2_abuse",
@@ -180,10 +197,10 @@ impl ConnActivity {
             next = next.min(deadline);
         }
 
-        if !self.served.load(Ordering::Relaxed) {
+        if !self.served.load(Ordering::Relaxed) && closing_since.is_none() {
             let deadline = self.opened + timers.header_read;
             if now >= deadline {
-                return Step::Close(CloseReason::HeaderTimeout);
+                return Step::Drain(DrainReason::HeaderTimeout);
             }
             next = next.min(deadline);
         }
@@ -201,7 +218,7 @@ impl ConnActivity {
                 None if self.served.load(Ordering::Relaxed) => {
                     let deadline = last_done + timers.idle;
                     if now >= deadline {
-                        return Step::Drain;
+                        return Step::Drain(DrainReason::Idle);
                     }
                     next = next.min(deadline);
                 }
@@ -256,7 +273,17 @@ mod tests {
         );
         assert_eq!(
             activity.next_step(opened + s(5), &TIMERS, None),
-            Step::Close(CloseReason::HeaderTimeout)
+            Step::Drain(DrainReason::HeaderTimeout)
+        );
+        // An h2 client that does not go when told is closed.
+        let asked = opened + s(5);
+        assert_eq!(
+            activity.next_step(asked, &TIMERS, Some(asked)),
+            Step::SleepUntil(asked + s(3))
+        );
+        assert_eq!(
+            activity.next_step(asked + s(3), &TIMERS, Some(asked)),
+            Step::Close(CloseReason::DrainTimeout)
         );
     }
 
@@ -280,7 +307,7 @@ mod tests {
         );
         assert_eq!(
             activity.next_step(ended + s(10), &TIMERS, None),
-            Step::Drain
+            Step::Drain(DrainReason::Idle)
         );
         // Asked to close: closed after the drain timeout unless it went.
         let asked = ended + s(10);

@@ -221,9 +221,9 @@ async fn serve_connection(conn: Connection) {
                 let now = Instant::now();
                 match activity.next_step(now, &timers, closing_since) {
                     Step::SleepUntil(at) => watchdog.as_mut().reset(at),
-                    Step::Drain => {
-                        tracing::debug!(%remote, "closing idle client connection");
-                        closed_counter("idle");
+                    Step::Drain(reason) => {
+                        tracing::debug!(%remote, reason = reason.as_str(), "asking the client connection to close");
+                        closed_counter(reason.as_str());
                         closing_since = Some(now);
                         connection.as_mut().graceful_shutdown();
                         watchdog.as_mut().reset(now);
