@@ -894,6 +894,10 @@ async fn an_idle_h2_connection_gets_goaway_and_is_closed_after_the_drain_timeout
     let goaway = h2.goaway().await.expect("a GOAWAY");
     assert_eq!(goaway.error_code(), 0);
     assert!(h2.closed_within(adversary::GUARD).await, "socket left open");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/once");
+    assert_eq!(proxy.source.calls(), 1);
 }
 
 #[tokio::test]
