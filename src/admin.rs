@@ -15,7 +15,7 @@ use axum::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{cache::TokenCache, metric_names};
+use crate::{metric_names, sources::TokenSources};
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 /// Call once, at start.
@@ -37,17 +37,17 @@ pub(crate) fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
 
 #[derive(Clone)]
 struct AdminState {
-    cache: TokenCache,
+    sources: TokenSources,
     metrics: Option<PrometheusHandle>,
 }
 
 /// The admin router.
-pub(crate) fn router(cache: TokenCache, metrics: Option<PrometheusHandle>) -> Router {
+pub(crate) fn router(sources: TokenSources, metrics: Option<PrometheusHandle>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AdminState { cache, metrics })
+        .with_state(AdminState { sources, metrics })
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -55,7 +55,8 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let (status, mut body) = match state.cache.current() {
+    let cache = state.sources.default_cache();
+    let (status, mut body) = match cache.current() {
         Some(token) => (
             StatusCode::OK,
             serde_json::json!({
@@ -64,7 +65,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             }),
         ),
         None => {
-            let reason = match state.cache.last_failure() {
+            let reason = match cache.last_failure() {
                 Some(f) => serde_json::json!({
                     "status": "not_ready",
                     "reason": "token_unavailable",
@@ -82,7 +83,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     };
     // A refresh token only in memory is reported, but serving is fine:
     // readiness does not depend on it.
-    if let Some(persist) = state.cache.persistence()
+    if let Some(persist) = cache.persistence()
         && let Some(fields) = body.as_object_mut()
     {
         fields.insert(
@@ -104,13 +105,16 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics recorder not installed\n").into_response();
     };
-    state.cache.publish_metrics();
-    if let Some(persist) = state.cache.persistence() {
-        metrics::gauge!(
-            metric_names::REFRESH_TOKEN_PERSISTED.name,
-            "source" => state.cache.name().to_owned()
-        )
-        .set(if persist.persisted { 1.0 } else { 0.0 });
+    for source in state.sources.iter() {
+        let cache = &source.cache;
+        cache.publish_metrics();
+        if let Some(persist) = cache.persistence() {
+            metrics::gauge!(
+                metric_names::REFRESH_TOKEN_PERSISTED.name,
+                "source" => cache.name().to_owned()
+            )
+            .set(if persist.persisted { 1.0 } else { 0.0 });
+        }
     }
     handle.run_upkeep();
     (

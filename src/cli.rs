@@ -5,7 +5,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::Arc,
     time::Duration,
 };
 
@@ -14,20 +13,17 @@ use tokio::net::TcpListener;
 
 use crate::{
     admin,
-    cache::{CacheOptions, TokenCache},
     config::{
-        Config, ConfigError, EmulatorSection, LoginConfig, OidcConfig, SourceKind, StoreKind,
-        TokenConfig,
+        Config, ConfigError, DEFAULT_SOURCE, EmulatorSection, LoginConfig, OidcConfig,
+        SourceConfig, SourceKind,
     },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
     proxy::Proxy,
-    retry::OidcRetryPolicy,
-    store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
+    sources::TokenSources,
     tls,
     token::{
-        CredentialUpdate, DevicePrompt, LoginOptions, RefreshTokenSource, Reuse, SsoCacheFile,
-        SsoCacheSource, StateFile, Token, TokenError, TokenSource, device_login,
+        DevicePrompt, LoginOptions, Reuse, SsoCacheFile, StateFile, Token, TokenError, device_login,
     },
 };
 
@@ -215,19 +211,21 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
         }
     }
     problems.extend(token_dirs_not_writable(&config));
-    match config.token.source {
-        SourceKind::RefreshToken => {
-            if let Some(p) = &config.token.state_file
-                && let Err(e) = StateFile::load(p)
-            {
-                problems.push(("token.state_file".to_owned(), e.to_string()));
+    for source in &config.sources {
+        match source.token.source {
+            SourceKind::RefreshToken => {
+                if let Some(p) = &source.token.state_file
+                    && let Err(e) = StateFile::load(p)
+                {
+                    problems.push((source.key("state_file"), e.to_string()));
+                }
             }
-        }
-        SourceKind::SsoCache => {
-            if let Some(p) = &config.token.sso_cache_file
-                && let Err(e) = SsoCacheFile::load(p)
-            {
-                problems.push(("token.sso_cache_file".to_owned(), e.to_string()));
+            SourceKind::SsoCache => {
+                if let Some(p) = &source.token.sso_cache_file
+                    && let Err(e) = SsoCacheFile::load(p)
+                {
+                    problems.push((source.key("sso_cache_file"), e.to_string()));
+                }
             }
         }
     }
@@ -245,12 +243,19 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
 /// process can create files there (a rotated refresh token that cannot be
 /// saved is lost with the process).
 fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
-    let files = match config.token.source {
-        SourceKind::RefreshToken => [("token.state_file", config.token.state_file.as_ref())],
-        SourceKind::SsoCache => [("token.sso_cache_file", config.token.sso_cache_file.as_ref())],
-    };
+    let files = config
+        .sources
+        .iter()
+        .map(|source| match source.token.source {
+            SourceKind::RefreshToken => {
+                (source.key("state_file"), source.token.state_file.as_ref())
+            }
+            SourceKind::SsoCache => (
+                source.key("sso_cache_file"),
+                source.token.sso_cache_file.as_ref(),
+            ),
+        });
     files
-        .into_iter()
         .filter_map(|(key, path)| {
             // A missing directory is created at start: then its nearest
             // existing parent must take files.
@@ -261,7 +266,7 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
                 .unwrap_or(std::path::Path::new("."));
             crate::fs_atomic::check_dir_writable(dir).err().map(|e| {
                 (
-                    key.to_owned(),
+                    key,
                     format!(
                         "cannot create files in {}: {e}; the rotated refresh token could not be saved there",
                         dir.display()
@@ -295,37 +300,73 @@ enum WhenTaken {
     UseRunning,
 }
 
+/// The `[oidc]` client and `[token]` as the one source `login` and
+/// `token` know.
+fn default_source_config(oidc: &OidcConfig, token: &crate::config::TokenConfig) -> SourceConfig {
+    SourceConfig {
+        name: DEFAULT_SOURCE.to_owned(),
+        section: "token".to_owned(),
+        token: token.clone(),
+        client_id: oidc.client_id.clone(),
+        client_secret: oidc.client_secret.clone(),
+        client_section: "oidc".to_owned(),
+    }
+}
+
+/// The emulator's clients for `sources`: each client with every refresh
+/// token configured for it (and the state files', so a restart works),
+/// granted the scopes of all its sources.
+fn emulator_seeds(sources: &[SourceConfig]) -> Vec<SeedClient> {
+    let mut clients: Vec<SeedClient> = Vec::new();
+    for source in sources {
+        let (Some(id), Some(secret)) = (&source.client_id, &source.client_secret) else {
+            continue;
+        };
+        let i = match clients.iter().position(|c| &c.client_id == id) {
+            Some(i) => i,
+            None => {
+                clients.push(SeedClient {
+                    client_id: id.clone(),
+                    client_secret: secret.value.clone(),
+                    refresh_tokens: Vec::new(),
+                    scopes: Vec::new(),
+                });
+                clients.len() - 1
+            }
+        };
+        let client = &mut clients[i];
+        let token = &source.token;
+        let state = token
+            .state_file
+            .as_deref()
+            .and_then(|p| StateFile::load(p).ok().flatten())
+            .and_then(|state| state.refresh_token);
+        for rt in token.refresh_token.iter().map(|r| &r.value).chain(&state) {
+            if !client.refresh_tokens.contains(rt) {
+                client.refresh_tokens.push(rt.clone());
+            }
+        }
+        for scope in &token.scopes {
+            if !client.scopes.contains(scope) {
+                client.scopes.push(scope.clone());
+            }
+        }
+    }
+    clients
+}
+
 /// Starts the `[emulator]` of the quick start, seeded with the configured
-/// client and refresh token (and the state file's, so a restart works).
+/// clients and refresh tokens.
 async fn start_embedded_emulator(
     file: &Path,
     section: Option<&EmulatorSection>,
-    oidc: &OidcConfig,
-    token: &TokenConfig,
+    sources: &[SourceConfig],
     when_taken: WhenTaken,
 ) -> Result<Option<EmulatorHandle>, Failure> {
     let Some(section) = section else {
         return Ok(None);
     };
-    let mut refresh_tokens = Vec::new();
-    if let Some(rt) = &token.refresh_token {
-        refresh_tokens.push(rt.value.clone());
-    }
-    if let Some(p) = &token.state_file
-        && let Ok(Some(state)) = StateFile::load(p)
-        && let Some(rt) = state.refresh_token
-    {
-        refresh_tokens.push(rt);
-    }
-    let clients = match (&oidc.client_id, &oidc.client_secret) {
-        (Some(id), Some(secret)) => vec![SeedClient {
-            client_id: id.clone(),
-            client_secret: secret.value.clone(),
-            refresh_tokens,
-            scopes: token.scopes.clone(),
-        }],
-        _ => Vec::new(),
-    };
+    let clients = emulator_seeds(sources);
     let started = Emulator::start(EmulatorConfig {
         listen: section.listen,
         access_token_lifetime: section.access_token_lifetime,
@@ -414,124 +455,6 @@ fn oidc_client(file: &Path, oidc: &OidcConfig) -> Result<OidcClient, Failure> {
     })
 }
 
-fn retry_policy(config: &Config) -> OidcRetryPolicy {
-    OidcRetryPolicy::new(config.retry.clone())
-}
-
-/// Builds the configured token source. Unusable state or cache files are
-/// config errors naming the key.
-fn token_source(config: &Config, oidc: OidcClient) -> Result<Arc<dyn TokenSource>, Failure> {
-    let policy = retry_policy(config);
-    match config.token.source {
-        SourceKind::RefreshToken => {
-            let (Some(client_id), Some(secret), Some(refresh)) = (
-                config.oidc.client_id.clone(),
-                config.oidc.client_secret.clone(),
-                config.token.refresh_token.clone(),
-            ) else {
-                return Err(config_problem(
-                    config,
-                    "token.source",
-                    "refresh_token source needs oidc.client_id, oidc.client_secret and token.refresh_token",
-                ));
-            };
-            let mut builder = RefreshTokenSource::builder(
-                oidc,
-                client_id.clone(),
-                secret.value,
-                refresh.value.clone(),
-            )
-            .retry_policy(policy)
-            .scopes(config.token.scopes.clone());
-            let configured_at = refresh.modified.or_else(|| {
-                std::fs::metadata(&config.path)
-                    .and_then(|m| m.modified())
-                    .ok()
-            });
-            if let Some(at) = configured_at {
-                builder = builder.configured_at(at);
-            }
-            if let Some(p) = &config.token.state_file {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
-                    && !dir.is_dir()
-                {
-                    crate::fs_atomic::create_private_dir_all(dir).map_err(|e| {
-                        config_problem(
-                            config,
-                            "token.state_file",
-                            format!("cannot create directory {}: {e}", dir.display()),
-                        )
-                    })?;
-                    tracing::info!(dir = %dir.display(), "created the state file's directory (mode 0700)");
-                }
-                builder = builder.state_file(p.clone());
-            }
-            let source = builder
-                .build()
-                .map_err(|e| config_problem(config, "token.state_file", e.to_string()))?;
-            match config.store.kind {
-                StoreKind::Local => Ok(Arc::new(source)),
-                StoreKind::Redis => shared_store_source(config, source, client_id, refresh.value),
-            }
-        }
-        SourceKind::SsoCache => {
-            let path = config.token.sso_cache_file.clone().ok_or_else(|| {
-                config_problem(config, "token.sso_cache_file", "missing required key")
-            })?;
-            let source = SsoCacheSource::new(path, oidc, policy, config.token.scopes.clone())
-                .map_err(|e| config_problem(config, "token.sso_cache_file", e.to_string()))?;
-            Ok(Arc::new(source))
-        }
-    }
-}
-
-/// Wraps the refresh-token source so that replicas share its tokens through
-/// Redis (`[store] kind = "redis"`).
-fn shared_store_source(
-    config: &Config,
-    source: RefreshTokenSource,
-    client_id: String,
-    configured_refresh_token: crate::secret::Secret,
-) -> Result<Arc<dyn TokenSource>, Failure> {
-    let store = &config.store;
-    let url = store
-        .url
-        .clone()
-        .ok_or_else(|| config_problem(config, "store.url", "missing required key"))?;
-    let redis = RedisStore::connect(&RedisConnectOptions {
-        url,
-        username: store.username.clone(),
-        password: store.password.as_ref().map(|p| p.value.clone()),
-        ca_file: store.ca_file.clone(),
-        command_timeout: store.command_timeout,
-    })
-    .map_err(|e| config_problem(config, "store.url", e.to_string()))?;
-    tracing::info!(redis = %redis.endpoint(), key_prefix = %store.key_prefix, "sharing tokens through Redis");
-    let options = SharedStoreOptions {
-        key_prefix: store.key_prefix.clone(),
-        lock_lease: store.lock_lease,
-        wait_timeout: store.wait_timeout,
-        refresh_without_store: store.refresh_without_store,
-        expiry_margin: config.token.expiry_margin,
-        ..Default::default()
-    };
-    Ok(Arc::new(SharedStoreSource::new(
-        source,
-        redis,
-        client_id,
-        configured_refresh_token,
-        options,
-    )))
-}
-
-fn cache_options(config: &Config) -> CacheOptions {
-    CacheOptions {
-        refresh_before_expiry: config.token.refresh_before_expiry,
-        expiry_margin: config.token.expiry_margin,
-        ..Default::default()
-    }
-}
-
 async fn bind(config: &Config, key: &str, addr: SocketAddr) -> Result<TcpListener, Failure> {
     TcpListener::bind(addr)
         .await
@@ -572,28 +495,23 @@ async fn run(path: &Path) -> Result<(), Failure> {
     let emulator = start_embedded_emulator(
         &config.path,
         config.emulator.as_ref(),
-        &config.oidc,
-        &config.token,
+        &config.sources,
         WhenTaken::Fail,
     )
     .await?;
     let oidc = oidc_client(&config.path, &config.oidc)?;
-    let source = token_source(&config, oidc)?;
-    let cache = TokenCache::from_arc(source.clone(), cache_options(&config));
-    spawn_credential_reloader(&config, source, cache.clone());
+    let sources = TokenSources::build(&config, &oidc)?;
+    sources.spawn_credential_reloader();
+    let cache = sources.default_cache().clone();
     let proxy = Proxy::new(&config.proxy, cache.clone())
         .map_err(|e| config_problem(&config, e.config_key(), e.to_string()))?;
 
-    // The first token is fetched now; readiness waits for it, start does not.
-    let warm = cache.clone();
-    tokio::spawn(async move {
-        if let Err(e) = warm.get().await {
-            tracing::error!(kind = e.kind(), error = %e, "could not get the first token; will retry on demand");
-        }
-    });
+    // The first tokens are fetched now; readiness waits for them, start
+    // does not.
+    sources.warm([DEFAULT_SOURCE]);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let admin_app = admin::router(cache.clone(), metrics);
+    let admin_app = admin::router(sources.clone(), metrics);
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {
         let _ = axum::serve(admin_listener, admin_app)
@@ -630,89 +548,6 @@ async fn run(path: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Re-reads the secret files on SIGHUP, and when their modification time
-/// changes (a Kubernetes Secret update swaps the file), without dropping
-/// connections or the current token.
-///
-/// SIGHUP is always handled, so that it never terminates the proxy (its
-/// default action): with inline secrets there is nothing to reload, and
-/// that is logged. The handler is installed before this returns, so a
-/// signal sent once the proxy has started is never fatal.
-fn spawn_credential_reloader(config: &Config, source: Arc<dyn TokenSource>, cache: TokenCache) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; secret files are still watched");
-            None
-        }
-    };
-    let client_secret_file = config
-        .oidc
-        .client_secret
-        .as_ref()
-        .and_then(|s| s.file.clone());
-    let refresh_token_file = config
-        .token
-        .refresh_token
-        .as_ref()
-        .and_then(|s| s.file.clone());
-    if client_secret_file.is_none() && refresh_token_file.is_none() {
-        if let Some(mut hup) = hup {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!(
-                        "SIGHUP: nothing to reload (no *_file secrets are configured); still serving"
-                    );
-                }
-            });
-        }
-        return;
-    }
-    let mtime = |p: &Option<PathBuf>| {
-        p.as_ref()
-            .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-    };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = (mtime(&client_secret_file), mtime(&refresh_token_file));
-        loop {
-            let reason = tokio::select! {
-                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
-                _ = tick.tick() => {
-                    let now = (mtime(&client_secret_file), mtime(&refresh_token_file));
-                    if now == seen {
-                        continue;
-                    }
-                    "secret file changed"
-                }
-            };
-            seen = (mtime(&client_secret_file), mtime(&refresh_token_file));
-            let read = |p: &Option<PathBuf>, key: &str| {
-                p.as_ref()
-                    .and_then(|p| match crate::config::read_secret_file(p) {
-                        Ok((value, _)) => Some(value),
-                        Err(reason) => {
-                            tracing::warn!(key, %reason, "keeping the current credential");
-                            None
-                        }
-                    })
-            };
-            let update = CredentialUpdate {
-                client_secret: read(&client_secret_file, "oidc.client_secret_file"),
-                refresh_token: read(&refresh_token_file, "token.refresh_token_file"),
-            };
-            if source.reload(update).await {
-                cache.clear_failure();
-                tracing::info!(reason, "credentials reloaded");
-            } else {
-                tracing::debug!(reason, "credentials unchanged");
-            }
-        }
-    });
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -745,13 +580,13 @@ async fn token(path: &Path, fresh: bool, count: Option<u32>) -> Result<(), Failu
     let emulator = start_embedded_emulator(
         &config.path,
         config.emulator.as_ref(),
-        &config.oidc,
-        &config.token,
+        &config.sources,
         WhenTaken::UseRunning,
     )
     .await?;
     let oidc = oidc_client(&config.path, &config.oidc)?;
-    let source = token_source(&config, oidc)?;
+    let sources = TokenSources::build(&config, &oidc)?;
+    let source = sources.default_cache().source();
     let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));
     if fresh {
         eprintln!(
@@ -805,8 +640,7 @@ async fn login(path: &Path) -> Result<(), Failure> {
     let emulator = start_embedded_emulator(
         &config.path,
         config.emulator.as_ref(),
-        &config.oidc,
-        &config.token,
+        &[default_source_config(&config.oidc, &config.token)],
         WhenTaken::UseRunning,
     )
     .await?;

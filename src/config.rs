@@ -222,6 +222,33 @@ pub(crate) struct TokenConfig {
     pub(crate) start_url: Option<String>,
 }
 
+/// One named token source: `[token]` with `[oidc]`'s client is
+/// [`DEFAULT_SOURCE`]; each `[sources.NAME]` is another. Each gets one
+/// `TokenCache`, whose metrics carry the name as their `source` label.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceConfig {
+    /// `"default"` for `[token]`, else `NAME`.
+    pub(crate) name: String,
+    /// Where its keys are written: `token` or `sources.NAME` (for messages).
+    pub(crate) section: String,
+    /// Its `[token]` keys (a `[sources.NAME]` without `source` takes the
+    /// ones it does not set from `[token]`).
+    pub(crate) token: TokenConfig,
+    /// Its client id: its own `client_id`, else `[oidc]`'s.
+    pub(crate) client_id: Option<String>,
+    /// Its client secret: its own, else `[oidc]`'s.
+    pub(crate) client_secret: Option<SecretSetting>,
+    /// Where its client settings are written (`oidc` or `sources.NAME`).
+    pub(crate) client_section: String,
+}
+
+impl SourceConfig {
+    /// `section.key`, for messages.
+    pub(crate) fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.section)
+    }
+}
+
 /// `[emulator]`: run the built-in emulator in-process (quick start).
 #[derive(Debug, Clone)]
 pub(crate) struct EmulatorSection {
@@ -280,6 +307,9 @@ pub(crate) struct Config {
     pub(crate) oidc: OidcConfig,
     /// `[token]`.
     pub(crate) token: TokenConfig,
+    /// Every token source by name: `"default"` (`[token]`) first, then the
+    /// `[sources.NAME]` tables in name order.
+    pub(crate) sources: Vec<SourceConfig>,
     /// `[retry]`.
     pub(crate) retry: RetryConfig,
     /// `[emulator]`, when present.
@@ -401,8 +431,28 @@ pub(crate) fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<
 const DAY: u64 = 24 * 3600;
 
 const SECTIONS: &[&str] = &[
-    "proxy", "admin", "oidc", "token", "retry", "emulator", "store",
+    "proxy", "admin", "oidc", "token", "sources", "retry", "emulator", "store",
 ];
+
+/// The keys of `[token]`, which every `[sources.NAME]` also takes.
+const TOKEN_KEYS: &[&str] = &[
+    "source",
+    "refresh_token",
+    "refresh_token_file",
+    "sso_cache_file",
+    "state_file",
+    "scopes",
+    "refresh_before_expiry",
+    "expiry_margin",
+    "start_url",
+    "session_name",
+];
+
+/// What `[sources.NAME]` takes beyond [`TOKEN_KEYS`]: its own client.
+const SOURCE_CLIENT_KEYS: &[&str] = &["client_id", "client_secret", "client_secret_file"];
+
+/// The name of the source `[token]` configures.
+pub(crate) const DEFAULT_SOURCE: &str = "default";
 
 /// Which command reads the file: `login` needs less.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,6 +467,7 @@ struct Sections {
     admin: Option<AdminConfig>,
     oidc: Option<OidcConfig>,
     token: Option<TokenConfig>,
+    sources: Vec<SourceConfig>,
     retry: Option<RetryConfig>,
     emulator: Option<EmulatorSection>,
     store: Option<StoreConfig>,
@@ -679,6 +730,7 @@ impl Reader {
             admin: s.admin?,
             oidc: s.oidc?,
             token: s.token?,
+            sources: s.sources,
             retry: s.retry?,
             emulator: s.emulator,
             store: s.store?,
@@ -723,6 +775,13 @@ impl Reader {
         let retry = self.retry(root);
         let emulator = self.emulator(root);
         let store = self.store(root);
+        let sources = match (&oidc, &token) {
+            (Some(oidc), Some(token)) => self.sources(root, oidc, token),
+            _ => Vec::new(),
+        };
+        if let Some(store) = &store {
+            self.sources_share_credentials(&sources, store);
+        }
         if let (Some(oidc), Some(token)) = (&oidc, &token)
             && token.source == SourceKind::RefreshToken
         {
@@ -760,6 +819,7 @@ impl Reader {
             admin,
             oidc,
             token,
+            sources,
             retry,
             emulator,
             store,
@@ -1048,53 +1108,257 @@ impl Reader {
         Some(cfg)
     }
 
-    fn token(&mut self, root: &Table, purpose: Purpose) -> Option<TokenConfig> {
-        let s = self.section(
-            root,
-            "token",
-            &[
-                "source",
-                "refresh_token",
-                "refresh_token_file",
-                "sso_cache_file",
-                "state_file",
-                "scopes",
-                "refresh_before_expiry",
-                "expiry_margin",
-                "start_url",
-                "session_name",
-            ],
+    /// Every token source: `"default"` from `[token]` and `[oidc]`'s
+    /// client, then each `[sources.NAME]`.
+    fn sources(
+        &mut self,
+        root: &Table,
+        oidc: &OidcConfig,
+        token: &TokenConfig,
+    ) -> Vec<SourceConfig> {
+        let mut out = vec![SourceConfig {
+            name: DEFAULT_SOURCE.to_owned(),
+            section: "token".to_owned(),
+            token: token.clone(),
+            client_id: oidc.client_id.clone(),
+            client_secret: oidc.client_secret.clone(),
+            client_section: "oidc".to_owned(),
+        }];
+        let tables = match root.get("sources") {
+            None => return out,
+            Some(Value::Table(t)) => t,
+            Some(_) => {
+                self.problem("sources", "must be tables, one per source ([sources.NAME])");
+                return out;
+            }
+        };
+        let token_table = match root.get("token") {
+            Some(Value::Table(t)) => Some(t),
+            _ => None,
+        };
+        for (name, value) in tables {
+            let section = format!("sources.{name}");
+            let Value::Table(table) = value else {
+                self.problem(&section, "must be a table ([sources.NAME])");
+                continue;
+            };
+            if let Err(reason) = check_name(name) {
+                self.problem(&section, reason);
+                continue;
+            }
+            if name == DEFAULT_SOURCE {
+                self.problem(
+                    &section,
+                    "\"default\" is the source [token] configures; give this one another name",
+                );
+                continue;
+            }
+            let known: Vec<&str> = TOKEN_KEYS
+                .iter()
+                .chain(SOURCE_CLIENT_KEYS)
+                .copied()
+                .collect();
+            let own = Section {
+                name: &section,
+                table: Some(table),
+            };
+            for key in table.keys() {
+                if !known.contains(&key.as_str()) {
+                    self.problem(
+                        format!("{section}.{key}"),
+                        format!("unknown key (known keys: {})", known.join(", ")),
+                    );
+                }
+            }
+            let parsed = if table.contains_key("source") {
+                self.token_keys(&own, Purpose::Run)
+            } else if let Some(inherited) = token_table {
+                self.inheriting_token_keys(&section, table, inherited)
+            } else {
+                // `[token]` is missing, which is reported.
+                None
+            };
+            let Some(parsed) = parsed else {
+                continue;
+            };
+            let client_id = match self.string(&own, "client_id") {
+                Some(id) if !id.is_empty() => Some(id),
+                Some(_) => {
+                    self.problem(format!("{section}.client_id"), "must not be empty");
+                    None
+                }
+                None => oidc.client_id.clone(),
+            };
+            let own_secret = self.secret(&own, "client_secret", false);
+            let has_own_client = table.contains_key("client_id")
+                || table.contains_key("client_secret")
+                || table.contains_key("client_secret_file");
+            let client_section = if has_own_client {
+                section.clone()
+            } else {
+                "oidc".to_owned()
+            };
+            if parsed.source == SourceKind::RefreshToken {
+                let reported =
+                    |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
+                if client_id.is_none() && !reported(self, &format!("{section}.client_id")) {
+                    self.problem(
+                        format!("{section}.client_id"),
+                        "missing: set client_id here or in [oidc] (source = \"refresh_token\" needs it)",
+                    );
+                }
+                if own_secret.is_none()
+                    && oidc.client_secret.is_none()
+                    && !reported(self, &format!("{section}.client_secret"))
+                {
+                    self.problem(
+                        format!("{section}.client_secret"),
+                        "missing: set client_secret or client_secret_file here or in [oidc] (source = \"refresh_token\" needs it)",
+                    );
+                }
+            }
+            out.push(SourceConfig {
+                name: name.clone(),
+                section,
+                token: parsed,
+                client_id,
+                client_secret: own_secret.or_else(|| oidc.client_secret.clone()),
+                client_section,
+            });
+        }
+        out
+    }
+
+    /// A `[sources.NAME]` without `source`: `[token]` with the keys `own`
+    /// sets put in place of its own. Problems are reported for the keys
+    /// `own` sets; those of inherited keys are already reported under
+    /// `token.`.
+    fn inheriting_token_keys(
+        &mut self,
+        section: &str,
+        own: &Table,
+        inherited: &Table,
+    ) -> Option<TokenConfig> {
+        let mut merged = inherited.clone();
+        for (key, value) in own {
+            if !TOKEN_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            // `x` and `x_file` are one setting: the source's replaces both.
+            let base = key.strip_suffix("_file").unwrap_or(key);
+            merged.remove(base);
+            merged.remove(&format!("{base}_file"));
+            merged.insert(key.clone(), value.clone());
+        }
+        let before = self.problems.len();
+        let parsed = self.token_keys(
+            &Section {
+                name: section,
+                table: Some(&merged),
+            },
+            Purpose::Run,
         );
+        let prefix = format!("{section}.");
+        let mut found = self.problems.split_off(before);
+        found.retain(|(key, _)| {
+            key.strip_prefix(&prefix).is_none_or(|k| {
+                let base = k.strip_suffix("_file").unwrap_or(k);
+                own.contains_key(base) || own.contains_key(&format!("{base}_file"))
+            })
+        });
+        self.problems.extend(found);
+        parsed
+    }
+
+    /// Sources that hold the same credential must not undo each other:
+    /// those sharing a refresh token share its state file, and an SSO cache
+    /// file (one session) belongs to one source.
+    fn sources_share_credentials(&mut self, sources: &[SourceConfig], store: &StoreConfig) {
+        for (i, b) in sources.iter().enumerate() {
+            for a in &sources[..i] {
+                match (a.token.source, b.token.source) {
+                    (SourceKind::RefreshToken, SourceKind::RefreshToken)
+                        if shares_refresh_token(a, b) =>
+                    {
+                        if let (Some(pa), Some(pb)) = (&a.token.state_file, &b.token.state_file)
+                            && pa != pb
+                        {
+                            self.problem(
+                                b.key("state_file"),
+                                format!(
+                                    "source `{}` uses the same client and refresh token with state_file {}; sources that share a refresh token share its state file (set the same one, or leave it out here)",
+                                    a.name,
+                                    pa.display()
+                                ),
+                            );
+                        }
+                        if store.kind == StoreKind::Redis && a.token.scopes != b.token.scopes {
+                            self.problem(
+                                "store.kind",
+                                format!(
+                                    "sources `{}` and `{}` share a refresh token with different scopes; the shared store keeps one access token per refresh token, so with kind = \"redis\" give each its own refresh token",
+                                    a.name, b.name
+                                ),
+                            );
+                        }
+                    }
+                    (SourceKind::SsoCache, SourceKind::SsoCache)
+                        if a.token.sso_cache_file.is_some()
+                            && a.token.sso_cache_file == b.token.sso_cache_file =>
+                    {
+                        self.problem(
+                            b.key("sso_cache_file"),
+                            format!(
+                                "also the cache file of source `{}`; a cache file holds one session's tokens, so name one source for it and use that one",
+                                a.name
+                            ),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn token(&mut self, root: &Table, purpose: Purpose) -> Option<TokenConfig> {
+        let s = self.section(root, "token", TOKEN_KEYS);
         if root.get("token").is_none() && purpose == Purpose::Run {
             self.problem("token", "missing required section");
             return None;
         }
+        self.token_keys(&s, purpose)
+    }
+
+    /// The keys of `[token]`, from `s` (`[token]` itself, or a
+    /// `[sources.NAME]` table with what it inherits merged in).
+    fn token_keys(&mut self, s: &Section<'_>, purpose: Purpose) -> Option<TokenConfig> {
+        let key = |k: &str| format!("{}.{k}", s.name);
         let source = match purpose {
-            Purpose::Run => self.required_string(&s, "source"),
+            Purpose::Run => self.required_string(s, "source"),
             // `login` writes an SSO cache file, whatever the proxy reads.
-            Purpose::Login => self.string(&s, "source"),
+            Purpose::Login => self.string(s, "source"),
         };
         let source = match source.as_deref() {
             Some("refresh_token") => SourceKind::RefreshToken,
             Some("sso_cache") => SourceKind::SsoCache,
             Some(other) => {
                 self.problem(
-                    "token.source",
+                    key("source"),
                     format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""),
                 );
                 return None;
             }
-            None if purpose == Purpose::Login && self.raw(&s, "source").is_none() => {
+            None if purpose == Purpose::Login && self.raw(s, "source").is_none() => {
                 SourceKind::SsoCache
             }
             None => return None,
         };
-        let refresh_token = self.secret(&s, "refresh_token", source == SourceKind::RefreshToken);
-        let start_url = self.non_empty_string(&s, "start_url");
-        let session_name = self.non_empty_string(&s, "session_name");
-        let sso_cache_file = match self.path(&s, "sso_cache_file") {
+        let refresh_token = self.secret(s, "refresh_token", source == SourceKind::RefreshToken);
+        let start_url = self.non_empty_string(s, "start_url");
+        let session_name = self.non_empty_string(s, "session_name");
+        let sso_cache_file = match self.path(s, "sso_cache_file") {
             Some(p) => Some(p),
-            None if self.raw(&s, "sso_cache_file").is_some() => None,
+            None if self.raw(s, "sso_cache_file").is_some() => None,
             None => session_name
                 .as_deref()
                 .or(start_url.as_deref())
@@ -1104,14 +1368,14 @@ impl Reader {
         if source == SourceKind::SsoCache
             && purpose == Purpose::Run
             && sso_cache_file.is_none()
-            && self.raw(&s, "sso_cache_file").is_none()
+            && self.raw(s, "sso_cache_file").is_none()
         {
             self.problem(
-                "token.sso_cache_file",
+                key("sso_cache_file"),
                 "missing: set sso_cache_file, or start_url (or session_name) to use the AWS CLI's ~/.aws/sso/cache/<sha1>.json (needs HOME)",
             );
         }
-        let state_file = self.path(&s, "state_file");
+        let state_file = self.path(s, "state_file");
         if let Some(p) = &state_file {
             let dir = p
                 .parent()
@@ -1131,7 +1395,7 @@ impl Reader {
                 .find(|a| a.exists());
             if !existing.is_some_and(Path::is_dir) {
                 self.problem(
-                    "token.state_file",
+                    key("state_file"),
                     format!(
                         "directory {} does not exist and cannot be created ({} is not a directory)",
                         dir.display(),
@@ -1140,33 +1404,33 @@ impl Reader {
                 );
             }
         }
-        let scopes = match self.raw(&s, "scopes") {
+        let scopes = match self.raw(s, "scopes") {
             None => Vec::new(),
             Some(Value::Array(items)) => {
                 let mut out = Vec::new();
                 for item in items {
                     match item {
                         Value::String(v) => out.push(v.clone()),
-                        _ => self.problem("token.scopes", "must be a list of strings"),
+                        _ => self.problem(key("scopes"), "must be a list of strings"),
                     }
                 }
                 out
             }
             Some(_) => {
-                self.problem("token.scopes", "must be a list of strings");
+                self.problem(key("scopes"), "must be a list of strings");
                 Vec::new()
             }
         };
         // Both scale down with each token's lifetime (see the cache's
         // margins); the bounds only stop values no token could use.
         let refresh_before_expiry = self.duration_within(
-            &s,
+            s,
             "refresh_before_expiry",
             Duration::from_secs(300),
             Duration::ZERO..=Duration::from_secs(7 * DAY),
         );
         let expiry_margin = self.duration_within(
-            &s,
+            s,
             "expiry_margin",
             Duration::from_secs(10),
             Duration::ZERO..=Duration::from_secs(DAY),
@@ -1360,6 +1624,33 @@ impl Reader {
             ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
         })
+    }
+}
+
+/// Whether two `refresh_token` sources redeem the same refresh token with
+/// the same client: then one rotation would revoke the other's token unless
+/// they share one holder of it.
+pub(crate) fn shares_refresh_token(a: &SourceConfig, b: &SourceConfig) -> bool {
+    a.client_id == b.client_id
+        && match (&a.token.refresh_token, &b.token.refresh_token) {
+            (Some(x), Some(y)) => x.value == y.value,
+            _ => false,
+        }
+}
+
+/// A source or route name: what a metric label and a JSON key can carry.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    let fits = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a name: use 1 to 64 letters, digits, `_` or `-`"
+        ))
     }
 }
 
@@ -1595,6 +1886,130 @@ refresh_token = "r"
         assert_eq!(c.proxy.escaped_slashes, EscapedSlashes::Reject);
         let err = parse(&with("decode")).unwrap_err();
         assert_eq!(err.problems[0].0, "proxy.escaped_slashes");
+    }
+
+    fn keys(err: &ConfigError) -> Vec<&str> {
+        err.problems.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn token_is_the_default_source_and_sources_inherit_it() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.sources.len(), 1);
+        assert_eq!(c.sources[0].name, DEFAULT_SOURCE);
+        assert_eq!(c.sources[0].client_id.as_deref(), Some("c"));
+
+        let text = format!(
+            "{MINIMAL}\
+             [sources.reports]\nscopes = [\"reports:read\"]\nexpiry_margin = \"3s\"\n\
+             [sources.vendor]\nsource = \"refresh_token\"\nrefresh_token = \"v\"\n\
+             client_id = \"vc\"\nclient_secret = \"vs\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let names: Vec<_> = c.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default", "reports", "vendor"]);
+        let reports = &c.sources[1];
+        // Only what it sets differs from [token].
+        assert_eq!(reports.token.source, SourceKind::RefreshToken);
+        assert_eq!(reports.token.scopes, ["reports:read"]);
+        assert_eq!(reports.token.expiry_margin, Duration::from_secs(3));
+        assert_eq!(
+            reports.token.refresh_before_expiry,
+            c.token.refresh_before_expiry
+        );
+        assert_eq!(
+            reports.token.refresh_token.as_ref().unwrap().value.expose(),
+            "r"
+        );
+        assert_eq!(reports.client_id.as_deref(), Some("c"));
+        assert_eq!(reports.client_section, "oidc");
+        assert!(shares_refresh_token(&c.sources[0], reports));
+        let vendor = &c.sources[2];
+        assert_eq!(vendor.client_id.as_deref(), Some("vc"));
+        assert_eq!(vendor.client_secret.as_ref().unwrap().value.expose(), "vs");
+        assert_eq!(vendor.client_section, "sources.vendor");
+        assert!(vendor.token.scopes.is_empty());
+        assert!(!shares_refresh_token(&c.sources[0], vendor));
+        assert!(!format!("{c:?}").contains("\"vs\""));
+    }
+
+    #[test]
+    fn bad_sources_are_reported_with_their_key() {
+        let bad = |extra: &str| parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+
+        let err = bad("[sources.x]\nscopes = [1]\nbogus = true\n");
+        assert_eq!(keys(&err), ["sources.x.bogus", "sources.x.scopes"], "{err}");
+        let err = bad("[sources.\"a b\"]\nscopes = []\n");
+        assert_eq!(keys(&err), ["sources.a b"], "{err}");
+        let err = bad("[sources.default]\nscopes = []\n");
+        assert!(err.problems[0].1.contains("[token]"), "{err}");
+        let err = parse(&format!("sources = 3\n{MINIMAL}")).unwrap_err();
+        assert_eq!(keys(&err), ["sources"]);
+        // A source of its own kind inherits nothing from [token].
+        let err = bad("[sources.x]\nsource = \"refresh_token\"\n");
+        assert_eq!(keys(&err), ["sources.x.refresh_token"], "{err}");
+        let err = bad("[sources.x]\nsource = \"magic\"\n");
+        assert_eq!(keys(&err), ["sources.x.source"], "{err}");
+        // A client is needed, here or in [oidc].
+        let no_client = MINIMAL.replace("client_id = \"c\"\n", "");
+        let err = parse(&format!(
+            "{no_client}[sources.x]\nsource = \"refresh_token\"\nrefresh_token = \"y\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["sources.x.client_id", "oidc.client_id"],
+            "{err}"
+        );
+        // An inherited key that is wrong is reported once, under token.
+        let err = parse(&format!(
+            "{}[sources.x]\nscopes = [\"a\"]\n",
+            MINIMAL.replace(
+                "refresh_token = \"r\"",
+                "refresh_token = \"r\"\nexpiry_margin = \"9d\""
+            )
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["token.expiry_margin"], "{err}");
+    }
+
+    #[test]
+    fn sources_sharing_a_credential_must_not_undo_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = |name: &str| dir.path().join(name).display().to_string();
+        let text = format!(
+            "{MINIMAL}[sources.x]\nscopes = [\"a\"]\nstate_file = \"{}\"\n\
+             [sources.y]\nscopes = [\"b\"]\nstate_file = \"{}\"\n",
+            state("one.json"),
+            state("two.json")
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(keys(&err), ["sources.y.state_file"], "{err}");
+        assert!(err.problems[0].1.contains("source `x`"), "{err}");
+
+        // The same file, or one of them only: fine.
+        let text = format!(
+            "{MINIMAL}[sources.x]\nscopes = [\"a\"]\nstate_file = \"{}\"\n\
+             [sources.y]\nscopes = [\"b\"]\n",
+            state("one.json")
+        );
+        parse(&text).unwrap();
+
+        // With Redis, one record per refresh token: one scope set.
+        let text = format!(
+            "{MINIMAL}[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n\
+             [sources.x]\nscopes = [\"a\"]\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(keys(&err), ["store.kind"], "{err}");
+
+        let cache = dir.path().join("cache.json").display().to_string();
+        let text = format!(
+            "{MINIMAL}[sources.x]\nsource = \"sso_cache\"\nsso_cache_file = \"{cache}\"\n\
+             [sources.y]\nsource = \"sso_cache\"\nsso_cache_file = \"{cache}\"\nscopes = [\"b\"]\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(keys(&err), ["sources.y.sso_cache_file"], "{err}");
     }
 
     #[test]

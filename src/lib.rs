@@ -90,6 +90,8 @@ pub mod proxy;
 pub mod retry;
 #[cfg(feature = "layer")]
 mod secret;
+#[cfg(feature = "proxy")]
+mod sources;
 #[cfg(feature = "redis")]
 pub mod store;
 #[cfg(feature = "layer")]

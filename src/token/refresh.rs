@@ -2,10 +2,17 @@
 //! keeping the newest (rotated) one in memory and persisting it through the
 //! one persistence path ([`persist`](super::persist)) before the access
 //! token it came with is handed out.
+//!
+//! Sources that redeem one refresh token for different scope sets
+//! ([`RefreshTokenSource::with_scopes`]) share one holder of it: they take
+//! turns calling `CreateToken` and each uses the token the last rotation
+//! left, so no source's rotation revokes another's refresh token.
 
 use std::{
+    collections::HashMap,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -33,27 +40,38 @@ struct Credentials {
     /// The newest refresh token: used for the next refresh whatever the
     /// state file says.
     refresh_token: Secret,
-    /// The last access token, possibly loaded from the state file.
-    access: Option<Token>,
+    /// The last access token of each scope set; the state file's is loaded
+    /// as the first scope set's.
+    access: HashMap<Vec<String>, Token>,
+}
+
+/// One client and refresh token, shared by every scope set redeeming it.
+struct CredentialHolder {
+    oidc: OidcClient,
+    policy: OidcRetryPolicy,
+    client_id: String,
+    /// The scopes of the source built first; the state file keeps the
+    /// access token of this scope set (one access token per file).
+    persisted_scopes: Vec<String>,
+    /// Writes the newest tokens to `token.state_file`, if configured.
+    state: Option<TokenFileWriter<StateFileFormat>>,
+    /// Held across each `CreateToken` call: with rotation, two concurrent
+    /// refreshes would revoke each other's token.
+    credentials: tokio::sync::Mutex<Credentials>,
 }
 
 /// Exchanges a refresh token for access tokens (`grantType=refresh_token`).
 pub struct RefreshTokenSource {
-    oidc: OidcClient,
-    policy: OidcRetryPolicy,
-    client_id: String,
+    holder: Arc<CredentialHolder>,
     scopes: Vec<String>,
-    /// Writes the newest tokens to `token.state_file`, if configured.
-    state: Option<TokenFileWriter<StateFileFormat>>,
-    credentials: tokio::sync::Mutex<Credentials>,
 }
 
 impl fmt::Debug for RefreshTokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenSource")
-            .field("client_id", &self.client_id)
+            .field("client_id", &self.holder.client_id)
             .field("scopes", &self.scopes)
-            .field("state", &self.state)
+            .field("state", &self.holder.state)
             .finish_non_exhaustive()
     }
 }
@@ -146,20 +164,27 @@ impl RefreshTokenSourceBuilder {
                 "the configured refresh token is empty".to_owned(),
             ));
         }
+        let access = access
+            .map(|t: Token| (self.scopes.clone(), t.with_scopes(Vec::new())))
+            .into_iter()
+            .collect();
         Ok(RefreshTokenSource {
-            oidc: self.oidc,
-            policy: self.policy,
-            client_id: self.client_id,
-            scopes: self.scopes,
-            state: self
-                .state_file
-                .map(|path| TokenFileWriter::new(path, StateFileFormat)),
-            credentials: tokio::sync::Mutex::new(Credentials {
-                client_secret: self.client_secret,
-                configured,
-                refresh_token,
-                access: access.map(|t: Token| t.with_scopes(Vec::new())),
+            holder: Arc::new(CredentialHolder {
+                oidc: self.oidc,
+                policy: self.policy,
+                client_id: self.client_id,
+                persisted_scopes: self.scopes.clone(),
+                state: self
+                    .state_file
+                    .map(|path| TokenFileWriter::new(path, StateFileFormat)),
+                credentials: tokio::sync::Mutex::new(Credentials {
+                    client_secret: self.client_secret,
+                    configured,
+                    refresh_token,
+                    access,
+                }),
             }),
+            scopes: self.scopes,
         })
     }
 }
@@ -184,15 +209,33 @@ impl RefreshTokenSource {
         }
     }
 
+    /// Another source redeeming the same client and refresh token for
+    /// `scopes`. The two share the newest refresh token and take turns
+    /// calling `CreateToken`, so a rotation by one never revokes the
+    /// other's refresh token; the state file keeps the refresh token once
+    /// (with the access token of the scope set this source was built with).
+    pub fn with_scopes(&self, scopes: Vec<String>) -> Self {
+        Self {
+            holder: Arc::clone(&self.holder),
+            scopes,
+        }
+    }
+
+    /// Whether `other` shares this source's refresh token (one was made
+    /// from the other by [`with_scopes`](Self::with_scopes)).
+    pub fn shares_refresh_token_with(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.holder, &other.holder)
+    }
+
     /// The state file, if one is configured.
     pub fn state_file(&self) -> Option<&Path> {
-        self.state.as_ref().map(TokenFileWriter::path)
+        self.holder.state.as_ref().map(TokenFileWriter::path)
     }
 
     /// Whether the newest refresh token is in the state file, if one is
     /// configured.
     pub fn persistence(&self) -> Option<PersistStatus> {
-        self.state.as_ref().map(TokenFileWriter::status)
+        self.holder.state.as_ref().map(TokenFileWriter::status)
     }
 
     /// Takes credentials an operator replaced (SIGHUP, changed secret
@@ -200,7 +243,7 @@ impl RefreshTokenSource {
     /// change: after rotations it would be a revoked token. Returns whether
     /// anything changed.
     pub async fn reload(&self, update: CredentialUpdate) -> bool {
-        let mut credentials = self.credentials.lock().await;
+        let mut credentials = self.holder.credentials.lock().await;
         let mut changed = false;
         if let Some(secret) = update
             .client_secret
@@ -224,22 +267,26 @@ impl RefreshTokenSource {
     /// store), with the access token that came with it if there is one:
     /// it is used for the next refresh and persisted like a rotation.
     pub async fn adopt(&self, refresh_token: Secret, access: Option<Token>) {
-        let mut credentials = self.credentials.lock().await;
+        let mut credentials = self.holder.credentials.lock().await;
         credentials.refresh_token = refresh_token;
-        credentials.access = access;
+        match access {
+            Some(token) => credentials.access.insert(self.scopes.clone(), token),
+            None => credentials.access.remove(&self.scopes),
+        };
         self.persist(&credentials).await;
     }
 
     /// Writes the newest tokens to the state file; a failed write is
     /// retried in the background (see [`persist`](super::persist)).
     async fn persist(&self, credentials: &Credentials) {
-        let Some(state) = &self.state else {
+        let holder = &*self.holder;
+        let Some(state) = &holder.state else {
             return;
         };
-        let access = credentials.access.as_ref();
+        let access = credentials.access.get(&holder.persisted_scopes);
         state
             .persist(StateFile {
-                client_id: Some(self.client_id.clone()),
+                client_id: Some(holder.client_id.clone()),
                 refresh_token: Some(credentials.refresh_token.clone()),
                 access_token: access.map(|t| t.access_token().clone()),
                 expires_at: access.map(|t| format_time(t.expires_at_wall())),
@@ -250,21 +297,22 @@ impl RefreshTokenSource {
     }
 
     async fn fetch_inner(&self, reuse: Reuse) -> Result<Token, TokenError> {
+        let holder = &*self.holder;
         // Held across the call: with rotation, two concurrent refreshes
-        // would revoke each other's token.
-        let mut credentials = self.credentials.lock().await;
-        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, &credentials.access)
+        // (of any scope set) would revoke each other's token.
+        let mut credentials = holder.credentials.lock().await;
+        if let (Reuse::IfValidFor(min), Some(token)) = (reuse, credentials.access.get(&self.scopes))
             && token.ttl() >= min
         {
             return Ok(token.clone().with_scopes(self.scopes.clone()));
         }
         let request = CreateTokenRequest::refresh(
-            self.client_id.clone(),
+            holder.client_id.clone(),
             credentials.client_secret.clone(),
             credentials.refresh_token.clone(),
         )
         .with_scopes(self.scopes.clone());
-        let response = tower::retry::Retry::new(self.policy.clone(), self.oidc.clone())
+        let response = tower::retry::Retry::new(holder.policy.clone(), holder.oidc.clone())
             .oneshot(request)
             .await?;
         let token = Token::from_response(&response)?.with_scopes(self.scopes.clone());
@@ -277,7 +325,9 @@ impl RefreshTokenSource {
             // In memory first: from now on only this one is valid.
             credentials.refresh_token = rotated;
         }
-        credentials.access = Some(token.clone());
+        credentials
+            .access
+            .insert(self.scopes.clone(), token.clone());
         self.persist(&credentials).await;
         Ok(token)
     }
@@ -285,7 +335,7 @@ impl RefreshTokenSource {
 
 impl TokenSource for RefreshTokenSource {
     fn identity(&self) -> String {
-        format!("refresh_token:{}", self.client_id)
+        format!("refresh_token:{}", self.holder.client_id)
     }
 
     fn scopes(&self) -> &[String] {

@@ -1,0 +1,521 @@
+//! The named token sources of a config: one [`TokenCache`] per name
+//! (`"default"` for `[token]`, `NAME` for each `[sources.NAME]`), the name
+//! being the `source` label of the cache's metrics. Routes and sinks that
+//! name the same source share its cache, so one `CreateToken` serves them
+//! all per refresh window.
+//!
+//! Sources of kind `refresh_token` that redeem the same client and refresh
+//! token (typically a `[sources.NAME]` that only changes `[token]`'s
+//! `scopes`) share one holder of the newest refresh token
+//! ([`RefreshTokenSource::with_scopes`]): they take turns calling
+//! `CreateToken`, so one source's rotation never revokes the other's
+//! refresh token, and the state file keeps that token once.
+//!
+//! Each kind is built by one function ([`build_source`] dispatches on
+//! [`SourceKind`]); a new kind adds an arm there.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use crate::{
+    cache::{CacheOptions, TokenCache},
+    config::{Config, ConfigError, SourceConfig, SourceKind, StoreKind, shares_refresh_token},
+    oidc::OidcClient,
+    retry::OidcRetryPolicy,
+    store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
+    token::{CredentialUpdate, RefreshTokenSource, SsoCacheSource, TokenSource},
+};
+
+/// One named source and its cache.
+#[derive(Clone)]
+pub(crate) struct NamedSource {
+    /// The source's name.
+    pub(crate) name: String,
+    /// Its cache (clones share it).
+    pub(crate) cache: TokenCache,
+    /// The source the cache fetches from.
+    source: Arc<dyn TokenSource>,
+    /// Secret files re-read on SIGHUP or when they change.
+    client_secret_file: Option<PathBuf>,
+    refresh_token_file: Option<PathBuf>,
+    /// Where the keys of those files are written (for log lines).
+    client_secret_key: String,
+    refresh_token_key: String,
+}
+
+/// Every configured source, `"default"` first, then the others in name
+/// order. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct TokenSources {
+    sources: Arc<[NamedSource]>,
+}
+
+impl std::fmt::Debug for TokenSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.sources.iter().map(|s| &s.cache))
+            .finish()
+    }
+}
+
+impl TokenSources {
+    /// Builds every source of `config` with `oidc` (one client for all:
+    /// one Identity Center per proxy). Unusable state or cache files are
+    /// config errors naming the key.
+    pub(crate) fn build(config: &Config, oidc: &OidcClient) -> Result<Self, ConfigError> {
+        let mut built: Vec<(NamedSource, Option<RefreshTokenSource>)> = Vec::new();
+        for source_config in &config.sources {
+            // A source redeeming a refresh token an earlier one redeems
+            // shares that one's holder.
+            let sibling = config
+                .sources
+                .iter()
+                .zip(&built)
+                .find(|(earlier, _)| {
+                    earlier.token.source == SourceKind::RefreshToken
+                        && source_config.token.source == SourceKind::RefreshToken
+                        && shares_refresh_token(earlier, source_config)
+                })
+                .and_then(|(earlier, (_, refresh))| Some((earlier, refresh.as_ref()?)));
+            let (source, refresh) = build_source(config, source_config, oidc, sibling)?;
+            let cache = TokenCache::from_arc(Arc::clone(&source), cache_options(source_config));
+            let file_of =
+                |s: &Option<crate::config::SecretSetting>| s.as_ref().and_then(|s| s.file.clone());
+            built.push((
+                NamedSource {
+                    name: source_config.name.clone(),
+                    cache,
+                    source,
+                    client_secret_file: file_of(&source_config.client_secret),
+                    refresh_token_file: file_of(&source_config.token.refresh_token),
+                    client_secret_key: format!(
+                        "{}.client_secret_file",
+                        source_config.client_section
+                    ),
+                    refresh_token_key: source_config.key("refresh_token_file"),
+                },
+                refresh,
+            ));
+        }
+        Ok(Self {
+            sources: built.into_iter().map(|(named, _)| named).collect(),
+        })
+    }
+
+    /// The cache of the source named `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&TokenCache> {
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &s.cache)
+    }
+
+    /// The `"default"` source's cache (`[token]`).
+    pub(crate) fn default_cache(&self) -> &TokenCache {
+        &self.sources[0].cache
+    }
+
+    /// Every source, `"default"` first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &NamedSource> {
+        self.sources.iter()
+    }
+
+    /// Fetches the first token of each source named in `names`, in the
+    /// background; readiness waits for them, start does not.
+    pub(crate) fn warm<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            let Some(cache) = self.get(name).cloned() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Err(e) = cache.get().await {
+                    tracing::error!(source = cache.name(), kind = e.kind(), error = %e, "could not get the first token; will retry on demand");
+                }
+            });
+        }
+    }
+
+    /// Re-reads the secret files on SIGHUP, and when their modification
+    /// time changes (a Kubernetes Secret update swaps the file), without
+    /// dropping connections or the current tokens.
+    ///
+    /// SIGHUP is always handled, so that it never terminates the proxy (its
+    /// default action): with inline secrets there is nothing to reload, and
+    /// that is logged. The handler is installed before this returns, so a
+    /// signal sent once the proxy has started is never fatal.
+    pub(crate) fn spawn_credential_reloader(&self) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; secret files are still watched");
+                None
+            }
+        };
+        let watched: Vec<NamedSource> = self
+            .sources
+            .iter()
+            .filter(|s| s.client_secret_file.is_some() || s.refresh_token_file.is_some())
+            .cloned()
+            .collect();
+        if watched.is_empty() {
+            if let Some(mut hup) = hup {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!(
+                            "SIGHUP: nothing to reload (no *_file secrets are configured); still serving"
+                        );
+                    }
+                });
+            }
+            return;
+        }
+        let all: Vec<TokenCache> = self.sources.iter().map(|s| s.cache.clone()).collect();
+        let mtime = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        };
+        let mtimes = move |watched: &[NamedSource]| {
+            watched
+                .iter()
+                .map(|s| (mtime(&s.client_secret_file), mtime(&s.refresh_token_file)))
+                .collect::<Vec<_>>()
+        };
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = mtimes(&watched);
+            loop {
+                let reason = tokio::select! {
+                    Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                    _ = tick.tick() => {
+                        if mtimes(&watched) == seen {
+                            continue;
+                        }
+                        "secret file changed"
+                    }
+                };
+                seen = mtimes(&watched);
+                let mut changed = false;
+                for s in &watched {
+                    let read = |p: &Option<PathBuf>, key: &str| {
+                        p.as_ref()
+                            .and_then(|p| match crate::config::read_secret_file(p) {
+                                Ok((value, _)) => Some(value),
+                                Err(reason) => {
+                                    tracing::warn!(key, %reason, "keeping the current credential");
+                                    None
+                                }
+                            })
+                    };
+                    let update = CredentialUpdate {
+                        client_secret: read(&s.client_secret_file, &s.client_secret_key),
+                        refresh_token: read(&s.refresh_token_file, &s.refresh_token_key),
+                    };
+                    if s.source.reload(update).await {
+                        tracing::info!(reason, source = %s.name, "credentials reloaded");
+                        changed = true;
+                    }
+                }
+                if changed {
+                    // Sources that share a credential share the change.
+                    for cache in &all {
+                        cache.clear_failure();
+                    }
+                } else {
+                    tracing::debug!(reason, "credentials unchanged");
+                }
+            }
+        });
+    }
+}
+
+fn cache_options(source: &SourceConfig) -> CacheOptions {
+    CacheOptions {
+        name: source.name.clone(),
+        refresh_before_expiry: source.token.refresh_before_expiry,
+        expiry_margin: source.token.expiry_margin,
+        ..Default::default()
+    }
+}
+
+fn problem(config: &Config, key: String, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: config.path.display().to_string(),
+        problems: vec![(key, reason.into())],
+    }
+}
+
+/// Builds one source. `sibling` is an earlier `refresh_token` source that
+/// redeems the same refresh token; the new one then shares its holder.
+/// Returns the refresh-token source too, for later siblings.
+fn build_source(
+    config: &Config,
+    source: &SourceConfig,
+    oidc: &OidcClient,
+    sibling: Option<(&SourceConfig, &RefreshTokenSource)>,
+) -> Result<(Arc<dyn TokenSource>, Option<RefreshTokenSource>), ConfigError> {
+    let policy = OidcRetryPolicy::new(config.retry.clone());
+    match source.token.source {
+        SourceKind::RefreshToken => {
+            let refresh = match sibling {
+                Some((_, earlier)) => earlier.with_scopes(source.token.scopes.clone()),
+                None => refresh_token_source(config, source, oidc.clone(), policy)?,
+            };
+            let shared: Arc<dyn TokenSource> = match config.store.kind {
+                StoreKind::Local => Arc::new(refresh.with_scopes(source.token.scopes.clone())),
+                StoreKind::Redis => {
+                    let first = sibling.map_or(source, |(earlier, _)| earlier);
+                    shared_store_source(config, first, source, &refresh)?
+                }
+            };
+            Ok((shared, Some(refresh)))
+        }
+        SourceKind::SsoCache => {
+            let path = source.token.sso_cache_file.clone().ok_or_else(|| {
+                problem(config, source.key("sso_cache_file"), "missing required key")
+            })?;
+            let built =
+                SsoCacheSource::new(path, oidc.clone(), policy, source.token.scopes.clone())
+                    .map_err(|e| problem(config, source.key("sso_cache_file"), e.to_string()))?;
+            Ok((Arc::new(built), None))
+        }
+    }
+}
+
+/// A `refresh_token` source with its state file (the directory is made,
+/// mode 0700, when missing). The state file of any source sharing the
+/// refresh token serves them all.
+fn refresh_token_source(
+    config: &Config,
+    source: &SourceConfig,
+    oidc: OidcClient,
+    policy: OidcRetryPolicy,
+) -> Result<RefreshTokenSource, ConfigError> {
+    let (Some(client_id), Some(secret), Some(refresh)) = (
+        source.client_id.clone(),
+        source.client_secret.clone(),
+        source.token.refresh_token.clone(),
+    ) else {
+        return Err(problem(
+            config,
+            source.key("source"),
+            "refresh_token source needs a client_id, a client_secret and a refresh_token",
+        ));
+    };
+    let mut builder = RefreshTokenSource::builder(oidc, client_id, secret.value, refresh.value)
+        .retry_policy(policy)
+        .scopes(source.token.scopes.clone());
+    let configured_at = refresh.modified.or_else(|| {
+        std::fs::metadata(&config.path)
+            .and_then(|m| m.modified())
+            .ok()
+    });
+    if let Some(at) = configured_at {
+        builder = builder.configured_at(at);
+    }
+    let state_file = config
+        .sources
+        .iter()
+        .filter(|other| {
+            other.name == source.name
+                || (other.token.source == SourceKind::RefreshToken
+                    && shares_refresh_token(other, source))
+        })
+        .find_map(|other| Some((other, other.token.state_file.as_ref()?)));
+    if let Some((owner, p)) = state_file {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            crate::fs_atomic::create_private_dir_all(dir).map_err(|e| {
+                problem(
+                    config,
+                    owner.key("state_file"),
+                    format!("cannot create directory {}: {e}", dir.display()),
+                )
+            })?;
+            tracing::info!(dir = %dir.display(), "created the state file's directory (mode 0700)");
+        }
+        builder = builder.state_file(p.clone());
+    }
+    builder.build().map_err(|e| {
+        let key = state_file.map_or_else(|| source.key("state_file"), |(o, _)| o.key("state_file"));
+        problem(config, key, e.to_string())
+    })
+}
+
+/// Wraps a refresh-token source so that replicas share its tokens through
+/// Redis (`[store] kind = "redis"`). The keys of the credential `first`
+/// (the first source that redeems it) are `key_prefix` for `"default"`,
+/// `key_prefix` + `NAME:` for the others.
+fn shared_store_source(
+    config: &Config,
+    first: &SourceConfig,
+    source: &SourceConfig,
+    refresh: &RefreshTokenSource,
+) -> Result<Arc<dyn TokenSource>, ConfigError> {
+    let store = &config.store;
+    let url = store
+        .url
+        .clone()
+        .ok_or_else(|| problem(config, "store.url".to_owned(), "missing required key"))?;
+    let redis = RedisStore::connect(&RedisConnectOptions {
+        url,
+        username: store.username.clone(),
+        password: store.password.as_ref().map(|p| p.value.clone()),
+        ca_file: store.ca_file.clone(),
+        command_timeout: store.command_timeout,
+    })
+    .map_err(|e| problem(config, "store.url".to_owned(), e.to_string()))?;
+    let key_prefix = if first.name == crate::config::DEFAULT_SOURCE {
+        store.key_prefix.clone()
+    } else {
+        format!("{}{}:", store.key_prefix, first.name)
+    };
+    tracing::info!(redis = %redis.endpoint(), %key_prefix, source = %source.name, "sharing tokens through Redis");
+    let options = SharedStoreOptions {
+        key_prefix,
+        lock_lease: store.lock_lease,
+        wait_timeout: store.wait_timeout,
+        refresh_without_store: store.refresh_without_store,
+        expiry_margin: source.token.expiry_margin,
+        ..Default::default()
+    };
+    let (Some(client_id), Some(configured)) = (
+        source.client_id.clone(),
+        source.token.refresh_token.as_ref().map(|r| r.value.clone()),
+    ) else {
+        return Err(problem(
+            config,
+            source.key("source"),
+            "refresh_token source needs a client_id and a refresh_token",
+        ));
+    };
+    Ok(Arc::new(SharedStoreSource::new(
+        refresh.with_scopes(source.token.scopes.clone()),
+        redis,
+        client_id,
+        configured,
+        options,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        emulator::{Emulator, EmulatorConfig},
+        token::{Reuse, StateFile},
+    };
+
+    fn oidc(url: &str) -> OidcClient {
+        OidcClient::builder()
+            .endpoint(url)
+            .call_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    }
+
+    /// `[token]` with scopes `a` and `[sources.reports]` that only asks for
+    /// `b`: the same client and rotating refresh token.
+    fn two_scopes_config(
+        dir: &Path,
+        url: &str,
+        client: &(String, crate::secret::Secret),
+        rt: &str,
+    ) -> Config {
+        let text = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:9"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+endpoint = "{url}"
+client_id = "{}"
+client_secret = "{}"
+[token]
+source = "refresh_token"
+refresh_token = "{rt}"
+state_file = "state.json"
+scopes = ["a"]
+[sources.reports]
+scopes = ["b"]
+"#,
+            client.0,
+            client.1.expose()
+        );
+        Config::parse(&text, &dir.join("config.toml")).unwrap()
+    }
+
+    /// Two sources over one rotating refresh token with different scopes
+    /// take turns: each refresh uses the token the last one left, so none
+    /// is ever refused. Two holders of the same token (what the sharing
+    /// prevents) revoke each other at the first rotation.
+    #[tokio::test]
+    async fn sources_sharing_a_refresh_token_never_revoke_each_other() {
+        let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+        let client = emulator.register_client("routes");
+        let scopes = ["a".to_owned(), "b".to_owned()];
+        let rt = emulator.issue_refresh_token(&client.0, &scopes);
+        let dir = tempfile::tempdir().unwrap();
+        let config = two_scopes_config(dir.path(), &emulator.url(), &client, rt.expose());
+
+        let sources = TokenSources::build(&config, &oidc(&emulator.url())).unwrap();
+        let names: Vec<_> = sources.iter().map(|s| s.cache.name().to_owned()).collect();
+        assert_eq!(names, ["default", "reports"]);
+        let default = sources.get("default").unwrap().source().clone();
+        let reports = sources.get("reports").unwrap().source().clone();
+        assert_eq!(reports.scopes(), ["b"]);
+        for _ in 0..3 {
+            // In turn, and at the same time.
+            default.fetch(Reuse::Never).await.unwrap();
+            reports.fetch(Reuse::Never).await.unwrap();
+            let (a, b) = tokio::join!(default.fetch(Reuse::Never), reports.fetch(Reuse::Never));
+            assert_ne!(
+                a.unwrap().access_token().expose(),
+                b.unwrap().access_token().expose()
+            );
+        }
+        let counters = emulator.counters();
+        assert_eq!(counters.create_token, 12, "{counters:?}");
+        assert_eq!(counters.tokens_issued, 12, "{counters:?}");
+        assert!(counters.errors_by_kind.is_empty(), "{counters:?}");
+        // The state file holds the newest refresh token, once: a restart
+        // from it works.
+        let state = StateFile::load(&dir.path().join("state.json"))
+            .unwrap()
+            .unwrap();
+        assert_ne!(state.refresh_token.as_ref(), Some(&rt));
+        let restarted = TokenSources::build(&config, &oidc(&emulator.url())).unwrap();
+        restarted
+            .get("reports")
+            .unwrap()
+            .source()
+            .fetch(Reuse::Never)
+            .await
+            .unwrap();
+
+        // Control: two holders of one refresh token.
+        let rt = emulator.issue_refresh_token(&client.0, &scopes);
+        let dir = tempfile::tempdir().unwrap();
+        let config = two_scopes_config(dir.path(), &emulator.url(), &client, rt.expose());
+        let one = TokenSources::build(&config, &oidc(&emulator.url())).unwrap();
+        let two = TokenSources::build(&config, &oidc(&emulator.url())).unwrap();
+        one.default_cache()
+            .source()
+            .fetch(Reuse::Never)
+            .await
+            .unwrap();
+        let refused = two
+            .get("reports")
+            .unwrap()
+            .source()
+            .fetch(Reuse::Never)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind_name(), "InvalidGrant");
+    }
+}
