@@ -22,13 +22,19 @@
 //!   identified by their value, [`Token::id`]);
 //! * the forced-refresh budget (`forced_refresh`): an upstream `401` drops
 //!   the token it was sent with only while the budget allows (see
-//!   [`TokenCache::reject`]).
+//!   [`TokenCache::reject`]);
+//! * subscriptions ([`TokenCache::subscribe`]): a `watch` of the token
+//!   handed out, so token files are rewritten on every refresh;
+//! * the keeper (`keeper`, [`TokenCache::keep_fresh`]): keeps the token
+//!   fresh with no caller asking, for tokens nobody requests through the
+//!   cache (a token-only sidecar).
 //!
 //! Validity is judged on tokio's clock (so `tokio::time::pause` controls
 //! it); moka's own expiry, on its own clock, only evicts dead entries.
 
 mod failure;
 mod forced_refresh;
+mod keeper;
 mod lifecycle_metrics;
 mod margins;
 mod refresh_ahead;
@@ -45,7 +51,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
 use self::{
@@ -232,6 +238,9 @@ struct Inner {
     /// What [`TokenCache::stats`] reports.
     counters: Counters,
     lifecycle: LifecycleMetrics,
+    /// What `current` holds, for subscribers; sent under the rejections
+    /// lock, so subscribers see tokens in the order they were published.
+    published: watch::Sender<Option<Arc<Token>>>,
 }
 
 /// A cache of the token of one [`TokenSource`]. Cheap to clone; clones share
@@ -316,6 +325,7 @@ impl TokenCache {
                 }),
                 options,
                 counters: Counters::default(),
+                published: watch::Sender::new(None),
             }),
         }
     }
@@ -399,6 +409,15 @@ impl TokenCache {
         );
     }
 
+    /// A `watch` of the token handed out: each new token is sent once it is
+    /// published (a fetch or a background refresh), and `None` when an
+    /// upstream rejection dropped the token. Nothing is sent when a token
+    /// merely expires. Subscribing does not make the cache fetch; see
+    /// [`keep_fresh`](Self::keep_fresh) for that.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Token>>> {
+        self.inner.published.subscribe()
+    }
+
     /// The remembered failure, if callers are currently being turned away.
     pub fn last_failure(&self) -> Option<TokenUnavailable> {
         self.inner.failures.last(Instant::now())
@@ -438,6 +457,7 @@ impl TokenCache {
             } else if rejections.budget.try_take(now) {
                 rejections.tokens.insert(id, token.expires_at(), now);
                 inner.current.compare_and_swap(&current, None);
+                inner.published.send_replace(None);
                 ForcedRefreshDecision::Allowed
             } else {
                 ForcedRefreshDecision::Limited
@@ -674,6 +694,7 @@ impl TokenCache {
                 token: Arc::clone(token),
                 deadlines: inner.options.deadlines(token),
             })));
+            inner.published.send_replace(Some(Arc::clone(token)));
         }
         inner.failures.clear();
     }

@@ -84,6 +84,19 @@ impl RefreshAheadSchedule {
         }
         finished.await;
     }
+
+    /// After a failed refresh, when the next may start (while no refresh
+    /// runs).
+    pub(super) fn paused_until(&self) -> Option<Instant> {
+        let s = self.schedule.lock().expect("refresh lock");
+        s.not_before.filter(|_| !s.in_flight)
+    }
+
+    /// Resolves when a refresh ends (only for a future created before the
+    /// end and polled, or `enable`d, by then; see [`Notify::notified`]).
+    pub(super) fn ended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.finished.notified()
+    }
 }
 
 #[cfg(test)]
