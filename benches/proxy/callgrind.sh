@@ -4,13 +4,17 @@
 # builds of the hot path.
 #
 #   bash benches/proxy/callgrind.sh [BINARY]      # default target/release/sso-token-proxy
+#   CG_ENV= bash benches/proxy/callgrind.sh       # the default runtime instead of one worker
+#   CG_PROXY_KEYS='runtime = "thread_per_core"' bash benches/proxy/callgrind.sh
 #
 # From the repository root. Starts a one-worker nginx upstream (`return 200
-# "ok"`) and the proxy under `valgrind --tool=callgrind` (one tokio worker,
-# RUST_LOG=info as deployed, instrumentation off until warmed up), then
-# counts instructions over `wrk -t1 -c16 -d${CG_SECONDS:-10}s` and divides
-# by the requests served. Keeps the profile in target/callgrind/ for
-# `callgrind_annotate --inclusive=yes`.
+# "ok"`) and the proxy under `valgrind --tool=callgrind` (environment
+# `CG_ENV`, by default TOKIO_WORKER_THREADS=1 so that the count does not
+# depend on how valgrind interleaves threads; RUST_LOG=info as deployed;
+# extra `[proxy]` keys from CG_PROXY_KEYS, `;`-separated; instrumentation
+# off until warmed up), then counts instructions over `wrk -t1 -c16
+# -d${CG_SECONDS:-10}s` and divides by the requests served. Keeps the
+# profile in target/callgrind/ for `callgrind_annotate --inclusive=yes`.
 set -euo pipefail
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -35,12 +39,13 @@ source "$ROOT/benches/proxy/common.sh"
 
 mkdir -p "$ROOT/target/callgrind"
 write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
-write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$P_EMU"
+write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$P_EMU" "${CG_PROXY_KEYS:-}"
 
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
 OUT="$ROOT/target/callgrind/callgrind.$(date +%Y%m%d-%H%M%S).out"
-TOKIO_WORKER_THREADS=1 RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
+# shellcheck disable=SC2086 # CG_ENV is a list of NAME=value words
+env ${CG_ENV-TOKIO_WORKER_THREADS=1} RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$OUT" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
 PID=$!
 PIDS+=("$PID")

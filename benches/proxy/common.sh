@@ -83,12 +83,16 @@ CONF
 
 # Writes the config of sso-token-proxy as benchmarked: the upstream above,
 # its token from the built-in emulator (an hour-long token, so no refresh
-# falls inside a run).
-write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-port
+# falls inside a run), every other setting at its default. Extra `[proxy]`
+# keys (e.g. 'runtime = "thread_per_core"'), separated by `;`, may follow.
+write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-port [proxy-keys]
+    local extra=""
+    [[ -z ${6:-} ]] || extra="$(tr ';' '\n' <<<"$6")"
     cat >"$1" <<CONF
 [proxy]
 listen = "127.0.0.1:$2"
 upstream = "http://127.0.0.1:$3"
+$extra
 [admin]
 listen = "127.0.0.1:$4"
 [oidc]
@@ -104,4 +108,40 @@ refresh_before_expiry = "5m"
 listen = "127.0.0.1:$5"
 access_token_lifetime = "1h"
 CONF
+}
+
+# A process and all its descendants (nginx's master and workers), one pid a
+# line.
+proc_tree() { # pid
+    local pid=$1 child
+    [[ -d /proc/$pid ]] || return 0
+    echo "$pid"
+    for child in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        proc_tree "$child"
+    done
+}
+
+# User and system CPU ticks (all threads) summed over a process tree.
+tree_cpu_ticks() { # pid
+    local u=0 s=0 pid fields
+    for pid in $(proc_tree "$1"); do
+        # Fields after the command name, which may hold spaces.
+        fields="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
+        read -r _ _ _ _ _ _ _ _ _ _ _ ut st _ <<<"$fields"
+        u=$((u + ut)) s=$((s + st))
+    done
+    echo "$u $s"
+}
+
+# Resident and proportional set size in kB, summed over a process tree:
+# RSS counts pages shared between processes (nginx's master and workers)
+# once per process, PSS splits them.
+tree_mem_kb() { # pid
+    local r=0 p=0 pid rss pss
+    for pid in $(proc_tree "$1"); do
+        read -r rss pss < <(awk '/^Rss:/ {r = $2} /^Pss:/ {p = $2} END {print r + 0, p + 0}' \
+            "/proc/$pid/smaps_rollup" 2>/dev/null || echo "0 0")
+        r=$((r + rss)) p=$((p + pss))
+    done
+    echo "$r $p"
 }
