@@ -2198,6 +2198,17 @@ assertion_file = "/var/run/secrets/sso-token-proxy/token"
         assert!(err.problems[0].1.contains("sources.pod.source"), "{err}");
     }
 
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn jwt_bearer_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/jwt-bearer.toml");
+        let c = Config::load(Path::new(path)).unwrap();
+        assert_eq!(c.token.source, SourceKind::JwtBearer);
+        let emulator = c.emulator.unwrap();
+        assert_eq!(emulator.assertion_file, c.token.assertion_file);
+        assert_eq!(emulator.assertion_subject, "quickstart-pod");
+    }
+
     #[cfg(not(feature = "aws-iam"))]
     #[test]
     fn jwt_bearer_needs_the_aws_iam_feature() {

@@ -222,6 +222,63 @@ async fn proxy_forwards_the_token_of_the_files_subject() {
     let _ = child.wait().await;
 }
 
+#[tokio::test]
+async fn embedded_emulator_keeps_the_assertion_file_like_a_kubelet() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator_addr = free_addr();
+    let text = format!(
+        r#"[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://{emulator_addr}"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+endpoint = "http://{emulator_addr}"
+region = "us-east-1"
+client_id = "{DEFAULT_APPLICATION_ARN}"
+[token]
+source = "jwt_bearer"
+assertion_file = "assertion.jwt"
+[emulator]
+listen = "{emulator_addr}"
+assertion_file = "assertion.jwt"
+assertion_subject = "embedded-pod"
+"#
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    // The file does not exist yet: the embedded emulator writes it at start.
+    let out = run(
+        command(dir.path(), TEST_SECRET_ACCESS_KEY, "info"),
+        &["check-config", "--no-bind-check"],
+        &config,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        command(dir.path(), TEST_SECRET_ACCESS_KEY, "info"),
+        &["token"],
+        &config,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        token_subject(printed["accessToken"].as_str().unwrap()).as_deref(),
+        Some("embedded-pod")
+    );
+    let jwt = std::fs::read_to_string(dir.path().join("assertion.jwt")).unwrap();
+    assert_eq!(jwt.split('.').count(), 3, "a JWT was written");
+}
+
 /// Replaces `path` as a kubelet does: a new file renamed over the old one.
 fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

@@ -31,6 +31,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Result<Response, Re
         (&Method::POST, "/_emulator/device/approve") => Route::Decide { approve: true },
         (&Method::POST, "/_emulator/device/deny") => Route::Decide { approve: false },
         (&Method::POST, "/_emulator/jwt") => Route::MintAssertion,
+        (&Method::POST, "/_emulator/applications") => Route::Applications,
         (&Method::GET, idp::JWKS_PATH) => Route::Jwks,
         (&Method::GET, idp::DISCOVERY_PATH) => Route::Discovery,
         _ => return Err(req),
@@ -74,6 +75,7 @@ enum Route {
     DevicePage,
     Decide { approve: bool },
     MintAssertion,
+    Applications,
     Jwks,
     Discovery,
 }
@@ -168,6 +170,16 @@ struct UserCodeBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ApplicationBody {
+    arn: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MintBody {
     sub: String,
     #[serde(default)]
@@ -254,6 +266,17 @@ fn run(shared: &Shared, route: Route, headers: &HeaderMap, body: &[u8]) -> Respo
                 b.expired,
             );
             wire::json(StatusCode::OK, &json!({"assertion": assertion}))
+        }),
+        Route::Applications => parse::<ApplicationBody>(body).map(|b| {
+            if b.arn.trim().is_empty() {
+                return bad_request("arn must not be empty");
+            }
+            shared.lock().iam.add_application(iam::EmulatorApplication {
+                arn: b.arn.clone(),
+                audiences: b.audiences,
+                scopes: b.scopes,
+            });
+            wire::json(StatusCode::OK, &json!({"ok": true, "arn": b.arn}))
         }),
         Route::Counters | Route::DevicePage | Route::Jwks | Route::Discovery => {
             Ok(not_found("no such admin route"))

@@ -103,6 +103,12 @@ impl IamState {
         }
     }
 
+    /// Adds (or replaces) an application.
+    pub(crate) fn add_application(&mut self, application: EmulatorApplication) {
+        self.applications
+            .insert(application.arn.clone(), application);
+    }
+
     #[cfg(test)]
     pub(crate) fn for_tests() -> Self {
         Self::new(

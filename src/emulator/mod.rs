@@ -9,6 +9,7 @@
 //! | `POST /device_authorization` | `StartDeviceAuthorization` |
 //! | `POST /token` | `CreateToken`: `refresh_token`, device code and `authorization_code` (PKCE S256) grants |
 //! | `POST /token?aws_iam=t` | `CreateTokenWithIAM`, SigV4-verified against the test credentials: JWT bearer (assertions of the test issuer), token exchange, `refresh_token` and `authorization_code` grants |
+//! | `POST /_emulator/applications` | add an application for `CreateTokenWithIAM`: `{"arn", "audiences"?, "scopes"?}` |
 //! | `POST /_emulator/jwt` | mint an assertion of the test issuer: `{"sub", "aud"?, "lifetime_secs"?, "expired"?}` → `{"assertion"}` |
 //! | `GET /_emulator/idp/jwks.json`, `GET /_emulator/idp/.well-known/openid-configuration` | the test issuer's key and discovery document (issuer `<base>/_emulator/idp`) |
 //! | `POST /_emulator/faults`, `DELETE /_emulator/faults` | script faults per operation, clear them |
@@ -424,6 +425,11 @@ impl EmulatorHandle {
             self.shared
                 .mint_assertion(subject, audience, lifetime, expired),
         )
+    }
+
+    /// Adds (or replaces) an application `CreateTokenWithIAM` knows.
+    pub fn add_application(&self, application: EmulatorApplication) {
+        self.shared.lock().iam.add_application(application);
     }
 
     /// Approves the pending device authorization with this user code.
