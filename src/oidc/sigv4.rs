@@ -34,14 +34,11 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::error::{Cause, OidcError, Operation};
-use crate::secret::Secret;
+use crate::{metric_names::AWS_CREDENTIALS_LOADS_TOTAL, secret::Secret};
 
 /// The SigV4 signing name of IAM Identity Center OIDC (`aws.auth#sigv4` in
 /// the service model).
 pub const SIGNING_NAME: &str = "sso-oauth";
-
-/// Metric: credential resolutions by outcome (`ok`, `error`).
-const CREDENTIAL_LOADS: &str = "sso_token_proxy_aws_credentials_loads_total";
 
 /// Credentials are replaced this long before they expire (or at half their
 /// remaining life, if that is sooner).
@@ -138,7 +135,7 @@ impl AwsCredentials {
             .await;
         match provider.provide_credentials().await {
             Ok(credentials) => {
-                metrics::counter!(CREDENTIAL_LOADS, "outcome" => "ok").increment(1);
+                metrics::counter!(AWS_CREDENTIALS_LOADS_TOTAL.name, "outcome" => "ok").increment(1);
                 let now = SystemTime::now();
                 let reuse_until = reuse_until(credentials.expiry(), now);
                 tracing::debug!(
@@ -155,7 +152,8 @@ impl AwsCredentials {
                 Ok(credentials)
             }
             Err(e) => {
-                metrics::counter!(CREDENTIAL_LOADS, "outcome" => "error").increment(1);
+                metrics::counter!(AWS_CREDENTIALS_LOADS_TOTAL.name, "outcome" => "error")
+                    .increment(1);
                 match cached.as_ref() {
                     Some(c) if c.credentials.expiry().is_none_or(|exp| now < exp) => {
                         tracing::warn!(error = %e, "could not refresh AWS credentials; using the held ones until they expire");

@@ -14,10 +14,7 @@ use std::{
 use sha2::{Digest as _, Sha256};
 
 use super::{FetchFuture, IamExchange, IamGrant, Reuse, Token, TokenError, TokenSource};
-use crate::config::read_secret_file;
-
-/// Metric: the assertion file held a different JWT than at the last exchange.
-const ASSERTION_ROTATIONS: &str = "sso_token_proxy_assertion_rotations_total";
+use crate::{config::read_secret_file, metric_names::ASSERTION_ROTATIONS_TOTAL};
 
 struct Held {
     access: Option<Token>,
@@ -74,7 +71,7 @@ impl JwtBearerSource {
             })?;
         let digest: [u8; 32] = Sha256::digest(assertion.expose().as_bytes()).into();
         if held.assertion_digest.is_some_and(|d| d != digest) {
-            metrics::counter!(ASSERTION_ROTATIONS).increment(1);
+            metrics::counter!(ASSERTION_ROTATIONS_TOTAL.name).increment(1);
             tracing::info!(path = %self.assertion_file.display(), "assertion file rotated");
         }
         held.assertion_digest = Some(digest);
