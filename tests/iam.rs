@@ -2,7 +2,6 @@
 //! emulator's independent verifier over HTTP and HTTPS/h2, every modelled
 //! error, wrong keys refused, and the `jwt_bearer` source through the token
 //! cache with a rotating assertion file.
-#![cfg(feature = "aws-iam")]
 
 #[path = "support/tls_front.rs"]
 mod tls_front;

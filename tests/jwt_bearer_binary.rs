@@ -2,7 +2,6 @@
 //! environment (the standard chain), the assertion file re-read, the token
 //! the emulator issued for the file's subject forwarded upstream, a wrong
 //! secret key refused, and no secret in the logs.
-#![cfg(feature = "aws-iam")]
 
 #[allow(dead_code)]
 #[path = "support/binary_harness.rs"]

@@ -14,7 +14,7 @@ use std::{
 use sha2::{Digest as _, Sha256};
 
 use super::{FetchFuture, IamExchange, IamGrant, Reuse, Token, TokenError, TokenSource};
-use crate::{config::read_secret_file, metric_names::ASSERTION_ROTATIONS_TOTAL};
+use crate::{metric_names::ASSERTION_ROTATIONS_TOTAL, secret::read_secret_file};
 
 struct Held {
     access: Option<Token>,
