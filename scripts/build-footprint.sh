@@ -16,9 +16,7 @@ sets=(
     "layer|--no-default-features --features layer"
     "layer,redis|--no-default-features --features layer,redis"
     "emulator|--no-default-features --features emulator"
-    "aws-iam|--no-default-features --features aws-iam"
-    "proxy|--no-default-features --features proxy"
-    "default (proxy, aws-iam)|"
+    "default (proxy)|"
 )
 
 # Fetch once, so the timings are compiling only.

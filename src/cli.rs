@@ -14,12 +14,12 @@ use tokio::net::TcpListener;
 use crate::{
     admin,
     config::{
-        Config, ConfigError, DEFAULT_SOURCE, EmulatorSection, LoginConfig, OidcConfig,
+        Config, ConfigError, DEFAULT_SOURCE, EmulatorSection, LoginConfig, OidcConfig, RouteConfig,
         SourceConfig, SourceKind,
     },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
-    proxy::Proxy,
+    proxy::{Proxy, ProxyError, Route},
     sources::TokenSources,
     tls,
     token::{
@@ -206,7 +206,7 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
     if bind_check {
         for (key, addr) in listen_addrs(&config) {
             if let Err(e) = std::net::TcpListener::bind(addr) {
-                problems.push((key.to_owned(), format!("cannot listen on {addr}: {e}")));
+                problems.push((key, format!("cannot listen on {addr}: {e}")));
             }
         }
     }
@@ -225,20 +225,6 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
                     && let Err(e) = SsoCacheFile::load(p)
                 {
                     problems.push((source.key("sso_cache_file"), e.to_string()));
-                }
-            }
-            SourceKind::JwtBearer => {
-                // The embedded emulator writes its own assertion file at start.
-                let written_by_emulator = config
-                    .emulator
-                    .as_ref()
-                    .and_then(|e| e.assertion_file.as_ref())
-                    == source.token.assertion_file.as_ref();
-                if let Some(p) = &source.token.assertion_file
-                    && !written_by_emulator
-                    && let Err(reason) = crate::config::read_secret_file(p)
-                {
-                    problems.push((source.key("assertion_file"), reason));
                 }
             }
         }
@@ -268,8 +254,6 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
                 source.key("sso_cache_file"),
                 source.token.sso_cache_file.as_ref(),
             ),
-            // Reads its assertion file, writes nothing.
-            SourceKind::JwtBearer => (source.key("assertion_file"), None),
         });
     files
         .filter_map(|(key, path)| {
@@ -293,15 +277,85 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
         .collect()
 }
 
-fn listen_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
-    let mut out = vec![
-        ("proxy.listen", config.proxy.listen),
-        ("admin.listen", config.admin.listen),
-    ];
+fn listen_addrs(config: &Config) -> Vec<(String, SocketAddr)> {
+    let mut out: Vec<(String, SocketAddr)> = route_listeners(config)
+        .into_iter()
+        .map(|(key, addr, _)| (key, addr))
+        .collect();
+    out.push(("admin.listen".to_owned(), config.admin.listen));
     if let Some(e) = &config.emulator {
-        out.push(("emulator.listen", e.listen));
+        out.push(("emulator.listen".to_owned(), e.listen));
     }
     out
+}
+
+/// The proxy's listeners: each address some route is served on, with the
+/// key that names it (`proxy.listen`, else the first route's `listen`)
+/// and its routes in matching order.
+fn route_listeners(config: &Config) -> Vec<(String, SocketAddr, Vec<&RouteConfig>)> {
+    let mut out: Vec<(String, SocketAddr, Vec<&RouteConfig>)> = Vec::new();
+    for route in &config.routes {
+        match out.iter_mut().find(|(_, addr, _)| *addr == route.listen) {
+            Some((_, _, routes)) => routes.push(route),
+            None => {
+                let key = if route.listen == config.proxy.listen {
+                    "proxy.listen".to_owned()
+                } else {
+                    route.key("listen")
+                };
+                out.push((key, route.listen, vec![route]));
+            }
+        }
+    }
+    out
+}
+
+/// A listener's routes as the proxy takes them, with their sources'
+/// caches.
+fn proxy_routes(routes: &[&RouteConfig], sources: &TokenSources) -> Vec<Route> {
+    routes
+        .iter()
+        .map(|r| {
+            // Validation made sure the source exists.
+            let cache = sources
+                .get(&r.token_source)
+                .unwrap_or_else(|| sources.default_cache())
+                .clone();
+            let mut route = Route::new(r.name.clone(), r.upstream.clone(), cache)
+                .strip_prefix(r.strip_prefix)
+                .token_header(r.token_header.clone())
+                .token_format(r.token_format.clone())
+                .preserve_host(r.preserve_host)
+                .forwarded_headers(r.forwarded_headers)
+                .escaped_slashes(r.escaped_slashes);
+            if let Some(host) = &r.host {
+                route = route.host(host.clone());
+            }
+            if let Some(prefix) = &r.path_prefix {
+                route = route.path_prefix(prefix.clone());
+            }
+            if let Some(ca) = &r.upstream_ca_file {
+                route = route.upstream_ca_file(ca.clone());
+            }
+            route
+        })
+        .collect()
+}
+
+/// A problem building a proxy, as `FILE: key: reason` with the route's key.
+fn proxy_problem(config: &Config, e: ProxyError) -> Failure {
+    match &e {
+        ProxyError::Route { route, key, reason } => {
+            let section = config
+                .routes
+                .iter()
+                .find(|r| &r.name == route)
+                .map_or_else(|| format!("route.{route}"), |r| r.section.clone());
+            // `proxy.upstream_ca_file` for the implicit route.
+            config_problem(config, &format!("{section}.{key}"), reason.clone())
+        }
+        _ => config_problem(config, e.config_key(), e.to_string()),
+    }
 }
 
 // === shared set-up ===
@@ -410,50 +464,7 @@ async fn start_embedded_emulator(
         }
     };
     tracing::info!(url = %handle.url(), "built-in SSO-OIDC emulator started");
-    if let Some(path) = &section.assertion_file {
-        keep_assertion_file(file, section, &handle, path.clone())?;
-    }
     Ok(Some(handle))
-}
-
-/// Writes a JWT of the emulator's test issuer to `path` now and again at
-/// 80% of its lifetime, as a kubelet does for a projected token.
-fn keep_assertion_file(
-    file: &Path,
-    section: &EmulatorSection,
-    emulator: &EmulatorHandle,
-    path: PathBuf,
-) -> Result<(), Failure> {
-    let (subject, lifetime) = (
-        section.assertion_subject.clone(),
-        section.assertion_lifetime,
-    );
-    let write = move |emulator: &EmulatorHandle, path: &Path| {
-        let jwt = emulator.mint_assertion(&subject, lifetime);
-        crate::fs_atomic::write_atomic(path, jwt.expose().as_bytes())
-    };
-    write(emulator, &path).map_err(|e| {
-        file_problem(
-            file,
-            "emulator.assertion_file",
-            format!("cannot write {}: {e}", path.display()),
-        )
-    })?;
-    let emulator = emulator.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(lifetime.mul_f64(0.8)).await;
-            match write(&emulator, &path) {
-                Ok(()) => {
-                    tracing::debug!(path = %path.display(), "emulator: assertion file rotated")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "emulator: cannot rotate the assertion file")
-                }
-            }
-        }
-    });
-    Ok(())
 }
 
 /// Whether an sso-token-proxy emulator answers on `listen`: its counters
@@ -492,16 +503,7 @@ async fn is_running_emulator(listen: SocketAddr) -> bool {
         .is_some()
 }
 
-/// Whether a source calls `CreateTokenWithIAM`, so the client must sign.
-fn needs_sigv4(sources: &[SourceConfig]) -> bool {
-    sources
-        .iter()
-        .any(|s| s.token.source == SourceKind::JwtBearer)
-}
-
-/// The one SSO-OIDC client of the process; with `sign`, it signs
-/// `CreateTokenWithIAM` with the AWS credential chain for `oidc.region`.
-fn oidc_client(file: &Path, oidc: &OidcConfig, sign: bool) -> Result<OidcClient, Failure> {
+fn oidc_client(file: &Path, oidc: &OidcConfig) -> Result<OidcClient, Failure> {
     let mut builder = OidcClient::builder()
         .fips(oidc.use_fips)
         .dual_stack(oidc.use_dual_stack)
@@ -513,17 +515,6 @@ fn oidc_client(file: &Path, oidc: &OidcConfig, sign: bool) -> Result<OidcClient,
     if let Some(endpoint) = &oidc.endpoint {
         builder = builder.endpoint(endpoint.clone());
     }
-    #[cfg(feature = "aws-iam")]
-    if sign && let Some(region) = &oidc.region {
-        use crate::oidc::{AwsCredentials, SigV4Signer};
-        // The credential chain is built at the first signed call.
-        builder = builder.sigv4(SigV4Signer::new(
-            AwsCredentials::default_chain(region.clone()),
-            region.clone(),
-        ));
-    }
-    #[cfg(not(feature = "aws-iam"))]
-    let _ = sign;
     builder.build().map_err(|e| {
         let key = if oidc.endpoint.is_some() {
             "oidc.endpoint"
@@ -569,7 +560,10 @@ async fn run(path: &Path) -> Result<(), Failure> {
             problems: unwritable,
         }));
     }
-    let proxy_listener = bind(&config, "proxy.listen", config.proxy.listen).await?;
+    let mut listeners = Vec::new();
+    for (key, addr, routes) in route_listeners(&config) {
+        listeners.push((bind(&config, &key, addr).await?, routes));
+    }
     let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;
     let emulator = start_embedded_emulator(
         &config.path,
@@ -578,16 +572,30 @@ async fn run(path: &Path) -> Result<(), Failure> {
         WhenTaken::Fail,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let sources = TokenSources::build(&config, &oidc)?;
     sources.spawn_credential_reloader();
-    let cache = sources.default_cache().clone();
-    let proxy = Proxy::new(&config.proxy, cache.clone())
-        .map_err(|e| config_problem(&config, e.config_key(), e.to_string()))?;
+    let mut proxies = Vec::new();
+    for (listener, routes) in listeners {
+        let proxy = Proxy::with_routes(&config.proxy, proxy_routes(&routes, &sources))
+            .map_err(|e| proxy_problem(&config, e))?;
+        for route in &routes {
+            tracing::info!(
+                route = %route.name,
+                listen = %route.listen,
+                host = route.host.as_deref().unwrap_or("*"),
+                path_prefix = route.path_prefix.as_deref().unwrap_or("/"),
+                upstream = %route.upstream,
+                source = %route.token_source,
+                "route"
+            );
+        }
+        proxies.push((proxy, listener));
+    }
 
     // The first tokens are fetched now; readiness waits for them, start
     // does not.
-    sources.warm([DEFAULT_SOURCE]);
+    sources.warm(config.routes.iter().map(|r| r.token_source.as_str()));
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let admin_app = admin::router(sources.clone(), metrics);
@@ -603,25 +611,46 @@ async fn run(path: &Path) -> Result<(), Failure> {
     tracing::info!(
         proxy = %config.proxy.listen,
         admin = %config.admin.listen,
-        upstream = %config.proxy.upstream,
+        listeners = proxies.len(),
         "sso-token-proxy listening"
     );
-    let proxy_shutdown = {
+    {
         let tx = shutdown_tx.clone();
-        async move {
+        tokio::spawn(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: no new connections, draining in-flight requests");
             let _ = tx.send(true);
-        }
-    };
-    proxy
-        .serve(proxy_listener, proxy_shutdown)
-        .await
-        .map_err(|e| Failure::Other(format!("proxy server failed: {e}")))?;
+        });
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    for (proxy, listener) in proxies {
+        let mut stop = shutdown_rx.clone();
+        servers.spawn(proxy.serve(listener, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    if servers.is_empty() {
+        let mut stop = shutdown_rx.clone();
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
+    let mut failure = None;
+    while let Some(done) = servers.join_next().await {
+        let error = match done {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("proxy server failed: {e}"),
+            Err(e) => format!("proxy server task failed: {e}"),
+        };
+        // One listener down takes the others with it.
+        let _ = shutdown_tx.send(true);
+        failure.get_or_insert(error);
+    }
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     if let Some(emulator) = emulator {
         emulator.shutdown().await;
+    }
+    if let Some(message) = failure {
+        return Err(Failure::Other(message));
     }
     tracing::info!("stopped");
     Ok(())
@@ -663,7 +692,7 @@ async fn token(path: &Path, fresh: bool, count: Option<u32>) -> Result<(), Failu
         WhenTaken::UseRunning,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let sources = TokenSources::build(&config, &oidc)?;
     let source = sources.default_cache().source();
     let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));
@@ -723,7 +752,7 @@ async fn login(path: &Path) -> Result<(), Failure> {
         WhenTaken::UseRunning,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc, false)?;
+    let oidc = oidc_client(&config.path, &config.oidc)?;
     let mut options = LoginOptions::new(start_url, region, cache_file.clone());
     options.scopes = config.token.scopes.clone();
     options.retry = config.retry.clone();

@@ -11,11 +11,16 @@ use std::{
 use http::Uri;
 use toml::{Table, Value};
 
-pub(crate) use crate::secret::read_secret_file;
+use http::HeaderName;
+
 use crate::{
     fs_atomic::expand_tilde,
+    layer::TokenFormat,
     oidc::{EndpointParams, resolve_endpoint},
-    proxy::EscapedSlashes,
+    proxy::{
+        DEFAULT_ROUTE, EscapedSlashes, HostMatch, check_token_header, parse_path_prefix,
+        prefix_covers,
+    },
     retry::{Backoff, Jitter, RetryConfig},
     secret::Secret,
 };
@@ -60,10 +65,6 @@ pub(crate) enum SourceKind {
     RefreshToken,
     /// An AWS SSO cache file.
     SsoCache,
-    /// `CreateTokenWithIAM` with the JWT in `assertion_file`, for the
-    /// application whose ARN is the source's `client_id`; SigV4-signed with
-    /// the AWS credential chain.
-    JwtBearer,
 }
 
 /// `[proxy]`.
@@ -71,8 +72,10 @@ pub(crate) enum SourceKind {
 pub struct ProxyConfig {
     /// Where the proxy listens.
     pub listen: SocketAddr,
-    /// The one upstream every request goes to.
-    pub upstream: Uri,
+    /// The upstream of the route [`Proxy::new`](crate::proxy::Proxy::new)
+    /// makes (the config file's implicit route `default`); `None` for a
+    /// proxy with only explicit routes.
+    pub upstream: Option<Uri>,
     /// Extra CA certificates for an https upstream.
     pub upstream_ca_file: Option<PathBuf>,
     /// Keep the client's `Host` instead of the upstream's authority.
@@ -137,8 +140,18 @@ impl ProxyConfig {
     /// A config with every optional key at its default.
     pub fn new(listen: SocketAddr, upstream: Uri) -> Self {
         Self {
+            upstream: Some(upstream),
+            ..Self::for_routes(listen)
+        }
+    }
+
+    /// A config without an upstream of its own, for
+    /// [`Proxy::with_routes`](crate::proxy::Proxy::with_routes), with every
+    /// optional key at its default.
+    pub fn for_routes(listen: SocketAddr) -> Self {
+        Self {
             listen,
-            upstream,
+            upstream: None,
             upstream_ca_file: None,
             preserve_host: false,
             forwarded_headers: true,
@@ -225,8 +238,6 @@ pub(crate) struct TokenConfig {
     pub(crate) expiry_margin: Duration,
     /// Access portal URL, for `login`.
     pub(crate) start_url: Option<String>,
-    /// The JWT the jwt_bearer source exchanges (re-read for every exchange).
-    pub(crate) assertion_file: Option<PathBuf>,
 }
 
 /// One named token source: `[token]` with `[oidc]`'s client is
@@ -256,6 +267,48 @@ impl SourceConfig {
     }
 }
 
+/// One route: a `[[route]]` table, or the implicit route `default` that
+/// `[proxy] upstream` makes (last, on `proxy.listen`, taking everything).
+#[derive(Debug, Clone)]
+pub(crate) struct RouteConfig {
+    /// Its name, the `route` label of its metrics.
+    pub(crate) name: String,
+    /// Where its keys are written: `route.NAME`, or `proxy` for the
+    /// implicit route (for messages).
+    pub(crate) section: String,
+    /// The listener it is served on (`listen`, else `proxy.listen`).
+    pub(crate) listen: SocketAddr,
+    /// The host it takes, as written (`name` or `name:port`).
+    pub(crate) host: Option<String>,
+    /// The path prefix it takes, as written.
+    pub(crate) path_prefix: Option<String>,
+    /// Remove the prefix before joining with the upstream's base path.
+    pub(crate) strip_prefix: bool,
+    /// Where its requests go.
+    pub(crate) upstream: Uri,
+    /// Extra CA certificates for an https upstream (else `[proxy]`'s).
+    pub(crate) upstream_ca_file: Option<PathBuf>,
+    /// The name of the source its token comes from.
+    pub(crate) token_source: String,
+    /// The header the token goes in.
+    pub(crate) token_header: HeaderName,
+    /// How the token is written into that header.
+    pub(crate) token_format: TokenFormat,
+    /// Keep the client's `Host`.
+    pub(crate) preserve_host: bool,
+    /// Add `Via` and `X-Forwarded-*`.
+    pub(crate) forwarded_headers: bool,
+    /// What escaped slashes in a path do.
+    pub(crate) escaped_slashes: EscapedSlashes,
+}
+
+impl RouteConfig {
+    /// `section.key`, for messages.
+    pub(crate) fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.section)
+    }
+}
+
 /// `[emulator]`: run the built-in emulator in-process (quick start).
 #[derive(Debug, Clone)]
 pub(crate) struct EmulatorSection {
@@ -265,14 +318,6 @@ pub(crate) struct EmulatorSection {
     pub(crate) access_token_lifetime: Duration,
     /// Whether it rotates refresh tokens.
     pub(crate) rotate_refresh_tokens: bool,
-    /// A file the emulator keeps filled with a JWT of its test issuer, as a
-    /// kubelet keeps a projected service-account token (quick start of the
-    /// jwt_bearer source).
-    pub(crate) assertion_file: Option<PathBuf>,
-    /// The `sub` of those JWTs.
-    pub(crate) assertion_subject: String,
-    /// Their lifetime; each is replaced at 80% of it.
-    pub(crate) assertion_lifetime: Duration,
 }
 
 /// Where the tokens live (`[store] kind`).
@@ -325,6 +370,9 @@ pub(crate) struct Config {
     /// Every token source by name: `"default"` (`[token]`) first, then the
     /// `[sources.NAME]` tables in name order.
     pub(crate) sources: Vec<SourceConfig>,
+    /// Every route in matching order: the `[[route]]` tables as written,
+    /// then the implicit `default` of `[proxy] upstream`.
+    pub(crate) routes: Vec<RouteConfig>,
     /// `[retry]`.
     pub(crate) retry: RetryConfig,
     /// `[emulator]`, when present.
@@ -446,7 +494,24 @@ pub(crate) fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<
 const DAY: u64 = 24 * 3600;
 
 const SECTIONS: &[&str] = &[
-    "proxy", "admin", "oidc", "token", "sources", "retry", "emulator", "store",
+    "proxy", "admin", "oidc", "token", "sources", "route", "retry", "emulator", "store",
+];
+
+/// The keys of a `[[route]]`.
+const ROUTE_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "host",
+    "path_prefix",
+    "strip_prefix",
+    "upstream",
+    "upstream_ca_file",
+    "token_source",
+    "token_header",
+    "token_format",
+    "preserve_host",
+    "forwarded_headers",
+    "escaped_slashes",
 ];
 
 /// The keys of `[token]`, which every `[sources.NAME]` also takes.
@@ -461,7 +526,6 @@ const TOKEN_KEYS: &[&str] = &[
     "expiry_margin",
     "start_url",
     "session_name",
-    "assertion_file",
 ];
 
 /// What `[sources.NAME]` takes beyond [`TOKEN_KEYS`]: its own client.
@@ -484,6 +548,7 @@ struct Sections {
     oidc: Option<OidcConfig>,
     token: Option<TokenConfig>,
     sources: Vec<SourceConfig>,
+    routes: Vec<RouteConfig>,
     retry: Option<RetryConfig>,
     emulator: Option<EmulatorSection>,
     store: Option<StoreConfig>,
@@ -747,6 +812,7 @@ impl Reader {
             oidc: s.oidc?,
             token: s.token?,
             sources: s.sources,
+            routes: s.routes,
             retry: s.retry?,
             emulator: s.emulator,
             store: s.store?,
@@ -798,14 +864,12 @@ impl Reader {
         if let Some(store) = &store {
             self.sources_share_credentials(&sources, store);
         }
-        if let Some(oidc) = &oidc {
-            for source in sources
-                .iter()
-                .filter(|s| s.token.source == SourceKind::JwtBearer)
-            {
-                self.jwt_bearer_client(oidc, source);
+        let routes = match (&proxy, &admin) {
+            (Some(proxy), Some(admin)) => {
+                self.routes(root, proxy, admin, emulator.as_ref(), &sources)
             }
-        }
+            _ => Vec::new(),
+        };
         if let (Some(oidc), Some(token)) = (&oidc, &token)
             && token.source == SourceKind::RefreshToken
         {
@@ -844,42 +908,10 @@ impl Reader {
             oidc,
             token,
             sources,
+            routes,
             retry,
             emulator,
             store,
-        }
-    }
-
-    /// A jwt_bearer source's client: an application ARN as its client id,
-    /// and a region to sign for.
-    fn jwt_bearer_client(&mut self, oidc: &OidcConfig, source: &SourceConfig) {
-        let reported = |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
-        let key = format!("{}.client_id", source.client_section);
-        match source.client_id.as_deref() {
-            None if !reported(self, &key) => self.problem(
-                key,
-                format!(
-                    "missing required key ({} = \"jwt_bearer\" needs the application ARN, e.g. \"arn:aws:sso::111122223333:application/ssoins-.../apl-...\")",
-                    source.key("source")
-                ),
-            ),
-            Some(id) if !is_application_arn(id) => self.problem(
-                key,
-                format!(
-                    "`{id}` is not an application ARN; {} = \"jwt_bearer\" needs the ARN of an Identity Center application (arn:aws:sso::ACCOUNT:application/...)",
-                    source.key("source")
-                ),
-            ),
-            _ => {}
-        }
-        if oidc.region.is_none() && !reported(self, "oidc.region") {
-            self.problem(
-                "oidc.region",
-                format!(
-                    "missing: {} = \"jwt_bearer\" signs requests with SigV4 and needs the region (also with an explicit endpoint)",
-                    source.key("source")
-                ),
-            );
         }
     }
 
@@ -920,9 +952,20 @@ impl Reader {
             return None;
         }
         let listen = self.socket_addr(&s, "listen", true);
-        let upstream = self
-            .required_string(&s, "upstream")
-            .and_then(|u| self.upstream(&u));
+        // Without routes every request goes to `upstream`; with them it is
+        // the implicit route `default`, which may be left out.
+        let upstream = match self.string(&s, "upstream") {
+            Some(text) => Some(self.upstream_url("proxy.upstream", &text)?),
+            None if self.raw(&s, "upstream").is_some() => return None,
+            None if !root.contains_key("route") => {
+                self.problem(
+                    "proxy.upstream",
+                    "missing required key (where requests go), or add [[route]] tables",
+                );
+                return None;
+            }
+            None => None,
+        };
         let upstream_ca_file = self.path(&s, "upstream_ca_file");
         if let Some(p) = &upstream_ca_file
             && let Err(e) = std::fs::metadata(p)
@@ -932,7 +975,10 @@ impl Reader {
                 format!("cannot read {}: {e}", p.display()),
             );
         }
-        let d = ProxyConfig::new(listen?, upstream?);
+        let d = ProxyConfig {
+            upstream,
+            ..ProxyConfig::for_routes(listen?)
+        };
         // Bounds: wide enough for any real client or upstream, narrow
         // enough that a typo cannot hold connections for days or disable a
         // limit.
@@ -1057,8 +1103,7 @@ impl Reader {
         Some(cfg)
     }
 
-    fn upstream(&mut self, text: &str) -> Option<Uri> {
-        let key = "proxy.upstream";
+    fn upstream_url(&mut self, key: &str, text: &str) -> Option<Uri> {
         let uri: Uri = match text.parse() {
             Ok(u) => u,
             Err(e) => {
@@ -1377,6 +1422,278 @@ impl Reader {
         }
     }
 
+    /// The `[[route]]` tables in order, then the implicit route `default`
+    /// of `[proxy] upstream`, with the checks across routes.
+    fn routes(
+        &mut self,
+        root: &Table,
+        proxy: &ProxyConfig,
+        admin: &AdminConfig,
+        emulator: Option<&EmulatorSection>,
+        sources: &[SourceConfig],
+    ) -> Vec<RouteConfig> {
+        let tables: Vec<&Table> = match root.get("route") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let tables: Vec<&Table> = items.iter().filter_map(Value::as_table).collect();
+                if tables.len() != items.len() {
+                    self.problem("route", "must be tables: write [[route]]");
+                }
+                tables
+            }
+            Some(_) => {
+                self.problem(
+                    "route",
+                    "must be an array of tables: write [[route]], not [route]",
+                );
+                return Vec::new();
+            }
+        };
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (i, table) in tables.into_iter().enumerate() {
+            if let Some(route) = self.route(i, table, proxy, admin, emulator, sources, &routes) {
+                routes.push(route);
+            }
+        }
+        if let Some(upstream) = &proxy.upstream {
+            if let Some(taken) = routes.iter().find(|r| r.name == DEFAULT_ROUTE) {
+                self.problem(
+                    taken.key("name"),
+                    "\"default\" is the route [proxy] upstream makes; give this one another name",
+                );
+            }
+            routes.push(RouteConfig {
+                name: DEFAULT_ROUTE.to_owned(),
+                section: "proxy".to_owned(),
+                listen: proxy.listen,
+                host: None,
+                path_prefix: None,
+                strip_prefix: false,
+                upstream: upstream.clone(),
+                upstream_ca_file: None,
+                token_source: DEFAULT_SOURCE.to_owned(),
+                token_header: http::header::AUTHORIZATION,
+                token_format: TokenFormat::bearer(),
+                preserve_host: proxy.preserve_host,
+                forwarded_headers: proxy.forwarded_headers,
+                escaped_slashes: proxy.escaped_slashes,
+            });
+        }
+        self.unreachable_routes(&routes);
+        routes
+    }
+
+    /// One `[[route]]`, the `index`th (from 0); `earlier` are those before.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        index: usize,
+        table: &Table,
+        proxy: &ProxyConfig,
+        admin: &AdminConfig,
+        emulator: Option<&EmulatorSection>,
+        sources: &[SourceConfig],
+        earlier: &[RouteConfig],
+    ) -> Option<RouteConfig> {
+        // Named by its name once that is usable, by its place before.
+        let placed = format!("route[{}]", index + 1);
+        let name = match table.get("name") {
+            Some(Value::String(n)) => match check_name(n) {
+                Ok(()) => Some(n.clone()),
+                Err(reason) => {
+                    self.problem(format!("{placed}.name"), reason);
+                    None
+                }
+            },
+            Some(_) => {
+                self.problem(format!("{placed}.name"), "must be a string");
+                None
+            }
+            None => {
+                self.problem(
+                    format!("{placed}.name"),
+                    "missing required key (the route's name, its metric label)",
+                );
+                None
+            }
+        };
+        let section_name = name.as_ref().map_or(placed, |n| format!("route.{n}"));
+        let s = Section {
+            name: &section_name,
+            table: Some(table),
+        };
+        for key in table.keys() {
+            if !ROUTE_KEYS.contains(&key.as_str()) {
+                self.problem(
+                    format!("{section_name}.{key}"),
+                    format!("unknown key (known keys: {})", ROUTE_KEYS.join(", ")),
+                );
+            }
+        }
+        let key = |k: &str| format!("{section_name}.{k}");
+        let name = match name {
+            Some(n) if earlier.iter().any(|r| r.name == n) => {
+                self.problem(key("name"), "another route has this name");
+                None
+            }
+            n => n,
+        };
+        let listen = self.socket_addr(&s, "listen", false);
+        if let Some(addr) = listen
+            && addr.port() != 0
+        {
+            let taken_by = if addr == admin.listen {
+                Some("admin.listen")
+            } else if emulator.is_some_and(|e| e.listen == addr) {
+                Some("emulator.listen")
+            } else {
+                None
+            };
+            if let Some(other) = taken_by {
+                self.problem(key("listen"), format!("must differ from {other}"));
+            }
+        }
+        let host = self.string(&s, "host");
+        if let Some(h) = &host
+            && let Err(reason) = HostMatch::parse(h)
+        {
+            self.problem(key("host"), reason);
+        }
+        let path_prefix = self.string(&s, "path_prefix");
+        if let Some(p) = &path_prefix
+            && let Err(reason) = parse_path_prefix(p)
+        {
+            self.problem(key("path_prefix"), reason);
+        }
+        let strip_prefix = self.boolean(&s, "strip_prefix", false);
+        if strip_prefix && path_prefix.is_none() {
+            self.problem(
+                key("strip_prefix"),
+                "needs path_prefix (the prefix to strip)",
+            );
+        }
+        let upstream = self
+            .required_string(&s, "upstream")
+            .and_then(|u| self.upstream_url(&key("upstream"), &u));
+        let upstream_ca_file = self.path(&s, "upstream_ca_file");
+        if let Some(p) = &upstream_ca_file
+            && let Err(e) = std::fs::metadata(p)
+        {
+            self.problem(
+                key("upstream_ca_file"),
+                format!("cannot read {}: {e}", p.display()),
+            );
+        }
+        let token_source = self
+            .non_empty_string(&s, "token_source")
+            .unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
+        if !sources.iter().any(|src| src.name == token_source) {
+            let known: Vec<&str> = sources.iter().map(|src| src.name.as_str()).collect();
+            self.problem(
+                key("token_source"),
+                format!(
+                    "no source is named `{token_source}` (sources: {}; [token] is \"default\", others are [sources.NAME])",
+                    known.join(", ")
+                ),
+            );
+        }
+        let token_header = match self.string(&s, "token_header") {
+            None => Some(http::header::AUTHORIZATION),
+            Some(text) => match HeaderName::from_bytes(text.as_bytes()) {
+                Ok(h) => match check_token_header(&h) {
+                    Ok(()) => Some(h),
+                    Err(reason) => {
+                        self.problem(key("token_header"), reason);
+                        None
+                    }
+                },
+                Err(_) => {
+                    self.problem(
+                        key("token_header"),
+                        format!("`{text}` is not a header name; write e.g. \"X-Api-Token\""),
+                    );
+                    None
+                }
+            },
+        };
+        let token_format = match self.string(&s, "token_format") {
+            None => Some(TokenFormat::bearer()),
+            Some(text) => match TokenFormat::parse(&text) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    self.problem(key("token_format"), format!("`{text}`: {e}"));
+                    None
+                }
+            },
+        };
+        Some(RouteConfig {
+            name: name?,
+            section: section_name.clone(),
+            listen: listen.unwrap_or(proxy.listen),
+            host,
+            path_prefix,
+            strip_prefix,
+            upstream: upstream?,
+            upstream_ca_file,
+            token_source,
+            token_header: token_header?,
+            token_format: token_format?,
+            preserve_host: self.boolean(&s, "preserve_host", proxy.preserve_host),
+            forwarded_headers: self.boolean(&s, "forwarded_headers", proxy.forwarded_headers),
+            escaped_slashes: self.escaped_slashes(&s, proxy.escaped_slashes),
+        })
+    }
+
+    /// A route that an earlier one on its listener always takes first can
+    /// never match: a config error, not a silent dead route.
+    fn unreachable_routes(&mut self, routes: &[RouteConfig]) {
+        struct Matcher {
+            host: Option<HostMatch>,
+            prefix: Option<bytes::Bytes>,
+        }
+        let matchers: Vec<Matcher> = routes
+            .iter()
+            .map(|r| Matcher {
+                host: r.host.as_deref().and_then(|h| HostMatch::parse(h).ok()),
+                prefix: r
+                    .path_prefix
+                    .as_deref()
+                    .and_then(|p| parse_path_prefix(p).ok())
+                    .flatten(),
+            })
+            .collect();
+        for (j, later) in routes.iter().enumerate() {
+            let covered_by = routes[..j].iter().zip(&matchers).find(|(earlier, m)| {
+                let l = &matchers[j];
+                earlier.listen == later.listen
+                    && match (&m.host, &l.host) {
+                        (None, _) => true,
+                        (Some(a), Some(b)) => a.covers(b),
+                        (Some(_), None) => false,
+                    }
+                    && match (&m.prefix, &l.prefix) {
+                        (None, _) => true,
+                        (Some(a), Some(b)) => prefix_covers(a, b),
+                        (Some(_), None) => false,
+                    }
+            });
+            if let Some((earlier, _)) = covered_by {
+                let (key, what) = if later.section == "proxy" {
+                    ("proxy.upstream".to_owned(), "is never used".to_owned())
+                } else {
+                    (later.key("name"), "never matches".to_owned())
+                };
+                self.problem(
+                    key,
+                    format!(
+                        "{what}: route `{}` comes first on {} and takes every request it would",
+                        earlier.name, earlier.listen
+                    ),
+                );
+            }
+        }
+    }
+
     fn token(&mut self, root: &Table, purpose: Purpose) -> Option<TokenConfig> {
         let s = self.section(root, "token", TOKEN_KEYS);
         if root.get("token").is_none() && purpose == Purpose::Run {
@@ -1398,20 +1715,10 @@ impl Reader {
         let source = match source.as_deref() {
             Some("refresh_token") => SourceKind::RefreshToken,
             Some("sso_cache") => SourceKind::SsoCache,
-            Some("jwt_bearer") if cfg!(feature = "aws-iam") => SourceKind::JwtBearer,
-            Some("jwt_bearer") => {
-                self.problem(
-                    key("source"),
-                    "\"jwt_bearer\" needs AWS IAM support, which this build leaves out (Cargo feature `aws-iam`)",
-                );
-                return None;
-            }
             Some(other) => {
                 self.problem(
                     key("source"),
-                    format!(
-                        "`{other}` is not a source; use \"refresh_token\", \"sso_cache\" or \"jwt_bearer\""
-                    ),
+                    format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""),
                 );
                 return None;
             }
@@ -1420,16 +1727,6 @@ impl Reader {
             }
             None => return None,
         };
-        let assertion_file = self.path(s, "assertion_file");
-        if source == SourceKind::JwtBearer
-            && assertion_file.is_none()
-            && self.raw(s, "assertion_file").is_none()
-        {
-            self.problem(
-                key("assertion_file"),
-                "missing required key (source = \"jwt_bearer\" needs it), e.g. \"/var/run/secrets/sso-token-proxy/token\"",
-            );
-        }
         let refresh_token = self.secret(s, "refresh_token", source == SourceKind::RefreshToken);
         let start_url = self.non_empty_string(s, "start_url");
         let session_name = self.non_empty_string(s, "session_name");
@@ -1521,7 +1818,6 @@ impl Reader {
             refresh_before_expiry,
             expiry_margin,
             start_url,
-            assertion_file,
         })
     }
 
@@ -1690,28 +1986,8 @@ impl Reader {
         let s = self.section(
             root,
             "emulator",
-            &[
-                "listen",
-                "access_token_lifetime",
-                "rotate_refresh_tokens",
-                "assertion_file",
-                "assertion_subject",
-                "assertion_lifetime",
-            ],
+            &["listen", "access_token_lifetime", "rotate_refresh_tokens"],
         );
-        let assertion_lifetime = self.duration_within(
-            &s,
-            "assertion_lifetime",
-            Duration::from_secs(3600),
-            Duration::from_secs(10)..=Duration::from_secs(DAY),
-        );
-        let assertion_subject = self
-            .string(&s, "assertion_subject")
-            .unwrap_or_else(|| "quickstart-pod".to_owned());
-        if assertion_subject.trim().is_empty() {
-            self.problem("emulator.assertion_subject", "must not be empty");
-        }
-        let assertion_file = self.path(&s, "assertion_file");
         Some(EmulatorSection {
             listen: self.socket_addr(&s, "listen", true)?,
             access_token_lifetime: self.duration_within(
@@ -1721,22 +1997,8 @@ impl Reader {
                 Duration::from_secs(1)..=Duration::from_secs(7 * DAY),
             ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
-            assertion_file,
-            assertion_subject,
-            assertion_lifetime,
         })
     }
-}
-
-/// `arn:<partition>:sso::<account>:application/<instance>/<id>`, loosely.
-fn is_application_arn(text: &str) -> bool {
-    let parts: Vec<&str> = text.splitn(6, ':').collect();
-    matches!(parts[..], ["arn", partition, "sso", "", account, resource]
-        if partition.starts_with("aws")
-            && !account.is_empty()
-            && account.bytes().all(|b| b.is_ascii_digit())
-            && resource.starts_with("application/")
-            && resource.len() > "application/".len())
 }
 
 /// Whether two `refresh_token` sources redeem the same refresh token with
@@ -1764,6 +2026,37 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
             "`{name}` is not a name: use 1 to 64 letters, digits, `_` or `-`"
         ))
     }
+}
+
+/// Reads a secret file: trailing whitespace (the newline editors add) is
+/// dropped. Errors never include the contents.
+pub(crate) fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
+    use std::io::Read;
+    // Secrets are small; a bound keeps a mistaken path (`/dev/zero`) harmless.
+    const MAX_SECRET_BYTES: u64 = 64 * 1024;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?",
+            path.display()
+        ));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Ok((Secret::new(value), modified))
 }
 
 #[cfg(test)]
@@ -1812,7 +2105,6 @@ refresh_token = "r"
         ("store", "wait_timeout"),
         ("store", "command_timeout"),
         ("emulator", "access_token_lifetime"),
-        ("emulator", "assertion_lifetime"),
     ];
 
     /// MINIMAL with `key = "value"` in `[section]`.
@@ -1911,7 +2203,7 @@ refresh_token = "r"
     #[test]
     fn proxy_limits_have_defaults_and_bounds() {
         let c = parse(MINIMAL).unwrap();
-        let d = ProxyConfig::new(c.proxy.listen, c.proxy.upstream.clone());
+        let d = ProxyConfig::new(c.proxy.listen, c.proxy.upstream.clone().unwrap());
         assert_eq!(c.proxy.max_connections, d.max_connections);
         assert_eq!(c.proxy.request_body_timeout, d.request_body_timeout);
         assert!(c.proxy.upstream_max_response_headers >= 200);
@@ -2094,112 +2386,137 @@ refresh_token = "r"
         assert_eq!(keys(&err), ["sources.y.sso_cache_file"], "{err}");
     }
 
-    const JWT_BEARER: &str = r#"
-[proxy]
-listen = "127.0.0.1:8080"
-upstream = "http://127.0.0.1:9000"
-[admin]
-listen = "127.0.0.1:9901"
-[oidc]
-region = "eu-west-1"
-client_id = "arn:aws:sso::111122223333:application/ssoins-1111111111111111/apl-1111111111111111"
-[token]
-source = "jwt_bearer"
-assertion_file = "/var/run/secrets/sso-token-proxy/token"
-"#;
-
-    #[cfg(feature = "aws-iam")]
     #[test]
-    fn jwt_bearer_needs_an_application_arn_a_region_and_an_assertion_file() {
-        let c = parse(JWT_BEARER).unwrap();
-        assert_eq!(c.token.source, SourceKind::JwtBearer);
-        assert_eq!(
-            c.token.assertion_file.as_deref(),
-            Some(Path::new("/var/run/secrets/sso-token-proxy/token"))
-        );
-        let keys = |text: &str| -> Vec<String> {
-            parse(text)
-                .unwrap_err()
-                .problems
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect()
-        };
-        let text = JWT_BEARER
-            .replace(
-                "region = \"eu-west-1\"",
-                "endpoint = \"http://127.0.0.1:8999\"",
-            )
-            .replace("arn:aws:sso::111122223333:application", "my-client")
-            .replace("assertion_file = ", "#")
-            + "[emulator]\nlisten = \"127.0.0.1:8999\"\nassertion_lifetime = \"1s\"\n";
-        let found = keys(&text);
-        for key in [
-            "oidc.region",
-            "oidc.client_id",
-            "token.assertion_file",
-            "emulator.assertion_lifetime",
-        ] {
-            assert!(found.iter().any(|k| k == key), "{key} in {found:?}");
-        }
-    }
-
-    #[cfg(feature = "aws-iam")]
-    #[test]
-    fn a_named_jwt_bearer_source_takes_its_own_application_arn() {
+    fn routes_are_read_in_order_and_proxy_upstream_is_the_implicit_last() {
         let text = format!(
-            "{MINIMAL}[sources.pod]\nsource = \"jwt_bearer\"\nassertion_file = \"/run/token\"\n\
-             client_id = \"arn:aws:sso::111122223333:application/ssoins-1/apl-2\"\n"
+            "{MINIMAL}[sources.reports]\nscopes = [\"r\"]\n\
+             [[route]]\nname = \"vendor\"\nlisten = \"127.0.0.1:8081\"\nupstream = \"https://vendor.example/api\"\n\
+             token_header = \"X-Api-Token\"\ntoken_format = \"{{token}}\"\n\
+             [[route]]\nname = \"reports\"\npath_prefix = \"/reports/\"\nstrip_prefix = true\n\
+             upstream = \"http://127.0.0.1:9100/r\"\ntoken_source = \"reports\"\npreserve_host = true\n"
         );
         let c = parse(&text).unwrap();
-        let pod = c.sources.iter().find(|s| s.name == "pod").unwrap();
-        assert_eq!(pod.token.source, SourceKind::JwtBearer);
-        assert_eq!(
-            pod.client_id.as_deref(),
-            Some("arn:aws:sso::111122223333:application/ssoins-1/apl-2")
-        );
-        // Inheriting [oidc]'s client id (not an ARN) is named as a problem.
+        let names: Vec<_> = c.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["vendor", "reports", "default"]);
+        let vendor = &c.routes[0];
+        assert_eq!(vendor.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(vendor.token_header, "x-api-token");
+        assert_eq!(vendor.token_format.to_string(), "{token}");
+        assert_eq!(vendor.token_source, "default");
+        let reports = &c.routes[1];
+        assert_eq!(reports.listen, c.proxy.listen);
+        assert_eq!(reports.path_prefix.as_deref(), Some("/reports/"));
+        assert!(reports.strip_prefix && reports.preserve_host);
+        assert!(reports.forwarded_headers);
+        let default = &c.routes[2];
+        assert_eq!(default.section, "proxy");
+        assert_eq!(default.token_format, TokenFormat::bearer());
+        assert_eq!(Some(&default.upstream), c.proxy.upstream.as_ref());
+
+        // Only routes: no implicit one.
         let text = format!(
-            "{MINIMAL}[sources.pod]\nsource = \"jwt_bearer\"\nassertion_file = \"/run/token\"\n"
+            "{}[[route]]\nname = \"a\"\nupstream = \"http://127.0.0.1:9\"\n",
+            MINIMAL.replace("upstream = \"http://127.0.0.1:9000\"\n", "")
         );
-        let err = parse(&text).unwrap_err();
-        assert_eq!(err.problems.len(), 1, "{err}");
-        assert_eq!(err.problems[0].0, "oidc.client_id");
-        assert!(err.problems[0].1.contains("sources.pod.source"), "{err}");
-    }
-
-    #[cfg(feature = "aws-iam")]
-    #[test]
-    fn jwt_bearer_example_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/jwt-bearer.toml");
-        let c = Config::load(Path::new(path)).unwrap();
-        assert_eq!(c.token.source, SourceKind::JwtBearer);
-        let emulator = c.emulator.unwrap();
-        assert_eq!(emulator.assertion_file, c.token.assertion_file);
-        assert_eq!(emulator.assertion_subject, "quickstart-pod");
-    }
-
-    #[cfg(not(feature = "aws-iam"))]
-    #[test]
-    fn jwt_bearer_needs_the_aws_iam_feature() {
-        let err = parse(JWT_BEARER).unwrap_err();
-        assert_eq!(err.problems.len(), 1, "{err}");
-        assert_eq!(err.problems[0].0, "token.source");
-        assert!(err.problems[0].1.contains("aws-iam"), "{err}");
+        let c = parse(&text).unwrap();
+        assert!(c.proxy.upstream.is_none());
+        assert_eq!(c.routes.len(), 1);
+        // Neither: where would requests go?
+        let err =
+            parse(&MINIMAL.replace("upstream = \"http://127.0.0.1:9000\"\n", "")).unwrap_err();
+        assert_eq!(keys(&err), ["proxy.upstream"]);
     }
 
     #[test]
-    fn application_arns() {
-        assert!(is_application_arn(
-            "arn:aws:sso::111122223333:application/ssoins-1/apl-1"
+    fn bad_routes_are_reported_with_their_key() {
+        // Routes only, so that none shadows the implicit one.
+        let only_routes = MINIMAL.replace("upstream = \"http://127.0.0.1:9000\"\n", "");
+        let bad = |routes: &str| parse(&format!("{only_routes}{routes}")).unwrap_err();
+        let route = |extra: &str| {
+            format!("[[route]]\nname = \"r\"\nupstream = \"http://127.0.0.1:9\"\n{extra}")
+        };
+
+        let err = bad(&route("token_source = \"nope\"\n"));
+        assert_eq!(keys(&err), ["route.r.token_source"], "{err}");
+        assert!(err.problems[0].1.contains("default"), "{err}");
+        for (extra, key) in [
+            ("token_format = \"Bearer\"\n", "route.r.token_format"),
+            (
+                "token_format = \"{token} {token}\"\n",
+                "route.r.token_format",
+            ),
+            (
+                "token_format = \"Bearer {token}\\n\"\n",
+                "route.r.token_format",
+            ),
+            ("token_header = \"Connection\"\n", "route.r.token_header"),
+            ("token_header = \"Host\"\n", "route.r.token_header"),
+            (
+                "token_header = \"Content-Length\"\n",
+                "route.r.token_header",
+            ),
+            ("token_header = \"bad header\"\n", "route.r.token_header"),
+            ("host = \"user@x\"\n", "route.r.host"),
+            ("path_prefix = \"v1\"\n", "route.r.path_prefix"),
+            ("path_prefix = \"/v1/../x\"\n", "route.r.path_prefix"),
+            ("strip_prefix = true\n", "route.r.strip_prefix"),
+            ("listen = \"127.0.0.1:9901\"\n", "route.r.listen"),
+            ("escaped_slashes = \"decode\"\n", "route.r.escaped_slashes"),
+            ("bogus = 1\n", "route.r.bogus"),
+        ] {
+            let err = bad(&route(extra));
+            assert_eq!(keys(&err), [key], "{extra}: {err}");
+        }
+        let err = bad("[[route]]\nupstream = \"http://127.0.0.1:9\"\n");
+        assert_eq!(keys(&err), ["route[1].name"], "{err}");
+        let err = bad("[[route]]\nname = \"x\"\n");
+        assert_eq!(keys(&err), ["route.x.upstream"], "{err}");
+        let err = bad("[route]\nname = \"x\"\n");
+        assert_eq!(keys(&err), ["route"], "{err}");
+        let err = bad(&format!("{}{}", route(""), route("")));
+        assert_eq!(keys(&err), ["route.r.name"], "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}[[route]]\nname = \"default\"\nupstream = \"http://127.0.0.1:9\"\npath_prefix = \"/d\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["route.default.name"], "{err}");
+    }
+
+    #[test]
+    fn routes_that_can_never_match_are_errors() {
+        let bad = |routes: &str| parse(&format!("{MINIMAL}{routes}")).unwrap_err();
+        let route = |name: &str, extra: &str| {
+            format!("[[route]]\nname = \"{name}\"\nupstream = \"http://127.0.0.1:9\"\n{extra}")
+        };
+        // A catch-all on proxy.listen leaves the implicit route nothing.
+        let err = bad(&route("all", ""));
+        assert_eq!(keys(&err), ["proxy.upstream"], "{err}");
+        // A prefix under an earlier one, or the same host.
+        let err = bad(&format!(
+            "{}{}",
+            route("v1", "path_prefix = \"/v1\"\n"),
+            route("v1-items", "path_prefix = \"/v1/items/\"\n")
         ));
-        assert!(is_application_arn(
-            "arn:aws-us-gov:sso::111122223333:application/ssoins-1/apl-1"
+        assert_eq!(keys(&err), ["route.v1-items.name"], "{err}");
+        let err = bad(&format!(
+            "{}{}",
+            route("api", "host = \"api.internal\"\n"),
+            route(
+                "api-v1",
+                "host = \"API.internal:8080\"\npath_prefix = \"/v1\"\n"
+            )
         ));
-        assert!(!is_application_arn("arn:aws:sso::x:application/a"));
-        assert!(!is_application_arn("arn:aws:sso::1:application/"));
-        assert!(!is_application_arn("arn:aws:iam::1:role/r"));
-        assert!(!is_application_arn("client-id"));
+        assert_eq!(keys(&err), ["route.api-v1.name"], "{err}");
+        // Not shadowed: narrower first, another listener, another host.
+        parse(&format!(
+            "{MINIMAL}{}{}{}{}",
+            route("items", "path_prefix = \"/v1/items\"\n"),
+            route("v1", "path_prefix = \"/v1\"\n"),
+            route("other-listener", "listen = \"127.0.0.1:8082\"\n"),
+            route("api", "host = \"api.internal:8080\"\n")
+                + &route("api-any", "host = \"api.internal\"\n"),
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -95,17 +95,18 @@ const fn metric(
 
 // === proxy ===
 
-/// Proxied requests by status class (`1xx` … `5xx`).
+/// Proxied requests by route and status class (`1xx` … `5xx`); `route`
+/// is empty for requests no route took.
 pub const REQUESTS_TOTAL: Metric = counter(
     "sso_token_proxy_requests_total",
-    &["status_class"],
-    "Proxied requests by status class.",
+    &["route", "status_class"],
+    "Proxied requests by route and status class (route empty: no route took it).",
 );
-/// Proxied request duration.
+/// Proxied request duration, by route.
 pub const REQUEST_DURATION_SECONDS: Metric = histogram(
     "sso_token_proxy_request_duration_seconds",
-    &[],
-    "Proxied request duration, until the response head is ready.",
+    &["route"],
+    "Proxied request duration, until the response head is ready, by route.",
 );
 /// Requests being served.
 pub const REQUESTS_IN_FLIGHT: Metric = gauge(
@@ -113,15 +114,15 @@ pub const REQUESTS_IN_FLIGHT: Metric = gauge(
     &[],
     "Requests being served.",
 );
-/// Upstream failures by kind (`connect`, `timeout`, `queue_timeout`,
-/// `other`).
+/// Upstream failures by route and kind (`connect`, `timeout`,
+/// `queue_timeout`, `other`).
 pub const UPSTREAM_ERRORS_TOTAL: Metric = counter(
     "sso_token_proxy_upstream_errors_total",
-    &["kind"],
-    "Upstream connect, timeout, connection-queue timeout and other failures.",
+    &["route", "kind"],
+    "Upstream connect, timeout, connection-queue timeout and other failures, by route.",
 );
 /// Requests answered as the client's fault, by kind (`target_refused`,
-/// `path_refused`, `bad_body`, `body_timeout`).
+/// `path_refused`, `bad_body`, `body_timeout`, `no_route`).
 pub const CLIENT_ERRORS_TOTAL: Metric = counter(
     "sso_token_proxy_client_errors_total",
     &["kind"],
@@ -140,17 +141,17 @@ pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: Metric = counter(
     &["reason"],
     "Client connections the proxy closed or asked to close, by reason.",
 );
-/// Upstream connections opened, by protocol (`http1`, `http2`).
+/// Upstream connections opened, by route and protocol (`http1`, `http2`).
 pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: Metric = counter(
     "sso_token_proxy_upstream_connections_opened_total",
-    &["protocol"],
-    "Upstream connections opened; steady under steady load when keep-alive works.",
+    &["route", "protocol"],
+    "Upstream connections opened, by route; steady under steady load when keep-alive works.",
 );
-/// Idle pooled HTTP/1.1 upstream connections.
+/// Idle pooled HTTP/1.1 upstream connections, by route.
 pub const UPSTREAM_CONNECTIONS_IDLE: Metric = gauge(
     "sso_token_proxy_upstream_connections_idle",
-    &[],
-    "Idle pooled HTTP/1.1 upstream connections, sampled by the pool's reaper.",
+    &["route"],
+    "Idle pooled HTTP/1.1 upstream connections of each route, sampled by the pool's reaper.",
 );
 
 // === token ===
@@ -228,21 +229,6 @@ pub const PERSIST_FAILURES_TOTAL: Metric = counter(
     "sso_token_proxy_persist_failures_total",
     &[],
     "Failed writes of the state or SSO cache file.",
-);
-
-// === CreateTokenWithIAM ===
-
-/// Resolutions of AWS credentials from the chain, by outcome.
-pub const AWS_CREDENTIALS_LOADS_TOTAL: Metric = counter(
-    "sso_token_proxy_aws_credentials_loads_total",
-    &["outcome"],
-    "Resolutions of AWS credentials from the credential chain for SigV4 (ok, error).",
-);
-/// Exchanges that found a rotated assertion file.
-pub const ASSERTION_ROTATIONS_TOTAL: Metric = counter(
-    "sso_token_proxy_assertion_rotations_total",
-    &[],
-    "Exchanges that found a different JWT in token.assertion_file than the previous exchange.",
 );
 
 // === shared store ===
@@ -325,8 +311,6 @@ pub const ALL: &[Metric] = &[
     FORCED_REFRESHES_TOTAL,
     REFRESH_TOKEN_PERSISTED,
     PERSIST_FAILURES_TOTAL,
-    AWS_CREDENTIALS_LOADS_TOTAL,
-    ASSERTION_ROTATIONS_TOTAL,
     STORE_UP,
     STORE_DEGRADED,
     STORE_ERRORS_TOTAL,

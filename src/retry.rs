@@ -14,7 +14,7 @@ use tower::retry::{
 };
 
 use crate::metric_names;
-use crate::oidc::{ErrorClass, OidcError};
+use crate::oidc::{CreateTokenRequest, CreateTokenResponse, ErrorClass, OidcError};
 
 /// How a backoff delay is randomised inside its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,15 +219,13 @@ impl OidcRetryPolicy {
     }
 }
 
-/// One policy for every SSO-OIDC call (`CreateToken`, `CreateTokenWithIAM`):
-/// requests are small JSON documents, always replayable.
-impl<Req: Clone, Res> Policy<Req, Res, OidcError> for OidcRetryPolicy {
+impl Policy<CreateTokenRequest, CreateTokenResponse, OidcError> for OidcRetryPolicy {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
-        _request: &mut Req,
-        result: &mut Result<Res, OidcError>,
+        _request: &mut CreateTokenRequest,
+        result: &mut Result<CreateTokenResponse, OidcError>,
     ) -> Option<Self::Future> {
         if self.attempt == 0 {
             // One deposit per call (not per attempt) funds the retries.
@@ -252,8 +250,8 @@ impl<Req: Clone, Res> Policy<Req, Res, OidcError> for OidcRetryPolicy {
         }
     }
 
-    fn clone_request(&mut self, request: &Req) -> Option<Req> {
-        // Request bodies are a few hundred bytes: always replayable.
+    fn clone_request(&mut self, request: &CreateTokenRequest) -> Option<CreateTokenRequest> {
+        // CreateToken bodies are a few hundred bytes: always replayable.
         Some(request.clone())
     }
 }

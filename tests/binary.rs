@@ -1310,7 +1310,9 @@ async fn malformed_request_bodies_count_as_client_errors() {
             "{text}"
         );
         assert!(
-            text.contains("sso_token_proxy_requests_total{status_class=\"4xx\"} 1"),
+            text.contains(
+                "sso_token_proxy_requests_total{route=\"default\",status_class=\"4xx\"} 1"
+            ),
             "{text}"
         );
     })

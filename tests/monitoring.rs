@@ -23,19 +23,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 const ANNOUNCED_METRICS: &[(&str, &[&str], &str)] = &[];
 
 /// Labels announced for existing metrics: (metric, label, who adds it).
-const ANNOUNCED_LABELS: &[(&str, &str, &str)] = &[
-    ("sso_token_proxy_requests_total", "route", "issue 15 item 1"),
-    (
-        "sso_token_proxy_request_duration_seconds",
-        "route",
-        "issue 15 item 1",
-    ),
-    (
-        "sso_token_proxy_upstream_errors_total",
-        "route",
-        "issue 15 item 1",
-    ),
-];
+const ANNOUNCED_LABELS: &[(&str, &str, &str)] = &[];
 
 /// Labels Prometheus adds to every scraped series.
 const TARGET_LABELS: &[&str] = &["job", "instance"];

@@ -34,9 +34,6 @@ struct EchoBody {
     version: String,
     headers: BTreeMap<String, Vec<String>>,
     body_length: u64,
-    /// The user the token stands for (`CreateTokenWithIAM` tokens).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    subject: Option<String>,
 }
 
 /// Test controls read from `x-echo-*` request headers.
@@ -109,17 +106,16 @@ async fn count_body(mut body: Body) -> Option<u64> {
 /// Serves the echo resource.
 pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let (live, subject) = {
+    let live = {
         let mut state = shared.lock();
-        let entry =
-            bearer_token(&parts.headers).and_then(|t| state.live_access_token(t, Instant::now()));
-        let (live, subject) = (entry.is_some(), entry.and_then(|e| e.subject.clone()));
+        let live = bearer_token(&parts.headers)
+            .is_some_and(|t| state.is_access_token_live(t, Instant::now()));
         if live {
             state.counters.echo_authorized += 1;
         } else {
             state.counters.echo_unauthorized += 1;
         }
-        (live, subject)
+        live
     };
     tracing::debug!(method = %parts.method, path = parts.uri.path(), authorized = live, "emulator: echo");
 
@@ -184,7 +180,6 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
                 version: format!("{:?}", parts.version),
                 headers,
                 body_length,
-                subject,
             };
             wire::json(status, &echo)
         }

@@ -2,8 +2,8 @@
 //! [`TokenProvider`]) on every outbound request.
 //!
 //! [`BearerTokenService`] sets `Authorization: Bearer <token>` (or another
-//! header and prefix) as a sensitive header value, replacing whatever the
-//! request carried under that name.
+//! header and [`TokenFormat`]) as a sensitive header value, replacing
+//! whatever the request carried under that name.
 //!
 //! * **Hit path.** With a valid token in memory the header is set and the
 //!   inner service called at once: no waiting, no boxing.
@@ -79,6 +79,7 @@
 
 mod body;
 mod error;
+mod format;
 mod future;
 mod provider;
 mod service;
@@ -89,6 +90,7 @@ use crate::cache::TokenCache;
 pub use self::{
     body::{ReplayBody, ReplayableBody},
     error::{BearerTokenError, unavailable_response},
+    format::{TokenFormat, TokenFormatError},
     future::ResponseFuture,
     provider::TokenProvider,
     service::{BearerTokenLayer, BearerTokenService},

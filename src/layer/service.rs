@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 
 use super::{
-    ReplayableBody, TokenProvider,
+    ReplayableBody, TokenFormat, TokenProvider,
     body::with_replay_copy,
     error::BearerTokenError,
     future::{ResponseFuture, TokenFuture},
@@ -21,9 +21,6 @@ use crate::{
     cache::{Lookup, TokenCache},
     token::Token,
 };
-
-/// The prefix [`Token::header_value`] is built with.
-const DEFAULT_PREFIX: &str = "Bearer ";
 
 // === impl BearerTokenLayer ===
 
@@ -55,7 +52,17 @@ impl<P: TokenProvider> BearerTokenLayer<P> {
     /// bare token.
     #[must_use]
     pub fn prefix(mut self, prefix: HeaderValue) -> Self {
-        self.config.header.set_prefix(prefix);
+        self.config
+            .header
+            .set_format(TokenFormat::with_prefix(&prefix));
+        self
+    }
+
+    /// Writes the value as `format` says, e.g. `{token}` or
+    /// `Token token={token}`, instead of `Bearer {token}`.
+    #[must_use]
+    pub fn token_format(mut self, format: TokenFormat) -> Self {
+        self.config.header.set_format(format);
         self
     }
 
@@ -114,7 +121,16 @@ impl<S, P: TokenProvider> BearerTokenService<S, P> {
     /// See [`BearerTokenLayer::prefix`].
     #[must_use]
     pub fn prefix(mut self, prefix: HeaderValue) -> Self {
-        Arc::make_mut(&mut self.config).header.set_prefix(prefix);
+        Arc::make_mut(&mut self.config)
+            .header
+            .set_format(TokenFormat::with_prefix(&prefix));
+        self
+    }
+
+    /// See [`BearerTokenLayer::token_format`].
+    #[must_use]
+    pub fn token_format(mut self, format: TokenFormat) -> Self {
+        Arc::make_mut(&mut self.config).header.set_format(format);
         self
     }
 
@@ -268,18 +284,19 @@ impl<P> BearerConfig<P> {
     }
 }
 
-/// Which header carries the token, and how its value is written.
+/// Which header carries the token, and how its value is written: the one
+/// place a token's header value is built.
 #[derive(Debug, Clone)]
 pub(super) struct HeaderSetting {
     name: HeaderName,
     /// `None`: the token's own precomputed `Bearer <token>` value.
-    custom: Option<CustomPrefix>,
+    custom: Option<CustomFormat>,
 }
 
 impl HeaderSetting {
-    fn set_prefix(&mut self, prefix: HeaderValue) {
-        self.custom = (prefix != DEFAULT_PREFIX).then(|| CustomPrefix {
-            prefix,
+    fn set_format(&mut self, format: TokenFormat) {
+        self.custom = (!format.is_bearer()).then(|| CustomFormat {
+            format,
             last: Arc::new(ArcSwapOption::empty()),
         });
     }
@@ -294,34 +311,30 @@ impl HeaderSetting {
     }
 }
 
-/// A non-default prefix; the value built for the latest token is kept.
+/// A format other than `Bearer {token}`; the value built for the latest
+/// token is kept, so the hit path builds nothing.
 #[derive(Clone)]
-struct CustomPrefix {
-    prefix: HeaderValue,
+struct CustomFormat {
+    format: TokenFormat,
     last: Arc<ArcSwapOption<(u64, HeaderValue)>>,
 }
 
-impl fmt::Debug for CustomPrefix {
+impl fmt::Debug for CustomFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CustomPrefix")
-            .field("prefix", &self.prefix)
+        f.debug_struct("CustomFormat")
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
 
-impl CustomPrefix {
+impl CustomFormat {
     fn value(&self, token: &Token) -> HeaderValue {
         if let Some(last) = &*self.last.load()
             && last.0 == token.id()
         {
             return last.1.clone();
         }
-        let mut bytes = self.prefix.as_bytes().to_vec();
-        bytes.extend_from_slice(token.access_token().expose().as_bytes());
-        // Both halves are valid header value bytes, so the whole is too.
-        let mut value =
-            HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| token.header_value().clone());
-        value.set_sensitive(true);
+        let value = self.format.value(token);
         self.last.store(Some(Arc::new((token.id(), value.clone()))));
         value
     }

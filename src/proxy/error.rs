@@ -18,15 +18,33 @@ pub enum ProxyError {
     /// The TLS client configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    /// [`Proxy::with_routes`](super::Proxy::with_routes) was given no
+    /// route.
+    #[error("no routes: a proxy needs at least one")]
+    NoRoutes,
+    /// A route's setting is not usable.
+    #[error("route `{route}`: {key}: {reason}")]
+    Route {
+        /// The route's name.
+        route: String,
+        /// The setting (`upstream`, `host`, `path_prefix`, `token_header`,
+        /// `upstream_ca_file`, `name`).
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl ProxyError {
-    /// The config key the problem is about, for `FILE: key: reason` lines.
+    /// The config key the problem is about, for `FILE: key: reason` lines
+    /// (for a [`Route`](Self::Route) problem, the route's key without the
+    /// route).
     pub fn config_key(&self) -> &'static str {
         match self {
-            Self::Upstream(_) => "proxy.upstream",
+            Self::Upstream(_) | Self::NoRoutes => "proxy.upstream",
             Self::Tls(TlsConfigError::CaFile { .. }) => "proxy.upstream_ca_file",
             Self::Tls(_) => "proxy.upstream",
+            Self::Route { key, .. } => key,
         }
     }
 }
@@ -64,6 +82,15 @@ pub(super) fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
             r#"{"error":"unsupported_target","message":"the request target must be a path (origin form, e.g. GET /path)"}"#,
         ),
     }
+}
+
+/// The answer to a request no route takes: it names no upstream (which
+/// would tell a client what else sits behind the proxy).
+pub(super) fn no_route_response() -> Response<ProxyBody> {
+    json(
+        StatusCode::NOT_FOUND,
+        r#"{"error":"no_route","message":"no route of this proxy takes this request (host and path); nothing was forwarded"}"#,
+    )
 }
 
 /// The answer to a target whose path is refused.

@@ -26,8 +26,6 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
-use crate::metric_names;
-
 use super::{
     body::ProxyBody,
     headers::{
@@ -100,6 +98,8 @@ struct Upstream {
 
 /// What [`Forwarder::new`] needs to know.
 pub(crate) struct ForwarderSettings<'a> {
+    /// The route's name (the `route` label of the pool's metrics).
+    pub(crate) route: &'a str,
     pub(crate) upstream: &'a Uri,
     pub(crate) connector: HttpsConnector<HttpConnector>,
     pub(crate) pool: PoolSettings,
@@ -107,14 +107,14 @@ pub(crate) struct ForwarderSettings<'a> {
     pub(crate) forwarded_headers: bool,
     pub(crate) response_timeout: Duration,
     pub(crate) escaped_slashes: EscapedSlashes,
+    /// A path prefix to remove before the join with the base path.
+    pub(crate) strip_prefix: Option<&'a str>,
 }
 
-/// Sends requests to one upstream. Cheap to clone; one clone per client
-/// connection carries that client's address for `X-Forwarded-For`.
+/// Sends requests to one upstream. Cheap to clone: clones share the pool.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     upstream: Arc<Upstream>,
-    client_ip: Option<HeaderValue>,
 }
 
 impl fmt::Debug for Forwarder {
@@ -131,8 +131,18 @@ impl Forwarder {
         let scheme = settings.upstream.scheme()?.clone();
         let authority = settings.upstream.authority()?.clone();
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
-        let path = UpstreamPath::new(settings.upstream.path(), settings.escaped_slashes);
-        let pool = UpstreamPool::new(scheme, authority, settings.connector, settings.pool).ok()?;
+        let mut path = UpstreamPath::new(settings.upstream.path(), settings.escaped_slashes);
+        if let Some(prefix) = settings.strip_prefix {
+            path = path.strip_prefix(prefix);
+        }
+        let pool = UpstreamPool::new(
+            scheme,
+            authority,
+            settings.connector,
+            settings.pool,
+            settings.route.into(),
+        )
+        .ok()?;
         Some(Self {
             upstream: Arc::new(Upstream {
                 pool,
@@ -142,28 +152,24 @@ impl Forwarder {
                 forwarded_headers: settings.forwarded_headers,
                 response_timeout: settings.response_timeout,
             }),
-            client_ip: None,
         })
-    }
-
-    /// A clone for requests from `client_ip`.
-    pub(crate) fn for_client(&self, client_ip: std::net::IpAddr) -> Self {
-        let text = client_ip.to_canonical().to_string();
-        Self {
-            upstream: Arc::clone(&self.upstream),
-            client_ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok(),
-        }
     }
 
     /// Rewrites a client's request for the upstream: the target normalised
     /// under the base path (origin form), hop-by-hop fields removed,
-    /// `Host`, `Via` and `X-Forwarded-*` set, and HTTP/1.1 as the version
-    /// (the pooled connection decides what goes on the wire).
+    /// `Host`, `Via` and `X-Forwarded-*` set (`X-Forwarded-For` with
+    /// `client_ip`, the client's address as a header value), and HTTP/1.1
+    /// as the version (the pooled connection decides what goes on the
+    /// wire).
     ///
     /// Runs before the token layer: nothing the client names in
     /// `Connection` can remove what the layer and this method add, and a
     /// refused target is refused before any token is sought.
-    pub(crate) fn prepare(&self, parts: &mut request::Parts) -> Result<(), PathRefusal> {
+    pub(crate) fn prepare(
+        &self,
+        parts: &mut request::Parts,
+        client_ip: Option<&HeaderValue>,
+    ) -> Result<(), PathRefusal> {
         let up = &*self.upstream;
         let path_and_query = up.path.join(parts.uri.path_and_query())?;
         let headers = &mut parts.headers;
@@ -196,7 +202,7 @@ impl Forwarder {
         };
         if up.forwarded_headers {
             headers.append(header::VIA, via_value(parts.version));
-            if let Some(ip) = &self.client_ip {
+            if let Some(ip) = client_ip {
                 append_forwarded_for(headers, ip);
             }
             headers.insert(X_FORWARDED_PROTO.clone(), PROTO_HTTP.clone());
@@ -310,7 +316,8 @@ impl Future for ForwardFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let upload = this.upload.as_deref();
-        let result = match this.response.as_mut().poll(cx) {
+        // Failures are counted per route by the caller.
+        Poll::Ready(match this.response.as_mut().poll(cx) {
             Poll::Ready(Ok(response)) => Ok(relay(response)),
             Poll::Ready(Err(e)) => Err(failure(upload, e)),
             Poll::Pending => Err(ready!(upstream_overdue(
@@ -319,14 +326,7 @@ impl Future for ForwardFuture {
                 *this.limit,
                 upload
             ))),
-        };
-        if let Err(e) = &result
-            && let Some(kind) = e.kind()
-        {
-            metrics::counter!(metric_names::UPSTREAM_ERRORS_TOTAL.name, "kind" => kind)
-                .increment(1);
-        }
-        Poll::Ready(result)
+        })
     }
 }
 
@@ -345,6 +345,7 @@ mod tests {
     fn forwarder(upstream: &str) -> Forwarder {
         let config = crate::tls::client_config(None).unwrap();
         Forwarder::new(ForwarderSettings {
+            route: "default",
             upstream: &upstream.parse().unwrap(),
             connector: crate::tls::https_connector(config, Duration::from_secs(1)),
             pool: PoolSettings::default(),
@@ -352,14 +353,18 @@ mod tests {
             forwarded_headers: true,
             response_timeout: Duration::from_secs(1),
             escaped_slashes: EscapedSlashes::Keep,
+            strip_prefix: None,
         })
         .unwrap()
-        .for_client("10.0.0.9".parse().unwrap())
+    }
+
+    fn client_ip() -> HeaderValue {
+        HeaderValue::from_static("10.0.0.9")
     }
 
     fn prepared(f: &Forwarder, request: Request<()>) -> request::Parts {
         let (mut parts, ()) = request.into_parts();
-        f.prepare(&mut parts).unwrap();
+        f.prepare(&mut parts, Some(&client_ip())).unwrap();
         parts
     }
 
@@ -383,7 +388,10 @@ mod tests {
             assert_eq!(upstream_uri(&f, "/a/%2e%2e/x?q=/../"), "/base/x?q=/../");
         }
         let (mut parts, ()) = Request::get("/../x").body(()).unwrap().into_parts();
-        assert_eq!(f.prepare(&mut parts), Err(PathRefusal::AboveBase));
+        assert_eq!(
+            f.prepare(&mut parts, Some(&client_ip())),
+            Err(PathRefusal::AboveBase)
+        );
     }
 
     #[tokio::test]

@@ -1,11 +1,17 @@
-//! The sidecar reverse proxy: every request that reaches it goes to the one
-//! configured upstream with `Authorization: Bearer <token>`.
+//! The sidecar reverse proxy: every request that reaches it goes to the
+//! upstream of its [`Route`] with that route's token (by default
+//! `Authorization: Bearer <token>`). [`Proxy::new`] makes one route that
+//! takes everything; [`Proxy::with_routes`] serves several on one listener.
 //!
 //! Each request passes, outermost first:
 //!
+//! 0. **Route** (`route.rs`): the first route whose host and path prefix
+//!    match (on the normalised path); none: `404` naming no upstream, and
+//!    no token is sought. A listener with one route that takes everything
+//!    does no matching. Everything below is that route's.
 //! 1. **Target check.** `CONNECT` is answered `405`; an HTTP/1 absolute-form
-//!    target naming neither the proxy nor the upstream is answered `400`.
-//!    Neither is forwarded or given a token.
+//!    target naming neither the proxy, nor the route's upstream, nor the
+//!    route's host is answered `400`. Neither is forwarded or given a token.
 //! 2. **Rewrite for the upstream** (`Forwarder::prepare`), before any token
 //!    is sought or set: hop-by-hop fields are removed (the fixed list and
 //!    every field named in `Connection`, but never `Host`); the path is
@@ -19,8 +25,8 @@
 //! 3. **Metrics and tracing.** One `request` span at `DEBUG` (method, path
 //!    without the query, status, duration; never header values or the query
 //!    string) and
-//!    `sso_token_proxy_requests_total{status_class}`,
-//!    `sso_token_proxy_request_duration_seconds`,
+//!    `sso_token_proxy_requests_total{route,status_class}`,
+//!    `sso_token_proxy_request_duration_seconds{route}`,
 //!    `sso_token_proxy_requests_in_flight`. A body of known size up to
 //!    `max_replay_body_bytes` is read into memory so that the request can be
 //!    replayed; anything else is streamed.
@@ -37,7 +43,7 @@
 //!    all busy waits up to `upstream_queue_timeout`, then `503`.
 //!    Connect failures answer `502`, no response headers within
 //!    `upstream_response_timeout` `504`; these count in
-//!    `sso_token_proxy_upstream_errors_total{kind}`. A request body the
+//!    `sso_token_proxy_upstream_errors_total{route,kind}`. A request body the
 //!    client breaks or stops sending is the client's fault (`400`, `408`,
 //!    `sso_token_proxy_client_errors_total{kind}`).
 //!
@@ -91,33 +97,38 @@ mod io;
 mod metrics;
 mod path;
 mod pool;
+mod route;
 mod server;
 mod service;
 mod target;
 mod upload;
 
-use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
 pub use self::error::ProxyError;
 pub use self::path::{EscapedSlashes, PathRefusal, UpstreamPath};
+pub use self::route::Route;
+pub(crate) use self::route::{HostMatch, check_token_header, parse_path_prefix, prefix_covers};
 pub use self::target::{Refusal, TargetCheck};
 use self::{
     activity::ConnTimers,
     forward::{Forwarder, ForwarderSettings},
     metrics::ProxyMetrics,
     pool::PoolSettings,
-    service::Stack,
+    route::{ActiveRoute, RouteTable},
 };
 pub use crate::config::ProxyConfig;
 use crate::{cache::TokenCache, layer::BearerTokenLayer, tls};
 
-/// The reverse proxy: built from the `[proxy]` config and a token cache,
-/// then served on a listener.
+/// The name of the route [`Proxy::new`] makes of [`ProxyConfig::upstream`].
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// The reverse proxy for one listener: built from the `[proxy]` config and
+/// its routes, then served on a listener.
 pub struct Proxy {
-    stack: Stack,
-    check: Arc<TargetCheck>,
+    routes: Arc<RouteTable>,
     metrics: Arc<ProxyMetrics>,
     settings: ServerSettings,
 }
@@ -139,47 +150,69 @@ struct ServerSettings {
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Proxy")
-            .field("forwarder", self.stack.get_ref())
+            .field("routes", &self.routes)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
 impl Proxy {
-    /// Builds the upstream client (pooled; rustls with the webpki roots and
-    /// `upstream_ca_file`; HTTP/1.1, and HTTP/2 by ALPN for https) and the
-    /// service stack.
+    /// A proxy with one route, [`DEFAULT_ROUTE`], that takes every request
+    /// to `config.upstream` with a token from `cache`. Builds the upstream
+    /// client (pooled; rustls with the webpki roots and `upstream_ca_file`;
+    /// HTTP/1.1, and HTTP/2 by ALPN for https) and the service stack.
     pub fn new(config: &ProxyConfig, cache: TokenCache) -> Result<Self, ProxyError> {
-        let upstream = &config.upstream;
-        let usable = matches!(upstream.scheme_str(), Some("http" | "https"))
-            && upstream.host().is_some_and(|h| !h.is_empty())
-            && upstream.query().is_none();
-        if !usable {
-            return Err(ProxyError::Upstream(upstream.to_string()));
+        let upstream = config
+            .upstream
+            .clone()
+            .ok_or_else(|| ProxyError::Upstream("(none)".to_owned()))?;
+        let route = Route::new(DEFAULT_ROUTE, upstream, cache);
+        let metrics = Arc::new(ProxyMetrics::default());
+        let active = active_route(config, &route, &metrics)?;
+        Ok(Self::from_table(config, vec![active], metrics))
+    }
+
+    /// A proxy whose listener serves `routes`: each request goes to the
+    /// first route (in this order) whose host and path prefix match it;
+    /// none: `404`. Each route gets its own upstream pool, token layer and
+    /// target check; the server settings (timers, limits) are `config`'s,
+    /// and so are the route settings a route leaves unset. `config`'s own
+    /// `upstream` is not used.
+    ///
+    /// Cheap enough to call once per worker thread: routes share their
+    /// token caches, each call makes its own upstream pools.
+    pub fn with_routes(config: &ProxyConfig, routes: Vec<Route>) -> Result<Self, ProxyError> {
+        if routes.is_empty() {
+            return Err(ProxyError::NoRoutes);
         }
-        let tls_config = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let connector = tls::https_connector(tls_config, config.upstream_connect_timeout);
-        let forwarder = Forwarder::new(ForwarderSettings {
-            upstream,
-            connector,
-            pool: PoolSettings {
-                idle_timeout: config.idle_timeout,
-                max_connections: config.upstream_max_connections,
-                queue_timeout: config.upstream_queue_timeout,
-                max_response_headers: config.upstream_max_response_headers,
-                max_response_header_bytes: config.upstream_max_response_header_bytes,
-            },
-            preserve_host: config.preserve_host,
-            forwarded_headers: config.forwarded_headers,
-            response_timeout: config.upstream_response_timeout,
-            escaped_slashes: config.escaped_slashes,
-        })
-        .ok_or_else(|| ProxyError::Upstream(upstream.to_string()))?;
-        let stack = tower::Layer::layer(&BearerTokenLayer::new(cache), forwarder);
-        Ok(Self {
-            stack,
-            check: Arc::new(TargetCheck::new(upstream)),
-            metrics: Arc::default(),
+        let metrics = Arc::new(ProxyMetrics::default());
+        let mut active = Vec::with_capacity(routes.len());
+        for (i, route) in routes.iter().enumerate() {
+            if routes[..i].iter().any(|r| r.name == route.name) {
+                return Err(route.error("name", "another route has this name"));
+            }
+            active.push(active_route(config, route, &metrics).map_err(|e| match e {
+                ProxyError::Upstream(u) => {
+                    route.error("upstream", ProxyError::Upstream(u).to_string())
+                }
+                ProxyError::Tls(e @ tls::TlsConfigError::CaFile { .. }) => {
+                    route.error("upstream_ca_file", e.to_string())
+                }
+                ProxyError::Tls(e) => route.error("upstream", e.to_string()),
+                other => other,
+            })?);
+        }
+        Ok(Self::from_table(config, active, metrics))
+    }
+
+    fn from_table(
+        config: &ProxyConfig,
+        routes: Vec<ActiveRoute>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            routes: Arc::new(RouteTable::new(routes, &metrics)),
+            metrics,
             settings: ServerSettings {
                 timers: ConnTimers {
                     header_read: config.header_read_timeout,
@@ -198,7 +231,7 @@ impl Proxy {
                 http2_max_local_error_reset_streams: config.http2_max_local_error_reset_streams,
                 http2_max_control_frames_per_second: config.http2_max_control_frames_per_second,
             },
-        })
+        }
     }
 
     /// Serves connections from `listener` until `shutdown` resolves; then
@@ -211,12 +244,61 @@ impl Proxy {
     ) -> std::io::Result<()> {
         server::serve(self, listener, shutdown).await
     }
+}
 
-    /// The stack for one client connection: shares everything but the
-    /// client's address.
-    fn stack_for(&self, remote: SocketAddr) -> Stack {
-        let mut stack = self.stack.clone();
-        *stack.get_mut() = self.stack.get_ref().for_client(remote.ip());
-        stack
+/// One route's upstream client, token layer and target check, with
+/// `config`'s settings where the route leaves them unset.
+fn active_route(
+    config: &ProxyConfig,
+    route: &Route,
+    metrics: &Arc<ProxyMetrics>,
+) -> Result<ActiveRoute, ProxyError> {
+    let upstream = &route.upstream;
+    let usable = matches!(upstream.scheme_str(), Some("http" | "https"))
+        && upstream.host().is_some_and(|h| !h.is_empty())
+        && upstream.query().is_none();
+    if !usable {
+        return Err(ProxyError::Upstream(upstream.to_string()));
     }
+    if let Err(reason) = check_token_header(&route.token_header) {
+        return Err(route.error("token_header", reason));
+    }
+    let strip = match (&route.path_prefix, route.strip_prefix) {
+        (Some(prefix), true) => Some(
+            parse_path_prefix(prefix)
+                .map_err(|reason| route.error("path_prefix", reason))?
+                .map(|_| prefix.as_str()),
+        )
+        .flatten(),
+        _ => None,
+    };
+    let ca_file = route
+        .upstream_ca_file
+        .as_deref()
+        .or(config.upstream_ca_file.as_deref());
+    let tls_config = tls::client_config(ca_file)?;
+    let connector = tls::https_connector(tls_config, config.upstream_connect_timeout);
+    let forwarder = Forwarder::new(ForwarderSettings {
+        route: &route.name,
+        upstream,
+        connector,
+        pool: PoolSettings {
+            idle_timeout: config.idle_timeout,
+            max_connections: config.upstream_max_connections,
+            queue_timeout: config.upstream_queue_timeout,
+            max_response_headers: config.upstream_max_response_headers,
+            max_response_header_bytes: config.upstream_max_response_header_bytes,
+        },
+        preserve_host: route.preserve_host.unwrap_or(config.preserve_host),
+        forwarded_headers: route.forwarded_headers.unwrap_or(config.forwarded_headers),
+        response_timeout: config.upstream_response_timeout,
+        escaped_slashes: route.escaped_slashes.unwrap_or(config.escaped_slashes),
+        strip_prefix: strip,
+    })
+    .ok_or_else(|| ProxyError::Upstream(upstream.to_string()))?;
+    let layer = BearerTokenLayer::new(route.cache.clone())
+        .header_name(route.token_header.clone())
+        .token_format(route.token_format.clone());
+    let stack = tower::Layer::layer(&layer, forwarder);
+    ActiveRoute::new(route, TargetCheck::new(upstream), stack, metrics)
 }

@@ -60,6 +60,9 @@ pub struct UpstreamPath {
     /// Without its trailing `/`; empty when the upstream has no path.
     base: Bytes,
     escaped_slashes: EscapedSlashes,
+    /// A route's path prefix removed from the normalised path before the
+    /// join (without its trailing `/`).
+    strip: Option<Bytes>,
 }
 
 impl UpstreamPath {
@@ -68,7 +71,21 @@ impl UpstreamPath {
         Self {
             base: Bytes::copy_from_slice(path.trim_end_matches('/').as_bytes()),
             escaped_slashes,
+            strip: None,
         }
+    }
+
+    /// Removes `prefix` (a path prefix, matched at a segment boundary as
+    /// [`prefix_len`] does) from the normalised path before joining it: a
+    /// route for `/v1` with an upstream base `/api` sends `/v1/x` to
+    /// `/api/x`. A target without the prefix is refused
+    /// ([`PathRefusal::NotAPath`]); the rest of the path must stay under
+    /// the base path like any target.
+    #[must_use]
+    pub fn strip_prefix(mut self, prefix: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/');
+        self.strip = (!prefix.is_empty()).then(|| Bytes::copy_from_slice(prefix.as_bytes()));
+        self
     }
 
     /// The base path, without a trailing `/`.
@@ -80,15 +97,17 @@ impl UpstreamPath {
     /// normalised and joined under the base path, the query unchanged.
     pub fn join(&self, target: Option<&PathAndQuery>) -> Result<PathAndQuery, PathRefusal> {
         let Some(target) = target else {
-            return self.joined(b"/", None);
+            let root = self.stripped(b"/")?;
+            return self.joined(root, None);
         };
         let path = target.path().as_bytes();
         if is_plain(path) {
-            if self.base.is_empty() {
+            if self.base.is_empty() && self.strip.is_none() {
                 // Nothing to change: the target as received (shared bytes).
                 return Ok(target.clone());
             }
-            return self.joined(path, target.query());
+            let rest = self.stripped(path)?;
+            return self.joined(rest, target.query());
         }
         if path.first() != Some(&b'/') {
             return Err(PathRefusal::NotAPath);
@@ -97,11 +116,25 @@ impl UpstreamPath {
             return Err(PathRefusal::EscapedSlash);
         }
         let normalised = remove_dot_segments(path)?;
-        // What an upstream that decodes slashes or honours `..;` would see.
-        if !stays_under_root_leniently(&normalised) {
+        let rest = self.stripped(&normalised)?;
+        // What an upstream that decodes slashes or honours `..;` would see
+        // (of what is forwarded: a stripped prefix is no ground to climb).
+        if !stays_under_root_leniently(rest) {
             return Err(PathRefusal::AboveBase);
         }
-        self.joined(&normalised, target.query())
+        self.joined(rest, target.query())
+    }
+
+    /// `path` without the prefix to strip, if any; still starting with `/`.
+    fn stripped<'p>(&self, path: &'p [u8]) -> Result<&'p [u8], PathRefusal> {
+        let Some(prefix) = &self.strip else {
+            return Ok(path);
+        };
+        let end = prefix_len(path, prefix).ok_or(PathRefusal::NotAPath)?;
+        Ok(match &path[end..] {
+            [] => b"/",
+            rest => rest,
+        })
     }
 
     fn joined(&self, path: &[u8], query: Option<&str>) -> Result<PathAndQuery, PathRefusal> {
@@ -117,6 +150,54 @@ impl UpstreamPath {
         // valid URL: the join is valid too.
         PathAndQuery::from_maybe_shared(out.freeze()).map_err(|_| PathRefusal::NotAPath)
     }
+}
+
+/// A request path with dot segments and empty segments removed, as
+/// [`UpstreamPath::join`] normalises it (before its checks of escaped
+/// slashes): what a route's path prefix is matched against.
+pub(crate) fn normalise(path: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PathRefusal> {
+    if is_plain(path) {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    if path.first() != Some(&b'/') {
+        return Err(PathRefusal::NotAPath);
+    }
+    remove_dot_segments(path).map(std::borrow::Cow::Owned)
+}
+
+/// How many bytes of `path` the path prefix `prefix` (starting with `/`,
+/// without a trailing `/`) covers, when `path` starts with it at a segment
+/// boundary (`/v1` covers `/v1` and `/v1/x`, not `/v10`). A percent-encoded
+/// unreserved character in `path` (`%31` for `1`) counts as that character
+/// (RFC 3986 §6.2.2.2); anything else is compared byte for byte.
+pub(crate) fn prefix_len(path: &[u8], prefix: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    for &want in prefix {
+        let (got, len) = match path.get(i..i + 3) {
+            Some([b'%', hi, lo]) => match (hex(*hi), hex(*lo)) {
+                (Some(hi), Some(lo)) if is_unreserved(hi << 4 | lo) => (hi << 4 | lo, 3),
+                _ => (b'%', 1),
+            },
+            _ => (*path.get(i)?, 1),
+        };
+        if got != want {
+            return None;
+        }
+        i += len;
+    }
+    match path.get(i) {
+        None | Some(b'/') => Some(i),
+        Some(_) => None,
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// RFC 3986 §2.3.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// True when `path` starts with `/` and has no segment that is empty or
@@ -386,6 +467,65 @@ mod tests {
             UpstreamPath::new("/api", EscapedSlashes::Keep).join(Some(&star)),
             Err(PathRefusal::NotAPath)
         );
+    }
+
+    fn join_stripped(base: &str, prefix: &str, target: &str) -> Result<String, PathRefusal> {
+        let target: PathAndQuery = target.parse().unwrap();
+        UpstreamPath::new(base, EscapedSlashes::Keep)
+            .strip_prefix(prefix)
+            .join(Some(&target))
+            .map(|pq| pq.as_str().to_owned())
+    }
+
+    #[test]
+    fn prefixes_match_at_segment_boundaries() {
+        assert_eq!(prefix_len(b"/v1", b"/v1"), Some(3));
+        assert_eq!(prefix_len(b"/v1/x", b"/v1"), Some(3));
+        assert_eq!(prefix_len(b"/v10/x", b"/v1"), None);
+        assert_eq!(prefix_len(b"/v", b"/v1"), None);
+        assert_eq!(prefix_len(b"/V1/x", b"/v1"), None);
+        // Encoded unreserved characters are those characters.
+        assert_eq!(prefix_len(b"/v%31/x", b"/v1"), Some(5));
+        assert_eq!(prefix_len(b"/%76%31", b"/v1"), Some(7));
+        // Other encodings are not.
+        assert_eq!(prefix_len(b"/v1%2Fx", b"/v1"), None);
+        assert_eq!(prefix_len(b"/a%2Fb/x", b"/a/b"), None);
+        assert_eq!(prefix_len(b"/v%3", b"/v1"), None);
+        assert_eq!(normalise(b"/v1/../v2/./x").unwrap().as_ref(), b"/v2/x");
+        assert_eq!(normalise(b"/v1//x").unwrap().as_ref(), b"/v1/x");
+        assert_eq!(normalise(b"/../x"), Err(PathRefusal::AboveBase));
+        assert_eq!(normalise(b"*"), Err(PathRefusal::NotAPath));
+    }
+
+    #[test]
+    fn a_stripped_prefix_is_removed_and_gives_no_room_to_climb() {
+        assert_eq!(
+            join_stripped("/api", "/v1/", "/v1/x?q").unwrap(),
+            "/api/x?q"
+        );
+        assert_eq!(join_stripped("/api", "/v1", "/v1").unwrap(), "/api/");
+        assert_eq!(join_stripped("", "/v1", "/v1/").unwrap(), "/");
+        assert_eq!(join_stripped("", "/v1", "/v%31/a/./b").unwrap(), "/a/b");
+        assert_eq!(
+            join_stripped("/api", "/v1", "/v1/a/../b").unwrap(),
+            "/api/b"
+        );
+        assert_eq!(
+            join_stripped("/api", "/v1", "/v2/x"),
+            Err(PathRefusal::NotAPath)
+        );
+        for climbing in [
+            "/v1/..",
+            "/v1/../x",
+            "/v1/..%2Fx",
+            "/v1/a/..%2F..%2Fx",
+            "/v1/..;/x",
+        ] {
+            assert!(
+                join_stripped("/api", "/v1", climbing).is_err(),
+                "{climbing}"
+            );
+        }
     }
 
     #[test]

@@ -149,6 +149,8 @@ impl<B> fmt::Debug for UpstreamPool<B> {
 }
 
 struct Inner<B> {
+    /// The route's name, the `route` label of the pool's metrics.
+    route: Arc<str>,
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority`, what the connector is asked for.
     origin: Uri,
@@ -216,6 +218,7 @@ where
         authority: Authority,
         connector: HttpsConnector<HttpConnector>,
         settings: PoolSettings,
+        route: Arc<str>,
     ) -> Result<Self, http::Error> {
         let idle_timeout = settings.idle_timeout;
         let origin = Uri::builder()
@@ -237,6 +240,7 @@ where
         let idle_ticks = idle_timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
         Ok(Self {
             inner: Arc::new(Inner {
+                route,
                 connector,
                 origin,
                 scheme,
@@ -490,7 +494,7 @@ where
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             self.prefers_h2.store(true, Ordering::Relaxed);
-            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "protocol" => "http2").increment(1);
+            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "route" => Arc::clone(&self.route), "protocol" => "http2").increment(1);
             let id = self.h2_opened.fetch_add(1, Ordering::Relaxed);
             let mut shared = lock(&self.shared_h2);
             if shared.as_ref().is_none_or(|(_, s)| s.is_closed()) {
@@ -508,7 +512,7 @@ where
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             drive(conn, "HTTP/1.1", permit);
-            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "protocol" => "http1").increment(1);
+            metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "route" => Arc::clone(&self.route), "protocol" => "http1").increment(1);
             Ok(Checkout::Http1 {
                 sender,
                 reused: false,
@@ -589,7 +593,7 @@ where
                     (idle.drain(..keep_from).collect(), idle.len())
                 };
                 // Sampled here rather than on every checkout and return.
-                metrics::gauge!(metric_names::UPSTREAM_CONNECTIONS_IDLE.name)
+                metrics::gauge!(metric_names::UPSTREAM_CONNECTIONS_IDLE.name, "route" => Arc::clone(&pool.route))
                     .set(still_idle as f64);
                 if !expired.is_empty() {
                     tracing::trace!(closed = expired.len(), "idle upstream connections closed");

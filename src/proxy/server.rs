@@ -95,13 +95,12 @@ pub(super) async fn serve(
                     };
                     let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
                     let service = ConnService {
-                        stack: proxy.stack_for(remote),
-                        check: Arc::clone(&proxy.check),
+                        routes: Arc::clone(&proxy.routes),
+                        client_ip: ConnService::client_ip_value(remote.ip()),
                         local,
                         max_replay_body_bytes: settings.max_replay_body_bytes,
                         request_body_timeout: settings.request_body_timeout,
                         activity: Arc::clone(&activity),
-                        metrics: Arc::clone(&proxy.metrics),
                     };
                     connections.spawn(serve_connection(Connection {
                         builder: Arc::clone(&builder),

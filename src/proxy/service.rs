@@ -1,8 +1,9 @@
 //! [`ConnService`]: what hyper calls for each request on one client
-//! connection. Checks the target, has the forwarder rewrite the request for
-//! the upstream (hop-by-hop fields, path, forwarding fields) *before* the
-//! token is set, keeps the metrics and the request span, decides whether
-//! the body is buffered (replayable) or streamed, and hands the request to
+//! connection. Picks the route, checks the target, has the route's
+//! forwarder rewrite the request for the upstream (hop-by-hop fields, path,
+//! forwarding fields) *before* the token is set, keeps the metrics and the
+//! request span, decides whether the body is buffered (replayable) or
+//! streamed, and hands the request to the route's
 //! `BearerTokenService<Forwarder>`.
 //!
 //! The `request` span is at `DEBUG`: at the default `info` level it is
@@ -33,12 +34,13 @@ use super::{
     activity::{ConnActivity, RequestGuard},
     body::ProxyBody,
     error::{
-        bad_body_response, body_timeout_response, path_refusal_response, refusal_response,
-        upstream_error_response,
+        bad_body_response, body_timeout_response, no_route_response, path_refusal_response,
+        refusal_response, upstream_error_response,
     },
     forward::{ClientFault, ForwardError, Forwarder},
-    metrics::{ClientError, ProxyMetrics},
-    target::TargetCheck,
+    metrics::{ClientError, RouteMetrics},
+    route::{RouteTable, Unrouted},
+    target::Refusal,
     upload::{ClientBody, UpstreamBody},
 };
 use crate::layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response};
@@ -49,13 +51,20 @@ pub(super) type Stack = BearerTokenService<Forwarder>;
 /// Per-connection request handler.
 #[derive(Debug, Clone)]
 pub(super) struct ConnService {
-    pub(super) stack: Stack,
-    pub(super) check: Arc<TargetCheck>,
+    pub(super) routes: Arc<RouteTable>,
+    /// The client's address, for `X-Forwarded-For`.
+    pub(super) client_ip: Option<HeaderValue>,
     pub(super) local: SocketAddr,
     pub(super) max_replay_body_bytes: u64,
     pub(super) request_body_timeout: Duration,
     pub(super) activity: Arc<ConnActivity>,
-    pub(super) metrics: Arc<ProxyMetrics>,
+}
+
+impl ConnService {
+    /// `ip` as an `X-Forwarded-For` element.
+    pub(super) fn client_ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_canonical().to_string())).ok()
+    }
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -73,19 +82,43 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             duration_ms = Empty,
         );
         let start = Instant::now();
+        let table = &*self.routes;
         let mut future = ProxyFuture {
             state: ProxyState::Done,
             guard: Some(guard),
             span,
             start,
-            metrics: Arc::clone(&self.metrics),
+            metrics: Arc::clone(&table.unrouted),
             // For the warning should the upstream fail; both are cheap
             // clones (an enum, shared bytes).
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
         };
-        if let Err(refusal) = self.check.check(
+        // Not a tunnel, whichever route would match.
+        if request.method() == Method::CONNECT {
+            return future.refused(
+                ClientError::TargetRefused,
+                refusal_response(Refusal::Connect),
+            );
+        }
+        let route = match table.select(request.uri(), request.headers()) {
+            Ok(route) => route,
+            Err(Unrouted::Path(refusal)) => {
+                future
+                    .span
+                    .in_scope(|| tracing::debug!(?refusal, "request path refused"));
+                return future.refused(ClientError::PathRefused, path_refusal_response(refusal));
+            }
+            Err(Unrouted::NoRoute) => {
+                future
+                    .span
+                    .in_scope(|| tracing::debug!("no route takes the request"));
+                return future.refused(ClientError::NoRoute, no_route_response());
+            }
+        };
+        future.metrics = Arc::clone(&route.metrics);
+        if let Err(refusal) = route.check.check(
             request.method(),
             request.version(),
             request.uri(),
@@ -94,31 +127,23 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             future
                 .span
                 .in_scope(|| tracing::debug!(?refusal, "request refused"));
-            self.metrics
-                .client_errors(ClientError::TargetRefused)
-                .increment(1);
-            future.state = ProxyState::Ready {
-                response: Some(refusal_response(refusal)),
-            };
-            return future;
+            return future.refused(ClientError::TargetRefused, refusal_response(refusal));
         }
 
         let (mut parts, body) = request.into_parts();
         // Before the token layer: see `Forwarder::prepare`.
-        if let Err(refusal) = self.stack.get_ref().prepare(&mut parts) {
+        if let Err(refusal) = route
+            .stack
+            .get_ref()
+            .prepare(&mut parts, self.client_ip.as_ref())
+        {
             future
                 .span
                 .in_scope(|| tracing::debug!(?refusal, "request path refused"));
-            self.metrics
-                .client_errors(ClientError::PathRefused)
-                .increment(1);
-            future.state = ProxyState::Ready {
-                response: Some(path_refusal_response(refusal)),
-            };
-            return future;
+            return future.refused(ClientError::PathRefused, path_refusal_response(refusal));
         }
         future.state = if body.is_end_stream() {
-            ProxyState::call(self.stack.clone(), parts, ReplayBody::empty())
+            ProxyState::call(route.stack.clone(), parts, ReplayBody::empty())
         } else if body
             .size_hint()
             .exact()
@@ -129,11 +154,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             ProxyState::Collecting {
                 collect: body.collect(),
                 timer: tokio::time::sleep(self.request_body_timeout),
-                request: Some((parts, self.stack.clone())),
+                request: Some((parts, route.stack.clone())),
             }
         } else {
             let body = ClientBody::new(body, self.request_body_timeout);
-            ProxyState::call(self.stack.clone(), parts, ReplayBody::streaming(body))
+            ProxyState::call(route.stack.clone(), parts, ReplayBody::streaming(body))
         };
         future
     }
@@ -147,7 +172,8 @@ pin_project! {
         guard: Option<RequestGuard>,
         span: Span,
         start: Instant,
-        metrics: Arc<ProxyMetrics>,
+        // The route's (or, until one is chosen, the unrouted ones).
+        metrics: Arc<RouteMetrics>,
         method: Method,
         uri: Uri,
         version: Version,
@@ -174,6 +200,17 @@ pin_project! {
             call: Oneshot<Stack, Request<UpstreamBody>>,
         },
         Done,
+    }
+}
+
+impl ProxyFuture {
+    /// Answers without forwarding, counted as the client's error.
+    fn refused(mut self, kind: ClientError, response: Response<ProxyBody>) -> Self {
+        self.metrics.listener.client_errors(kind).increment(1);
+        self.state = ProxyState::Ready {
+            response: Some(response),
+        };
+        self
     }
 }
 
@@ -231,6 +268,11 @@ impl Future for ProxyFuture {
                             client_fault(this.metrics, *this.version, fault)
                         }
                         Err(BearerTokenError::Inner(e)) => {
+                            if let Some(counter) =
+                                e.kind().and_then(|k| this.metrics.upstream_errors(k))
+                            {
+                                counter.increment(1);
+                            }
                             tracing::warn!(
                                 method = %this.method,
                                 path = this.uri.path(),
@@ -268,7 +310,7 @@ impl Future for ProxyFuture {
 /// `400` or `408`, counted as the client's error; an HTTP/1 connection is
 /// closed after it, since what follows on it cannot be framed.
 fn client_fault(
-    metrics: &ProxyMetrics,
+    metrics: &RouteMetrics,
     version: Version,
     fault: ClientFault,
 ) -> Response<ProxyBody> {
@@ -276,7 +318,7 @@ fn client_fault(
         ClientFault::BadBody => (bad_body_response(), ClientError::BadBody),
         ClientFault::BodyTimeout => (body_timeout_response(), ClientError::BodyTimeout),
     };
-    metrics.client_errors(kind).increment(1);
+    metrics.listener.client_errors(kind).increment(1);
     if version != Version::HTTP_2 {
         response
             .headers_mut()

@@ -30,6 +30,9 @@ pub struct TargetCheck {
     upstream_https: bool,
     upstream_host: String,
     upstream_port: u16,
+    /// A route's host (and port, if it names one): a name clients address
+    /// the proxy by.
+    route_host: Option<(String, Option<u16>)>,
 }
 
 impl TargetCheck {
@@ -45,7 +48,17 @@ impl TargetCheck {
             upstream_port: authority
                 .and_then(Authority::port_u16)
                 .unwrap_or(if upstream_https { 443 } else { 80 }),
+            route_host: None,
         }
+    }
+
+    /// Also accepts absolute-form targets naming `host` (with `port`, when
+    /// given; any port otherwise): the host a route matches on, which
+    /// addresses the proxy.
+    #[must_use]
+    pub(crate) fn also_naming(mut self, host: &str, port: Option<u16>) -> Self {
+        self.route_host = Some((host.to_ascii_lowercase(), port));
+        self
     }
 
     /// `Ok` when the request may be forwarded. `local` is the address the
@@ -89,7 +102,11 @@ impl TargetCheck {
         let is_upstream = https == self.upstream_https
             && port == self.upstream_port
             && host.eq_ignore_ascii_case(&self.upstream_host);
-        if is_upstream || names_local(host, port, local) {
+        let names_route = self
+            .route_host
+            .as_ref()
+            .is_some_and(|(h, p)| host.eq_ignore_ascii_case(h) && p.is_none_or(|p| p == port));
+        if is_upstream || names_route || names_local(host, port, local) {
             Ok(())
         } else {
             Err(Refusal::ForeignTarget)
@@ -255,6 +272,26 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_routes_host_addresses_the_proxy() {
+        let check =
+            TargetCheck::new(&"http://up:9000".parse().unwrap()).also_naming("API.internal", None);
+        let target =
+            |t: &str| check.check(&Method::GET, Version::HTTP_11, &t.parse().unwrap(), local());
+        assert_eq!(target("http://api.internal/x"), Ok(()));
+        assert_eq!(target("http://api.internal:8080/x"), Ok(()));
+        assert_eq!(
+            target("http://other.internal/x"),
+            Err(Refusal::ForeignTarget)
+        );
+        let check = TargetCheck::new(&"http://up:9000".parse().unwrap())
+            .also_naming("api.internal", Some(8443));
+        let target =
+            |t: &str| check.check(&Method::GET, Version::HTTP_11, &t.parse().unwrap(), local());
+        assert_eq!(target("http://api.internal:8443/x"), Ok(()));
+        assert_eq!(target("http://api.internal/x"), Err(Refusal::ForeignTarget));
     }
 
     #[test]

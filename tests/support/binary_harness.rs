@@ -88,6 +88,8 @@ pub(crate) struct Opts {
     /// Write the client secret and refresh token into the config itself
     /// instead of naming the secret files.
     pub(crate) inline_secrets: bool,
+    /// Tables appended to the config (`[sources.NAME]`, `[[route]]`, ...).
+    pub(crate) extra: String,
 }
 
 impl Default for Opts {
@@ -99,6 +101,7 @@ impl Default for Opts {
             token_source: None,
             retry: "base_delay = \"50ms\"\nthrottle_base_delay = \"100ms\"\n".to_owned(),
             inline_secrets: false,
+            extra: String::new(),
         }
     }
 }
@@ -193,7 +196,9 @@ client_id = "{client_id}"
 {source}
 {token}
 [retry]
-{retry}"#,
+{retry}
+{extra}"#,
+            extra = opts.extra,
             proxy = opts.proxy,
             client_id = self.client_id,
             source = opts.token_source.clone().unwrap_or_else(|| format!(
