@@ -16,7 +16,9 @@ sets=(
     "layer|--no-default-features --features layer"
     "layer,redis|--no-default-features --features layer,redis"
     "emulator|--no-default-features --features emulator"
-    "default (proxy)|"
+    "aws-iam|--no-default-features --features aws-iam"
+    "proxy|--no-default-features --features proxy"
+    "default (proxy, aws-iam)|"
 )
 
 # Fetch once, so the timings are compiling only.

@@ -8,15 +8,20 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n--- %s ---\n' "$*"; }
 
-# The feature sets the README documents, beside the default (`proxy`),
-# which `.ci/run` tests with the plain `cargo test`.
-feature_sets=(layer "layer,axum" "layer,redis" emulator)
+# The feature sets the README documents, beside the default (`proxy`,
+# `aws-iam`), which `.ci/run` tests with the plain `cargo test`.
+feature_sets=(layer "layer,axum" "layer,redis" emulator "aws-iam,emulator")
 
 for features in "${feature_sets[@]}"; do
     step "features: $features"
     cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
     cargo test --no-default-features --features "$features"
 done
+
+# The sidecar without AWS IAM support: lint only (its tests are the
+# default's, less the IAM ones).
+step "features: proxy (no aws-iam)"
+cargo clippy --no-default-features --features proxy --all-targets -- -D warnings
 
 step "features: all"
 cargo clippy --all-features --all-targets -- -D warnings

@@ -227,6 +227,20 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
                     problems.push((source.key("sso_cache_file"), e.to_string()));
                 }
             }
+            SourceKind::JwtBearer => {
+                // The embedded emulator writes its own assertion file at start.
+                let written_by_emulator = config
+                    .emulator
+                    .as_ref()
+                    .and_then(|e| e.assertion_file.as_ref())
+                    == source.token.assertion_file.as_ref();
+                if let Some(p) = &source.token.assertion_file
+                    && !written_by_emulator
+                    && let Err(reason) = crate::config::read_secret_file(p)
+                {
+                    problems.push((source.key("assertion_file"), reason));
+                }
+            }
         }
     }
     if !problems.is_empty() {
@@ -254,6 +268,8 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
                 source.key("sso_cache_file"),
                 source.token.sso_cache_file.as_ref(),
             ),
+            // Reads its assertion file, writes nothing.
+            SourceKind::JwtBearer => (source.key("assertion_file"), None),
         });
     files
         .filter_map(|(key, path)| {
@@ -464,7 +480,50 @@ async fn start_embedded_emulator(
         }
     };
     tracing::info!(url = %handle.url(), "built-in SSO-OIDC emulator started");
+    if let Some(path) = &section.assertion_file {
+        keep_assertion_file(file, section, &handle, path.clone())?;
+    }
     Ok(Some(handle))
+}
+
+/// Writes a JWT of the emulator's test issuer to `path` now and again at
+/// 80% of its lifetime, as a kubelet does for a projected token.
+fn keep_assertion_file(
+    file: &Path,
+    section: &EmulatorSection,
+    emulator: &EmulatorHandle,
+    path: PathBuf,
+) -> Result<(), Failure> {
+    let (subject, lifetime) = (
+        section.assertion_subject.clone(),
+        section.assertion_lifetime,
+    );
+    let write = move |emulator: &EmulatorHandle, path: &Path| {
+        let jwt = emulator.mint_assertion(&subject, lifetime);
+        crate::fs_atomic::write_atomic(path, jwt.expose().as_bytes())
+    };
+    write(emulator, &path).map_err(|e| {
+        file_problem(
+            file,
+            "emulator.assertion_file",
+            format!("cannot write {}: {e}", path.display()),
+        )
+    })?;
+    let emulator = emulator.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lifetime.mul_f64(0.8)).await;
+            match write(&emulator, &path) {
+                Ok(()) => {
+                    tracing::debug!(path = %path.display(), "emulator: assertion file rotated")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "emulator: cannot rotate the assertion file")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Whether an sso-token-proxy emulator answers on `listen`: its counters
@@ -503,7 +562,16 @@ async fn is_running_emulator(listen: SocketAddr) -> bool {
         .is_some()
 }
 
-fn oidc_client(file: &Path, oidc: &OidcConfig) -> Result<OidcClient, Failure> {
+/// Whether a source calls `CreateTokenWithIAM`, so the client must sign.
+fn needs_sigv4(sources: &[SourceConfig]) -> bool {
+    sources
+        .iter()
+        .any(|s| s.token.source == SourceKind::JwtBearer)
+}
+
+/// The one SSO-OIDC client of the process; with `sign`, it signs
+/// `CreateTokenWithIAM` with the AWS credential chain for `oidc.region`.
+fn oidc_client(file: &Path, oidc: &OidcConfig, sign: bool) -> Result<OidcClient, Failure> {
     let mut builder = OidcClient::builder()
         .fips(oidc.use_fips)
         .dual_stack(oidc.use_dual_stack)
@@ -515,6 +583,17 @@ fn oidc_client(file: &Path, oidc: &OidcConfig) -> Result<OidcClient, Failure> {
     if let Some(endpoint) = &oidc.endpoint {
         builder = builder.endpoint(endpoint.clone());
     }
+    #[cfg(feature = "aws-iam")]
+    if sign && let Some(region) = &oidc.region {
+        use crate::oidc::{AwsCredentials, SigV4Signer};
+        // The credential chain is built at the first signed call.
+        builder = builder.sigv4(SigV4Signer::new(
+            AwsCredentials::default_chain(region.clone()),
+            region.clone(),
+        ));
+    }
+    #[cfg(not(feature = "aws-iam"))]
+    let _ = sign;
     builder.build().map_err(|e| {
         let key = if oidc.endpoint.is_some() {
             "oidc.endpoint"
@@ -572,7 +651,7 @@ async fn run(path: &Path) -> Result<(), Failure> {
         WhenTaken::Fail,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc)?;
+    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
     let sources = TokenSources::build(&config, &oidc)?;
     sources.spawn_credential_reloader();
     let mut proxies = Vec::new();
@@ -692,7 +771,7 @@ async fn token(path: &Path, fresh: bool, count: Option<u32>) -> Result<(), Failu
         WhenTaken::UseRunning,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc)?;
+    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
     let sources = TokenSources::build(&config, &oidc)?;
     let source = sources.default_cache().source();
     let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));
@@ -752,7 +831,7 @@ async fn login(path: &Path) -> Result<(), Failure> {
         WhenTaken::UseRunning,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc)?;
+    let oidc = oidc_client(&config.path, &config.oidc, false)?;
     let mut options = LoginOptions::new(start_url, region, cache_file.clone());
     options.scopes = config.token.scopes.clone();
     options.retry = config.retry.clone();

@@ -13,6 +13,7 @@ use toml::{Table, Value};
 
 use http::HeaderName;
 
+pub(crate) use crate::secret::read_secret_file;
 use crate::{
     fs_atomic::expand_tilde,
     layer::TokenFormat,
@@ -65,6 +66,10 @@ pub(crate) enum SourceKind {
     RefreshToken,
     /// An AWS SSO cache file.
     SsoCache,
+    /// `CreateTokenWithIAM` with the JWT in `assertion_file`, for the
+    /// application whose ARN is the source's `client_id`; SigV4-signed with
+    /// the AWS credential chain.
+    JwtBearer,
 }
 
 /// `[proxy]`.
@@ -238,6 +243,8 @@ pub(crate) struct TokenConfig {
     pub(crate) expiry_margin: Duration,
     /// Access portal URL, for `login`.
     pub(crate) start_url: Option<String>,
+    /// The JWT the jwt_bearer source exchanges (re-read for every exchange).
+    pub(crate) assertion_file: Option<PathBuf>,
 }
 
 /// One named token source: `[token]` with `[oidc]`'s client is
@@ -318,6 +325,14 @@ pub(crate) struct EmulatorSection {
     pub(crate) access_token_lifetime: Duration,
     /// Whether it rotates refresh tokens.
     pub(crate) rotate_refresh_tokens: bool,
+    /// A file the emulator keeps filled with a JWT of its test issuer, as a
+    /// kubelet keeps a projected service-account token (quick start of the
+    /// jwt_bearer source).
+    pub(crate) assertion_file: Option<PathBuf>,
+    /// The `sub` of those JWTs.
+    pub(crate) assertion_subject: String,
+    /// Their lifetime; each is replaced at 80% of it.
+    pub(crate) assertion_lifetime: Duration,
 }
 
 /// Where the tokens live (`[store] kind`).
@@ -526,6 +541,7 @@ const TOKEN_KEYS: &[&str] = &[
     "expiry_margin",
     "start_url",
     "session_name",
+    "assertion_file",
 ];
 
 /// What `[sources.NAME]` takes beyond [`TOKEN_KEYS`]: its own client.
@@ -864,6 +880,14 @@ impl Reader {
         if let Some(store) = &store {
             self.sources_share_credentials(&sources, store);
         }
+        if let Some(oidc) = &oidc {
+            for source in sources
+                .iter()
+                .filter(|s| s.token.source == SourceKind::JwtBearer)
+            {
+                self.jwt_bearer_client(oidc, source);
+            }
+        }
         let routes = match (&proxy, &admin) {
             (Some(proxy), Some(admin)) => {
                 self.routes(root, proxy, admin, emulator.as_ref(), &sources)
@@ -912,6 +936,39 @@ impl Reader {
             retry,
             emulator,
             store,
+        }
+    }
+
+    /// A jwt_bearer source's client: an application ARN as its client id,
+    /// and a region to sign for.
+    fn jwt_bearer_client(&mut self, oidc: &OidcConfig, source: &SourceConfig) {
+        let reported = |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
+        let key = format!("{}.client_id", source.client_section);
+        match source.client_id.as_deref() {
+            None if !reported(self, &key) => self.problem(
+                key,
+                format!(
+                    "missing required key ({} = \"jwt_bearer\" needs the application ARN, e.g. \"arn:aws:sso::111122223333:application/ssoins-.../apl-...\")",
+                    source.key("source")
+                ),
+            ),
+            Some(id) if !is_application_arn(id) => self.problem(
+                key,
+                format!(
+                    "`{id}` is not an application ARN; {} = \"jwt_bearer\" needs the ARN of an Identity Center application (arn:aws:sso::ACCOUNT:application/...)",
+                    source.key("source")
+                ),
+            ),
+            _ => {}
+        }
+        if oidc.region.is_none() && !reported(self, "oidc.region") {
+            self.problem(
+                "oidc.region",
+                format!(
+                    "missing: {} = \"jwt_bearer\" signs requests with SigV4 and needs the region (also with an explicit endpoint)",
+                    source.key("source")
+                ),
+            );
         }
     }
 
@@ -1715,10 +1772,20 @@ impl Reader {
         let source = match source.as_deref() {
             Some("refresh_token") => SourceKind::RefreshToken,
             Some("sso_cache") => SourceKind::SsoCache,
+            Some("jwt_bearer") if cfg!(feature = "aws-iam") => SourceKind::JwtBearer,
+            Some("jwt_bearer") => {
+                self.problem(
+                    key("source"),
+                    "\"jwt_bearer\" needs AWS IAM support, which this build leaves out (Cargo feature `aws-iam`)",
+                );
+                return None;
+            }
             Some(other) => {
                 self.problem(
                     key("source"),
-                    format!("`{other}` is not a source; use \"refresh_token\" or \"sso_cache\""),
+                    format!(
+                        "`{other}` is not a source; use \"refresh_token\", \"sso_cache\" or \"jwt_bearer\""
+                    ),
                 );
                 return None;
             }
@@ -1727,6 +1794,16 @@ impl Reader {
             }
             None => return None,
         };
+        let assertion_file = self.path(s, "assertion_file");
+        if source == SourceKind::JwtBearer
+            && assertion_file.is_none()
+            && self.raw(s, "assertion_file").is_none()
+        {
+            self.problem(
+                key("assertion_file"),
+                "missing required key (source = \"jwt_bearer\" needs it), e.g. \"/var/run/secrets/sso-token-proxy/token\"",
+            );
+        }
         let refresh_token = self.secret(s, "refresh_token", source == SourceKind::RefreshToken);
         let start_url = self.non_empty_string(s, "start_url");
         let session_name = self.non_empty_string(s, "session_name");
@@ -1818,6 +1895,7 @@ impl Reader {
             refresh_before_expiry,
             expiry_margin,
             start_url,
+            assertion_file,
         })
     }
 
@@ -1986,8 +2064,28 @@ impl Reader {
         let s = self.section(
             root,
             "emulator",
-            &["listen", "access_token_lifetime", "rotate_refresh_tokens"],
+            &[
+                "listen",
+                "access_token_lifetime",
+                "rotate_refresh_tokens",
+                "assertion_file",
+                "assertion_subject",
+                "assertion_lifetime",
+            ],
         );
+        let assertion_lifetime = self.duration_within(
+            &s,
+            "assertion_lifetime",
+            Duration::from_secs(3600),
+            Duration::from_secs(10)..=Duration::from_secs(DAY),
+        );
+        let assertion_subject = self
+            .string(&s, "assertion_subject")
+            .unwrap_or_else(|| "quickstart-pod".to_owned());
+        if assertion_subject.trim().is_empty() {
+            self.problem("emulator.assertion_subject", "must not be empty");
+        }
+        let assertion_file = self.path(&s, "assertion_file");
         Some(EmulatorSection {
             listen: self.socket_addr(&s, "listen", true)?,
             access_token_lifetime: self.duration_within(
@@ -1997,8 +2095,22 @@ impl Reader {
                 Duration::from_secs(1)..=Duration::from_secs(7 * DAY),
             ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
+            assertion_file,
+            assertion_subject,
+            assertion_lifetime,
         })
     }
+}
+
+/// `arn:<partition>:sso::<account>:application/<instance>/<id>`, loosely.
+fn is_application_arn(text: &str) -> bool {
+    let parts: Vec<&str> = text.splitn(6, ':').collect();
+    matches!(parts[..], ["arn", partition, "sso", "", account, resource]
+        if partition.starts_with("aws")
+            && !account.is_empty()
+            && account.bytes().all(|b| b.is_ascii_digit())
+            && resource.starts_with("application/")
+            && resource.len() > "application/".len())
 }
 
 /// Whether two `refresh_token` sources redeem the same refresh token with
@@ -2026,37 +2138,6 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
             "`{name}` is not a name: use 1 to 64 letters, digits, `_` or `-`"
         ))
     }
-}
-
-/// Reads a secret file: trailing whitespace (the newline editors add) is
-/// dropped. Errors never include the contents.
-pub(crate) fn read_secret_file(path: &Path) -> Result<(Secret, Option<SystemTime>), String> {
-    use std::io::Read;
-    // Secrets are small; a bound keeps a mistaken path (`/dev/zero`) harmless.
-    const MAX_SECRET_BYTES: u64 = 64 * 1024;
-    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    if !file.metadata().map_err(cannot)?.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(cannot)?;
-    if bytes.len() as u64 > MAX_SECRET_BYTES {
-        return Err(format!(
-            "{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?",
-            path.display()
-        ));
-    }
-    let text =
-        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-    let value = text.trim_end();
-    if value.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((Secret::new(value), modified))
 }
 
 #[cfg(test)]
@@ -2105,6 +2186,7 @@ refresh_token = "r"
         ("store", "wait_timeout"),
         ("store", "command_timeout"),
         ("emulator", "access_token_lifetime"),
+        ("emulator", "assertion_lifetime"),
     ];
 
     /// MINIMAL with `key = "value"` in `[section]`.
@@ -2384,6 +2466,114 @@ refresh_token = "r"
         );
         let err = parse(&text).unwrap_err();
         assert_eq!(keys(&err), ["sources.y.sso_cache_file"], "{err}");
+    }
+
+    const JWT_BEARER: &str = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:9000"
+[admin]
+listen = "127.0.0.1:9901"
+[oidc]
+region = "eu-west-1"
+client_id = "arn:aws:sso::111122223333:application/ssoins-1111111111111111/apl-1111111111111111"
+[token]
+source = "jwt_bearer"
+assertion_file = "/var/run/secrets/sso-token-proxy/token"
+"#;
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn jwt_bearer_needs_an_application_arn_a_region_and_an_assertion_file() {
+        let c = parse(JWT_BEARER).unwrap();
+        assert_eq!(c.token.source, SourceKind::JwtBearer);
+        assert_eq!(
+            c.token.assertion_file.as_deref(),
+            Some(Path::new("/var/run/secrets/sso-token-proxy/token"))
+        );
+        let keys = |text: &str| -> Vec<String> {
+            parse(text)
+                .unwrap_err()
+                .problems
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let text = JWT_BEARER
+            .replace(
+                "region = \"eu-west-1\"",
+                "endpoint = \"http://127.0.0.1:8999\"",
+            )
+            .replace("arn:aws:sso::111122223333:application", "my-client")
+            .replace("assertion_file = ", "#")
+            + "[emulator]\nlisten = \"127.0.0.1:8999\"\nassertion_lifetime = \"1s\"\n";
+        let found = keys(&text);
+        for key in [
+            "oidc.region",
+            "oidc.client_id",
+            "token.assertion_file",
+            "emulator.assertion_lifetime",
+        ] {
+            assert!(found.iter().any(|k| k == key), "{key} in {found:?}");
+        }
+    }
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn a_named_jwt_bearer_source_takes_its_own_application_arn() {
+        let text = format!(
+            "{MINIMAL}[sources.pod]\nsource = \"jwt_bearer\"\nassertion_file = \"/run/token\"\n\
+             client_id = \"arn:aws:sso::111122223333:application/ssoins-1/apl-2\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let pod = c.sources.iter().find(|s| s.name == "pod").unwrap();
+        assert_eq!(pod.token.source, SourceKind::JwtBearer);
+        assert_eq!(
+            pod.client_id.as_deref(),
+            Some("arn:aws:sso::111122223333:application/ssoins-1/apl-2")
+        );
+        // Inheriting [oidc]'s client id (not an ARN) is named as a problem.
+        let text = format!(
+            "{MINIMAL}[sources.pod]\nsource = \"jwt_bearer\"\nassertion_file = \"/run/token\"\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].0, "oidc.client_id");
+        assert!(err.problems[0].1.contains("sources.pod.source"), "{err}");
+    }
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn jwt_bearer_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/jwt-bearer.toml");
+        let c = Config::load(Path::new(path)).unwrap();
+        assert_eq!(c.token.source, SourceKind::JwtBearer);
+        let emulator = c.emulator.unwrap();
+        assert_eq!(emulator.assertion_file, c.token.assertion_file);
+        assert_eq!(emulator.assertion_subject, "quickstart-pod");
+    }
+
+    #[cfg(not(feature = "aws-iam"))]
+    #[test]
+    fn jwt_bearer_needs_the_aws_iam_feature() {
+        let err = parse(JWT_BEARER).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].0, "token.source");
+        assert!(err.problems[0].1.contains("aws-iam"), "{err}");
+    }
+
+    #[test]
+    fn application_arns() {
+        assert!(is_application_arn(
+            "arn:aws:sso::111122223333:application/ssoins-1/apl-1"
+        ));
+        assert!(is_application_arn(
+            "arn:aws-us-gov:sso::111122223333:application/ssoins-1/apl-1"
+        ));
+        assert!(!is_application_arn("arn:aws:sso::x:application/a"));
+        assert!(!is_application_arn("arn:aws:sso::1:application/"));
+        assert!(!is_application_arn("arn:aws:iam::1:role/r"));
+        assert!(!is_application_arn("client-id"));
     }
 
     #[test]

@@ -56,7 +56,8 @@
 //! | `axum` | [`ReplayableBody`] for `axum::body::Body` (axum-core only) |
 //! | `redis` | `store`: the token store replicas share on Redis |
 //! | `emulator` | `emulator`: the in-process SSO-OIDC emulator, for tests |
-//! | `proxy` (default) | the `sso-token-proxy` binary and the `proxy` module; implies all of the above |
+//! | `aws-iam` (default) | `CreateTokenWithIAM`: SigV4 signing with the AWS credential chain (`aws-config`, [`oidc::SigV4Signer`]), `IamExchange` and `JwtBearerSource` (a JWT from a file exchanged for the pod's token) |
+//! | `proxy` (default) | the `sso-token-proxy` binary and the `proxy` module; implies all of the above but `aws-iam` |
 //!
 //! A library user depends on `default-features = false, features =
 //! ["layer"]`: no axum server, clap, redis, toml or Prometheus exporter, and
@@ -110,6 +111,9 @@ pub use self::{
     secret::Secret,
     token::{RefreshTokenSource, Reuse, SsoCacheSource, Token, TokenError, TokenSource},
 };
+
+#[cfg(feature = "aws-iam")]
+pub use self::token::{IamExchange, IamGrant, JwtBearerSource};
 
 /// Not API: entry points for this crate's own binary, fuzz targets and
 /// tests. Anything here may change or go in any release.

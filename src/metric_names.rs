@@ -231,6 +231,21 @@ pub const PERSIST_FAILURES_TOTAL: Metric = counter(
     "Failed writes of the state or SSO cache file.",
 );
 
+// === CreateTokenWithIAM ===
+
+/// Resolutions of AWS credentials from the chain, by outcome.
+pub const AWS_CREDENTIALS_LOADS_TOTAL: Metric = counter(
+    "sso_token_proxy_aws_credentials_loads_total",
+    &["outcome"],
+    "Resolutions of AWS credentials from the credential chain for SigV4 (ok, error).",
+);
+/// Exchanges that found a rotated assertion file.
+pub const ASSERTION_ROTATIONS_TOTAL: Metric = counter(
+    "sso_token_proxy_assertion_rotations_total",
+    &[],
+    "Exchanges that found a different JWT in token.assertion_file than the previous exchange.",
+);
+
 // === shared store ===
 
 /// 1 while Redis answers.
@@ -311,6 +326,8 @@ pub const ALL: &[Metric] = &[
     FORCED_REFRESHES_TOTAL,
     REFRESH_TOKEN_PERSISTED,
     PERSIST_FAILURES_TOTAL,
+    AWS_CREDENTIALS_LOADS_TOTAL,
+    ASSERTION_ROTATIONS_TOTAL,
     STORE_UP,
     STORE_DEGRADED,
     STORE_ERRORS_TOTAL,

@@ -14,7 +14,7 @@ use tower::retry::{
 };
 
 use crate::metric_names;
-use crate::oidc::{CreateTokenRequest, CreateTokenResponse, ErrorClass, OidcError};
+use crate::oidc::{ErrorClass, OidcError};
 
 /// How a backoff delay is randomised inside its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,13 +219,15 @@ impl OidcRetryPolicy {
     }
 }
 
-impl Policy<CreateTokenRequest, CreateTokenResponse, OidcError> for OidcRetryPolicy {
+/// One policy for every SSO-OIDC call (`CreateToken`, `CreateTokenWithIAM`):
+/// requests are small JSON documents, always replayable.
+impl<Req: Clone, Res> Policy<Req, Res, OidcError> for OidcRetryPolicy {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
-        _request: &mut CreateTokenRequest,
-        result: &mut Result<CreateTokenResponse, OidcError>,
+        _request: &mut Req,
+        result: &mut Result<Res, OidcError>,
     ) -> Option<Self::Future> {
         if self.attempt == 0 {
             // One deposit per call (not per attempt) funds the retries.
@@ -250,8 +252,8 @@ impl Policy<CreateTokenRequest, CreateTokenResponse, OidcError> for OidcRetryPol
         }
     }
 
-    fn clone_request(&mut self, request: &CreateTokenRequest) -> Option<CreateTokenRequest> {
-        // CreateToken bodies are a few hundred bytes: always replayable.
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        // Request bodies are a few hundred bytes: always replayable.
         Some(request.clone())
     }
 }

@@ -53,6 +53,40 @@ impl From<&str> for Secret {
     }
 }
 
+/// Reads a secret file: trailing whitespace (the newline editors add) is
+/// dropped. Errors never include the contents.
+#[cfg(any(feature = "proxy", feature = "aws-iam"))]
+pub(crate) fn read_secret_file(
+    path: &std::path::Path,
+) -> Result<(Secret, Option<std::time::SystemTime>), String> {
+    use std::io::Read;
+    // Secrets are small; a bound keeps a mistaken path (`/dev/zero`) harmless.
+    const MAX_SECRET_BYTES: u64 = 64 * 1024;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?",
+            path.display()
+        ));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Ok((Secret::new(value), modified))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

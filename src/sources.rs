@@ -12,7 +12,9 @@
 //! refresh token, and the state file keeps that token once.
 //!
 //! Each kind is built by one function ([`build_source`] dispatches on
-//! [`SourceKind`]); a new kind adds an arm there.
+//! [`SourceKind`]); a new kind adds an arm there. A `jwt_bearer` source
+//! exchanges with `CreateTokenWithIAM` through the shared client, which the
+//! CLI then builds with a SigV4 signer.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -284,7 +286,49 @@ fn build_source(
                     .map_err(|e| problem(config, source.key("sso_cache_file"), e.to_string()))?;
             Ok((Arc::new(built), None))
         }
+        SourceKind::JwtBearer => Ok((jwt_bearer_source(config, source, oidc, policy)?, None)),
     }
+}
+
+/// The pod's token from its assertion file (`source = "jwt_bearer"`).
+/// `oidc` signs `CreateTokenWithIAM` (the CLI gives it a SigV4 signer when
+/// a source needs one).
+#[cfg(feature = "aws-iam")]
+fn jwt_bearer_source(
+    config: &Config,
+    source: &SourceConfig,
+    oidc: &OidcClient,
+    policy: OidcRetryPolicy,
+) -> Result<Arc<dyn TokenSource>, ConfigError> {
+    use crate::token::{IamExchange, JwtBearerSource};
+    let (Some(application_arn), Some(file)) = (
+        source.client_id.clone(),
+        source.token.assertion_file.clone(),
+    ) else {
+        return Err(problem(
+            config,
+            source.key("source"),
+            "jwt_bearer source needs a client_id (the application ARN) and an assertion_file",
+        ));
+    };
+    let exchange = IamExchange::new(oidc.clone(), application_arn)
+        .retry_policy(policy)
+        .scopes(source.token.scopes.clone());
+    Ok(Arc::new(JwtBearerSource::new(exchange, file)))
+}
+
+#[cfg(not(feature = "aws-iam"))]
+fn jwt_bearer_source(
+    config: &Config,
+    source: &SourceConfig,
+    _oidc: &OidcClient,
+    _policy: OidcRetryPolicy,
+) -> Result<Arc<dyn TokenSource>, ConfigError> {
+    Err(problem(
+        config,
+        source.key("source"),
+        "\"jwt_bearer\" needs AWS IAM support, which this build leaves out (Cargo feature `aws-iam`)",
+    ))
 }
 
 /// A `refresh_token` source with its state file (the directory is made,

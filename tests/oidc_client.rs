@@ -2,73 +2,17 @@
 //! rustls, HTTP/2 by ALPN, and every grant type round-tripped against the
 //! emulator behind a TLS terminator.
 
-use std::sync::{Arc, Mutex};
+#[path = "support/tls_front.rs"]
+mod tls_front;
 
-use rcgen::generate_simple_self_signed;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sso_token_proxy::{
-    emulator::{Emulator, EmulatorConfig, EmulatorHandle, Fault},
+    emulator::{Emulator, EmulatorConfig, Fault},
     oidc::{
         CreateTokenRequest, ErrorClass, OidcClient, OidcError, Operation, RegisterClientRequest,
         ServiceErrorKind, StartDeviceAuthorizationRequest,
     },
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-
-/// A TLS terminator on 127.0.0.1 in front of the emulator, offering h2 and
-/// http/1.1; records the protocol each connection negotiated.
-struct TlsFront {
-    port: u16,
-    cert_der: CertificateDer<'static>,
-    negotiated: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
-}
-
-async fn tls_front(emulator: &EmulatorHandle) -> TlsFront {
-    let certified = generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let backend = emulator.addr();
-    let negotiated = Arc::new(Mutex::new(Vec::new()));
-    let record = negotiated.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            let record = record.clone();
-            tokio::spawn(async move {
-                // Handshake failures (untrusted client) just end the connection.
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                record
-                    .lock()
-                    .unwrap()
-                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
-                let mut upstream = TcpStream::connect(backend).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
-            });
-        }
-    });
-    TlsFront {
-        port,
-        cert_der: certified.cert.der().clone(),
-        negotiated,
-    }
-}
+use tls_front::tls_front;
 
 #[tokio::test]
 async fn untrusted_certificate_is_a_fatal_tls_error() {
@@ -97,15 +41,7 @@ async fn every_operation_and_grant_round_trips_over_https_and_h2() {
     .unwrap();
     let front = tls_front(&emulator).await;
     // A caller's own rustls config, trusting the front's certificate only.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(front.cert_der.clone()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = front.client_config();
     let client = OidcClient::builder()
         .endpoint(format!("https://localhost:{}", front.port))
         .tls_config(tls)

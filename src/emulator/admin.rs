@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::oidc::Operation;
 
-use super::{Shared, fault::Fault, state::ceil_secs, wire};
+use super::{Shared, fault::Fault, iam, idp, state::ceil_secs, wire};
 
 /// Largest admin request body accepted.
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -30,12 +30,30 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Result<Response, Re
         (&Method::GET, "/_emulator/device") => Route::DevicePage,
         (&Method::POST, "/_emulator/device/approve") => Route::Decide { approve: true },
         (&Method::POST, "/_emulator/device/deny") => Route::Decide { approve: false },
+        (&Method::POST, "/_emulator/jwt") => Route::MintAssertion,
+        (&Method::POST, "/_emulator/applications") => Route::Applications,
+        (&Method::GET, idp::JWKS_PATH) => Route::Jwks,
+        (&Method::GET, idp::DISCOVERY_PATH) => Route::Discovery,
         _ => return Err(req),
     };
     let (parts, body) = req.into_parts();
     Ok(match route {
         Route::Counters => wire::json(StatusCode::OK, &shared.lock().counters.clone()),
         Route::DevicePage => device_page(parts.uri.query().unwrap_or("")),
+        Route::Jwks => wire::json(StatusCode::OK, &shared.lock().iam.issuer.jwks()),
+        Route::Discovery => {
+            let issuer = iam::issuer_url(&shared.base_url);
+            wire::json(
+                StatusCode::OK,
+                &json!({
+                    "issuer": issuer,
+                    "jwks_uri": format!("{}{}", shared.base_url, idp::JWKS_PATH),
+                    "id_token_signing_alg_values_supported": ["ES256"],
+                    "subject_types_supported": ["public"],
+                    "response_types_supported": ["id_token"],
+                }),
+            )
+        }
         route => match wire::read_body(body, ADMIN_BODY_LIMIT).await {
             Ok(bytes) => run(shared, route, &parts.headers, &bytes),
             Err(_) => bad_request("body is too large or could not be read"),
@@ -56,6 +74,10 @@ enum Route {
     RevokeRefreshTokens,
     DevicePage,
     Decide { approve: bool },
+    MintAssertion,
+    Applications,
+    Jwks,
+    Discovery,
 }
 
 fn bad_request(message: impl Into<String>) -> Response {
@@ -90,6 +112,7 @@ fn explicit_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Faul
 fn operation_from_name(name: &str) -> Option<Operation> {
     [
         Operation::CreateToken,
+        Operation::CreateTokenWithIam,
         Operation::RegisterClient,
         Operation::StartDeviceAuthorization,
     ]
@@ -143,6 +166,28 @@ struct ConfigBody {
 #[derive(Deserialize)]
 struct UserCodeBody {
     user_code: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplicationBody {
+    arn: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintBody {
+    sub: String,
+    #[serde(default)]
+    aud: Option<String>,
+    #[serde(default)]
+    lifetime_secs: Option<u64>,
+    #[serde(default)]
+    expired: bool,
 }
 
 fn run(shared: &Shared, route: Route, headers: &HeaderMap, body: &[u8]) -> Response {
@@ -213,7 +258,29 @@ fn run(shared: &Shared, route: Route, headers: &HeaderMap, body: &[u8]) -> Respo
             ))
         }
         Route::Decide { approve } => Ok(decide(shared, headers, body, approve)),
-        Route::Counters | Route::DevicePage => Ok(not_found("no such admin route")),
+        Route::MintAssertion => parse::<MintBody>(body).map(|b| {
+            let assertion = shared.mint_assertion(
+                &b.sub,
+                b.aud.as_deref().unwrap_or(iam::DEFAULT_AUDIENCE),
+                Duration::from_secs(b.lifetime_secs.unwrap_or(3600)),
+                b.expired,
+            );
+            wire::json(StatusCode::OK, &json!({"assertion": assertion}))
+        }),
+        Route::Applications => parse::<ApplicationBody>(body).map(|b| {
+            if b.arn.trim().is_empty() {
+                return bad_request("arn must not be empty");
+            }
+            shared.lock().iam.add_application(iam::EmulatorApplication {
+                arn: b.arn.clone(),
+                audiences: b.audiences,
+                scopes: b.scopes,
+            });
+            wire::json(StatusCode::OK, &json!({"ok": true, "arn": b.arn}))
+        }),
+        Route::Counters | Route::DevicePage | Route::Jwks | Route::Discovery => {
+            Ok(not_found("no such admin route"))
+        }
     };
     result.unwrap_or_else(bad_request)
 }
@@ -222,7 +289,7 @@ fn inject_faults(shared: &Shared, body: &[u8]) -> Result<Response, String> {
     let b: FaultsBody = parse(body)?;
     let op = operation_from_name(&b.operation).ok_or_else(|| {
         format!(
-            "unknown operation {:?}; expected CreateToken, RegisterClient or StartDeviceAuthorization",
+            "unknown operation {:?}; expected CreateToken, CreateTokenWithIAM, RegisterClient or StartDeviceAuthorization",
             b.operation
         )
     })?;

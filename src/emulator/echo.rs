@@ -34,6 +34,9 @@ struct EchoBody {
     version: String,
     headers: BTreeMap<String, Vec<String>>,
     body_length: u64,
+    /// The user the token stands for (`CreateTokenWithIAM` tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
 }
 
 /// Test controls read from `x-echo-*` request headers.
@@ -106,16 +109,17 @@ async fn count_body(mut body: Body) -> Option<u64> {
 /// Serves the echo resource.
 pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let live = {
+    let (live, subject) = {
         let mut state = shared.lock();
-        let live = bearer_token(&parts.headers)
-            .is_some_and(|t| state.is_access_token_live(t, Instant::now()));
+        let entry =
+            bearer_token(&parts.headers).and_then(|t| state.live_access_token(t, Instant::now()));
+        let (live, subject) = (entry.is_some(), entry.and_then(|e| e.subject.clone()));
         if live {
             state.counters.echo_authorized += 1;
         } else {
             state.counters.echo_unauthorized += 1;
         }
-        live
+        (live, subject)
     };
     tracing::debug!(method = %parts.method, path = parts.uri.path(), authorized = live, "emulator: echo");
 
@@ -180,6 +184,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
                 version: format!("{:?}", parts.version),
                 headers,
                 body_length,
+                subject,
             };
             wire::json(status, &echo)
         }

@@ -8,6 +8,10 @@
 //! | `POST /client/register` | `RegisterClient` |
 //! | `POST /device_authorization` | `StartDeviceAuthorization` |
 //! | `POST /token` | `CreateToken`: `refresh_token`, device code and `authorization_code` (PKCE S256) grants |
+//! | `POST /token?aws_iam=t` | `CreateTokenWithIAM`, SigV4-verified against the test credentials: JWT bearer (assertions of the test issuer), token exchange, `refresh_token` and `authorization_code` grants |
+//! | `POST /_emulator/applications` | add an application for `CreateTokenWithIAM`: `{"arn", "audiences"?, "scopes"?}` |
+//! | `POST /_emulator/jwt` | mint an assertion of the test issuer: `{"sub", "aud"?, "lifetime_secs"?, "expired"?}` → `{"assertion"}` |
+//! | `GET /_emulator/idp/jwks.json`, `GET /_emulator/idp/.well-known/openid-configuration` | the test issuer's key and discovery document (issuer `<base>/_emulator/idp`) |
 //! | `POST /_emulator/faults`, `DELETE /_emulator/faults` | script faults per operation, clear them |
 //! | `GET /_emulator/counters` | [`Counters`] as JSON |
 //! | `POST /_emulator/clients` | register a client directly: `{"client_name":"x"}` → `{"clientId","clientSecret"}` |
@@ -19,6 +23,15 @@
 //! | `GET /_emulator/device?user_code=X` | HTML page with an Approve / Deny form |
 //! | `POST /_emulator/device/approve`, `.../deny` | decide a device authorization (form or JSON `user_code`) |
 //! | anything else | the protected echo resource |
+//!
+//! `CreateTokenWithIAM` knows the applications of
+//! [`EmulatorConfig::applications`] (by default [`DEFAULT_APPLICATION_ARN`],
+//! accepting assertions with `aud` = [`DEFAULT_AUDIENCE`]) and accepts calls
+//! signed with [`EmulatorConfig::aws_credentials`] (by default
+//! [`TEST_ACCESS_KEY_ID`] / [`TEST_SECRET_ACCESS_KEY`]). A missing or bad
+//! signature gets AWS's 403 answer (`InvalidSignatureException`,
+//! `UnrecognizedClientException`, ...). The access tokens it issues carry the
+//! user's subject: see [`token_subject`].
 //!
 //! Errors look like the real service's: the model's status, an
 //! `x-amzn-ErrorType: <Shape>:http://internal.amazon.com/coral/com.amazonaws.sso.oidc/`
@@ -69,7 +82,10 @@
 mod admin;
 mod echo;
 mod fault;
+mod iam;
+mod idp;
 mod service;
+mod sigv4;
 mod state;
 mod wire;
 
@@ -85,7 +101,15 @@ use http::{HeaderValue, Method};
 use tokio::{sync::watch, task::JoinHandle};
 
 use self::state::{Settings, State};
-pub use self::{fault::Fault, state::Counters};
+pub use self::{
+    fault::Fault,
+    iam::{
+        DEFAULT_APPLICATION_ARN, DEFAULT_AUDIENCE, EmulatorApplication, TEST_ACCESS_KEY_ID,
+        TEST_SECRET_ACCESS_KEY, test_aws_credentials,
+    },
+    sigv4::TestAwsCredentials,
+    state::Counters,
+};
 use crate::{oidc::Operation, secret::Secret};
 
 /// How long [`EmulatorHandle::shutdown`] lets in-flight requests finish.
@@ -116,6 +140,12 @@ pub struct EmulatorConfig {
     pub device_poll_interval: Duration,
     /// Clients that exist from the start.
     pub clients: Vec<SeedClient>,
+    /// AWS credentials whose SigV4 signatures `CreateTokenWithIAM` accepts.
+    /// Default: [`test_aws_credentials`].
+    pub aws_credentials: Vec<TestAwsCredentials>,
+    /// Applications `CreateTokenWithIAM` knows. Default: one,
+    /// [`EmulatorApplication::default`].
+    pub applications: Vec<EmulatorApplication>,
 }
 
 impl Default for EmulatorConfig {
@@ -128,8 +158,24 @@ impl Default for EmulatorConfig {
             device_code_lifetime: Duration::from_secs(600),
             device_poll_interval: Duration::from_secs(5),
             clients: Vec::new(),
+            aws_credentials: vec![test_aws_credentials()],
+            applications: vec![EmulatorApplication::default()],
         }
     }
+}
+
+/// Marks an access token that carries its user's subject.
+pub(crate) const SUBJECT_TOKEN_PREFIX: &str = "aoi.";
+
+/// The subject (user) an access token from this emulator's
+/// `CreateTokenWithIAM` stands for; `None` for other tokens.
+pub fn token_subject(access_token: &str) -> Option<String> {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let encoded = access_token
+        .strip_prefix(SUBJECT_TOKEN_PREFIX)?
+        .split('.')
+        .next()?;
+    String::from_utf8(URL_SAFE_NO_PAD.decode(encoded).ok()?).ok()
 }
 
 /// A client registered before the emulator starts.
@@ -156,6 +202,15 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// An assertion of the test issuer for `sub` and `aud`.
+    fn mint_assertion(&self, sub: &str, aud: &str, lifetime: Duration, expired: bool) -> String {
+        let issuer = iam::issuer_url(&self.base_url);
+        self.lock()
+            .iam
+            .issuer
+            .mint(&issuer, sub, aud, lifetime, expired)
+    }
 }
 
 struct ServerControl {
@@ -176,13 +231,16 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let base_url = format!("http://{}", reachable(addr));
 
-        let mut state = State::new(Settings {
-            access_token_lifetime: config.access_token_lifetime,
-            rotate_refresh_tokens: config.rotate_refresh_tokens,
-            rotation_grace: config.rotation_grace,
-            device_code_lifetime: config.device_code_lifetime,
-            device_poll_interval: config.device_poll_interval,
-        });
+        let mut state = State::new(
+            Settings {
+                access_token_lifetime: config.access_token_lifetime,
+                rotate_refresh_tokens: config.rotate_refresh_tokens,
+                rotation_grace: config.rotation_grace,
+                device_code_lifetime: config.device_code_lifetime,
+                device_poll_interval: config.device_poll_interval,
+            },
+            iam::IamState::new(config.aws_credentials, config.applications),
+        );
         for seed in config.clients {
             state.add_client(
                 Some(seed.client_id.clone()),
@@ -249,7 +307,13 @@ async fn route(
     req: Request,
 ) -> Response {
     let operation = if req.method() == Method::POST {
+        let iam = req
+            .uri()
+            .query()
+            .and_then(|q| wire::form_value(q, "aws_iam"))
+            .is_some_and(|v| v == "t");
         match req.uri().path() {
+            "/token" if iam => Some(Operation::CreateTokenWithIam),
             "/token" => Some(Operation::CreateToken),
             "/client/register" => Some(Operation::RegisterClient),
             "/device_authorization" => Some(Operation::StartDeviceAuthorization),
@@ -259,7 +323,10 @@ async fn route(
         None
     };
     let mut resp = match operation {
-        Some(op) => service::handle(&shared, op, req.into_body()).await,
+        Some(op) => {
+            let (parts, body) = req.into_parts();
+            service::handle(&shared, op, &parts, body).await
+        }
         None => match admin::handle(&shared, req).await {
             Ok(resp) => resp,
             Err(req) => echo::handle(&shared, req).await,
@@ -328,6 +395,41 @@ impl EmulatorHandle {
             code_challenge,
             Instant::now(),
         ))
+    }
+
+    /// The issuer URL of the test token issuer (`<url>/_emulator/idp`): the
+    /// `iss` of its assertions.
+    pub fn issuer_url(&self) -> String {
+        iam::issuer_url(&self.shared.base_url)
+    }
+
+    /// A JWT of the test issuer for `subject`, with `aud` =
+    /// [`DEFAULT_AUDIENCE`], valid for `lifetime`.
+    pub fn mint_assertion(&self, subject: &str, lifetime: Duration) -> Secret {
+        Secret::new(
+            self.shared
+                .mint_assertion(subject, DEFAULT_AUDIENCE, lifetime, false),
+        )
+    }
+
+    /// A JWT of the test issuer for `subject` and `audience`; with
+    /// `expired`, one that expired `lifetime` ago.
+    pub fn mint_assertion_with(
+        &self,
+        subject: &str,
+        audience: &str,
+        lifetime: Duration,
+        expired: bool,
+    ) -> Secret {
+        Secret::new(
+            self.shared
+                .mint_assertion(subject, audience, lifetime, expired),
+        )
+    }
+
+    /// Adds (or replaces) an application `CreateTokenWithIAM` knows.
+    pub fn add_application(&self, application: EmulatorApplication) {
+        self.shared.lock().iam.add_application(application);
     }
 
     /// Approves the pending device authorization with this user code.
@@ -445,6 +547,15 @@ pub async fn run_standalone(listen: SocketAddr) -> io::Result<()> {
     println!(
         "  echo resource: {}/anything (needs Authorization: Bearer <accessToken>)",
         handle.url()
+    );
+    println!("  CreateTokenWithIAM (POST /token?aws_iam=t, SigV4 for sso-oauth):");
+    println!("    application ARN:   {DEFAULT_APPLICATION_ARN}");
+    println!("    AWS access key id: {TEST_ACCESS_KEY_ID}");
+    println!("    AWS secret key:    {TEST_SECRET_ACCESS_KEY}");
+    println!(
+        "    assertions:        POST {}/_emulator/jwt {{\"sub\":\"alice\"}} (issuer {}, aud {DEFAULT_AUDIENCE})",
+        handle.url(),
+        handle.issuer_url()
     );
     wait_for_stop_signal().await;
     handle.shutdown().await;

@@ -1,20 +1,22 @@
-//! The three SSO-OIDC operations: `RegisterClient`, `StartDeviceAuthorization`
-//! and `CreateToken`, with fault injection in front of them.
+//! The four SSO-OIDC operations: `RegisterClient`, `StartDeviceAuthorization`,
+//! `CreateToken` and `CreateTokenWithIAM` (behind a SigV4 check), with fault
+//! injection in front of them.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::{body::Body, response::Response};
-use http::StatusCode;
+use http::{StatusCode, request::Parts};
 use serde::de::DeserializeOwned;
 
 use crate::oidc::{
-    CreateTokenRequest, Operation, RegisterClientRequest, ServiceErrorKind,
-    StartDeviceAuthorizationRequest,
+    CreateTokenRequest, CreateTokenWithIamRequest, Operation, RegisterClientRequest,
+    ServiceErrorKind, StartDeviceAuthorizationRequest,
 };
 
 use super::{
     Shared,
     fault::Fault,
+    iam, sigv4,
     state::ApiError,
     wire::{self, BodyError},
 };
@@ -22,14 +24,32 @@ use super::{
 /// Largest operation request body accepted.
 const OPERATION_BODY_LIMIT: usize = 1024 * 1024;
 
-/// Handles one call of `op`: reads the body, plays a scripted fault if there
-/// is one, else answers as the service would.
-pub(crate) async fn handle(shared: &Shared, op: Operation, body: Body) -> Response {
+/// Handles one call of `op`: reads the body, checks the SigV4 signature of a
+/// signed operation, plays a scripted fault if there is one, else answers as
+/// the service would.
+pub(crate) async fn handle(shared: &Shared, op: Operation, parts: &Parts, body: Body) -> Response {
     let body = wire::read_body(body, OPERATION_BODY_LIMIT).await;
 
     let fault = {
         let mut state = shared.lock();
         state.counters.count_operation(op);
+        if op == Operation::CreateTokenWithIam {
+            // Authentication comes first: an unsigned or badly signed call
+            // never reaches the operation (nor its faults).
+            let bytes = body.as_deref().unwrap_or_default();
+            if let Err(rejection) =
+                sigv4::verify(parts, bytes, &state.iam.credentials, SystemTime::now())
+            {
+                state.counters.count_error(rejection.label());
+                drop(state);
+                tracing::debug!(
+                    operation = op.as_str(),
+                    error_type = rejection.error_type,
+                    "emulator: SigV4 check failed"
+                );
+                return wire::signature_error(&rejection);
+            }
+        }
         let fault = state.take_fault(op);
         if let Some(label) = fault.and_then(Fault::error_label) {
             state.counters.count_error(label);
@@ -87,6 +107,12 @@ fn answer(shared: &Shared, op: Operation, body: &[u8]) -> Result<Response, ApiEr
             let req: CreateTokenRequest = parse(body)?;
             tracing::debug!(operation = op.as_str(), grant_type = %req.grant_type, "emulator: CreateToken");
             let resp = shared.lock().create_token(req, now, &shared.base_url)?;
+            Ok(wire::json(StatusCode::OK, &resp))
+        }
+        Operation::CreateTokenWithIam => {
+            let req: CreateTokenWithIamRequest = parse(body)?;
+            tracing::debug!(operation = op.as_str(), grant_type = %req.grant_type, "emulator: CreateTokenWithIAM");
+            let resp = iam::create_token_with_iam(&mut shared.lock(), req, now, &shared.base_url)?;
             Ok(wire::json(StatusCode::OK, &resp))
         }
         Operation::RegisterClient => {

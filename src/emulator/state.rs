@@ -17,8 +17,9 @@ use sha2::{Digest as _, Sha256};
 use crate::{
     oidc::{
         CreateTokenRequest, CreateTokenResponse, GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE,
-        GRANT_REFRESH_TOKEN, Operation, RegisterClientRequest, RegisterClientResponse,
-        ServiceErrorKind, StartDeviceAuthorizationRequest, StartDeviceAuthorizationResponse,
+        GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN, GRANT_TOKEN_EXCHANGE, Operation,
+        RegisterClientRequest, RegisterClientResponse, ServiceErrorKind,
+        StartDeviceAuthorizationRequest, StartDeviceAuthorizationResponse,
     },
     secret::Secret,
 };
@@ -45,6 +46,9 @@ const ACCESS_TOKEN_PRUNE_AT: usize = 4096;
 pub struct Counters {
     /// `CreateToken` calls (`POST /token`).
     pub create_token: u64,
+    /// `CreateTokenWithIAM` calls (`POST /token?aws_iam=t`), signed or not.
+    #[serde(default)]
+    pub create_token_with_iam: u64,
     /// `RegisterClient` calls (`POST /client/register`).
     pub register_client: u64,
     /// `StartDeviceAuthorization` calls (`POST /device_authorization`).
@@ -53,6 +57,10 @@ pub struct Counters {
     /// (`refresh_token`, `authorization_code`, the device code URN, or
     /// `other` for anything unsupported).
     pub create_token_by_grant: BTreeMap<String, u64>,
+    /// `CreateTokenWithIAM` calls that passed SigV4 and whose body could be
+    /// read, by `grantType` (`other` for anything unsupported).
+    #[serde(default)]
+    pub create_token_with_iam_by_grant: BTreeMap<String, u64>,
     /// Error answers by kind name (`InvalidGrant`, `SlowDown`, ...), plus
     /// `Html502`, `EmptyBody` and `Malformed200` for those injected faults.
     pub errors_by_kind: BTreeMap<String, u64>,
@@ -68,6 +76,7 @@ impl Counters {
     pub(crate) fn count_operation(&mut self, op: Operation) {
         match op {
             Operation::CreateToken => self.create_token += 1,
+            Operation::CreateTokenWithIam => self.create_token_with_iam += 1,
             Operation::RegisterClient => self.register_client += 1,
             Operation::StartDeviceAuthorization => self.start_device_authorization += 1,
         }
@@ -75,6 +84,20 @@ impl Counters {
 
     pub(crate) fn count_error(&mut self, label: &str) {
         *self.errors_by_kind.entry(label.to_owned()).or_default() += 1;
+    }
+
+    pub(crate) fn count_iam_grant(&mut self, grant: &str) {
+        let key = match grant {
+            GRANT_REFRESH_TOKEN
+            | GRANT_AUTHORIZATION_CODE
+            | GRANT_JWT_BEARER
+            | GRANT_TOKEN_EXCHANGE => grant,
+            _ => "other",
+        };
+        *self
+            .create_token_with_iam_by_grant
+            .entry(key.to_owned())
+            .or_default() += 1;
     }
 
     fn count_grant(&mut self, grant: &str) {
@@ -138,8 +161,14 @@ struct RefreshEntry {
     successor: Option<String>,
 }
 
-struct AccessEntry {
-    expires_at: Instant,
+/// What the emulator knows about an access token it issued.
+pub(crate) struct AccessEntry {
+    pub(crate) expires_at: Instant,
+    /// The user it stands for (`CreateTokenWithIAM` tokens).
+    pub(crate) subject: Option<String>,
+    /// The client or application it was issued to (`CreateTokenWithIAM`
+    /// tokens).
+    pub(crate) audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +213,8 @@ pub(crate) struct State {
     user_codes: HashMap<String, String>,
     auth_codes: HashMap<String, AuthCodeEntry>,
     faults: HashMap<Operation, FaultScript>,
+    /// `CreateTokenWithIAM`: test credentials, applications, the test issuer.
+    pub(crate) iam: super::iam::IamState,
 }
 
 // === random values ===
@@ -198,7 +229,7 @@ fn random_from(alphabet: &[u8], len: usize) -> String {
         .collect()
 }
 
-fn random_token(prefix: &str, len: usize) -> String {
+pub(crate) fn random_token(prefix: &str, len: usize) -> String {
     format!("{prefix}{}", random_from(URL_SAFE_ALPHABET, len))
 }
 
@@ -215,7 +246,7 @@ pub(crate) fn request_id() -> String {
     )
 }
 
-fn epoch_secs() -> i64 {
+pub(crate) fn epoch_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -275,7 +306,7 @@ pub(crate) struct Registered {
 }
 
 impl State {
-    pub(crate) fn new(settings: Settings) -> Self {
+    pub(crate) fn new(settings: Settings, iam: super::iam::IamState) -> Self {
         Self {
             settings,
             counters: Counters::default(),
@@ -286,6 +317,7 @@ impl State {
             user_codes: HashMap::new(),
             auth_codes: HashMap::new(),
             faults: HashMap::new(),
+            iam,
         }
     }
 
@@ -523,9 +555,12 @@ impl State {
     }
 
     pub(crate) fn is_access_token_live(&self, token: &str, now: Instant) -> bool {
-        self.access_tokens
-            .get(token)
-            .is_some_and(|e| now < e.expires_at)
+        self.live_access_token(token, now).is_some()
+    }
+
+    /// The entry of a live (issued, unexpired, unrevoked) access token.
+    pub(crate) fn live_access_token(&self, token: &str, now: Instant) -> Option<&AccessEntry> {
+        self.access_tokens.get(token).filter(|e| now < e.expires_at)
     }
 
     pub(crate) fn revoke_access_tokens(&mut self) {
@@ -720,19 +755,41 @@ impl State {
         now: Instant,
         issuer: &str,
     ) -> Result<CreateTokenResponse, ApiError> {
-        let Some(code) = req.code.as_ref().filter(|c| !c.is_empty()) else {
+        self.check_authorization_code(
+            &req.client_id,
+            req.code.as_ref(),
+            req.redirect_uri.as_deref(),
+            req.code_verifier.as_ref(),
+            now,
+        )?;
+        let scopes = scopes_for_grant(requested, client_scopes)?;
+        self.use_authorization_code(req.code.as_ref());
+        Ok(self.issue_full(&req.client_id, &scopes, now, issuer))
+    }
+
+    /// Checks an authorization code grant (`CreateToken` and
+    /// `CreateTokenWithIAM` alike) without using the code up.
+    pub(crate) fn check_authorization_code(
+        &self,
+        client_id: &str,
+        code: Option<&Secret>,
+        redirect_uri: Option<&str>,
+        code_verifier: Option<&Secret>,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        let Some(code) = code.filter(|c| !c.is_empty()) else {
             return err(
                 ServiceErrorKind::InvalidRequest,
                 "code is required for the authorization_code grant",
             );
         };
-        let Some(entry) = self.auth_codes.get_mut(code.expose()) else {
+        let Some(entry) = self.auth_codes.get(code.expose()) else {
             return err(
                 ServiceErrorKind::InvalidGrant,
                 "Invalid authorization code provided",
             );
         };
-        if entry.client_id != req.client_id {
+        if entry.client_id != client_id {
             return err(
                 ServiceErrorKind::InvalidGrant,
                 "Authorization code was issued to another client",
@@ -750,14 +807,14 @@ impl State {
                 "Authorization code has expired",
             );
         }
-        if req.redirect_uri.as_deref() != Some(entry.redirect_uri.as_str()) {
+        if redirect_uri != Some(entry.redirect_uri.as_str()) {
             return err(
                 ServiceErrorKind::InvalidGrant,
                 "redirectUri does not match the authorization request",
             );
         }
         if let Some(challenge) = &entry.code_challenge {
-            let Some(verifier) = req.code_verifier.as_ref().filter(|v| !v.is_empty()) else {
+            let Some(verifier) = code_verifier.filter(|v| !v.is_empty()) else {
                 return err(
                     ServiceErrorKind::InvalidGrant,
                     "codeVerifier is required for this authorization code",
@@ -770,24 +827,19 @@ impl State {
                 );
             }
         }
-        let scopes = scopes_for_grant(requested, client_scopes)?;
-        entry.used = true;
-        Ok(self.issue_full(&req.client_id, &scopes, now, issuer))
+        Ok(())
+    }
+
+    /// Marks a checked authorization code as used.
+    pub(crate) fn use_authorization_code(&mut self, code: Option<&Secret>) {
+        if let Some(entry) = code.and_then(|c| self.auth_codes.get_mut(c.expose())) {
+            entry.used = true;
+        }
     }
 
     /// A new access token (no refresh token, no id token).
     fn issue_access(&mut self, now: Instant) -> CreateTokenResponse {
-        if self.access_tokens.len() >= ACCESS_TOKEN_PRUNE_AT {
-            self.access_tokens.retain(|_, e| now < e.expires_at);
-        }
-        let lifetime = self.settings.access_token_lifetime;
-        let token = random_token("aoa", 100);
-        self.access_tokens.insert(
-            token.clone(),
-            AccessEntry {
-                expires_at: now + lifetime,
-            },
-        );
+        let (token, lifetime) = self.issue_access_token(now, None, None);
         CreateTokenResponse {
             access_token: Some(Secret::new(token)),
             token_type: Some("Bearer".to_owned()),
@@ -795,6 +847,39 @@ impl State {
             refresh_token: None,
             id_token: None,
         }
+    }
+
+    /// Records a new access token and returns it with its lifetime. A token
+    /// for a subject carries it, readable with
+    /// [`token_subject`](super::token_subject).
+    pub(crate) fn issue_access_token(
+        &mut self,
+        now: Instant,
+        subject: Option<&str>,
+        audience: Option<&str>,
+    ) -> (String, Duration) {
+        if self.access_tokens.len() >= ACCESS_TOKEN_PRUNE_AT {
+            self.access_tokens.retain(|_, e| now < e.expires_at);
+        }
+        let lifetime = self.settings.access_token_lifetime;
+        let token = match subject {
+            Some(subject) => format!(
+                "{}{}.{}",
+                super::SUBJECT_TOKEN_PREFIX,
+                URL_SAFE_NO_PAD.encode(subject),
+                random_from(URL_SAFE_ALPHABET, 64)
+            ),
+            None => random_token("aoa", 100),
+        };
+        self.access_tokens.insert(
+            token.clone(),
+            AccessEntry {
+                expires_at: now + lifetime,
+                subject: subject.map(str::to_owned),
+                audience: audience.map(str::to_owned),
+            },
+        );
+        (token, lifetime)
     }
 
     /// Access, refresh and id token, as a first grant gives them.
@@ -811,19 +896,25 @@ impl State {
             issuer,
             client_id,
             self.settings.access_token_lifetime,
+            None,
         )));
         response
     }
 }
 
 /// A JWT-shaped id token: real-looking header and claims, random signature.
-fn fake_id_token(issuer: &str, client_id: &str, lifetime: Duration) -> String {
+pub(crate) fn fake_id_token(
+    issuer: &str,
+    client_id: &str,
+    lifetime: Duration,
+    subject: Option<&str>,
+) -> String {
     let iat = epoch_secs();
     let exp = iat + i64::from(ceil_secs(lifetime).max(1));
     let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": "emulator"});
     let claims = serde_json::json!({
         "iss": issuer,
-        "sub": random_token("", 36),
+        "sub": subject.map_or_else(|| random_token("", 36), str::to_owned),
         "aud": client_id,
         "iat": iat,
         "exp": exp,
@@ -841,13 +932,16 @@ mod tests {
     use super::*;
 
     fn state() -> State {
-        State::new(Settings {
-            access_token_lifetime: Duration::from_secs(3600),
-            rotate_refresh_tokens: true,
-            rotation_grace: false,
-            device_code_lifetime: Duration::from_secs(600),
-            device_poll_interval: Duration::from_secs(5),
-        })
+        State::new(
+            Settings {
+                access_token_lifetime: Duration::from_secs(3600),
+                rotate_refresh_tokens: true,
+                rotation_grace: false,
+                device_code_lifetime: Duration::from_secs(600),
+                device_poll_interval: Duration::from_secs(5),
+            },
+            super::super::iam::IamState::for_tests(),
+        )
     }
 
     fn refresh_req(client: &Registered, token: &str) -> CreateTokenRequest {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::oidc::ServiceErrorKind;
 
-use super::{fault::Fault, state::ApiError};
+use super::{fault::Fault, sigv4::Rejection, state::ApiError};
 
 /// Header carrying the modelled error type.
 pub(crate) const ERROR_TYPE_HEADER: &str = "x-amzn-errortype";
@@ -61,6 +61,25 @@ pub(crate) fn service_error(e: &ApiError) -> Response {
     }
     let mut resp = json(e.kind.status(), &body);
     let error_type = format!("{}{ERROR_TYPE_NAMESPACE}", e.kind.shape_name());
+    if let Ok(value) = HeaderValue::from_str(&error_type) {
+        resp.headers_mut().insert(ERROR_TYPE_HEADER, value);
+    }
+    resp
+}
+
+/// What follows the type in `x-amzn-ErrorType` for errors of AWS's request
+/// authentication layer (not of the SSO-OIDC model).
+const AUTH_ERROR_TYPE_NAMESPACE: &str =
+    ":http://internal.amazon.com/coral/com.amazon.coral.service/";
+
+/// A refused SigV4 signature, as AWS answers it: 403, the type in
+/// `x-amzn-ErrorType`, `{"message": ...}`.
+pub(crate) fn signature_error(rejection: &Rejection) -> Response {
+    let mut resp = json(
+        rejection.status,
+        &serde_json::json!({"message": rejection.message}),
+    );
+    let error_type = format!("{}{AUTH_ERROR_TYPE_NAMESPACE}", rejection.error_type);
     if let Ok(value) = HeaderValue::from_str(&error_type) {
         resp.headers_mut().insert(ERROR_TYPE_HEADER, value);
     }

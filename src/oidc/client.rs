@@ -51,6 +51,8 @@ pub struct OidcClientBuilder {
     connect_timeout: Duration,
     call_timeout: Duration,
     tls: Option<rustls::ClientConfig>,
+    #[cfg(feature = "aws-iam")]
+    signer: Option<super::sigv4::SigV4Signer>,
 }
 
 impl Default for OidcClientBuilder {
@@ -60,6 +62,8 @@ impl Default for OidcClientBuilder {
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(15),
             tls: None,
+            #[cfg(feature = "aws-iam")]
+            signer: None,
         }
     }
 }
@@ -115,6 +119,15 @@ impl OidcClientBuilder {
         self
     }
 
+    /// Signs `CreateTokenWithIAM` calls with this signer (SigV4 for
+    /// `sso-oauth`). Without one, those calls fail before anything is sent.
+    #[cfg(feature = "aws-iam")]
+    #[must_use]
+    pub fn sigv4(mut self, signer: super::sigv4::SigV4Signer) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
     /// Builds the client.
     pub fn build(self) -> Result<OidcClient, ClientBuildError> {
         if self.params.region.is_none() && self.params.endpoint.is_none() {
@@ -136,6 +149,8 @@ impl OidcClientBuilder {
                 http,
                 base,
                 call_timeout: self.call_timeout,
+                #[cfg(feature = "aws-iam")]
+                signer: self.signer,
             }),
         })
     }
@@ -172,6 +187,8 @@ struct Inner {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: Uri,
     call_timeout: Duration,
+    #[cfg(feature = "aws-iam")]
+    signer: Option<super::sigv4::SigV4Signer>,
 }
 
 impl std::fmt::Debug for OidcClient {
@@ -201,6 +218,18 @@ impl OidcClient {
         request: &CreateTokenRequest,
     ) -> Result<CreateTokenResponse, OidcError> {
         self.call(Operation::CreateToken, request).await
+    }
+
+    /// `CreateTokenWithIAM`: exchanges a JWT from a trusted token issuer, an
+    /// Identity Center token of another application, a refresh token or an
+    /// authorization code for an application's tokens. Signed with the
+    /// builder's [`sigv4`](OidcClientBuilder::sigv4) signer.
+    #[cfg(feature = "aws-iam")]
+    pub async fn create_token_with_iam(
+        &self,
+        request: &CreateTokenWithIamRequest,
+    ) -> Result<CreateTokenWithIamResponse, OidcError> {
+        self.call(Operation::CreateTokenWithIam, request).await
     }
 
     /// `RegisterClient`: registers a public client.
@@ -237,13 +266,14 @@ impl OidcClient {
         operation: Operation,
         input: &I,
     ) -> Result<O, OidcError> {
-        let body = serde_json::to_vec(input).map_err(|e| OidcError::Decode {
+        let body = Bytes::from(serde_json::to_vec(input).map_err(|e| OidcError::Decode {
             operation,
             status: 0,
             message: format!("cannot encode request: {e}"),
-        })?;
+        })?);
         let uri = join_path(&self.inner.base, operation.path());
-        let request = Request::builder()
+        #[cfg_attr(not(feature = "aws-iam"), allow(unused_mut))]
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
@@ -252,8 +282,11 @@ impl OidcClient {
                 header::USER_AGENT,
                 concat!("sso-token-proxy/", env!("CARGO_PKG_VERSION")),
             )
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.clone()))
             .expect("static request parts are valid");
+        if operation == Operation::CreateTokenWithIam {
+            self.sign(operation, &mut request, &body).await?;
+        }
 
         let response = self
             .inner
@@ -287,6 +320,43 @@ impl OidcClient {
             ));
         }
         decode_success(operation, parts.status, &bytes)
+    }
+}
+
+impl OidcClient {
+    #[cfg(feature = "aws-iam")]
+    async fn sign(
+        &self,
+        operation: Operation,
+        request: &mut Request<Full<Bytes>>,
+        body: &[u8],
+    ) -> Result<(), OidcError> {
+        let Some(signer) = &self.inner.signer else {
+            return Err(no_signer(operation));
+        };
+        signer.sign(operation, request, body).await
+    }
+
+    #[cfg(not(feature = "aws-iam"))]
+    async fn sign(
+        &self,
+        operation: Operation,
+        _request: &mut Request<Full<Bytes>>,
+        _body: &[u8],
+    ) -> Result<(), OidcError> {
+        Err(no_signer(operation))
+    }
+}
+
+fn no_signer(operation: Operation) -> OidcError {
+    OidcError::Credentials {
+        operation,
+        retryable: false,
+        source: Cause::new(if cfg!(feature = "aws-iam") {
+            "this client has no SigV4 signer (OidcClientBuilder::sigv4)"
+        } else {
+            "this build has no AWS IAM support (Cargo feature `aws-iam`)"
+        }),
     }
 }
 
@@ -369,6 +439,24 @@ impl tower::Service<CreateTokenRequest> for OidcClient {
     }
 }
 
+/// `CreateTokenWithIAM` as a tower service, so the retry policy can wrap it.
+#[cfg(feature = "aws-iam")]
+impl tower::Service<CreateTokenWithIamRequest> for OidcClient {
+    type Response = CreateTokenWithIamResponse;
+    type Error = OidcError;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<CreateTokenWithIamResponse, OidcError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: CreateTokenWithIamRequest) -> Self::Future {
+        let client = self.clone();
+        Box::pin(async move { client.create_token_with_iam(&request).await })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +472,10 @@ mod tests {
         assert_eq!(
             join_path(&base, "/token").to_string(),
             "https://gw.example/oidc/token"
+        );
+        assert_eq!(
+            join_path(&base, Operation::CreateTokenWithIam.path()).to_string(),
+            "https://gw.example/oidc/token?aws_iam=t"
         );
     }
 

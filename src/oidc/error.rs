@@ -248,6 +248,8 @@ impl fmt::Display for ErrorDetails {
 pub enum Operation {
     /// `CreateToken`.
     CreateToken,
+    /// `CreateTokenWithIAM` (SigV4-signed).
+    CreateTokenWithIam,
     /// `RegisterClient`.
     RegisterClient,
     /// `StartDeviceAuthorization`.
@@ -259,15 +261,17 @@ impl Operation {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::CreateToken => "CreateToken",
+            Self::CreateTokenWithIam => "CreateTokenWithIAM",
             Self::RegisterClient => "RegisterClient",
             Self::StartDeviceAuthorization => "StartDeviceAuthorization",
         }
     }
 
-    /// HTTP path of the operation.
+    /// HTTP path (and query) of the operation.
     pub fn path(self) -> &'static str {
         match self {
             Self::CreateToken => "/token",
+            Self::CreateTokenWithIam => "/token?aws_iam=t",
             Self::RegisterClient => "/client/register",
             Self::StartDeviceAuthorization => "/device_authorization",
         }
@@ -375,6 +379,22 @@ pub enum OidcError {
         #[source]
         source: Cause,
     },
+    /// No AWS credentials to sign the call with, or signing failed. The
+    /// request was not sent.
+    #[error(
+        "{operation}: cannot sign the request with AWS credentials (check the AWS credential chain: environment, profile, web identity, container or instance role): {source}"
+    )]
+    Credentials {
+        /// The call that was not made.
+        operation: Operation,
+        /// Whether asking the credential chain again may help (a timeout,
+        /// an unreachable metadata endpoint), as opposed to a configuration
+        /// without credentials.
+        retryable: bool,
+        /// Why (never a credential).
+        #[source]
+        source: Cause,
+    },
     /// A successful response we could not understand.
     #[error("{operation}: malformed response (HTTP {status}): {message}")]
     Decode {
@@ -396,13 +416,19 @@ impl OidcError {
             Self::Unknown { status: 429, .. } => ErrorClass::Throttled,
             Self::Unknown { .. } => ErrorClass::Fatal,
             Self::Connect { .. } | Self::Timeout { .. } | Self::Io { .. } => ErrorClass::Transient,
+            Self::Credentials {
+                retryable: true, ..
+            } => ErrorClass::Transient,
+            Self::Credentials {
+                retryable: false, ..
+            } => ErrorClass::Fatal,
             Self::Tls { .. } | Self::Decode { .. } => ErrorClass::Fatal,
         }
     }
 
     /// A short name for the error, used in 503 bodies, logs and metrics:
     /// the modelled kind (`InvalidGrant`) or `Unknown`, `Connect`, `Timeout`,
-    /// `Tls`, `Io`, `Decode`.
+    /// `Tls`, `Io`, `Credentials`, `Decode`.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Self::Service { kind, .. } => kind.name(),
@@ -411,6 +437,7 @@ impl OidcError {
             Self::Timeout { .. } => "Timeout",
             Self::Tls { .. } => "Tls",
             Self::Io { .. } => "Io",
+            Self::Credentials { .. } => "Credentials",
             Self::Decode { .. } => "Decode",
         }
     }
@@ -432,6 +459,7 @@ impl OidcError {
             | Self::Timeout { operation, .. }
             | Self::Tls { operation, .. }
             | Self::Io { operation, .. }
+            | Self::Credentials { operation, .. }
             | Self::Decode { operation, .. } => *operation,
         }
     }

@@ -4,6 +4,8 @@ mod client;
 mod endpoint;
 mod error;
 mod model;
+#[cfg(feature = "aws-iam")]
+mod sigv4;
 
 pub use crate::tls::TlsConfigError;
 pub use client::{ClientBuildError, OidcClient, OidcClientBuilder};
@@ -12,3 +14,5 @@ pub use error::{
     Cause, ErrorClass, ErrorDetails, OidcError, Operation, ServiceErrorKind, parse_error_response,
 };
 pub use model::*;
+#[cfg(feature = "aws-iam")]
+pub use sigv4::{AwsCredentials, SIGNING_NAME, SigV4Signer};

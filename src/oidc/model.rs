@@ -12,6 +12,18 @@ pub const GRANT_REFRESH_TOKEN: &str = "refresh_token";
 pub const GRANT_DEVICE_CODE: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// `grantType` for the authorization code flow (with PKCE).
 pub const GRANT_AUTHORIZATION_CODE: &str = "authorization_code";
+/// `grantType` of `CreateTokenWithIAM` for a JWT from a trusted token
+/// issuer (RFC 7523).
+pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// `grantType` of `CreateTokenWithIAM` for an Identity Center access token
+/// issued to another application (RFC 8693).
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// Token type URI of an access token (`subjectTokenType`,
+/// `requestedTokenType`, `issuedTokenType`).
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Token type URI of a refresh token (`requestedTokenType`,
+/// `issuedTokenType`).
+pub const TOKEN_TYPE_REFRESH_TOKEN: &str = "urn:ietf:params:oauth:token-type:refresh_token";
 
 /// Input of `CreateToken` (`POST /token`). Required: `clientId`,
 /// `clientSecret`, `grantType`.
@@ -128,6 +140,167 @@ pub struct CreateTokenResponse {
     /// An OpenID Connect id token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_token: Option<Secret>,
+}
+
+/// Input of `CreateTokenWithIAM` (`POST /token?aws_iam=t`, SigV4-signed for
+/// `sso-oauth`). Required: `clientId` (an application ARN) and `grantType`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateTokenWithIamRequest {
+    /// The ARN of an Identity Center application with OAuth grants.
+    pub client_id: String,
+    /// One of [`GRANT_JWT_BEARER`], [`GRANT_TOKEN_EXCHANGE`],
+    /// [`GRANT_REFRESH_TOKEN`], [`GRANT_AUTHORIZATION_CODE`].
+    pub grant_type: String,
+    /// Authorization code (authorization code grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Secret>,
+    /// Refresh token (refresh token grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// A JWT from a trusted token issuer (JWT bearer grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion: Option<Secret>,
+    /// Requested scopes; none means every scope of the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Vec<String>>,
+    /// Redirect URI (authorization code grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+    /// The token to exchange (token exchange grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token: Option<Secret>,
+    /// Type URI of `subjectToken`, e.g. [`TOKEN_TYPE_ACCESS_TOKEN`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token_type: Option<String>,
+    /// Type URI of the token wanted back (token exchange grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_token_type: Option<String>,
+    /// PKCE code verifier (authorization code grant only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_verifier: Option<Secret>,
+}
+
+impl CreateTokenWithIamRequest {
+    fn bare(client_id: impl Into<String>, grant_type: &str) -> Self {
+        Self {
+            client_id: client_id.into(),
+            grant_type: grant_type.to_owned(),
+            code: None,
+            refresh_token: None,
+            assertion: None,
+            scope: None,
+            redirect_uri: None,
+            subject_token: None,
+            subject_token_type: None,
+            requested_token_type: None,
+            code_verifier: None,
+        }
+    }
+
+    /// A JWT bearer grant: `assertion` is a JWT from a trusted token issuer.
+    pub fn jwt_bearer(application_arn: impl Into<String>, assertion: Secret) -> Self {
+        Self {
+            assertion: Some(assertion),
+            ..Self::bare(application_arn, GRANT_JWT_BEARER)
+        }
+    }
+
+    /// A token exchange grant for an Identity Center access token issued to
+    /// another application.
+    pub fn token_exchange(
+        application_arn: impl Into<String>,
+        subject_token: Secret,
+        subject_token_type: impl Into<String>,
+    ) -> Self {
+        Self {
+            subject_token: Some(subject_token),
+            subject_token_type: Some(subject_token_type.into()),
+            ..Self::bare(application_arn, GRANT_TOKEN_EXCHANGE)
+        }
+    }
+
+    /// A refresh token grant.
+    pub fn refresh(application_arn: impl Into<String>, refresh_token: Secret) -> Self {
+        Self {
+            refresh_token: Some(refresh_token),
+            ..Self::bare(application_arn, GRANT_REFRESH_TOKEN)
+        }
+    }
+
+    /// An authorization code grant.
+    pub fn authorization_code(
+        application_arn: impl Into<String>,
+        code: Secret,
+        redirect_uri: impl Into<String>,
+        code_verifier: Option<Secret>,
+    ) -> Self {
+        Self {
+            code: Some(code),
+            redirect_uri: Some(redirect_uri.into()),
+            code_verifier,
+            ..Self::bare(application_arn, GRANT_AUTHORIZATION_CODE)
+        }
+    }
+
+    /// Sets the requested scopes; an empty list sends none.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scope = if scopes.is_empty() {
+            None
+        } else {
+            Some(scopes)
+        };
+        self
+    }
+
+    /// Sets `requestedTokenType` (token exchange only).
+    #[must_use]
+    pub fn with_requested_token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.requested_token_type = Some(token_type.into());
+        self
+    }
+}
+
+/// Output of `CreateTokenWithIAM`. Every member is optional in the model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateTokenWithIamResponse {
+    /// The bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<Secret>,
+    /// `Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    /// Lifetime of the access token in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<i32>,
+    /// A refresh token, when the application allows the refresh grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// A JWT naming the user the access token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<Secret>,
+    /// Type URI of the issued token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_token_type: Option<String>,
+    /// The scopes granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Vec<String>>,
+    /// AWS extensions: the identity context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_additional_details: Option<AwsAdditionalDetails>,
+}
+
+/// `awsAdditionalDetails` of a `CreateTokenWithIAM` response.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsAdditionalDetails {
+    /// The identity context STS signed and encrypted for trusted identity
+    /// propagation. Not marked sensitive in the model, but it stands for the
+    /// user, so it is kept out of logs like a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_context: Option<Secret>,
 }
 
 /// Input of `RegisterClient` (`POST /client/register`). Required:
@@ -263,6 +436,62 @@ mod tests {
     }
 
     #[test]
+    fn create_token_with_iam_request_uses_wire_names() {
+        let req = CreateTokenWithIamRequest::jwt_bearer(
+            "arn:aws:sso::111122223333:application/ssoins-1/apl-1",
+            "header.claims.sig".into(),
+        )
+        .with_scopes(vec!["openid".into()]);
+        let v: serde_json::Value = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "clientId": "arn:aws:sso::111122223333:application/ssoins-1/apl-1",
+                "grantType": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": "header.claims.sig",
+                "scope": ["openid"],
+            })
+        );
+        let req = CreateTokenWithIamRequest::token_exchange(
+            "arn:x",
+            "subject".into(),
+            TOKEN_TYPE_ACCESS_TOKEN,
+        )
+        .with_requested_token_type(TOKEN_TYPE_REFRESH_TOKEN);
+        let v: serde_json::Value = serde_json::to_value(&req).unwrap();
+        assert_eq!(v["grantType"], GRANT_TOKEN_EXCHANGE);
+        assert_eq!(v["subjectToken"], "subject");
+        assert_eq!(v["subjectTokenType"], TOKEN_TYPE_ACCESS_TOKEN);
+        assert_eq!(v["requestedTokenType"], TOKEN_TYPE_REFRESH_TOKEN);
+        assert!(v.get("assertion").is_none() && v.get("scope").is_none());
+    }
+
+    #[test]
+    fn create_token_with_iam_response_decodes_all_members() {
+        let r: CreateTokenWithIamResponse = serde_json::from_str(
+            r#"{"accessToken":"a","tokenType":"Bearer","expiresIn":3600,"refreshToken":"r",
+                "idToken":"i","issuedTokenType":"urn:ietf:params:oauth:token-type:access_token",
+                "scope":["openid","aws"],"awsAdditionalDetails":{"identityContext":"ctx"},"new":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.access_token.unwrap().expose(), "a");
+        assert_eq!(r.expires_in, Some(3600));
+        assert_eq!(
+            r.issued_token_type.as_deref(),
+            Some(TOKEN_TYPE_ACCESS_TOKEN)
+        );
+        assert_eq!(r.scope, Some(vec!["openid".to_owned(), "aws".to_owned()]));
+        assert_eq!(
+            r.aws_additional_details
+                .unwrap()
+                .identity_context
+                .unwrap()
+                .expose(),
+            "ctx"
+        );
+    }
+
+    #[test]
     fn debug_of_secret_holding_shapes_has_no_secret() {
         let mut req = CreateTokenRequest::authorization_code(
             "cid",
@@ -295,7 +524,27 @@ mod tests {
             user_code: Some("ABCD-EFGH".into()),
             ..Default::default()
         };
+        let mut iam = CreateTokenWithIamRequest::authorization_code(
+            "arn:x",
+            "S3CRET-code".into(),
+            "http://127.0.0.1/cb",
+            Some("S3CRET-verifier".into()),
+        );
+        iam.assertion = Some("S3CRET-assertion".into());
+        iam.subject_token = Some("S3CRET-subject".into());
+        iam.refresh_token = Some("S3CRET-refresh".into());
+        let iam_resp = CreateTokenWithIamResponse {
+            access_token: Some("S3CRET-access".into()),
+            refresh_token: Some("S3CRET-refresh".into()),
+            id_token: Some("S3CRET-id".into()),
+            aws_additional_details: Some(AwsAdditionalDetails {
+                identity_context: Some("S3CRET-context".into()),
+            }),
+            ..Default::default()
+        };
         for text in [
+            format!("{iam:?}"),
+            format!("{iam_resp:?}"),
             format!("{req:?}"),
             format!("{resp:?}"),
             format!("{reg:?}"),

@@ -4,6 +4,10 @@
 //! [`TokenCache`](crate::cache::TokenCache) decides when to ask.
 
 mod device;
+#[cfg(feature = "aws-iam")]
+mod iam_exchange;
+#[cfg(feature = "aws-iam")]
+mod jwt_bearer;
 mod persist;
 mod refresh;
 mod sso_cache;
@@ -21,13 +25,17 @@ use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
 pub use device::{DevicePrompt, LoginOptions, device_login, sso_cache_file_name};
+#[cfg(feature = "aws-iam")]
+pub use iam_exchange::{IamExchange, IamGrant};
+#[cfg(feature = "aws-iam")]
+pub use jwt_bearer::JwtBearerSource;
 pub use persist::PersistStatus;
 pub use refresh::RefreshTokenSource;
 pub use sso_cache::{SsoCacheFile, SsoCacheSource, parse_expires_at};
 pub use state::StateFile;
 
 use crate::{
-    oidc::{CreateTokenResponse, ErrorClass, OidcError, Operation},
+    oidc::{CreateTokenResponse, CreateTokenWithIamResponse, ErrorClass, OidcError, Operation},
     secret::Secret,
 };
 
@@ -101,19 +109,49 @@ impl Token {
     /// `accessToken` or `expiresIn`, or with a token that cannot be a header
     /// value, is a decode error.
     pub fn from_response(response: &CreateTokenResponse) -> Result<Self, OidcError> {
+        let mut token = Self::checked(
+            Operation::CreateToken,
+            response.access_token.as_ref(),
+            response.expires_in,
+            response.token_type.as_deref(),
+        )?;
+        token.refresh_token = response.refresh_token.clone();
+        token.id_token = response.id_token.clone();
+        Ok(token)
+    }
+
+    /// Builds a token from a `CreateTokenWithIAM` response, with the same
+    /// checks as [`Token::from_response`]; the granted `scope`, when the
+    /// response names it, becomes the token's scopes.
+    pub fn from_iam_response(response: &CreateTokenWithIamResponse) -> Result<Self, OidcError> {
+        let mut token = Self::checked(
+            Operation::CreateTokenWithIam,
+            response.access_token.as_ref(),
+            response.expires_in,
+            response.token_type.as_deref(),
+        )?;
+        token.refresh_token = response.refresh_token.clone();
+        token.id_token = response.id_token.clone();
+        token.scopes = response.scope.clone().unwrap_or_default();
+        Ok(token)
+    }
+
+    fn checked(
+        operation: Operation,
+        access_token: Option<&Secret>,
+        expires_in: Option<i32>,
+        token_type: Option<&str>,
+    ) -> Result<Self, OidcError> {
         let decode = |message: &str| OidcError::Decode {
-            operation: Operation::CreateToken,
+            operation,
             status: 200,
             message: message.to_owned(),
         };
-        let access = response
-            .access_token
-            .clone()
+        let access = access_token
             .filter(|t| !t.is_empty())
+            .cloned()
             .ok_or_else(|| decode("response has no accessToken"))?;
-        let expires_in = response
-            .expires_in
-            .ok_or_else(|| decode("response has no expiresIn"))?;
+        let expires_in = expires_in.ok_or_else(|| decode("response has no expiresIn"))?;
         if expires_in <= 0 {
             return Err(decode("expiresIn is not positive"));
         }
@@ -122,15 +160,12 @@ impl Token {
                 "accessToken contains characters not allowed in a header",
             ));
         }
-        if let Some(t) = &response.token_type
+        if let Some(t) = token_type
             && !t.eq_ignore_ascii_case("bearer")
         {
             return Err(decode("tokenType is not Bearer"));
         }
-        let mut token = Self::new(access, Duration::from_secs(expires_in as u64));
-        token.refresh_token = response.refresh_token.clone();
-        token.id_token = response.id_token.clone();
-        Ok(token)
+        Ok(Self::new(access, Duration::from_secs(expires_in as u64)))
     }
 
     /// Sets the scopes the token was granted for.
@@ -442,5 +477,22 @@ mod tests {
         assert!(!err.to_string().contains("bad\nvalue"));
         r.access_token = None;
         assert!(Token::from_response(&r).is_err());
+    }
+
+    #[test]
+    fn from_iam_response_takes_the_granted_scopes() {
+        let mut r = CreateTokenWithIamResponse {
+            access_token: Some("a".into()),
+            token_type: Some("Bearer".into()),
+            expires_in: Some(60),
+            scope: Some(vec!["openid".into()]),
+            ..Default::default()
+        };
+        let t = Token::from_iam_response(&r).unwrap();
+        assert_eq!(t.scopes(), ["openid"]);
+        r.token_type = Some("MAC".into());
+        let err = Token::from_iam_response(&r).unwrap_err();
+        assert_eq!(err.operation(), Operation::CreateTokenWithIam);
+        assert!(matches!(err, OidcError::Decode { .. }));
     }
 }

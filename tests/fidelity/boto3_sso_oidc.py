@@ -8,9 +8,14 @@ Starts `sso-token-proxy emulator --listen 127.0.0.1:0`, points boto3 at it
 with endpoint_url, and checks that RegisterClient, StartDeviceAuthorization
 and CreateToken (device code and refresh token grants) succeed and that
 injected faults surface in boto3 as the modelled exceptions with the right
-HTTP status. Exits non-zero on the first mismatch.
+HTTP status. Then CreateTokenWithIAM, signed by botocore's own SigV4 signer
+with the emulator's test credentials: the emulator's verifier must accept
+that signature (an independent check of it), refuse a wrong secret key and
+an unknown key id, and every modelled exception must reach boto3 as its
+class. Exits non-zero if any check failed.
 """
 
+import base64
 import json
 import re
 import subprocess
@@ -45,20 +50,154 @@ def admin(base, path, body):
         return json.loads(resp.read() or b"null")
 
 
-def expect_error(name, call, code, status):
+def expect_error(name, call, code, status, modelled=True):
+    """`modelled`: boto3 raises the model's exception class; else a plain
+    ClientError carrying the code (errors of AWS's authentication layer)."""
     try:
         call()
     except Exception as e:  # botocore.exceptions.ClientError subclasses
         response = getattr(e, "response", {})
         got_code = response.get("Error", {}).get("Code")
         got_status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        expected_class = code if modelled else "ClientError"
         check(
             f"{name} -> {code} ({status})",
-            got_code == code and got_status == status and type(e).__name__ == code,
+            got_code == code and got_status == status and type(e).__name__ == expected_class,
             f"got {type(e).__name__} code={got_code} status={got_status}",
         )
         return
     check(f"{name} -> {code}", False, "no error raised")
+
+
+def get(url, token):
+    req = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def token_subject(access_token):
+    """The emulator encodes the user in its CreateTokenWithIAM tokens:
+    `aoi.<base64url(subject)>.<random>`."""
+    if not access_token.startswith("aoi."):
+        return None
+    encoded = access_token.split(".")[1]
+    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+
+
+def printed(lines, label):
+    for line in lines:
+        m = re.search(label + r":\s+(\S+)", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def iam_client(base, key_id, secret_key):
+    # Signed: botocore's SigV4 signer with the signing name from the model.
+    return boto3.client(
+        "sso-oidc",
+        region_name="us-east-1",
+        endpoint_url=base,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret_key,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+
+
+def create_token_with_iam_checks(base, app_arn, key_id, secret_key):
+    jwt_bearer = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    exchange = "urn:ietf:params:oauth:grant-type:token-exchange"
+    access_type = "urn:ietf:params:oauth:token-type:access_token"
+    client = iam_client(base, key_id, secret_key)
+
+    assertion = admin(base, "/_emulator/jwt", {"sub": "boto3-user"})["assertion"]
+    tok = client.create_token_with_iam(clientId=app_arn, grantType=jwt_bearer, assertion=assertion)
+    check(
+        "CreateTokenWithIAM (jwt-bearer) signed by botocore passes the emulator's SigV4 check",
+        bool(tok.get("accessToken")) and tok.get("tokenType") == "Bearer" and isinstance(tok.get("expiresIn"), int)
+        and bool(tok.get("idToken")) and tok.get("issuedTokenType") == access_type
+        and isinstance(tok.get("scope"), list)
+        and bool(tok.get("awsAdditionalDetails", {}).get("identityContext")),
+        f"got keys {sorted(tok)}",
+    )
+    check(
+        "the issued token names the assertion's subject",
+        token_subject(tok["accessToken"]) == "boto3-user"
+        and get(base + "/anything", tok["accessToken"]).get("subject") == "boto3-user",
+    )
+
+    other = "arn:aws:sso::111122223333:application/ssoins-1111111111111111/apl-boto3"
+    admin(base, "/_emulator/applications", {"arn": other, "scopes": ["read", "write"]})
+    exchanged = client.create_token_with_iam(
+        clientId=other, grantType=exchange, subjectToken=tok["accessToken"],
+        subjectTokenType=access_type, scope=["read"],
+    )
+    check(
+        "CreateTokenWithIAM (token-exchange) keeps the user and narrows the scopes",
+        token_subject(exchanged.get("accessToken", "")) == "boto3-user" and exchanged.get("scope") == ["read"],
+    )
+    expect_error(
+        "exchanging a token at the application it was issued to",
+        lambda: client.create_token_with_iam(
+            clientId=app_arn, grantType=exchange, subjectToken=tok["accessToken"], subjectTokenType=access_type
+        ),
+        "InvalidGrantException",
+        400,
+    )
+    expired = admin(base, "/_emulator/jwt", {"sub": "boto3-user", "expired": True})["assertion"]
+    expect_error(
+        "an expired assertion",
+        lambda: client.create_token_with_iam(clientId=app_arn, grantType=jwt_bearer, assertion=expired),
+        "InvalidGrantException",
+        400,
+    )
+
+    wrong = iam_client(base, key_id, secret_key[:-4] + "XXXX")
+    expect_error(
+        "a wrong secret key",
+        lambda: wrong.create_token_with_iam(clientId=app_arn, grantType=jwt_bearer, assertion=assertion),
+        "InvalidSignatureException",
+        403,
+        modelled=False,
+    )
+    stranger = iam_client(base, "AKIAUNKNOWN000000000", secret_key)
+    expect_error(
+        "an unknown access key id",
+        lambda: stranger.create_token_with_iam(clientId=app_arn, grantType=jwt_bearer, assertion=assertion),
+        "UnrecognizedClientException",
+        403,
+        modelled=False,
+    )
+
+    for fault, code, status in [
+        ("InvalidRequest", "InvalidRequestException", 400),
+        ("InvalidClient", "InvalidClientException", 401),
+        ("InvalidGrant", "InvalidGrantException", 400),
+        ("UnauthorizedClient", "UnauthorizedClientException", 400),
+        ("UnsupportedGrantType", "UnsupportedGrantTypeException", 400),
+        ("InvalidScope", "InvalidScopeException", 400),
+        ("AuthorizationPending", "AuthorizationPendingException", 400),
+        ("SlowDown", "SlowDownException", 400),
+        ("AccessDenied", "AccessDeniedException", 400),
+        ("ExpiredToken", "ExpiredTokenException", 400),
+        ("InternalServer", "InternalServerException", 500),
+        ("InvalidRequestRegion", "InvalidRequestRegionException", 400),
+    ]:
+        admin(base, "/_emulator/faults", {"operation": "CreateTokenWithIAM", "faults": [fault]})
+        expect_error(
+            f"injected {fault} on CreateTokenWithIAM",
+            lambda: client.create_token_with_iam(clientId=app_arn, grantType=jwt_bearer, assertion=assertion),
+            code,
+            status,
+        )
+    counters = json.loads(urllib.request.urlopen(base + "/_emulator/counters", timeout=10).read())
+    check(
+        "the emulator counted the signature failures and each IAM grant",
+        counters["errors_by_kind"].get("InvalidSignature") == 1
+        and counters["errors_by_kind"].get("UnrecognizedClient") == 1
+        and counters["create_token_with_iam_by_grant"].get(jwt_bearer) == 2,
+        f"{counters}",
+    )
 
 
 def main():
@@ -71,16 +210,26 @@ def main():
     )
     try:
         base = None
+        lines = []
         deadline = time.monotonic() + 30
-        while base is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
+            lines.append(line)
             m = re.search(r"listening on (http://\S+)", line)
             if m:
                 base = m.group(1)
+            if "assertions:" in line:
+                break
         if base is None:
             print("FAIL emulator did not start")
+            return 1
+        app_arn = printed(lines, "application ARN")
+        key_id = printed(lines, "AWS access key id")
+        secret_key = printed(lines, "AWS secret key")
+        if not (app_arn and key_id and secret_key):
+            print("FAIL emulator did not print its CreateTokenWithIAM settings")
             return 1
 
         client = boto3.client(
@@ -174,6 +323,8 @@ def main():
             "InternalServerException",
             500,
         )
+
+        create_token_with_iam_checks(base, app_arn, key_id, secret_key)
     finally:
         proc.terminate()
         try:
