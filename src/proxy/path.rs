@@ -76,7 +76,7 @@ impl UpstreamPath {
     }
 
     /// Removes `prefix` (a path prefix, matched at a segment boundary as
-    /// [`prefix_len`] does) from the normalised path before joining it: a
+    /// `prefix_len` does) from the normalised path before joining it: a
     /// route for `/v1` with an upstream base `/api` sends `/v1/x` to
     /// `/api/x`. A target without the prefix is refused
     /// ([`PathRefusal::NotAPath`]); the rest of the path must stay under
