@@ -56,7 +56,7 @@
 //! | `axum` | [`ReplayableBody`] for `axum::body::Body` (axum-core only) |
 //! | `redis` | `store`: the token store replicas share on Redis |
 //! | `emulator` | `emulator`: the in-process SSO-OIDC emulator, for tests |
-//! | `aws-iam` (default) | `CreateTokenWithIAM`: SigV4 signing with the AWS credential chain (`aws-config`, [`oidc::SigV4Signer`]), `IamExchange` and `JwtBearerSource` (a JWT from a file exchanged for the pod's token) |
+//! | `aws-iam` (default) | `CreateTokenWithIAM`: SigV4 signing with the AWS credential chain (`aws-config`, `oidc::SigV4Signer`), `IamExchange` and `JwtBearerSource` (a JWT from a file exchanged for the pod's token) |
 //! | `proxy` (default) | the `sso-token-proxy` binary and the `proxy` module; implies all of the above but `aws-iam` |
 //!
 //! A library user depends on `default-features = false, features =

@@ -10,7 +10,7 @@
 //! would not make: requests and the keeper share the single flight and the
 //! one background refresh.
 
-use std::time::Duration;
+use std::{task::Poll, time::Duration};
 
 use tokio::time::Instant;
 
@@ -85,11 +85,21 @@ impl TokenCache {
                     Err(e) => Instant::now() + e.retry_after.max(MIN_PAUSE),
                 },
             };
-            tokio::select! {
-                () = tokio::time::sleep_until(wake_at) => {}
-                _ = published.changed() => {}
-                () = &mut refresh_ended => {}
-            }
+            // Whichever comes first (a hand-written select: the `layer`
+            // feature builds tokio without its macros).
+            let mut sleep = std::pin::pin!(tokio::time::sleep_until(wake_at));
+            let mut changed = std::pin::pin!(published.changed());
+            std::future::poll_fn(|cx| {
+                let woken = sleep.as_mut().poll(cx).is_ready()
+                    || changed.as_mut().poll(cx).is_ready()
+                    || refresh_ended.as_mut().poll(cx).is_ready();
+                if woken {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
         }
     }
 }
