@@ -677,7 +677,14 @@ async fn run(path: &Path) -> Result<(), Failure> {
     sources.warm(config.routes.iter().map(|r| r.token_source.as_str()));
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let admin_app = admin::router(sources.clone(), metrics);
+    let users = admin::SourceUsers {
+        routes: config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), r.token_source.clone()))
+            .collect(),
+    };
+    let admin_app = admin::router(sources.clone(), users, metrics);
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {
         let _ = axum::serve(admin_listener, admin_app)

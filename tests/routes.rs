@@ -745,3 +745,110 @@ async fn check_config_names_the_route_key_that_is_wrong() {
         "{stderr}"
     );
 }
+
+/// `/readyz` reports each route and source, and waits only for the sources
+/// routes use: a route on a source whose refresh token is refused keeps it
+/// 503 and names the source; the same source used by no route does not.
+#[tokio::test]
+async fn readyz_reports_each_route_and_source_and_waits_for_those_in_use() {
+    let env = binary::Env::new(EmulatorConfig::default()).await;
+    let vendor =
+        "[sources.vendor]\nsource = \"refresh_token\"\nrefresh_token = \"not-a-live-token\"\n";
+    let vendor_route = "[[route]]\nname = \"vendor\"\npath_prefix = \"/vendor\"\nupstream = \"http://127.0.0.1:9\"\ntoken_source = \"vendor\"\n";
+    let http = binary::Http::new();
+
+    let proxy = env
+        .start(binary::Opts {
+            extra: format!("{vendor}{vendor_route}"),
+            ..binary::Opts::default()
+        })
+        .await;
+    let body = binary::poll_until(
+        Duration::from_secs(20),
+        "default ready and vendor refused",
+        || {
+            let (http, url) = (&http, proxy.admin_url("/readyz"));
+            async move {
+                let r = http.get(&url).await;
+                let body = r.json();
+                (body["sources"]["default"]["valid"] == true
+                    && body["sources"]["vendor"]["kind"] == "InvalidGrant")
+                    .then_some((r.status, body))
+            }
+        },
+    )
+    .await;
+    let (status, body) = body;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "not_ready", "{body}");
+    // The top level says which source and why, as for one source.
+    assert_eq!(body["source"], "vendor", "{body}");
+    assert_eq!(body["reason"], "token_unavailable", "{body}");
+    assert_eq!(body["kind"], "InvalidGrant", "{body}");
+    assert_eq!(
+        body["routes"]["vendor"],
+        serde_json::json!({"source": "vendor", "ready": false})
+    );
+    assert_eq!(
+        body["routes"]["default"],
+        serde_json::json!({"source": "default", "ready": true})
+    );
+    let default = &body["sources"]["default"];
+    assert!(
+        default["expires_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s > 0),
+        "{body}"
+    );
+    assert_eq!(default["needs_login"], false, "{body}");
+    assert_eq!(default["refresh_token_persisted"], true, "{body}");
+    assert_eq!(default["used"], true, "{body}");
+    let vendor_state = &body["sources"]["vendor"];
+    assert_eq!(vendor_state["valid"], false, "{body}");
+    assert_eq!(vendor_state["needs_login"], true, "{body}");
+    assert!(vendor_state.get("expires_in_seconds").is_none(), "{body}");
+    assert_eq!(body["refresh_token_persisted"], true, "{body}");
+    binary::assert_no_secrets(
+        "/readyz",
+        &body.to_string(),
+        &[
+            ("refresh token", &env.refresh_token),
+            ("client secret", &env.client_secret),
+        ],
+        &[&env.client_id],
+    );
+    drop(proxy);
+
+    // The same source, used by no route: ready.
+    let proxy = env
+        .start(binary::Opts {
+            extra: vendor.to_owned(),
+            ..binary::Opts::default()
+        })
+        .await;
+    let body = binary::poll_until(Duration::from_secs(20), "/readyz 200", || {
+        let (http, url) = (&http, proxy.admin_url("/readyz"));
+        async move {
+            let r = http.get(&url).await;
+            (r.status == StatusCode::OK).then(|| r.json())
+        }
+    })
+    .await;
+    assert_eq!(body["status"], "ready", "{body}");
+    assert!(
+        body["token_expires_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s > 0),
+        "{body}"
+    );
+    assert_eq!(body["sources"]["vendor"]["used"], false, "{body}");
+    assert_eq!(body["sources"]["vendor"]["valid"], false, "{body}");
+    assert_eq!(
+        body["sources"]["vendor"]["reason"], "no_token_yet",
+        "{body}"
+    );
+    assert_eq!(
+        body["routes"],
+        serde_json::json!({"default": {"source": "default", "ready": true}})
+    );
+}

@@ -409,6 +409,15 @@ impl TokenCache {
         );
     }
 
+    /// Whether a person must log in before a new token can be had: SSO-OIDC
+    /// refused the refresh token (`InvalidGrant`) at the last fetch, or the
+    /// client registration has expired (the `needs_login` gauge).
+    pub fn needs_login(&self) -> bool {
+        self.inner
+            .lifecycle
+            .needs_login(self.inner.source.registration_expires_at())
+    }
+
     /// A `watch` of the token handed out: each new token is sent once it is
     /// published (a fetch or a background refresh), and `None` when an
     /// upstream rejection dropped the token. Nothing is sent when a token
