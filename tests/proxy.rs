@@ -23,7 +23,10 @@ use harness::{
 };
 use http::{Method, Request, StatusCode, Version};
 use sha2::{Digest as _, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
 
 fn get(url: &str) -> http::request::Builder {
     Request::get(url)
@@ -808,6 +811,51 @@ async fn a_connection_returns_to_the_pool_after_a_streamed_response() {
         assert_eq!(body.len(), SIZE);
     }
     assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_leaves_the_pool_usable() {
+    // The upstream connection is driven by the client's connection while
+    // it relays the body; a client that goes away half-way must not leave
+    // it half-read in the pool, or hold a place under the cap.
+    const SIZE: usize = 4 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_max_connections = 1;
+    let proxy = RunningProxy::start(config).await;
+    for round in 0..3 {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "GET /big/{round} HTTP/1.1\r\nHost: x\r\nx-test-response-bytes: {SIZE}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut some = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < some.len() {
+            let n = tokio::time::timeout(HANG_GUARD, stream.read(&mut some[read..]))
+                .await
+                .expect("the body starts in time")
+                .unwrap();
+            assert_ne!(n, 0, "closed before 64 KiB of a {SIZE}-byte body");
+            read += n;
+        }
+        drop(stream);
+
+        // With one upstream connection allowed, the next request is only
+        // served if the abandoned one was finished off or closed.
+        let (parts, body) = tokio::time::timeout(
+            HANG_GUARD,
+            send(
+                &h1_client(),
+                get(&proxy.url("/after")).body(empty()).unwrap(),
+            ),
+        )
+        .await
+        .expect("a request after an abandoned response is served");
+        assert_eq!(parts.status, StatusCode::OK, "round {round}");
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(upstream.seen().len(), 6);
 }
 
 #[tokio::test]

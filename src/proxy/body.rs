@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::activity::RequestGuard;
+use super::{activity::RequestGuard, pool::Lease, upload::UpstreamBody};
 
 /// A response body: the upstream's, streamed through untouched, or a small
 /// one the proxy wrote itself (refusals and errors).
@@ -22,17 +22,31 @@ pub(crate) struct ProxyBody {
     guard: Option<RequestGuard>,
 }
 
-#[derive(Debug)]
 enum Kind {
-    Upstream(Incoming),
+    /// With the connection it arrives on, while this body is what that
+    /// connection is busy with.
+    Upstream(Incoming, Option<Lease<UpstreamBody>>),
     Full(Option<Bytes>),
 }
 
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Upstream(body, lease) => f
+                .debug_tuple("Upstream")
+                .field(body)
+                .field(&lease.is_some())
+                .finish(),
+            Self::Full(data) => f.debug_tuple("Full").field(data).finish(),
+        }
+    }
+}
+
 impl ProxyBody {
-    /// The upstream's body.
-    pub(crate) fn upstream(body: Incoming) -> Self {
+    /// The upstream's body, and the connection to drive while reading it.
+    pub(crate) fn upstream(body: Incoming, lease: Option<Lease<UpstreamBody>>) -> Self {
         Self {
-            kind: Kind::Upstream(body),
+            kind: Kind::Upstream(body, lease),
             guard: None,
         }
     }
@@ -51,6 +65,18 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // Not read to its end (the client went, or a `401` is replayed):
+        // the connection is finished off elsewhere, or closed.
+        if let Kind::Upstream(_, lease) = &mut self.kind
+            && let Some(lease) = lease.take()
+        {
+            lease.release();
+        }
+    }
+}
+
 impl From<Bytes> for ProxyBody {
     fn from(data: Bytes) -> Self {
         Self::full(data)
@@ -66,21 +92,35 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match &mut self.kind {
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body, lease) => {
+                if let Some(lease) = lease {
+                    lease.drive(cx);
+                }
+                let frame = Pin::new(&mut *body).poll_frame(cx);
+                let ended = match &frame {
+                    Poll::Ready(None | Some(Err(_))) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    Poll::Pending => false,
+                };
+                if ended && let Some(lease) = lease.take() {
+                    lease.release();
+                }
+                frame
+            }
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream(body, _) => body.is_end_stream(),
             Kind::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream(body, _) => body.size_hint(),
             Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

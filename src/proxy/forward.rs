@@ -33,7 +33,7 @@ use super::{
         strip_request_hop_by_hop, strip_response_hop_by_hop, via_value,
     },
     path::{EscapedSlashes, PathRefusal, UpstreamPath},
-    pool::{PoolError, PoolSettings, UpstreamPool},
+    pool::{Lease, PoolError, PoolSettings, SendFuture, UpstreamPool},
     upload::{Upload, UploadStatus, UpstreamBody, upload_of},
 };
 
@@ -234,9 +234,8 @@ impl Service<Request<UpstreamBody>> for Forwarder {
     fn call(&mut self, req: Request<UpstreamBody>) -> Self::Future {
         let up = &*self.upstream;
         let upload = upload_of(req.body());
-        let response: UpstreamResponse = Box::pin(up.pool.send(req));
         ForwardFuture {
-            response,
+            response: up.pool.send(req),
             timer: tokio::time::sleep(up.response_timeout),
             limit: up.response_timeout,
             upload,
@@ -244,14 +243,10 @@ impl Service<Request<UpstreamBody>> for Forwarder {
     }
 }
 
-/// The pool's answer; boxed to keep [`ForwardFuture`] free of the body type.
-type UpstreamResponse =
-    Pin<Box<dyn Future<Output = Result<Response<Incoming>, PoolError>> + Send + 'static>>;
-
 pin_project! {
     /// Response future of [`Forwarder`].
     pub(crate) struct ForwardFuture {
-        response: UpstreamResponse,
+        response: SendFuture<UpstreamBody>,
         // When the upstream has owed its next step for too long.
         #[pin]
         timer: Sleep,
@@ -317,8 +312,8 @@ impl Future for ForwardFuture {
         let this = self.project();
         let upload = this.upload.as_deref();
         // Failures are counted per route by the caller.
-        Poll::Ready(match this.response.as_mut().poll(cx) {
-            Poll::Ready(Ok(response)) => Ok(relay(response)),
+        Poll::Ready(match Pin::new(this.response).poll(cx) {
+            Poll::Ready(Ok((response, lease))) => Ok(relay(response, lease)),
             Poll::Ready(Err(e)) => Err(failure(upload, e)),
             Poll::Pending => Err(ready!(upstream_overdue(
                 this.timer,
@@ -331,11 +326,12 @@ impl Future for ForwardFuture {
 }
 
 /// The upstream's response as the client gets it: hop-by-hop fields removed,
-/// body streamed through.
-fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
+/// body streamed through (driving the connection it comes on, if that is
+/// still leased to this response).
+fn relay(response: Response<Incoming>, lease: Option<Lease<UpstreamBody>>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_response_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ProxyBody::upstream(body))
+    Response::from_parts(parts, ProxyBody::upstream(body, lease))
 }
 
 #[cfg(test)]

@@ -8,6 +8,15 @@
 //! a pop and a readiness check; there is no hashing and no task spawned per
 //! request.
 //!
+//! An HTTP/1.1 connection has no task of its own: hyper's driver for it
+//! (its reads and writes) is polled by the task that sends on it, which is
+//! the client connection's, until the response has been read; then the
+//! connection waits in the pool unpolled. A request and its response thus
+//! stay in one task and on one thread, as nginx keeps both sockets of a
+//! request in one worker, instead of being handed to the connection's task
+//! and back (two wake-ups per request, across threads when the runtime
+//! has several). The shared HTTP/2 connection keeps a task of its own.
+//!
 //! Behaviour:
 //! - A request that never left the proxy because the reused connection
 //!   turned out to be closed is sent again on another connection (as a
@@ -44,10 +53,12 @@ use std::{
     error::Error as StdError,
     fmt,
     future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
@@ -59,20 +70,40 @@ use http::{
 use http_body::Body;
 use hyper::{
     body::Incoming,
-    client::conn::{http1, http2},
+    client::conn::{TrySendError, http1, http2},
 };
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::{
     client::legacy::connect::{Connection as _, HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    task::Unconstrained,
+};
 use tower::Service as _;
 
 use crate::layer::ReplayableBody;
 use crate::metric_names;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What the connector hands back: TCP, or TLS over it.
+type UpstreamIo = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// hyper's reads and writes for one HTTP/1.1 connection.
+type Driver<B> = http1::Connection<UpstreamIo, B>;
+
+/// The upstream's answer to one request. Not subject to tokio's budget: an
+/// HTTP/1.1 answer is polled without a waker of its own (see
+/// [`SendFuture`]), so a budget refusal would never be followed by a wake.
+type Promise<B> = Unconstrained<
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<B>>>> + Send>>,
+>;
+
+/// A new connection, or the first that comes free under the cap.
+type Connecting<B> = Pin<Box<dyn Future<Output = Result<Checkout<B>, PoolError>> + Send>>;
 
 /// How often a request whose reused connection turned out to be closed
 /// before anything was written is tried again on another one.
@@ -126,11 +157,11 @@ impl Default for PoolSettings {
 }
 
 /// Connections to one upstream. Cheap to clone.
-pub(crate) struct UpstreamPool<B> {
+pub(crate) struct UpstreamPool<B: Body + 'static> {
     inner: Arc<Inner<B>>,
 }
 
-impl<B> Clone for UpstreamPool<B> {
+impl<B: Body + 'static> Clone for UpstreamPool<B> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -138,7 +169,7 @@ impl<B> Clone for UpstreamPool<B> {
     }
 }
 
-impl<B> fmt::Debug for UpstreamPool<B> {
+impl<B: Body + 'static> fmt::Debug for UpstreamPool<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let idle = self.inner.idle.lock().map_or(0, |idle| idle.len());
         f.debug_struct("UpstreamPool")
@@ -148,7 +179,7 @@ impl<B> fmt::Debug for UpstreamPool<B> {
     }
 }
 
-struct Inner<B> {
+struct Inner<B: Body + 'static> {
     /// The route's name, the `route` label of the pool's metrics.
     route: Arc<str>,
     connector: HttpsConnector<HttpConnector>,
@@ -158,8 +189,7 @@ struct Inner<B> {
     authority: Authority,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// Idle HTTP/1.1 connections, each ready for a request; the most
-    /// recently used last.
+    /// Idle HTTP/1.1 connections; the most recently used last.
     idle: Mutex<Vec<IdleConn<B>>>,
     /// The shared HTTP/2 connection, once ALPN has chosen h2, with its
     /// number.
@@ -187,15 +217,106 @@ struct Inner<B> {
     returned: Notify,
 }
 
-struct IdleConn<B> {
+// === impl Http1Conn ===
+
+/// An HTTP/1.1 connection and its driver. The driver is polled by the task
+/// that uses the connection (the client connection's), so a request and
+/// its response do not hop between tasks; an idle connection is not polled
+/// at all until it is taken again.
+pub(crate) struct Http1Conn<B: Body + 'static> {
     sender: http1::SendRequest<B>,
+    /// `None` once the connection has closed.
+    driver: Option<Box<Driver<B>>>,
+    /// The waker the driver is polled with; see [`WakeRelay`].
+    relay: Arc<WakeRelay>,
+    relay_waker: Waker,
+    /// Its place under `max_connections`, given back when it is dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Passes a connection's wake-ups on to the task that uses it, and to no
+/// one while it is idle. hyper's driver leaves wakers behind in the
+/// socket and its channels; without the relay, the task that used the
+/// connection last would be woken by what happens after it let go (the
+/// next user's request, the rest of a body it already has), and a wake-up
+/// of a task by itself costs the multi-thread scheduler a hand-off to
+/// another worker.
+#[derive(Default)]
+struct WakeRelay {
+    task: Mutex<Option<Waker>>,
+}
+
+impl WakeRelay {
+    fn set(&self, waker: &Waker) {
+        let mut task = lock(&self.task);
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+
+    fn clear(&self) {
+        *lock(&self.task) = None;
+    }
+}
+
+impl std::task::Wake for WakeRelay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let task = lock(&self.task).clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+impl<B> Http1Conn<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Lets the driver read and write what it can; `false` once the
+    /// connection has closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = self.driver.as_mut() else {
+            return false;
+        };
+        self.relay.set(cx.waker());
+        let mut relayed = Context::from_waker(&self.relay_waker);
+        match Pin::new(&mut **driver).poll(&mut relayed) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, protocol = "HTTP/1.1", "upstream connection ended");
+                }
+                // Dropping the driver answers anything still queued on it.
+                self.driver = None;
+                false
+            }
+        }
+    }
+
+    /// Whether it is open and waiting for a request, once its driver has
+    /// seen what arrived while it sat idle (a close, say). Nobody is woken
+    /// by it until the next user drives it.
+    fn ready_after_idle(&mut self) -> bool {
+        let alive = self.drive(&mut Context::from_waker(Waker::noop()));
+        self.relay.clear();
+        alive && self.sender.is_ready()
+    }
+}
+
+struct IdleConn<B: Body + 'static> {
+    conn: Http1Conn<B>,
     since_epoch: u64,
 }
 
 /// A connection checked out for one request.
-enum Checkout<B> {
+enum Checkout<B: Body + 'static> {
     Http1 {
-        sender: http1::SendRequest<B>,
+        conn: Http1Conn<B>,
         reused: bool,
         /// It sat idle across a reaper tick: the upstream may be closing it.
         stale: bool,
@@ -206,6 +327,71 @@ enum Checkout<B> {
         reused: bool,
     },
 }
+
+// === impl Lease ===
+
+/// An HTTP/1.1 connection whose response body is still being read. The
+/// body's reader polls [`Lease::drive`] before reading; the connection goes
+/// back to the pool once the body has ended.
+pub(crate) struct Lease<B: Body + 'static> {
+    conn: Http1Conn<B>,
+    pool: Weak<Inner<B>>,
+}
+
+impl<B> Lease<B>
+where
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Lets the connection read more of the body.
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
+        self.conn.drive(cx);
+    }
+
+    /// The body has ended or was dropped: the connection goes back to the
+    /// pool when it is ready for another request, else a task finishes it
+    /// (it closes if what is left of the body is not wanted).
+    pub(crate) fn release(mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        if self.conn.ready_after_idle() {
+            pool.put(self.conn);
+            return;
+        }
+        if self.conn.driver.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Bounded, so that an upstream that never finishes cannot hold a
+        // place under the cap for ever.
+        let limit = pool.idle_timeout.unwrap_or(MAX_TICK);
+        let pool = Arc::downgrade(&pool);
+        let mut conn = Some(self.conn);
+        let finished = std::future::poll_fn(move |cx| {
+            let c = conn.as_mut().expect("polled after completion");
+            if !c.drive(cx) {
+                return Poll::Ready(None);
+            }
+            if c.sender.is_ready() {
+                Poll::Ready(conn.take())
+            } else {
+                Poll::Pending
+            }
+        });
+        runtime.spawn(async move {
+            if let Ok(Some(conn)) = tokio::time::timeout(limit, finished).await
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.put(conn);
+            }
+        });
+    }
+}
+
+// === impl UpstreamPool ===
 
 impl<B> UpstreamPool<B>
 where
@@ -266,98 +452,253 @@ where
     }
 
     /// Sends `request` (origin-form URI, `Host` set) on a pooled or new
-    /// connection and resolves to the response head; the body streams
-    /// after it, and the connection goes back to the pool once it is read.
-    pub(crate) fn send(
-        &self,
-        request: Request<B>,
-    ) -> impl Future<Output = Result<Response<Incoming>, PoolError>> + Send + 'static {
-        let inner = Arc::clone(&self.inner);
-        async move {
-            let mut request = request;
-            let mut retries = 0;
-            // Set once a request lost on a stale connection is sent again:
-            // it then goes out on a new connection, and only once.
-            let mut resent = false;
-            loop {
-                let idle = if resent { None } else { inner.take_idle() };
-                let checkout = match idle {
-                    Some(checkout) => checkout,
-                    // Boxed: the handshake futures are large, and this
-                    // future is built (and moved) for every request.
-                    None => Box::pin(inner.connect_or_wait()).await?,
-                };
-                let mut keep = None;
-                let (result, reused) = match checkout {
-                    Checkout::Http1 {
-                        mut sender,
-                        reused,
-                        stale,
-                    } => {
-                        if stale && !resent {
-                            keep = copy_if_idempotent(&request);
+    /// connection and resolves to the response head. The body streams
+    /// after it: for an HTTP/1.1 connection whose response is not read to
+    /// its end yet, the [`Lease`] goes with it, for the body's reader to
+    /// drive and release.
+    pub(crate) fn send(&self, request: Request<B>) -> SendFuture<B> {
+        SendFuture {
+            pool: Arc::clone(&self.inner),
+            state: SendState::Checkout,
+            request: Some(request),
+            keep: None,
+            retries: 0,
+            resent: false,
+        }
+    }
+}
+
+// === impl SendFuture ===
+
+/// What [`UpstreamPool::send`] resolves to.
+pub(crate) type Sent<B> = Result<(Response<Incoming>, Option<Lease<B>>), PoolError>;
+
+/// Response future of [`UpstreamPool::send`].
+///
+/// An HTTP/1.1 connection's driver is polled here, in the caller's task,
+/// before its answer is; the answer can only arrive through those polls, so
+/// it is polled with a waker that wakes no one, which spares the task a
+/// wake-up by itself.
+pub(crate) struct SendFuture<B: Body + 'static> {
+    pool: Arc<Inner<B>>,
+    state: SendState<B>,
+    /// The request, until it is handed to a connection.
+    request: Option<Request<B>>,
+    /// A copy kept for the keep-alive race (see the module docs).
+    keep: Option<Request<B>>,
+    retries: usize,
+    /// Set once a request lost on a stale connection is sent again: it then
+    /// goes out on a new connection, and only once.
+    resent: bool,
+}
+
+enum SendState<B: Body + 'static> {
+    Checkout,
+    Connecting(Connecting<B>),
+    Http1 {
+        /// `None` once the connection has closed.
+        conn: Option<Http1Conn<B>>,
+        promise: Promise<B>,
+        reused: bool,
+    },
+    Http2 {
+        id: u64,
+        promise: Promise<B>,
+        reused: bool,
+    },
+    Done,
+}
+
+impl<B: Body + 'static> fmt::Debug for SendFuture<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendFuture").finish_non_exhaustive()
+    }
+}
+
+impl<B> SendFuture<B>
+where
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Hands the request to the connection checked out.
+    fn start(&mut self, checkout: Checkout<B>) {
+        let mut request = self.request.take().expect("request held until sent");
+        self.state = match checkout {
+            Checkout::Http1 {
+                mut conn,
+                reused,
+                stale,
+            } => {
+                if stale && !self.resent {
+                    self.keep = copy_if_idempotent(&request);
+                }
+                let promise = tokio::task::unconstrained(Box::pin(
+                    conn.sender.try_send_request(request),
+                ) as Pin<Box<_>>);
+                SendState::Http1 {
+                    conn: Some(conn),
+                    promise,
+                    reused,
+                }
+            }
+            Checkout::Http2 {
+                id,
+                mut sender,
+                reused,
+            } => {
+                self.pool.to_absolute_form(&mut request);
+                let promise = tokio::task::unconstrained(
+                    Box::pin(sender.try_send_request(request)) as Pin<Box<_>>,
+                );
+                SendState::Http2 {
+                    id,
+                    promise,
+                    reused,
+                }
+            }
+        };
+    }
+
+    /// After a failed exchange: whether the request goes out again (the
+    /// state is then back at checkout), or the error to answer with.
+    fn retry_or_fail(
+        &mut self,
+        mut e: TrySendError<Request<B>>,
+        reused: bool,
+    ) -> Option<PoolError> {
+        match e.take_message() {
+            // Never written: safe to send again, if the connection was an
+            // old one that went away.
+            Some(mut unsent) if reused && self.retries < MAX_UNSENT_RETRIES => {
+                tracing::debug!(
+                    error = %e.error(),
+                    "pooled upstream connection was closed; sending on another"
+                );
+                self.retries += 1;
+                // An HTTP/2 request carries an absolute URI by now;
+                // HTTP/1.1 wants origin-form again.
+                let origin_form = unsent.uri().path_and_query().cloned().map(Uri::from);
+                if let Some(uri) = origin_form {
+                    *unsent.uri_mut() = uri;
+                }
+                self.request = Some(unsent);
+            }
+            _ => match self.keep.take() {
+                Some(copy) => {
+                    tracing::debug!(
+                        error = %e.error(),
+                        "idle upstream connection failed before answering; \
+                         sending the idempotent request again on a new one"
+                    );
+                    self.resent = true;
+                    self.request = Some(copy);
+                }
+                None => return Some(PoolError::Request(e.into_error())),
+            },
+        }
+        self.state = SendState::Checkout;
+        None
+    }
+}
+
+impl<B> Future for SendFuture<B>
+where
+    B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Sent<B>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                SendState::Checkout => {
+                    let idle = if this.resent {
+                        None
+                    } else {
+                        this.pool.take_idle()
+                    };
+                    match idle {
+                        Some(checkout) => this.start(checkout),
+                        // Boxed: the handshake futures are large.
+                        None => {
+                            this.state = SendState::Connecting(Box::pin(
+                                Arc::clone(&this.pool).connect_or_wait(),
+                            ));
                         }
-                        let result = sender.try_send_request(request).await;
-                        if result.is_ok() {
-                            inner.release(sender);
-                        }
-                        (result, reused)
                     }
-                    Checkout::Http2 {
-                        id,
-                        mut sender,
-                        reused,
-                    } => {
-                        inner.to_absolute_form(&mut request);
-                        let result = sender.try_send_request(request).await;
-                        if let Err(e) = &result
-                            && e.message().is_some()
-                        {
+                }
+                SendState::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
+                    Ok(checkout) => this.start(checkout),
+                    Err(e) => {
+                        this.state = SendState::Done;
+                        return Poll::Ready(Err(e));
+                    }
+                },
+                SendState::Http1 {
+                    conn,
+                    promise,
+                    reused,
+                } => {
+                    let alive = conn.as_mut().is_some_and(|c| c.drive(cx));
+                    if !alive {
+                        // Closed: dropping the driver answers the promise.
+                        *conn = None;
+                    }
+                    // Only this task's polls of the driver (or its drop)
+                    // answer the promise; while the driver lives, it holds
+                    // the wake-up.
+                    let result = if alive {
+                        let mut quiet = Context::from_waker(Waker::noop());
+                        Pin::new(promise).poll(&mut quiet)
+                    } else {
+                        Pin::new(promise).poll(cx)
+                    };
+                    match ready!(result) {
+                        Ok(response) => {
+                            let lease = conn.take().and_then(|conn| this.pool.finish(conn));
+                            this.state = SendState::Done;
+                            return Poll::Ready(Ok((response, lease)));
+                        }
+                        Err(e) => {
+                            let reused = *reused;
+                            *conn = None;
+                            if let Some(error) = this.retry_or_fail(e, reused) {
+                                this.state = SendState::Done;
+                                return Poll::Ready(Err(error));
+                            }
+                        }
+                    }
+                }
+                SendState::Http2 {
+                    id,
+                    promise,
+                    reused,
+                } => match ready!(Pin::new(promise).poll(cx)) {
+                    Ok(response) => {
+                        this.state = SendState::Done;
+                        return Poll::Ready(Ok((response, None)));
+                    }
+                    Err(e) => {
+                        if e.message().is_some() {
                             // Refused before it started (GOAWAY, closing):
                             // the next request gets a new connection.
-                            inner.forget_h2(id);
+                            this.pool.forget_h2(*id);
                         }
-                        (result, reused)
+                        let reused = *reused;
+                        if let Some(error) = this.retry_or_fail(e, reused) {
+                            this.state = SendState::Done;
+                            return Poll::Ready(Err(error));
+                        }
                     }
-                };
-                match result {
-                    Ok(response) => return Ok(response),
-                    Err(mut e) => match e.take_message() {
-                        // Never written: safe to send again, if the
-                        // connection was an old one that went away.
-                        Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
-                            tracing::debug!(
-                                error = %e.error(),
-                                "pooled upstream connection was closed; sending on another"
-                            );
-                            retries += 1;
-                            request = unsent;
-                            // An HTTP/2 request carries an absolute URI by
-                            // now; HTTP/1.1 wants origin-form again.
-                            let origin_form =
-                                request.uri().path_and_query().cloned().map(Uri::from);
-                            if let Some(uri) = origin_form {
-                                *request.uri_mut() = uri;
-                            }
-                        }
-                        _ => match keep {
-                            Some(copy) => {
-                                tracing::debug!(
-                                    error = %e.error(),
-                                    "idle upstream connection failed before answering; \
-                                     sending the idempotent request again on a new one"
-                                );
-                                resent = true;
-                                request = copy;
-                            }
-                            None => return Err(PoolError::Request(e.into_error())),
-                        },
-                    },
-                }
+                },
+                SendState::Done => panic!("SendFuture polled after completion"),
             }
         }
     }
 }
+
+// === impl Inner ===
 
 impl<B> Inner<B>
 where
@@ -375,23 +716,32 @@ where
                 reused: true,
             });
         }
-        let mut closed = Vec::new();
-        let found = {
-            let mut idle = lock(&self.idle);
-            loop {
-                match idle.pop() {
-                    None => break None,
-                    Some(conn) if conn.sender.is_ready() => break Some(conn),
-                    // Closed by the upstream while idle.
-                    Some(conn) => closed.push(conn),
-                }
+        loop {
+            // One at a time, the lock not held while the driver runs.
+            let mut idle = lock(&self.idle).pop()?;
+            if idle.conn.ready_after_idle() {
+                return Some(Checkout::Http1 {
+                    conn: idle.conn,
+                    reused: true,
+                    stale: idle.since_epoch != self.epoch.load(Ordering::Relaxed),
+                });
             }
-        };
-        drop(closed);
-        found.map(|conn| Checkout::Http1 {
-            sender: conn.sender,
-            reused: true,
-            stale: conn.since_epoch != self.epoch.load(Ordering::Relaxed),
+            // Closed by the upstream while idle: dropped here.
+        }
+    }
+
+    /// The response head is in: a connection whose response has been read
+    /// whole (a small one arrives in one read) goes back to the pool at
+    /// once; else the body's reader gets it as a [`Lease`].
+    fn finish(self: &Arc<Self>, conn: Http1Conn<B>) -> Option<Lease<B>> {
+        if conn.sender.is_ready() {
+            self.put(conn);
+            return None;
+        }
+        conn.driver.as_ref()?;
+        Some(Lease {
+            conn,
+            pool: Arc::downgrade(self),
         })
     }
 
@@ -422,7 +772,7 @@ where
     /// A new connection when fewer than `max_connections` are open; else
     /// the first that comes back to the pool, or a new one once another
     /// closes, waiting at most `queue_timeout`.
-    async fn connect_or_wait(self: &Arc<Self>) -> Result<Checkout<B>, PoolError> {
+    async fn connect_or_wait(self: Arc<Self>) -> Result<Checkout<B>, PoolError> {
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return self.connect(permit).await;
         }
@@ -456,8 +806,10 @@ where
     }
 
     /// A new connection: TCP (and TLS), then the HTTP/1.1 or HTTP/2
-    /// handshake that ALPN chose, its driver spawned. `permit` is held for
-    /// as long as the connection is open.
+    /// handshake that ALPN chose. An HTTP/2 connection's driver is spawned
+    /// (the connection is shared); an HTTP/1.1 one's runs where the
+    /// connection is used. `permit` is held for as long as the connection
+    /// is open.
     async fn connect(
         self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
@@ -488,7 +840,7 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            drive(conn, "HTTP/2", permit);
+            drive_http2(conn, permit);
             sender
                 .ready()
                 .await
@@ -506,48 +858,34 @@ where
                 reused: false,
             })
         } else {
-            let (sender, conn) = self
+            let (sender, driver) = self
                 .h1
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            drive(conn, "HTTP/1.1", permit);
             metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "route" => Arc::clone(&self.route), "protocol" => "http1").increment(1);
+            let relay = Arc::new(WakeRelay::default());
             Ok(Checkout::Http1 {
-                sender,
+                conn: Http1Conn {
+                    sender,
+                    driver: Some(Box::new(driver)),
+                    relay_waker: Waker::from(Arc::clone(&relay)),
+                    relay,
+                    _permit: permit,
+                },
                 reused: false,
                 stale: false,
             })
         }
     }
 
-    /// Back to the pool once the response has been read to its end: at
-    /// once when it already has (a small response arrives in one read), or
-    /// else when the connection says it is ready for the next request.
-    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<B>) {
+    fn put(&self, conn: Http1Conn<B>) {
         if self.idle_timeout.is_none() {
             return;
         }
-        if sender.is_ready() {
-            self.put(sender);
-        } else if !sender.is_closed() {
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok()
-                    && let Some(pool) = pool.upgrade()
-                {
-                    pool.put(sender);
-                }
-            });
-        }
-    }
-
-    fn put(&self, sender: http1::SendRequest<B>) {
+        conn.relay.clear();
         let since_epoch = self.epoch.load(Ordering::Relaxed);
-        lock(&self.idle).push(IdleConn {
-            sender,
-            since_epoch,
-        });
+        lock(&self.idle).push(IdleConn { conn, since_epoch });
         // Only when at the cap does anyone wait for a returned connection.
         if self.queued.load(Ordering::SeqCst) > 0 {
             self.returned.notify_waiters();
@@ -623,15 +961,15 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
     Some(copy)
 }
 
-/// Runs a connection's driver (its reads, writes and keep-alive) until the
-/// connection closes, then gives its place under the cap back.
-fn drive<C>(conn: C, protocol: &'static str, permit: OwnedSemaphorePermit)
+/// Runs a shared HTTP/2 connection's driver until the connection closes,
+/// then gives its place under the cap back.
+fn drive_http2<C>(conn: C, permit: OwnedSemaphorePermit)
 where
     C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, protocol, "upstream connection ended");
+            tracing::debug!(error = %e, protocol = "HTTP/2", "upstream connection ended");
         }
         drop(permit);
     });
