@@ -18,7 +18,7 @@ use axum::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{metric_names, sources::TokenSources};
+use crate::{metric_names, sink::SinkProbe, sources::TokenSources};
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 /// Call once, at start.
@@ -43,12 +43,14 @@ pub(crate) fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
 pub(crate) struct SourceUsers {
     /// `(route, source)`, in matching order.
     pub(crate) routes: Vec<(String, String)>,
+    /// The sources `[[sink]]`s write.
+    pub(crate) sinks: Vec<String>,
 }
 
 impl SourceUsers {
-    /// Whether `source` is used by a route.
+    /// Whether `source` is used by a route or a sink.
     fn uses(&self, source: &str) -> bool {
-        self.routes.iter().any(|(_, s)| s == source)
+        self.routes.iter().any(|(_, s)| s == source) || self.sinks.iter().any(|s| s == source)
     }
 }
 
@@ -56,6 +58,7 @@ impl SourceUsers {
 struct AdminState {
     sources: TokenSources,
     users: Arc<SourceUsers>,
+    sinks: Vec<SinkProbe>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -63,6 +66,7 @@ struct AdminState {
 pub(crate) fn router(
     sources: TokenSources,
     users: SourceUsers,
+    sinks: Vec<SinkProbe>,
     metrics: Option<PrometheusHandle>,
 ) -> Router {
     Router::new()
@@ -72,6 +76,7 @@ pub(crate) fn router(
         .with_state(AdminState {
             sources,
             users: Arc::new(users),
+            sinks,
             metrics,
         })
 }
@@ -189,6 +194,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         fields.insert("routes".to_owned(), routes.into());
         fields.insert("sources".to_owned(), sources.into());
     }
+    // An app that reads a sink file starts once the file holds a token.
+    let (status, body) = with_sinks(status, body, &state.sinks);
     (status, Json(body)).into_response()
 }
 
@@ -207,6 +214,46 @@ fn unavailable(cache: &crate::cache::TokenCache) -> serde_json::Map<String, serd
         serde_json::Value::Object(map) => map,
         _ => serde_json::Map::new(),
     }
+}
+
+/// Adds each sink's state to a `/readyz` body; not ready while a sink
+/// holds no valid token.
+fn with_sinks(
+    status: StatusCode,
+    mut body: serde_json::Value,
+    sinks: &[SinkProbe],
+) -> (StatusCode, serde_json::Value) {
+    if sinks.is_empty() {
+        return (status, body);
+    }
+    let mut all_written = true;
+    let states: Vec<serde_json::Value> = sinks
+        .iter()
+        .map(|sink| {
+            let s = sink.status();
+            let written = s.holds_valid_token();
+            all_written &= written;
+            let mut state = serde_json::json!({
+                "path": sink.config().path.display().to_string(),
+                "source": sink.config().source,
+                "written": written,
+            });
+            if let Some(e) = s.error {
+                state["error"] = e.into();
+            }
+            state
+        })
+        .collect();
+    let Some(fields) = body.as_object_mut() else {
+        return (status, body);
+    };
+    fields.insert("sinks".to_owned(), states.into());
+    if status == StatusCode::OK && !all_written {
+        fields.insert("status".to_owned(), "not_ready".into());
+        fields.insert("reason".to_owned(), "sink_not_written".into());
+        return (StatusCode::SERVICE_UNAVAILABLE, body);
+    }
+    (status, body)
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {

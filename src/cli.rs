@@ -20,6 +20,7 @@ use crate::{
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
     proxy::{Proxy, ProxyError, Route},
+    sink::Sink,
     sources::TokenSources,
     tls,
     token::{
@@ -211,6 +212,7 @@ async fn check_config(path: &Path, bind_check: bool) -> Result<(), Failure> {
         }
     }
     problems.extend(token_dirs_not_writable(&config));
+    problems.extend(sink_dirs_not_writable(&config));
     for source in &config.sources {
         match source.token.source {
             SourceKind::RefreshToken => {
@@ -275,11 +277,7 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
         .filter_map(|(key, path)| {
             // A missing directory is created at start: then its nearest
             // existing parent must take files.
-            let dir = crate::fs_atomic::parent_dir(path?)
-                .ancestors()
-                .find(|d| d.as_os_str().is_empty() || d.exists())
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
+            let dir = nearest_existing_dir(path?);
             crate::fs_atomic::check_dir_writable(dir).err().map(|e| {
                 (
                     key,
@@ -291,6 +289,83 @@ fn token_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
             })
         })
         .collect()
+}
+
+/// The directories of the `[[sink]]` files, and whether this process can
+/// create files there. A missing directory is created at start (mode
+/// 0700): then its nearest existing parent must take files.
+fn sink_dirs_not_writable(config: &Config) -> Vec<(String, String)> {
+    config
+        .sinks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, sink)| {
+            let dir = nearest_existing_dir(&sink.path);
+            crate::fs_atomic::check_dir_writable(dir).err().map(|e| {
+                (
+                    format!("sink[{i}].path"),
+                    format!(
+                        "cannot create files in {}: {e}; the token sink could not be written there",
+                        dir.display()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The directory of `file`, or its nearest ancestor that exists.
+fn nearest_existing_dir(file: &Path) -> &Path {
+    crate::fs_atomic::parent_dir(file)
+        .ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Starts the `[[sink]]`s (creating missing directories, mode 0700) and a
+/// keeper for each source they use, so their files stay fresh without any
+/// request.
+fn start_sinks(
+    config: &Config,
+    sources: &TokenSources,
+) -> Result<(Vec<Sink>, Vec<tokio::task::JoinHandle<()>>), Failure> {
+    let mut sinks = Vec::new();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut keepers = Vec::new();
+    for (i, sink) in config.sinks.iter().enumerate() {
+        let dir = crate::fs_atomic::parent_dir(&sink.path);
+        if !dir.is_dir() {
+            crate::fs_atomic::create_private_dir_all(dir).map_err(|e| {
+                config_problem(
+                    config,
+                    &format!("sink[{i}].path"),
+                    format!("cannot create directory {}: {e}", dir.display()),
+                )
+            })?;
+            tracing::info!(dir = %dir.display(), "created the token sink's directory (mode 0700)");
+        }
+        let cache = sources.get(&sink.source).ok_or_else(|| {
+            config_problem(
+                config,
+                &format!("sink[{i}].source"),
+                format!("unknown token source `{}`", sink.source),
+            )
+        })?;
+        if !kept.contains(&sink.source.as_str()) {
+            kept.push(&sink.source);
+            let cache = cache.clone();
+            keepers.push(tokio::spawn(async move { cache.keep_fresh().await }));
+        }
+        tracing::info!(
+            path = %sink.path.display(),
+            source = %sink.source,
+            format = sink.format.as_str(),
+            "writing the source's token to a sink"
+        );
+        sinks.push(Sink::spawn(sink.clone(), cache));
+    }
+    Ok((sinks, keepers))
 }
 
 fn listen_addrs(config: &Config) -> Vec<(String, SocketAddr)> {
@@ -632,7 +707,8 @@ async fn run(path: &Path) -> Result<(), Failure> {
             }
         });
     }
-    let unwritable = token_dirs_not_writable(&config);
+    let mut unwritable = token_dirs_not_writable(&config);
+    unwritable.extend(sink_dirs_not_writable(&config));
     if !unwritable.is_empty() {
         return Err(Failure::Config(ConfigError {
             file: config.path.display().to_string(),
@@ -673,8 +749,9 @@ async fn run(path: &Path) -> Result<(), Failure> {
     }
 
     // The first tokens are fetched now; readiness waits for them, start
-    // does not.
+    // does not. Sinks' sources are fetched by their keepers.
     sources.warm(config.routes.iter().map(|r| r.token_source.as_str()));
+    let (sinks, keepers) = start_sinks(&config, &sources)?;
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let users = admin::SourceUsers {
@@ -683,8 +760,14 @@ async fn run(path: &Path) -> Result<(), Failure> {
             .iter()
             .map(|r| (r.name.clone(), r.token_source.clone()))
             .collect(),
+        sinks: config.sinks.iter().map(|s| s.source.clone()).collect(),
     };
-    let admin_app = admin::router(sources.clone(), users, metrics);
+    let admin_app = admin::router(
+        sources.clone(),
+        users,
+        sinks.iter().map(Sink::probe).collect(),
+        metrics,
+    );
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {
         let _ = axum::serve(admin_listener, admin_app)
@@ -694,12 +777,20 @@ async fn run(path: &Path) -> Result<(), Failure> {
             .await;
     });
 
-    tracing::info!(
-        proxy = %config.proxy.listen,
-        admin = %config.admin.listen,
-        listeners = proxies.len(),
-        "sso-token-proxy listening"
-    );
+    if proxies.is_empty() {
+        tracing::info!(
+            admin = %config.admin.listen,
+            sinks = sinks.len(),
+            "sso-token-proxy running as a token-only sidecar (no routes)"
+        );
+    } else {
+        tracing::info!(
+            proxy = %config.proxy.listen,
+            admin = %config.admin.listen,
+            listeners = proxies.len(),
+            "sso-token-proxy listening"
+        );
+    }
     {
         let tx = shutdown_tx.clone();
         tokio::spawn(async move {
@@ -729,6 +820,12 @@ async fn run(path: &Path) -> Result<(), Failure> {
         // One listener down takes the others with it.
         let _ = shutdown_tx.send(true);
         failure.get_or_insert(error);
+    }
+    for keeper in keepers {
+        keeper.abort();
+    }
+    for sink in sinks {
+        sink.shutdown().await;
     }
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;

@@ -24,6 +24,7 @@ use crate::{
     },
     retry::{Backoff, Jitter, RetryConfig},
     secret::Secret,
+    sink::{OnShutdown, SinkConfig, SinkFormat},
 };
 
 /// Every problem found in a config file. `Display` gives one
@@ -394,6 +395,8 @@ pub(crate) struct Config {
     pub(crate) emulator: Option<EmulatorSection>,
     /// `[store]`.
     pub(crate) store: StoreConfig,
+    /// `[[sink]]`s, in config order.
+    pub(crate) sinks: Vec<SinkConfig>,
 }
 
 /// What `login` reads: a config file where only `[oidc]` and the login keys
@@ -509,7 +512,7 @@ pub(crate) fn default_sso_cache_file(session_name_or_start_url: &str) -> Option<
 const DAY: u64 = 24 * 3600;
 
 const SECTIONS: &[&str] = &[
-    "proxy", "admin", "oidc", "token", "sources", "route", "retry", "emulator", "store",
+    "proxy", "admin", "oidc", "token", "sources", "route", "retry", "emulator", "store", "sink",
 ];
 
 /// The keys of a `[[route]]`.
@@ -568,6 +571,7 @@ struct Sections {
     retry: Option<RetryConfig>,
     emulator: Option<EmulatorSection>,
     store: Option<StoreConfig>,
+    sinks: Vec<SinkConfig>,
 }
 
 /// Walks the TOML table, collecting problems instead of stopping at the
@@ -832,6 +836,7 @@ impl Reader {
             retry: s.retry?,
             emulator: s.emulator,
             store: s.store?,
+            sinks: s.sinks,
         })
     }
 
@@ -894,6 +899,7 @@ impl Reader {
             }
             _ => Vec::new(),
         };
+        let sinks = self.sinks(root, oidc.as_ref(), &sources);
         if let (Some(oidc), Some(token)) = (&oidc, &token)
             && token.source == SourceKind::RefreshToken
         {
@@ -936,6 +942,7 @@ impl Reader {
             retry,
             emulator,
             store,
+            sinks,
         }
     }
 
@@ -1004,25 +1011,46 @@ impl Reader {
                 "http2_max_control_frames_per_second",
             ],
         );
+        // A token-only sidecar: sinks, and nothing to proxy.
+        let token_only = root.contains_key("sink")
+            && !root.contains_key("route")
+            && self.raw(&s, "upstream").is_none();
         if s.table.is_none() && root.get("proxy").is_none() {
+            if token_only {
+                return Some(ProxyConfig::for_routes(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    0,
+                ))));
+            }
             self.problem("proxy", "missing required section");
             return None;
         }
-        let listen = self.socket_addr(&s, "listen", true);
+        let listen = if token_only && self.raw(&s, "listen").is_none() {
+            Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+        } else {
+            self.socket_addr(&s, "listen", true)
+        };
         // Without routes every request goes to `upstream`; with them it is
-        // the implicit route `default`, which may be left out.
+        // the implicit route `default`, which may be left out; with only
+        // sinks there is nothing to proxy.
         let upstream = match self.string(&s, "upstream") {
             Some(text) => Some(self.upstream_url("proxy.upstream", &text)?),
             None if self.raw(&s, "upstream").is_some() => return None,
-            None if !root.contains_key("route") => {
+            None if !root.contains_key("route") && !token_only => {
                 self.problem(
                     "proxy.upstream",
-                    "missing required key (where requests go), or add [[route]] tables",
+                    "missing required key (where requests go), or add [[route]] tables (or only [[sink]]s for a token-only sidecar)",
                 );
                 return None;
             }
             None => None,
         };
+        if token_only && self.raw(&s, "listen").is_some() {
+            self.problem(
+                "proxy.listen",
+                "nothing listens there: there is no proxy.upstream and no [[route]] (a token-only sidecar with [[sink]]s needs neither)",
+            );
+        }
         let upstream_ca_file = self.path(&s, "upstream_ca_file");
         if let Some(p) = &upstream_ca_file
             && let Err(e) = std::fs::metadata(p)
@@ -2059,6 +2087,250 @@ impl Reader {
         }
     }
 
+    /// `[[sink]]` tables. Paths that would overwrite the token source's own
+    /// files, or another sink's, are refused.
+    fn sinks(
+        &mut self,
+        root: &Table,
+        oidc: Option<&OidcConfig>,
+        sources: &[SourceConfig],
+    ) -> Vec<SinkConfig> {
+        let tables = match root.get("sink") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.problem("sink", "must be an array of tables ([[sink]])");
+                return Vec::new();
+            }
+        };
+        let mut sinks = Vec::new();
+        for (i, item) in tables.iter().enumerate() {
+            let name = format!("sink[{i}]");
+            let Value::Table(table) = item else {
+                self.problem(name, "must be a table ([[sink]])");
+                continue;
+            };
+            if let Some(sink) = self.sink(&name, table, oidc) {
+                sinks.push((i, sink));
+            }
+        }
+        // The files sources keep their credentials in.
+        let own_files: Vec<(String, &PathBuf)> = sources
+            .iter()
+            .flat_map(|s| {
+                [
+                    (s.key("state_file"), s.token.state_file.as_ref()),
+                    (s.key("sso_cache_file"), s.token.sso_cache_file.as_ref()),
+                    (s.key("assertion_file"), s.token.assertion_file.as_ref()),
+                ]
+            })
+            .filter_map(|(k, p)| Some((k, p?)))
+            .collect();
+        let mut problems = Vec::new();
+        for (n, (i, sink)) in sinks.iter().enumerate() {
+            if sinks[..n]
+                .iter()
+                .any(|(_, earlier)| same_file(&earlier.path, &sink.path))
+            {
+                problems.push((
+                    format!("sink[{i}].path"),
+                    format!(
+                        "{} is written by an earlier [[sink]] too",
+                        sink.path.display()
+                    ),
+                ));
+            }
+            if let Some((key, _)) = own_files.iter().find(|(_, own)| same_file(&sink.path, own)) {
+                problems.push((
+                    format!("sink[{i}].path"),
+                    format!(
+                        "{} is {key}: a sink would overwrite the credential there",
+                        sink.path.display()
+                    ),
+                ));
+            }
+            // Sources with problems are missing here; those were reported.
+            if !sources.is_empty() && !sources.iter().any(|s| s.name == sink.source) {
+                let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+                problems.push((
+                    format!("sink[{i}].source"),
+                    format!(
+                        "unknown token source `{}` (sources: {}; [token] is \"default\")",
+                        sink.source,
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        self.problems.extend(problems);
+        sinks.into_iter().map(|(_, sink)| sink).collect()
+    }
+
+    fn sink(&mut self, name: &str, table: &Table, oidc: Option<&OidcConfig>) -> Option<SinkConfig> {
+        const KNOWN: &[&str] = &[
+            "source",
+            "path",
+            "format",
+            "mode",
+            "on_shutdown",
+            "start_url",
+            "region",
+            "session_name",
+            "cache_dir",
+        ];
+        for key in table.keys() {
+            if !KNOWN.contains(&key.as_str()) {
+                self.problem(
+                    format!("{name}.{key}"),
+                    format!("unknown key (known keys: {})", KNOWN.join(", ")),
+                );
+            }
+        }
+        let s = Section {
+            name,
+            table: Some(table),
+        };
+        let source = self
+            .non_empty_string(&s, "source")
+            .unwrap_or_else(|| "default".to_owned());
+        let format_word = self.string(&s, "format");
+        let start_url = self.non_empty_string(&s, "start_url");
+        let region = self
+            .non_empty_string(&s, "region")
+            .or_else(|| oidc.and_then(|o| o.region.clone()));
+        let session_name = self.non_empty_string(&s, "session_name");
+        let cache_dir = self.path(&s, "cache_dir");
+        let path = self.path(&s, "path");
+        let sso_only = |r: &mut Self, key: &str| {
+            if r.raw(&s, key).is_some() {
+                r.problem(
+                    format!("{name}.{key}"),
+                    "only applies to format = \"sso_cache\"",
+                );
+            }
+        };
+        let (format, path) = match format_word.as_deref() {
+            None | Some("raw") | Some("json") => {
+                for key in ["start_url", "region", "session_name", "cache_dir"] {
+                    sso_only(self, key);
+                }
+                let format = if format_word.as_deref() == Some("json") {
+                    SinkFormat::Json
+                } else {
+                    SinkFormat::Raw
+                };
+                if path.is_none() && self.raw(&s, "path").is_none() {
+                    self.problem(format!("{name}.path"), "missing required key");
+                }
+                (format, path)
+            }
+            Some("sso_cache") => {
+                let Some(start_url) = start_url else {
+                    if self.raw(&s, "start_url").is_none() {
+                        self.problem(
+                            format!("{name}.start_url"),
+                            "missing: the AWS SSO cache format names the access portal URL",
+                        );
+                    }
+                    return None;
+                };
+                let path = match (path, cache_dir) {
+                    (Some(_), Some(_)) => {
+                        self.problem(
+                            format!("{name}.path"),
+                            "set either path or cache_dir, not both",
+                        );
+                        None
+                    }
+                    (Some(p), None) => Some(p),
+                    // The name the AWS CLI and SDKs look for.
+                    (None, dir) => {
+                        let file = crate::token::sso_cache_file_name(
+                            session_name.as_deref().unwrap_or(&start_url),
+                        );
+                        match dir.or_else(|| {
+                            std::env::var_os("HOME")
+                                .filter(|h| !h.is_empty())
+                                .map(|h| Path::new(&h).join(".aws/sso/cache"))
+                        }) {
+                            Some(dir) => Some(dir.join(file)),
+                            None => {
+                                self.problem(
+                                    format!("{name}.cache_dir"),
+                                    "missing: set cache_dir or path (HOME is not set for the default ~/.aws/sso/cache)",
+                                );
+                                None
+                            }
+                        }
+                    }
+                };
+                (SinkFormat::SsoCache { start_url, region }, path)
+            }
+            Some(other) => {
+                self.problem(
+                    format!("{name}.format"),
+                    format!("`{other}` is not a format; use \"raw\", \"json\" or \"sso_cache\""),
+                );
+                return None;
+            }
+        };
+        let mode = match self.string(&s, "mode") {
+            None => 0o600,
+            Some(text) => match u32::from_str_radix(text.trim(), 8) {
+                Ok(mode) if mode & !0o777 != 0 => {
+                    self.problem(
+                        format!("{name}.mode"),
+                        format!("`{text}` has bits beyond 0777"),
+                    );
+                    0o600
+                }
+                Ok(mode) if mode & 0o022 != 0 => {
+                    self.problem(
+                        format!("{name}.mode"),
+                        format!(
+                            "`{text}` lets others write the token file; drop group/other write (e.g. \"0640\")"
+                        ),
+                    );
+                    0o600
+                }
+                Ok(mode) if mode & 0o400 == 0 => {
+                    self.problem(
+                        format!("{name}.mode"),
+                        format!("`{text}` does not let the owner read the file"),
+                    );
+                    0o600
+                }
+                Ok(mode) => mode,
+                Err(_) => {
+                    self.problem(
+                        format!("{name}.mode"),
+                        format!("`{text}` is not an octal mode; write e.g. \"0600\" or \"0640\""),
+                    );
+                    0o600
+                }
+            },
+        };
+        let on_shutdown = match self.string(&s, "on_shutdown").as_deref() {
+            None | Some("remove") => OnShutdown::Remove,
+            Some("keep") => OnShutdown::Keep,
+            Some("expire") => OnShutdown::Expire,
+            Some(other) => {
+                self.problem(
+                    format!("{name}.on_shutdown"),
+                    format!("`{other}` is not a choice; use \"remove\", \"keep\" or \"expire\""),
+                );
+                OnShutdown::Remove
+            }
+        };
+        Some(SinkConfig {
+            source,
+            path: path?,
+            format,
+            mode,
+            on_shutdown,
+        })
+    }
+
     fn emulator(&mut self, root: &Table) -> Option<EmulatorSection> {
         root.get("emulator")?;
         let s = self.section(
@@ -2138,6 +2410,16 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
             "`{name}` is not a name: use 1 to 64 letters, digits, `_` or `-`"
         ))
     }
+}
+
+/// Whether two paths name the same file: equal, or equal once their
+/// directories are resolved (symlinks, `..`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let dir = crate::fs_atomic::parent_dir(p).canonicalize().ok()?;
+        Some(dir.join(p.file_name()?))
+    };
+    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 #[cfg(test)]
@@ -2427,6 +2709,135 @@ refresh_token = "r"
         ))
         .unwrap_err();
         assert_eq!(keys(&err), ["token.expiry_margin"], "{err}");
+    }
+
+    #[test]
+    fn sinks_are_read_with_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            "{MINIMAL}\
+             [[sink]]\npath = \"{d}/token\"\n\
+             [[sink]]\nsource = \"reports\"\npath = \"{d}/token.json\"\nformat = \"json\"\n\
+             mode = \"0640\"\non_shutdown = \"expire\"\n\
+             [[sink]]\nformat = \"sso_cache\"\nstart_url = \"https://x.awsapps.com/start\"\n\
+             session_name = \"team\"\ncache_dir = \"{d}/aws\"\non_shutdown = \"keep\"\n\
+             [sources.reports]\nscopes = [\"r\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.sinks.len(), 3);
+        assert_eq!(
+            c.sinks[0],
+            SinkConfig {
+                source: "default".into(),
+                path: dir.path().join("token"),
+                format: SinkFormat::Raw,
+                mode: 0o600,
+                on_shutdown: OnShutdown::Remove,
+            }
+        );
+        assert_eq!(c.sinks[1].source, "reports");
+        assert_eq!(c.sinks[1].format, SinkFormat::Json);
+        assert_eq!(c.sinks[1].mode, 0o640);
+        assert_eq!(c.sinks[1].on_shutdown, OnShutdown::Expire);
+        // The AWS CLI's name: SHA-1 of the session name; the region from
+        // [oidc].
+        assert_eq!(
+            c.sinks[2].path,
+            dir.path()
+                .join("aws")
+                .join(crate::token::sso_cache_file_name("team"))
+        );
+        assert_eq!(
+            c.sinks[2].format,
+            SinkFormat::SsoCache {
+                start_url: "https://x.awsapps.com/start".into(),
+                region: Some("us-east-1".into()),
+            }
+        );
+        assert_eq!(c.sinks[2].on_shutdown, OnShutdown::Keep);
+    }
+
+    #[test]
+    fn a_token_only_sidecar_has_sinks_and_no_proxy() {
+        let no_proxy = MINIMAL.replace(
+            "[proxy]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000\"\n",
+            "",
+        );
+        assert!(!no_proxy.contains("[proxy]"));
+        let c = parse(&format!("{no_proxy}[[sink]]\npath = \"/tmp/t\"\n")).unwrap();
+        assert!(c.routes.is_empty());
+        assert_eq!(c.sinks.len(), 1);
+        // [proxy] for its server-wide keys only, without listen: fine.
+        let c = parse(&format!(
+            "{no_proxy}[proxy]\nshutdown_grace = \"3s\"\n[[sink]]\npath = \"/tmp/t\"\n"
+        ))
+        .unwrap();
+        assert!(c.routes.is_empty());
+        // Without sinks, something must be proxied.
+        let err = parse(&no_proxy).unwrap_err();
+        assert_eq!(keys(&err), ["proxy"], "{err}");
+        let err = parse(&format!("{no_proxy}[proxy]\nlisten = \"127.0.0.1:8080\"\n")).unwrap_err();
+        assert_eq!(keys(&err), ["proxy.upstream"], "{err}");
+        assert!(err.problems[0].1.contains("[[sink]]"), "{err}");
+        // A listen address nothing would use is a mistake.
+        let err = parse(&format!(
+            "{no_proxy}[proxy]\nlisten = \"127.0.0.1:8080\"\n[[sink]]\npath = \"/tmp/t\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["proxy.listen"], "{err}");
+    }
+
+    #[test]
+    fn bad_sinks_are_reported_with_their_key() {
+        let bad = |extra: &str| parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+        let err = bad("[[sink]]\nformat = \"yaml\"\nbogus = 1\n");
+        assert_eq!(keys(&err), ["sink[0].bogus", "sink[0].format"], "{err}");
+        let err = bad("[[sink]]\nformat = \"raw\"\n");
+        assert_eq!(keys(&err), ["sink[0].path"], "{err}");
+        let err = bad("[[sink]]\npath = \"/tmp/t\"\nstart_url = \"https://x\"\n");
+        assert_eq!(keys(&err), ["sink[0].start_url"], "{err}");
+        assert!(err.problems[0].1.contains("sso_cache"), "{err}");
+        let err = bad("[[sink]]\nformat = \"sso_cache\"\npath = \"/tmp/t\"\n");
+        assert_eq!(keys(&err), ["sink[0].start_url"], "{err}");
+        for (mode, why) in [
+            ("0666", "others write"),
+            ("0620", "others write"),
+            ("0200", "owner read"),
+            ("1777", "beyond 0777"),
+            ("rw-r-----", "not an octal mode"),
+        ] {
+            let err = bad(&format!("[[sink]]\npath = \"/tmp/t\"\nmode = \"{mode}\"\n"));
+            assert_eq!(keys(&err), ["sink[0].mode"], "{err}");
+            assert!(err.problems[0].1.contains(why), "{mode}: {err}");
+        }
+        let err = bad("[[sink]]\npath = \"/tmp/t\"\non_shutdown = \"shred\"\n");
+        assert_eq!(keys(&err), ["sink[0].on_shutdown"], "{err}");
+        let err = bad("[[sink]]\npath = \"/tmp/t\"\nsource = \"nope\"\n");
+        assert_eq!(keys(&err), ["sink[0].source"], "{err}");
+        assert!(err.problems[0].1.contains("default"), "{err}");
+        let err = bad("[[sink]]\npath = \"/tmp/t\"\n[[sink]]\npath = \"/tmp/../tmp/t\"\n");
+        assert_eq!(keys(&err), ["sink[1].path"], "{err}");
+        let err = parse(&format!("sink = \"x\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(keys(&err), ["sink"], "{err}");
+
+        // Never over a file that holds a refresh token.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let text = format!(
+            "{}[[sink]]\npath = \"{}\"\n",
+            MINIMAL.replace(
+                "refresh_token = \"r\"",
+                &format!(
+                    "refresh_token = \"r\"\nstate_file = \"{}\"",
+                    state.display()
+                )
+            ),
+            dir.path().join(".").join("state.json").display()
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(keys(&err), ["sink[0].path"], "{err}");
+        assert!(err.problems[0].1.contains("token.state_file"), "{err}");
     }
 
     #[test]

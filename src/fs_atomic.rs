@@ -12,6 +12,12 @@ use std::{
 
 /// Atomically replaces `path` with `contents`, mode 0600.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, contents, 0o600)
+}
+
+/// Atomically replaces `path` with `contents`, with exactly `mode` (the
+/// umask does not narrow it).
+pub(crate) fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -32,8 +38,9 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(contents)?;
-        // The umask can only narrow the mode; make sure it is exactly 0600.
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        // Created private, then given exactly `mode`: the umask can only
+        // narrow a mode, and nobody else reads the file before it is whole.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, path)?;
@@ -136,6 +143,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn a_given_mode_is_exact_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_atomic_mode(&path, b"t", 0o640).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        write_atomic_mode(&path, b"u", 0o444).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o444
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"u");
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub mod retry;
 #[cfg(feature = "layer")]
 mod secret;
 #[cfg(feature = "proxy")]
+mod sink;
+#[cfg(feature = "proxy")]
 mod sources;
 #[cfg(feature = "redis")]
 pub mod store;

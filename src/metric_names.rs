@@ -246,6 +246,15 @@ pub const ASSERTION_ROTATIONS_TOTAL: Metric = counter(
     "Exchanges that found a different JWT in token.assertion_file than the previous exchange.",
 );
 
+// === token sinks ===
+
+/// Writes of `[[sink]]` files, by outcome.
+pub const SINK_WRITES_TOTAL: Metric = counter(
+    "sso_token_proxy_sink_writes_total",
+    &["sink", "outcome"],
+    "Writes of token sink files ([[sink]], labelled by path): written, failed (retried with backoff).",
+);
+
 // === shared store ===
 
 /// 1 while Redis answers.
@@ -328,6 +337,7 @@ pub const ALL: &[Metric] = &[
     PERSIST_FAILURES_TOTAL,
     AWS_CREDENTIALS_LOADS_TOTAL,
     ASSERTION_ROTATIONS_TOTAL,
+    SINK_WRITES_TOTAL,
     STORE_UP,
     STORE_DEGRADED,
     STORE_ERRORS_TOTAL,

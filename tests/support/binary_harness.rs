@@ -90,6 +90,9 @@ pub(crate) struct Opts {
     pub(crate) inline_secrets: bool,
     /// Tables appended to the config (`[sources.NAME]`, `[[route]]`, ...).
     pub(crate) extra: String,
+    /// Leave `[proxy]` out (a token-only sidecar, with `[[sink]]`s in
+    /// `extra`); nothing listens on [`Running::addr`] then.
+    pub(crate) token_only: bool,
 }
 
 impl Default for Opts {
@@ -102,6 +105,7 @@ impl Default for Opts {
             retry: "base_delay = \"50ms\"\nthrottle_base_delay = \"100ms\"\n".to_owned(),
             inline_secrets: false,
             extra: String::new(),
+            token_only: false,
         }
     }
 }
@@ -179,11 +183,16 @@ impl Env {
                 ),
             )
         };
+        let proxy_section = if opts.token_only {
+            String::new()
+        } else {
+            format!(
+                "[proxy]\nlisten = \"{listen}\"\nupstream = \"{url}\"\n{}",
+                opts.proxy
+            )
+        };
         format!(
-            r#"[proxy]
-listen = "{listen}"
-upstream = "{url}"
-{proxy}
+            r#"{proxy_section}
 [admin]
 listen = "{admin}"
 
@@ -199,7 +208,6 @@ client_id = "{client_id}"
 {retry}
 {extra}"#,
             extra = opts.extra,
-            proxy = opts.proxy,
             client_id = self.client_id,
             source = opts.token_source.clone().unwrap_or_else(|| format!(
                 "source = \"refresh_token\"\n{refresh_token}\nstate_file = \"{}\"",
