@@ -31,6 +31,7 @@ pub use iam_exchange::{IamExchange, IamGrant};
 pub use jwt_bearer::JwtBearerSource;
 pub use persist::PersistStatus;
 pub use refresh::RefreshTokenSource;
+#[cfg(feature = "proxy")]
 pub(crate) use sso_cache::format_time;
 pub use sso_cache::{SsoCacheFile, SsoCacheSource, parse_expires_at};
 pub use state::StateFile;
