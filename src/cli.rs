@@ -323,16 +323,11 @@ fn nearest_existing_dir(file: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Starts the `[[sink]]`s (creating missing directories, mode 0700) and a
-/// keeper for each source they use, so their files stay fresh without any
-/// request.
-fn start_sinks(
-    config: &Config,
-    sources: &TokenSources,
-) -> Result<(Vec<Sink>, Vec<tokio::task::JoinHandle<()>>), Failure> {
+/// Starts the `[[sink]]`s, creating missing directories (mode 0700). Their
+/// sources are kept fresh by `TokenSources::keep_fresh`, so the files stay
+/// fresh without any request.
+fn start_sinks(config: &Config, sources: &TokenSources) -> Result<Vec<Sink>, Failure> {
     let mut sinks = Vec::new();
-    let mut kept: Vec<&str> = Vec::new();
-    let mut keepers = Vec::new();
     for (i, sink) in config.sinks.iter().enumerate() {
         let dir = crate::fs_atomic::parent_dir(&sink.path);
         if !dir.is_dir() {
@@ -352,11 +347,6 @@ fn start_sinks(
                 format!("unknown token source `{}`", sink.source),
             )
         })?;
-        if !kept.contains(&sink.source.as_str()) {
-            kept.push(&sink.source);
-            let cache = cache.clone();
-            keepers.push(tokio::spawn(async move { cache.keep_fresh().await }));
-        }
         tracing::info!(
             path = %sink.path.display(),
             source = %sink.source,
@@ -365,7 +355,7 @@ fn start_sinks(
         );
         sinks.push(Sink::spawn(sink.clone(), cache));
     }
-    Ok((sinks, keepers))
+    Ok(sinks)
 }
 
 fn listen_addrs(config: &Config) -> Vec<(String, SocketAddr)> {
@@ -748,10 +738,18 @@ async fn run(path: &Path) -> Result<(), Failure> {
         proxies.push((proxy, listener));
     }
 
-    // The first tokens are fetched now; readiness waits for them, start
-    // does not. Sinks' sources are fetched by their keepers.
-    sources.warm(config.routes.iter().map(|r| r.token_source.as_str()));
-    let (sinks, keepers) = start_sinks(&config, &sources)?;
+    let sinks = start_sinks(&config, &sources)?;
+    // Every source a route or a sink uses is kept fresh from now on: the
+    // first tokens are fetched now (readiness waits for them, start does
+    // not), and an idle pod refreshes inside the refresh window, so it
+    // stays ready and no request waits for CreateToken.
+    let keepers = sources.keep_fresh(
+        config
+            .routes
+            .iter()
+            .map(|r| r.token_source.as_str())
+            .chain(config.sinks.iter().map(|s| s.source.as_str())),
+    );
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let users = admin::SourceUsers {

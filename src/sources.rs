@@ -121,24 +121,28 @@ impl TokenSources {
         self.sources.iter()
     }
 
-    /// Fetches the first token of each source named in `names`, in the
-    /// background; readiness waits for them, start does not.
-    pub(crate) fn warm<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        let mut warmed: Vec<&str> = Vec::new();
+    /// Keeps each source named in `names` fresh in the background (one
+    /// keeper per source, however often it is named): its first token is
+    /// fetched now, and it is refreshed inside its refresh window with or
+    /// without traffic, so an idle pod stays ready and no request waits for
+    /// CreateToken. Abort the returned tasks to stop them.
+    pub(crate) fn keep_fresh<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut kept: Vec<&str> = Vec::new();
+        let mut keepers = Vec::new();
         for name in names {
-            if warmed.contains(&name) {
+            if kept.contains(&name) {
                 continue;
             }
-            warmed.push(name);
+            kept.push(name);
             let Some(cache) = self.get(name).cloned() else {
                 continue;
             };
-            tokio::spawn(async move {
-                if let Err(e) = cache.get().await {
-                    tracing::error!(source = cache.name(), kind = e.kind(), error = %e, "could not get the first token; will retry on demand");
-                }
-            });
+            keepers.push(tokio::spawn(async move { cache.keep_fresh().await }));
         }
+        keepers
     }
 
     /// Re-reads the secret files on SIGHUP, and when their modification

@@ -178,6 +178,69 @@ async fn three_second_tokens_serve_twenty_seconds_without_a_failure() {
     .await;
 }
 
+/// An idle pod stays ready: with no request at all, every source a route
+/// uses is refreshed inside its refresh window, so `/readyz` (which
+/// Kubernetes would use to take the pod out of its Service, and so away
+/// from any traffic that could refresh the token) never flips to 503 when a
+/// token runs out, and the first request after the quiet spell is served
+/// with a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_keeps_its_token_fresh_and_stays_ready() {
+    const LIFETIME: Duration = Duration::from_secs(3);
+    const IDLE: Duration = Duration::from_secs(12);
+    bounded("idle proxy", async {
+        let env = Env::new(EmulatorConfig {
+            access_token_lifetime: LIFETIME,
+            ..Default::default()
+        })
+        .await;
+        let proxy = env.start(Opts::default()).await;
+        let http = Http::new();
+        let readyz = proxy.admin_url("/readyz");
+        // The first token (`bounded` limits the wait).
+        while http.get(&readyz).await.status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        let mut probes = 0;
+        while started.elapsed() < IDLE {
+            let r = http.get(&readyz).await;
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "not ready after {:?} idle: {}",
+                started.elapsed(),
+                String::from_utf8_lossy(&r.body)
+            );
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(probes > 20);
+        let counters = env.emulator.counters();
+        let lifetimes = IDLE.as_secs_f64() / LIFETIME.as_secs_f64();
+        let calls = counters.create_token as f64;
+        assert!(
+            calls >= lifetimes && calls <= 2.0 * lifetimes + 3.0,
+            "{calls} CreateToken calls in {lifetimes:.1} idle token lifetimes"
+        );
+        assert_eq!(
+            counters.echo_authorized + counters.echo_unauthorized,
+            0,
+            "nothing reached the upstream"
+        );
+
+        let r = http.get(&proxy.url("/after-idle")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(env.emulator.counters().echo_unauthorized, 0);
+    })
+    .await;
+}
+
 /// Issue 13: with `source = "sso_cache"` the cache file still lists the
 /// token the upstream rejected as valid. Tokens are known by their value,
 /// so the rejected token is never read back from the file: one
@@ -294,7 +357,8 @@ fn saved_refresh_token(state_file: &std::path::Path) -> Option<String> {
 /// rotate. Requests keep being served with the newest refresh token held in
 /// memory, `/readyz` and the gauge say it is not on disk, and once the
 /// directory is back the newest refresh token is written within 2 s with no
-/// traffic at all. A `kill -9` and a restart then serve from it.
+/// traffic and no refresh at all. A `kill -9` and a restart then serve from
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_directory_gone_mid_rotation_loses_nothing() {
     bounded("state directory gone", async {
@@ -373,6 +437,12 @@ async fn state_directory_gone_mid_rotation_loses_nothing() {
             0.0
         );
 
+        // Tokens issued from now on live an hour: the proxy keeps its
+        // sources fresh with or without traffic, so with 2 s tokens it would
+        // never stop rotating; after the next rotation it has nothing to
+        // refresh for half an hour.
+        env.emulator
+            .set_access_token_lifetime(Duration::from_secs(3600));
         stop.store(true, Ordering::SeqCst);
         traffic.await.unwrap();
         // A background refresh the last requests started may still reach

@@ -242,7 +242,11 @@ async fn sink_files_follow_every_refresh_and_are_never_torn() {
             std::fs::metadata(&json).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        // No temp file is left behind.
+        // No temp file is left behind once the proxy has stopped (while it
+        // runs, a write of the state file or a sink may be under way).
+        let mut proxy = proxy;
+        proxy.sigterm();
+        assert!(proxy.wait_exit(Duration::from_secs(20)).await.success());
         let names: Vec<String> = std::fs::read_dir(env.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
