@@ -15,10 +15,11 @@ use crate::{
     admin,
     config::{
         Config, ConfigError, DEFAULT_SOURCE, EmulatorSection, LoginConfig, OidcConfig, RouteConfig,
-        SourceConfig, SourceKind,
+        RuntimeShape, SourceConfig, SourceKind,
     },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
+    per_core,
     proxy::{Proxy, ProxyError, Route},
     sink::Sink,
     sources::TokenSources,
@@ -391,6 +392,20 @@ fn route_listeners(config: &Config) -> Vec<(String, SocketAddr, Vec<&RouteConfig
     out
 }
 
+fn log_routes(routes: &[&RouteConfig]) {
+    for route in routes {
+        tracing::info!(
+            route = %route.name,
+            listen = %route.listen,
+            host = route.host.as_deref().unwrap_or("*"),
+            path_prefix = route.path_prefix.as_deref().unwrap_or("/"),
+            upstream = %route.upstream,
+            source = %route.token_source,
+            "route"
+        );
+    }
+}
+
 /// A listener's routes as the proxy takes them, with their sources'
 /// caches.
 fn proxy_routes(routes: &[&RouteConfig], sources: &TokenSources) -> Vec<Route> {
@@ -705,9 +720,24 @@ async fn run(path: &Path) -> Result<(), Failure> {
             problems: unwritable,
         }));
     }
+    // Thread per core: each address gets one `SO_REUSEPORT` listener per
+    // core, bound here so that a taken port is a config problem as usual.
+    let cores = match config.runtime {
+        RuntimeShape::WorkStealing => None,
+        RuntimeShape::ThreadPerCore => Some(per_core::cores()),
+    };
     let mut listeners = Vec::new();
+    let mut core_listeners = Vec::new();
     for (key, addr, routes) in route_listeners(&config) {
-        listeners.push((bind(&config, &key, addr).await?, routes));
+        match cores {
+            None => listeners.push((bind(&config, &key, addr).await?, routes)),
+            Some(n) => {
+                let shared = per_core::bind_shared(addr, n).map_err(|e| {
+                    config_problem(&config, &key, format!("cannot listen on {addr}: {e}"))
+                })?;
+                core_listeners.push((shared, routes));
+            }
+        }
     }
     let admin_listener = bind(&config, "admin.listen", config.admin.listen).await?;
     let emulator = start_embedded_emulator(
@@ -724,18 +754,25 @@ async fn run(path: &Path) -> Result<(), Failure> {
     for (listener, routes) in listeners {
         let proxy = Proxy::with_routes(&config.proxy, proxy_routes(&routes, &sources))
             .map_err(|e| proxy_problem(&config, e))?;
-        for route in &routes {
-            tracing::info!(
-                route = %route.name,
-                listen = %route.listen,
-                host = route.host.as_deref().unwrap_or("*"),
-                path_prefix = route.path_prefix.as_deref().unwrap_or("/"),
-                upstream = %route.upstream,
-                source = %route.token_source,
-                "route"
-            );
-        }
+        log_routes(&routes);
         proxies.push((proxy, listener));
+    }
+    // Per core: its own proxies (and so its own upstream pools), the
+    // connection caps split between the cores.
+    let mut per_core_servers: Vec<Vec<(Proxy, std::net::TcpListener)>> = Vec::new();
+    if let Some(n) = cores
+        && !core_listeners.is_empty()
+    {
+        let core_config = per_core::per_core_config(&config.proxy, n);
+        per_core_servers.resize_with(n, Vec::new);
+        for (shared, routes) in core_listeners {
+            for (core, listener) in shared.into_iter().enumerate() {
+                let proxy = Proxy::with_routes(&core_config, proxy_routes(&routes, &sources))
+                    .map_err(|e| proxy_problem(&config, e))?;
+                per_core_servers[core].push((proxy, listener));
+            }
+            log_routes(&routes);
+        }
     }
 
     let sinks = start_sinks(&config, &sources)?;
@@ -775,7 +812,8 @@ async fn run(path: &Path) -> Result<(), Failure> {
             .await;
     });
 
-    if proxies.is_empty() {
+    let listener_count = proxies.len() + per_core_servers.first().map_or(0, Vec::len);
+    if listener_count == 0 {
         tracing::info!(
             admin = %config.admin.listen,
             sinks = sinks.len(),
@@ -785,7 +823,8 @@ async fn run(path: &Path) -> Result<(), Failure> {
         tracing::info!(
             proxy = %config.proxy.listen,
             admin = %config.admin.listen,
-            listeners = proxies.len(),
+            listeners = listener_count,
+            runtimes = per_core_servers.len().max(1),
             "sso-token-proxy listening"
         );
     }
@@ -803,6 +842,15 @@ async fn run(path: &Path) -> Result<(), Failure> {
         servers.spawn(proxy.serve(listener, async move {
             let _ = stop.wait_for(|stop| *stop).await;
         }));
+    }
+    for (core, core_servers) in per_core_servers.into_iter().enumerate() {
+        let done = per_core::spawn(core, core_servers, shutdown_rx.clone())
+            .map_err(|e| Failure::Other(format!("cannot start the thread of core {core}: {e}")))?;
+        servers.spawn(async move {
+            done.await
+                .unwrap_or_else(|_| Err("a core's runtime stopped".to_owned()))
+                .map_err(std::io::Error::other)
+        });
     }
     if servers.is_empty() {
         let mut stop = shutdown_rx.clone();

@@ -397,6 +397,21 @@ pub(crate) struct Config {
     pub(crate) store: StoreConfig,
     /// `[[sink]]`s, in config order.
     pub(crate) sinks: Vec<SinkConfig>,
+    /// `[proxy] runtime`: how the binary schedules its listeners.
+    pub(crate) runtime: RuntimeShape,
+}
+
+/// How the binary runs the proxy's listeners (`[proxy] runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum RuntimeShape {
+    /// `"work_stealing"`: one tokio runtime with a worker per core, one
+    /// listener and one upstream pool per route, shared by all workers.
+    #[default]
+    WorkStealing,
+    /// `"thread_per_core"`: one single-threaded runtime per core, each with
+    /// its own `SO_REUSEPORT` listeners and upstream pools, the connection
+    /// caps split between them.
+    ThreadPerCore,
 }
 
 /// What `login` reads: a config file where only `[oidc]` and the login keys
@@ -837,7 +852,30 @@ impl Reader {
             emulator: s.emulator,
             store: s.store?,
             sinks: s.sinks,
+            runtime: self.runtime(root),
         })
+    }
+
+    /// `[proxy] runtime` (read apart from [`ProxyConfig`], which the library
+    /// shares: the runtime is the binary's business).
+    fn runtime(&mut self, root: &Table) -> RuntimeShape {
+        let s = Section {
+            name: "proxy",
+            table: root.get("proxy").and_then(Value::as_table),
+        };
+        match self.string(&s, "runtime").as_deref() {
+            None | Some("work_stealing") => RuntimeShape::WorkStealing,
+            Some("thread_per_core") => RuntimeShape::ThreadPerCore,
+            Some(other) => {
+                self.problem(
+                    "proxy.runtime",
+                    format!(
+                        "`{other}` is not a runtime; write \"work_stealing\" or \"thread_per_core\""
+                    ),
+                );
+                RuntimeShape::WorkStealing
+            }
+        }
     }
 
     fn login(&mut self, root: &Table) -> Option<LoginConfig> {
@@ -1009,6 +1047,7 @@ impl Reader {
                 "http2_max_pending_accept_reset_streams",
                 "http2_max_local_error_reset_streams",
                 "http2_max_control_frames_per_second",
+                "runtime",
             ],
         );
         // A token-only sidecar: sinks, and nothing to proxy.
@@ -2624,6 +2663,26 @@ refresh_token = "r"
         assert_eq!(c.proxy.escaped_slashes, EscapedSlashes::Reject);
         let err = parse(&with("decode")).unwrap_err();
         assert_eq!(err.problems[0].0, "proxy.escaped_slashes");
+    }
+
+    #[test]
+    fn runtime_is_work_stealing_unless_thread_per_core_is_asked() {
+        assert_eq!(parse(MINIMAL).unwrap().runtime, RuntimeShape::WorkStealing);
+        let with = |shape: &str| {
+            MINIMAL.replace(
+                "upstream = \"http://127.0.0.1:9000\"",
+                &format!("upstream = \"http://127.0.0.1:9000\"\nruntime = \"{shape}\""),
+            )
+        };
+        let c = parse(&with("thread_per_core")).unwrap();
+        assert_eq!(c.runtime, RuntimeShape::ThreadPerCore);
+        assert_eq!(
+            parse(&with("work_stealing")).unwrap().runtime,
+            RuntimeShape::WorkStealing
+        );
+        let err = parse(&with("per_core")).unwrap_err();
+        assert_eq!(err.problems[0].0, "proxy.runtime");
+        assert!(err.problems[0].1.contains("thread_per_core"), "{err}");
     }
 
     fn keys(err: &ConfigError) -> Vec<&str> {

@@ -86,6 +86,8 @@ pub mod metric_names;
 #[cfg(feature = "layer")]
 pub mod oidc;
 #[cfg(feature = "proxy")]
+mod per_core;
+#[cfg(feature = "proxy")]
 pub mod proxy;
 #[cfg(feature = "layer")]
 pub mod retry;

@@ -1318,3 +1318,67 @@ async fn malformed_request_bodies_count_as_client_errors() {
     })
     .await;
 }
+
+/// `[proxy] runtime = "thread_per_core"`: one runtime per core, each with
+/// its own listener on the one port; every core serves with the token from
+/// the one shared cache (one CreateToken), a `401` is replayed there with a
+/// fresh token, and SIGTERM stops them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_thread_per_core_runtime_serves_every_core_from_one_token_cache() {
+    bounded("thread per core", async {
+        let env = env().await;
+        let mut proxy = env
+            .start(Opts {
+                proxy: "shutdown_grace = \"10s\"\nruntime = \"thread_per_core\"\n".to_owned(),
+                ..Opts::default()
+            })
+            .await;
+        let cores = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        let pid = proxy.child.id().expect("running");
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("proxy-core-"))
+            .collect();
+        names.sort();
+        let want: Vec<String> = (0..cores).map(|i| format!("proxy-core-{i}")).collect();
+        assert_eq!(names, want, "one runtime thread per core");
+
+        // New connections each, which the kernel spreads over the listeners.
+        for i in 0..16 {
+            let r = raw_request(
+                proxy.addr,
+                &format!("GET /core/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(echo["authorized"], true, "{echo}");
+            assert_eq!(echo["path"], format!("/core/{i}"));
+        }
+        let c = env.emulator.counters();
+        assert_eq!(c.echo_authorized, 16, "{c:?}");
+        assert_eq!(c.create_token, 1, "one cache for every core: {c:?}");
+
+        env.emulator.revoke_access_tokens();
+        let r = Http::new().get(&proxy.url("/after-revoke")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let after = env.emulator.counters();
+        assert_eq!(after.create_token, 2, "{after:?}");
+        assert_eq!(
+            after.echo_unauthorized,
+            c.echo_unauthorized + 1,
+            "{after:?}"
+        );
+
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "{status:?}: {}", proxy.stderr());
+    })
+    .await;
+}

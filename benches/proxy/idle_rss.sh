@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Memory of sso-token-proxy and nginx with many idle keep-alive client
+# connections: a memory figure, not a timing, so it may be taken on a busy
+# machine.
+#
+#   bash benches/proxy/idle_rss.sh                 # 1000 connections
+#   IDLE_CONNS=2000 bash benches/proxy/idle_rss.sh
+#   STP_KEYS='runtime = "thread_per_core"' bash benches/proxy/idle_rss.sh
+#   bash benches/proxy/idle_rss.sh path/to/other/sso-token-proxy
+#
+# From the repository root. Loopback only (127.0.0.1); starts a one-worker
+# nginx upstream, nginx as a token-adding proxy (`worker_processes auto`, as
+# benches/proxy/run.sh configures it) and sso-token-proxy with its default
+# configuration (plus `[proxy]` keys from STP_KEYS, `;`-separated), then for
+# each proxy: RSS and PSS (kB, summed over its processes) right after
+# start, and with IDLE_CONNS connections that each sent one GET held open.
+# Every process it starts is stopped on exit; the holding client gives up
+# after 60 s.
+set -euo pipefail
+
+cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+ROOT="$PWD"
+BIN="${1:-$ROOT/target/release/sso-token-proxy}"
+IDLE_CONNS="${IDLE_CONNS:-1000}"
+BASE="${BENCH_PORT_BASE:-27080}"
+P_UP=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_STP=$((BASE + 3)) P_ADMIN=$((BASE + 4)) P_EMU=$((BASE + 5))
+HOLD="$ROOT/benches/proxy/hold_conns.py"
+export PATH="$PATH:/usr/sbin:/sbin"
+for tool in nginx curl python3; do
+    command -v "$tool" >/dev/null || {
+        echo "needs $tool (apt-get install nginx-light curl python3)" >&2
+        exit 2
+    }
+done
+[[ $# != 0 ]] || cargo build --release --quiet
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+WORK="$(mktemp -d /tmp/stp-idle-rss.XXXXXX)"
+source "$ROOT/benches/proxy/common.sh"
+require_free_ports BENCH_PORT_BASE "$P_UP" "$P_NGINX" "$P_STP" "$P_ADMIN" "$P_EMU"
+
+write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/nginx.pid;
+error_log stderr error;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi;
+    uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    upstream backend {
+        server 127.0.0.1:$P_UP;
+        keepalive 1024;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer static-token-of-some-length";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header Via "1.1 nginx";
+        }
+    }
+}
+EOF
+write_bench_proxy_config "$WORK/stp.toml" "$P_STP" "$P_UP" "$P_ADMIN" "$P_EMU" "${STP_KEYS:-}"
+
+nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+nginx -p "$WORK" -e stderr -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+PID_NGINX=$!
+PIDS+=("$PID_NGINX")
+"$BIN" --config "$WORK/stp.toml" >"$WORK/stp.log" 2>&1 &
+PID_STP=$!
+PIDS+=("$PID_STP")
+wait_http "http://127.0.0.1:$P_UP/"
+wait_http "http://127.0.0.1:$P_ADMIN/readyz"
+wait_http "http://127.0.0.1:$P_NGINX/"
+wait_http "http://127.0.0.1:$P_STP/"
+sleep 1
+
+kb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+echo "| proxy | idle RSS / PSS MB | $IDLE_CONNS idle keep-alive conns: RSS / PSS MB | per connection (PSS) kB |"
+echo "|---|---:|---:|---:|"
+for target in nginx stp; do
+    if [[ $target == nginx ]]; then pid=$PID_NGINX port=$P_NGINX name="nginx $(nginx -v 2>&1 | sed 's|.*nginx/||')"; else
+        pid=$PID_STP port=$P_STP name="sso-token-proxy${STP_KEYS:+ ($STP_KEYS)}"
+    fi
+    read -r rss0 pss0 < <(tree_mem_kb "$pid")
+    ready="$WORK/hold-$target.ready"
+    python3 "$HOLD" "$port" "$IDLE_CONNS" "$ready" 60 >"$WORK/hold-$target.log" 2>&1 &
+    hold=$!
+    PIDS+=("$hold")
+    for _ in $(seq 600); do
+        [[ -f $ready ]] && break
+        kill -0 "$hold" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ ! -f $ready || $(awk '{print $3}' "$ready") != 0 ]]; then
+        echo "$name: could not hold $IDLE_CONNS connections" >&2
+        cat "$WORK/hold-$target.log" >&2
+        exit 1
+    fi
+    sleep 1
+    read -r rss1 pss1 < <(tree_mem_kb "$pid")
+    kill "$hold" 2>/dev/null || true
+    wait "$hold" 2>/dev/null || true
+    per=$(awk -v a="$pss1" -v b="$pss0" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }')
+    echo "| $name | $(kb "$rss0") / $(kb "$pss0") | $(kb "$rss1") / $(kb "$pss1") | $per |"
+done
