@@ -1,11 +1,14 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/login`.
 //!
 //! `/healthz` answers 200 while the process serves. `/readyz` answers 200
 //! only while every token source a route uses holds a valid token, 503 with
 //! the reason otherwise; either way its JSON has the state of each route
 //! and each source, and says whether the newest refresh tokens are on disk
 //! (`refresh_token_persisted`, and `persist_error` while one is not).
-//! `/metrics` is Prometheus text from the `metrics` recorder.
+//! `/metrics` is Prometheus text from the `metrics` recorder. `/login`
+//! shows what a person must do to approve the device login of each source
+//! with `device_login = true` (JSON, or a small HTML page for a browser);
+//! never the device code.
 
 use std::sync::Arc;
 
@@ -18,7 +21,12 @@ use axum::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{metric_names, sink::SinkProbe, sources::TokenSources};
+use crate::{
+    login::{DeviceLogin, LoginPrompt, LoginState},
+    metric_names,
+    sink::SinkProbe,
+    sources::TokenSources,
+};
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 /// Call once, at start.
@@ -73,6 +81,7 @@ pub(crate) fn router(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/login", get(login_page))
         .with_state(AdminState {
             sources,
             users: Arc::new(users),
@@ -114,7 +123,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
                 }
             }
             None => {
-                let why = unavailable(cache);
+                let why = unavailable(cache, source.login.as_ref());
                 if required && first_missing.is_none() {
                     let mut top = why.clone();
                     top.insert("source".to_owned(), source.name.clone().into());
@@ -199,8 +208,21 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Why `cache` holds no valid token: a remembered failure, or none yet.
-fn unavailable(cache: &crate::cache::TokenCache) -> serde_json::Map<String, serde_json::Value> {
+/// Why `cache` holds no valid token: a device login waiting for a person,
+/// a remembered failure, or none yet.
+fn unavailable(
+    cache: &crate::cache::TokenCache,
+    login: Option<&DeviceLogin>,
+) -> serde_json::Map<String, serde_json::Value> {
+    if let Some(login) = login.filter(|l| l.in_progress()) {
+        let mut why = serde_json::Map::new();
+        why.insert("reason".to_owned(), "login_required".into());
+        why.insert("login".to_owned(), login.state().as_str().into());
+        if let LoginState::Waiting { prompt, .. } = login.state() {
+            why.extend(prompt_fields(&prompt));
+        }
+        return why;
+    }
     let why = match cache.last_failure() {
         Some(f) => serde_json::json!({
             "reason": "token_unavailable",
@@ -254,6 +276,112 @@ fn with_sinks(
         return (StatusCode::SERVICE_UNAVAILABLE, body);
     }
     (status, body)
+}
+
+/// What `/login` and `/readyz` show of a prompt (never the device code).
+fn prompt_fields(prompt: &LoginPrompt) -> serde_json::Map<String, serde_json::Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "verification_uri".to_owned(),
+        prompt.verification_uri.clone().into(),
+    );
+    if let Some(complete) = &prompt.verification_uri_complete {
+        fields.insert(
+            "verification_uri_complete".to_owned(),
+            complete.clone().into(),
+        );
+    }
+    fields.insert("user_code".to_owned(), prompt.user_code.clone().into());
+    fields.insert(
+        "expires_in_seconds".to_owned(),
+        prompt.expires_in_seconds().into(),
+    );
+    fields
+}
+
+/// `GET /login`: each device-login source's state and, while one waits
+/// for approval, where to approve it. JSON (`login_required` says whether
+/// any waits), or HTML when the client prefers `text/html`.
+async fn login_page(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    let mut sources = serde_json::Map::new();
+    let mut waiting = Vec::new();
+    for source in state.sources.iter() {
+        let Some(login) = &source.login else {
+            continue;
+        };
+        let login_state = login.state();
+        let mut fields = serde_json::Map::new();
+        fields.insert("state".to_owned(), login_state.as_str().into());
+        fields.insert("valid".to_owned(), source.cache.current().is_some().into());
+        if let LoginState::Waiting { prompt, here } = &login_state {
+            fields.extend(prompt_fields(prompt));
+            fields.insert("polled_by_this_replica".to_owned(), (*here).into());
+            waiting.push((source.name.clone(), prompt.clone()));
+        }
+        sources.insert(source.name.clone(), fields.into());
+    }
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if wants_html {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            login_html(&waiting, sources.len()),
+        )
+            .into_response();
+    }
+    Json(serde_json::json!({
+        "login_required": !waiting.is_empty(),
+        "sources": sources,
+    }))
+    .into_response()
+}
+
+/// The `/login` page for a browser.
+fn login_html(waiting: &[(String, LoginPrompt)], configured: usize) -> String {
+    let mut body = String::new();
+    if configured == 0 {
+        body.push_str("<p>No token source logs in by itself (device_login).</p>\n");
+    } else if waiting.is_empty() {
+        body.push_str("<p>No login is waiting for approval.</p>\n");
+    }
+    for (name, prompt) in waiting {
+        let link = prompt
+            .verification_uri_complete
+            .as_deref()
+            .unwrap_or(&prompt.verification_uri);
+        body.push_str(&format!(
+            "<h2>Source {}</h2>\n<p>Open <a href=\"{}\">{}</a> and confirm the code <code>{}</code> \
+             (expires in {} s).</p>\n",
+            html_escape(name),
+            html_escape(link),
+            html_escape(link),
+            html_escape(&prompt.user_code),
+            prompt.expires_in_seconds()
+        ));
+    }
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>sso-token-proxy login</title></head>\n\
+         <body>\n<h1>Device login</h1>\n{body}</body></html>\n"
+    )
+}
+
+/// Escapes text for HTML content and attribute values.
+fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {

@@ -537,6 +537,7 @@ async fn start_embedded_emulator(
         listen: section.listen,
         access_token_lifetime: section.access_token_lifetime,
         rotate_refresh_tokens: section.rotate_refresh_tokens,
+        device_poll_interval: section.device_poll_interval,
         clients,
         ..Default::default()
     })
@@ -750,6 +751,7 @@ async fn run(path: &Path) -> Result<(), Failure> {
     let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
     let sources = TokenSources::build(&config, &oidc)?;
     sources.spawn_credential_reloader();
+    sources.spawn_login_followers();
     let mut proxies = Vec::new();
     for (listener, routes) in listeners {
         let proxy = Proxy::with_routes(&config.proxy, proxy_routes(&routes, &sources))

@@ -246,6 +246,9 @@ pub(crate) struct TokenConfig {
     pub(crate) start_url: Option<String>,
     /// The JWT the jwt_bearer source exchanges (re-read for every exchange).
     pub(crate) assertion_file: Option<PathBuf>,
+    /// Run the device flow when there is no usable refresh token (headless
+    /// login; `refresh_token` sources with a `start_url`).
+    pub(crate) device_login: bool,
 }
 
 /// One named token source: `[token]` with `[oidc]`'s client is
@@ -326,6 +329,8 @@ pub(crate) struct EmulatorSection {
     pub(crate) access_token_lifetime: Duration,
     /// Whether it rotates refresh tokens.
     pub(crate) rotate_refresh_tokens: bool,
+    /// The `interval` its device authorizations ask clients to poll at.
+    pub(crate) device_poll_interval: Duration,
     /// A file the emulator keeps filled with a JWT of its test issuer, as a
     /// kubelet keeps a projected service-account token (quick start of the
     /// jwt_bearer source).
@@ -560,6 +565,7 @@ const TOKEN_KEYS: &[&str] = &[
     "start_url",
     "session_name",
     "assertion_file",
+    "device_login",
 ];
 
 /// What `[sources.NAME]` takes beyond [`TOKEN_KEYS`]: its own client.
@@ -923,6 +929,17 @@ impl Reader {
         if let Some(store) = &store {
             self.sources_share_credentials(&sources, store);
         }
+        for source in sources.iter().filter(|s| s.token.device_login) {
+            if source.client_id.is_some() != source.client_secret.is_some() {
+                self.problem(
+                    format!("{}.client_secret", source.client_section),
+                    format!(
+                        "{} = true: set both client_id and client_secret (a registered client), or neither (the proxy registers one with RegisterClient)",
+                        source.key("device_login")
+                    ),
+                );
+            }
+        }
         if let Some(oidc) = &oidc {
             for source in sources
                 .iter()
@@ -940,6 +957,7 @@ impl Reader {
         let sinks = self.sinks(root, oidc.as_ref(), &sources);
         if let (Some(oidc), Some(token)) = (&oidc, &token)
             && token.source == SourceKind::RefreshToken
+            && !token.device_login
         {
             let reported = |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
             if oidc.client_id.is_none() && !reported(self, "oidc.client_id") {
@@ -1424,7 +1442,7 @@ impl Reader {
             } else {
                 "oidc".to_owned()
             };
-            if parsed.source == SourceKind::RefreshToken {
+            if parsed.source == SourceKind::RefreshToken && !parsed.device_login {
                 let reported =
                     |r: &Self, key: &str| r.problems.iter().any(|(k, _)| k.starts_with(key));
                 if client_id.is_none() && !reported(self, &format!("{section}.client_id")) {
@@ -1871,7 +1889,24 @@ impl Reader {
                 "missing required key (source = \"jwt_bearer\" needs it), e.g. \"/var/run/secrets/sso-token-proxy/token\"",
             );
         }
-        let refresh_token = self.secret(s, "refresh_token", source == SourceKind::RefreshToken);
+        let device_login = self.boolean(s, "device_login", false);
+        if device_login && source != SourceKind::RefreshToken {
+            self.problem(
+                key("device_login"),
+                "only a source = \"refresh_token\" source can log in by itself",
+            );
+        }
+        if device_login && self.raw(s, "start_url").is_none() {
+            self.problem(
+                key("start_url"),
+                "missing: device_login = true needs the AWS access portal URL, e.g. \"https://my-org.awsapps.com/start\"",
+            );
+        }
+        let refresh_token = self.secret(
+            s,
+            "refresh_token",
+            source == SourceKind::RefreshToken && !device_login,
+        );
         let start_url = self.non_empty_string(s, "start_url");
         let session_name = self.non_empty_string(s, "session_name");
         let sso_cache_file = match self.path(s, "sso_cache_file") {
@@ -1963,6 +1998,7 @@ impl Reader {
             expiry_margin,
             start_url,
             assertion_file,
+            device_login,
         })
     }
 
@@ -2382,6 +2418,7 @@ impl Reader {
                 "assertion_file",
                 "assertion_subject",
                 "assertion_lifetime",
+                "device_poll_interval",
             ],
         );
         let assertion_lifetime = self.duration_within(
@@ -2406,6 +2443,12 @@ impl Reader {
                 Duration::from_secs(1)..=Duration::from_secs(7 * DAY),
             ),
             rotate_refresh_tokens: self.boolean(&s, "rotate_refresh_tokens", true),
+            device_poll_interval: self.duration_within(
+                &s,
+                "device_poll_interval",
+                Duration::from_secs(5),
+                Duration::from_secs(1)..=Duration::from_secs(60),
+            ),
             assertion_file,
             assertion_subject,
             assertion_lifetime,
@@ -2508,6 +2551,7 @@ refresh_token = "r"
         ("store", "command_timeout"),
         ("emulator", "access_token_lifetime"),
         ("emulator", "assertion_lifetime"),
+        ("emulator", "device_poll_interval"),
     ];
 
     /// MINIMAL with `key = "value"` in `[section]`.
@@ -2687,6 +2731,51 @@ refresh_token = "r"
 
     fn keys(err: &ConfigError) -> Vec<&str> {
         err.problems.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// `device_login = true`: a `refresh_token` source that needs no
+    /// refresh token and no client (it registers one), but a start URL;
+    /// a client is both id and secret or neither.
+    #[test]
+    fn device_login_needs_a_start_url_and_no_refresh_token() {
+        let login = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:9000"
+[admin]
+listen = "127.0.0.1:9901"
+[oidc]
+region = "us-east-1"
+[token]
+source = "refresh_token"
+device_login = true
+start_url = "https://x.awsapps.com/start"
+"#;
+        let c = parse(login).unwrap();
+        assert!(c.token.device_login);
+        assert!(c.sources[0].client_id.is_none() && c.token.refresh_token.is_none());
+        assert!(!parse(MINIMAL).unwrap().token.device_login);
+
+        let err =
+            parse(&login.replace("start_url = \"https://x.awsapps.com/start\"\n", "")).unwrap_err();
+        assert_eq!(keys(&err), ["token.start_url"], "{err}");
+        let err = parse(&login.replace("[oidc]\n", "[oidc]\nclient_id = \"c\"\n")).unwrap_err();
+        assert_eq!(keys(&err), ["oidc.client_secret"], "{err}");
+        let err =
+            parse(&login.replace("device_login = true", "device_login = \"yes\"")).unwrap_err();
+        assert_eq!(keys(&err)[0], "token.device_login", "{err}");
+        let err = parse(&format!(
+            "{login}[sources.cli]\nsource = \"sso_cache\"\nsso_cache_file = \"/tmp/c.json\"\ndevice_login = true\nstart_url = \"https://x\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["sources.cli.device_login"], "{err}");
+        // A configured client works too.
+        let c = parse(&login.replace(
+            "[oidc]\n",
+            "[oidc]\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.sources[0].client_id.as_deref(), Some("c"));
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub mod emulator;
 mod fs_atomic;
 #[cfg(feature = "layer")]
 pub mod layer;
+#[cfg(feature = "proxy")]
+mod login;
 pub mod metric_names;
 #[cfg(feature = "layer")]
 pub mod oidc;

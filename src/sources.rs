@@ -20,9 +20,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     cache::{CacheOptions, TokenCache},
-    config::{Config, ConfigError, SourceConfig, SourceKind, StoreKind, shares_refresh_token},
+    config::{
+        Config, ConfigError, SecretSetting, SourceConfig, SourceKind, StoreKind,
+        shares_refresh_token,
+    },
+    login::{DeviceLogin, DeviceLoginSource, LoginSettings},
     oidc::OidcClient,
     retry::OidcRetryPolicy,
+    secret::Secret,
     store::{RedisConnectOptions, RedisStore, SharedStoreOptions, SharedStoreSource},
     token::{CredentialUpdate, RefreshTokenSource, SsoCacheSource, TokenSource},
 };
@@ -34,6 +39,8 @@ pub(crate) struct NamedSource {
     pub(crate) name: String,
     /// Its cache (clones share it).
     pub(crate) cache: TokenCache,
+    /// Its device login, with `device_login = true`.
+    pub(crate) login: Option<DeviceLogin>,
     /// The source the cache fetches from.
     source: Arc<dyn TokenSource>,
     /// Secret files re-read on SIGHUP or when they change.
@@ -78,7 +85,7 @@ impl TokenSources {
                         && shares_refresh_token(earlier, source_config)
                 })
                 .and_then(|(earlier, (_, refresh))| Some((earlier, refresh.as_ref()?)));
-            let (source, refresh) = build_source(config, source_config, oidc, sibling)?;
+            let (source, refresh, login) = build_source(config, source_config, oidc, sibling)?;
             let cache = TokenCache::from_arc(Arc::clone(&source), cache_options(source_config));
             let file_of =
                 |s: &Option<crate::config::SecretSetting>| s.as_ref().and_then(|s| s.file.clone());
@@ -86,6 +93,7 @@ impl TokenSources {
                 NamedSource {
                     name: source_config.name.clone(),
                     cache,
+                    login,
                     source,
                     client_secret_file: file_of(&source_config.client_secret),
                     refresh_token_file: file_of(&source_config.token.refresh_token),
@@ -143,6 +151,27 @@ impl TokenSources {
             keepers.push(tokio::spawn(async move { cache.keep_fresh().await }));
         }
         keepers
+    }
+
+    /// After each device login, fetches the source's token at once (the
+    /// failures remembered while the login waited are forgotten), so the
+    /// proxy serves as soon as someone approves.
+    pub(crate) fn spawn_login_followers(&self) {
+        for source in self.sources.iter() {
+            let Some(login) = &source.login else {
+                continue;
+            };
+            let mut completions = login.completions();
+            let cache = source.cache.clone();
+            tokio::spawn(async move {
+                while completions.changed().await.is_ok() {
+                    cache.clear_failure();
+                    if let Err(e) = cache.get().await {
+                        tracing::warn!(source = cache.name(), kind = e.kind(), error = %e, "no token after the device login; will retry on demand");
+                    }
+                }
+            });
+        }
     }
 
     /// Re-reads the secret files on SIGHUP, and when their modification
@@ -256,6 +285,14 @@ fn problem(config: &Config, key: String, reason: impl Into<String>) -> ConfigErr
     }
 }
 
+/// A built source: what its cache fetches from, the refresh-token holder
+/// (for later siblings), its device login.
+type Built = (
+    Arc<dyn TokenSource>,
+    Option<RefreshTokenSource>,
+    Option<DeviceLogin>,
+);
+
 /// Builds one source. `sibling` is an earlier `refresh_token` source that
 /// redeems the same refresh token; the new one then shares its holder.
 /// Returns the refresh-token source too, for later siblings.
@@ -264,7 +301,7 @@ fn build_source(
     source: &SourceConfig,
     oidc: &OidcClient,
     sibling: Option<(&SourceConfig, &RefreshTokenSource)>,
-) -> Result<(Arc<dyn TokenSource>, Option<RefreshTokenSource>), ConfigError> {
+) -> Result<Built, ConfigError> {
     let policy = OidcRetryPolicy::new(config.retry.clone());
     match source.token.source {
         SourceKind::RefreshToken => {
@@ -272,14 +309,39 @@ fn build_source(
                 Some((_, earlier)) => earlier.with_scopes(source.token.scopes.clone()),
                 None => refresh_token_source(config, source, oidc.clone(), policy)?,
             };
-            let shared: Arc<dyn TokenSource> = match config.store.kind {
-                StoreKind::Local => Arc::new(refresh.with_scopes(source.token.scopes.clone())),
+            let (shared, fleet): (Arc<dyn TokenSource>, _) = match config.store.kind {
+                StoreKind::Local => (
+                    Arc::new(refresh.with_scopes(source.token.scopes.clone())),
+                    None,
+                ),
                 StoreKind::Redis => {
                     let first = sibling.map_or(source, |(earlier, _)| earlier);
-                    shared_store_source(config, first, source, &refresh)?
+                    let shared = shared_store_source(config, first, source, &refresh)?;
+                    (Arc::new(shared.clone()), Some(shared))
                 }
             };
-            Ok((shared, Some(refresh)))
+            if !source.token.device_login {
+                return Ok((shared, Some(refresh), None));
+            }
+            let login = DeviceLogin::new(
+                LoginSettings {
+                    source: source.name.clone(),
+                    start_url: source.token.start_url.clone().unwrap_or_default(),
+                    scopes: source.token.scopes.clone(),
+                    client_name: format!("sso-token-proxy-{}", source.name),
+                    default_interval: Duration::from_secs(5),
+                    slow_down_increment: Duration::from_secs(5),
+                    retry: config.retry.clone(),
+                    restart_pause: Duration::from_secs(5),
+                    lock_lease: config.store.lock_lease,
+                },
+                oidc.clone(),
+                refresh.with_scopes(source.token.scopes.clone()),
+                fleet,
+            );
+            let wrapped: Arc<dyn TokenSource> =
+                Arc::new(DeviceLoginSource::new(shared, login.clone()));
+            Ok((wrapped, Some(refresh), Some(login)))
         }
         SourceKind::SsoCache => {
             let path = source.token.sso_cache_file.clone().ok_or_else(|| {
@@ -288,9 +350,9 @@ fn build_source(
             let built =
                 SsoCacheSource::new(path, oidc.clone(), policy, source.token.scopes.clone())
                     .map_err(|e| problem(config, source.key("sso_cache_file"), e.to_string()))?;
-            Ok((Arc::new(built), None))
+            Ok((Arc::new(built), None, None))
         }
-        SourceKind::JwtBearer => Ok((jwt_bearer_source(config, source, oidc, policy)?, None)),
+        SourceKind::JwtBearer => Ok((jwt_bearer_source(config, source, oidc, policy)?, None, None)),
     }
 }
 
@@ -344,10 +406,22 @@ fn refresh_token_source(
     oidc: OidcClient,
     policy: OidcRetryPolicy,
 ) -> Result<RefreshTokenSource, ConfigError> {
+    // A device login may start with neither client nor refresh token.
+    let login = source.token.device_login;
     let (Some(client_id), Some(secret), Some(refresh)) = (
-        source.client_id.clone(),
-        source.client_secret.clone(),
-        source.token.refresh_token.clone(),
+        source.client_id.clone().or_else(|| login.then(String::new)),
+        source
+            .client_secret
+            .as_ref()
+            .map(|s| s.value.clone())
+            .or_else(|| login.then(|| Secret::new(""))),
+        source.token.refresh_token.clone().or_else(|| {
+            login.then(|| SecretSetting {
+                value: Secret::new(""),
+                file: None,
+                modified: None,
+            })
+        }),
     ) else {
         return Err(problem(
             config,
@@ -355,9 +429,12 @@ fn refresh_token_source(
             "refresh_token source needs a client_id, a client_secret and a refresh_token",
         ));
     };
-    let mut builder = RefreshTokenSource::builder(oidc, client_id, secret.value, refresh.value)
+    let mut builder = RefreshTokenSource::builder(oidc, client_id, secret, refresh.value)
         .retry_policy(policy)
         .scopes(source.token.scopes.clone());
+    if login {
+        builder = builder.awaiting_login(source.token.start_url.as_deref().unwrap_or_default());
+    }
     let configured_at = refresh.modified.or_else(|| {
         std::fs::metadata(&config.path)
             .and_then(|m| m.modified())
@@ -405,7 +482,7 @@ fn shared_store_source(
     first: &SourceConfig,
     source: &SourceConfig,
     refresh: &RefreshTokenSource,
-) -> Result<Arc<dyn TokenSource>, ConfigError> {
+) -> Result<SharedStoreSource, ConfigError> {
     let store = &config.store;
     let url = store
         .url
@@ -433,9 +510,15 @@ fn shared_store_source(
         expiry_margin: source.token.expiry_margin,
         ..Default::default()
     };
+    let login = source.token.device_login;
     let (Some(client_id), Some(configured)) = (
-        source.client_id.clone(),
-        source.token.refresh_token.as_ref().map(|r| r.value.clone()),
+        source.client_id.clone().or_else(|| login.then(String::new)),
+        source
+            .token
+            .refresh_token
+            .as_ref()
+            .map(|r| r.value.clone())
+            .or_else(|| login.then(|| Secret::new(""))),
     ) else {
         return Err(problem(
             config,
@@ -443,13 +526,13 @@ fn shared_store_source(
             "refresh_token source needs a client_id and a refresh_token",
         ));
     };
-    Ok(Arc::new(SharedStoreSource::new(
+    Ok(SharedStoreSource::new(
         refresh.with_scopes(source.token.scopes.clone()),
         redis,
         client_id,
         configured,
         options,
-    )))
+    ))
 }
 
 #[cfg(test)]

@@ -122,9 +122,11 @@ fn outcome(class: ErrorClass) -> &'static str {
     }
 }
 
-/// `InvalidGrant`: the refresh token (or device code) will not work again.
+/// `InvalidGrant`: the refresh token (or device code) will not work again;
+/// `LoginRequired`: a device login waits for a person.
 fn is_login_needed(e: &TokenError) -> bool {
-    matches!(e, TokenError::Oidc(oidc) if oidc.service_kind() == Some(ServiceErrorKind::InvalidGrant))
+    matches!(e, TokenError::LoginRequired(_))
+        || matches!(e, TokenError::Oidc(oidc) if oidc.service_kind() == Some(ServiceErrorKind::InvalidGrant))
 }
 
 #[cfg(test)]

@@ -440,6 +440,11 @@ impl EmulatorHandle {
             .decide_device(user_code, true, Instant::now())
     }
 
+    /// Every device code issued so far, for tests that check none leaks.
+    pub fn device_codes(&self) -> Vec<Secret> {
+        self.shared.lock().device_codes()
+    }
+
     /// Denies the pending device authorization with this user code.
     /// `false` if there is none (unknown, expired or already decided).
     pub fn deny(&self, user_code: &str) -> bool {

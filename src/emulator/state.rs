@@ -489,6 +489,14 @@ impl State {
         })
     }
 
+    /// Every device code issued so far.
+    pub(crate) fn device_codes(&self) -> Vec<Secret> {
+        self.devices
+            .keys()
+            .map(|c| Secret::new(c.clone()))
+            .collect()
+    }
+
     /// Approves (or denies) a pending, unexpired device authorization.
     pub(crate) fn decide_device(&mut self, user_code: &str, approve: bool, now: Instant) -> bool {
         let Some(device_code) = self.user_codes.get(user_code.trim()) else {

@@ -514,6 +514,39 @@ impl RedisStore {
         Ok(deleted == 1)
     }
 
+    /// `SET key value` with an optional time to live (for what a device
+    /// login publishes to the other replicas).
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn set_value(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(lease_ms(ttl));
+        }
+        self.command::<()>("write", &cmd).await
+    }
+
+    /// `GET key`.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn get_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.command("read", &cmd).await
+    }
+
+    /// `DEL key`.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        self.command::<i64>("write", &cmd).await.map(|_| ())
+    }
+
     /// The current lock value, if the lock is held.
     pub async fn lock_holder(&self, keys: &StoreKeys) -> Result<Option<Fence>, StoreError> {
         let mut cmd = redis::cmd("GET");

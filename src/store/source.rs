@@ -193,6 +193,61 @@ impl SharedStoreSource {
         self.inner.up.load(Ordering::Relaxed)
     }
 
+    /// The store and the keys of this source's tokens (a device login
+    /// keeps its lock and prompt next to them).
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) fn store(&self) -> &RedisStore {
+        &self.inner.store
+    }
+
+    /// The generation of the shared record (0: none yet).
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn generation(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .read(&self.inner.keys)
+            .await?
+            .map_or(0, |r| r.generation))
+    }
+
+    /// Stores the tokens a device login obtained as the next record, and
+    /// takes them as this replica's: the other replicas adopt them from
+    /// Redis. Written without the refresh lock (the login lock stood for
+    /// it) unless someone wrote a newer record since `base_generation`.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn store_login(
+        &self,
+        base_generation: u64,
+        token: &Token,
+        refresh_token: &Secret,
+    ) -> Result<(), TokenError> {
+        let inner = &*self.inner;
+        let mut state = inner.state.lock().await;
+        let tokens = NewTokens {
+            access_token: token.access_token().clone(),
+            expires_at: token.expires_at_wall(),
+            refresh_token: refresh_token.clone(),
+        };
+        match inner
+            .store
+            .commit(&inner.keys, None, base_generation, &tokens, &inner.owner)
+            .await
+        {
+            Ok(Commit::Locked { generation, .. } | Commit::Unlocked { generation }) => {
+                inner.committed(&mut state, generation, token.clone(), refresh_token.clone());
+                Ok(())
+            }
+            Ok(Commit::Conflict { current }) => Err(TokenError::Store(format!(
+                "another replica stored tokens (generation {current}) while this one logged in; using those"
+            ))),
+            Err(e) => {
+                inner.store_failed(&e);
+                Err(TokenError::Store(e.to_string()))
+            }
+        }
+    }
+
     /// Whether this replica is refusing or making refreshes without Redis.
     pub fn degraded(&self) -> bool {
         self.inner.degraded.load(Ordering::Relaxed)

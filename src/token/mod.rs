@@ -3,7 +3,7 @@
 //! A [`TokenSource`] fetches a fresh [`Token`]; the
 //! [`TokenCache`](crate::cache::TokenCache) decides when to ask.
 
-mod device;
+pub(crate) mod device;
 #[cfg(feature = "aws-iam")]
 mod iam_exchange;
 #[cfg(feature = "aws-iam")]
@@ -31,6 +31,8 @@ pub use iam_exchange::{IamExchange, IamGrant};
 pub use jwt_bearer::JwtBearerSource;
 pub use persist::PersistStatus;
 pub use refresh::RefreshTokenSource;
+#[cfg_attr(not(feature = "proxy"), allow(unused_imports))]
+pub(crate) use refresh::Registration;
 #[cfg(feature = "proxy")]
 pub(crate) use sso_cache::format_time;
 pub use sso_cache::{SsoCacheFile, SsoCacheSource, parse_expires_at};
@@ -287,6 +289,10 @@ pub enum TokenError {
     /// The device flow did not complete.
     #[error("device login failed: {0}")]
     Login(String),
+    /// A person must approve a device login (headless login, see `GET
+    /// /login`); no token until then.
+    #[error("login required: {0}")]
+    LoginRequired(String),
     /// The shared token store (Redis) could not coordinate this refresh;
     /// it may pass.
     #[error("shared token store: {0}")]
@@ -314,7 +320,10 @@ impl TokenError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Oidc(e) => e.class(),
-            Self::File { .. } | Self::NoRefreshToken(_) | Self::Login(_) => ErrorClass::Fatal,
+            Self::File { .. }
+            | Self::NoRefreshToken(_)
+            | Self::Login(_)
+            | Self::LoginRequired(_) => ErrorClass::Fatal,
             Self::Store(_) | Self::ExpiredOnArrival { .. } | Self::RejectedAgain => {
                 ErrorClass::Transient
             }
@@ -328,6 +337,7 @@ impl TokenError {
             Self::File { .. } => "TokenFile",
             Self::NoRefreshToken(_) => "NoRefreshToken",
             Self::Login(_) => "Login",
+            Self::LoginRequired(_) => "LoginRequired",
             Self::Store(_) => "SharedStore",
             Self::ExpiredOnArrival { .. } => "ExpiredOnArrival",
             Self::RejectedAgain => "RejectedAgain",

@@ -31,8 +31,46 @@ use crate::{
     secret::Secret,
 };
 
+/// A client registered with `RegisterClient` for a device login (as
+/// opposed to one configured).
+#[derive(Clone)]
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) struct Registration {
+    /// The client id.
+    pub(crate) client_id: String,
+    /// Its secret.
+    pub(crate) client_secret: Secret,
+    /// When the registration expires, where the service said.
+    pub(crate) expires_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+impl Registration {
+    /// Whether it can still be used (a minute to spare).
+    pub(crate) fn is_usable(&self) -> bool {
+        self.expires_at
+            .is_none_or(|at| at > SystemTime::now() + std::time::Duration::from_secs(60))
+    }
+}
+
 /// The credentials the source holds between fetches.
 struct Credentials {
+    /// The client id in use: the configured one, or a device login's
+    /// registration (empty until the first login).
+    client_id: String,
+    /// The registration behind `client_id`, when it was registered rather
+    /// than configured (kept in the state file for the next login).
+    registration: Option<Registration>,
     client_secret: Secret,
     /// The refresh token as configured (file or inline), to tell an
     /// operator's new token from the one we started with.
@@ -49,6 +87,8 @@ struct Credentials {
 struct CredentialHolder {
     oidc: OidcClient,
     policy: OidcRetryPolicy,
+    /// The configured client id, or `device:START_URL` for a device login
+    /// without one: the source's identity (and its shared-store keys).
     client_id: String,
     /// The scopes of the source built first; the state file keeps the
     /// access token of this scope set (one access token per file).
@@ -87,9 +127,22 @@ pub struct RefreshTokenSourceBuilder {
     configured_at: Option<SystemTime>,
     state_file: Option<PathBuf>,
     scopes: Vec<String>,
+    /// Device login: `device:START_URL` when no client is configured.
+    awaiting_login: Option<String>,
 }
 
 impl RefreshTokenSourceBuilder {
+    /// For a device login: the refresh token (and, without a configured
+    /// client, the client) may be missing; a fetch then fails with
+    /// [`TokenError::NoRefreshToken`] until a login hands them over.
+    /// `start_url` names the source when no client is configured.
+    #[must_use]
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) fn awaiting_login(mut self, start_url: &str) -> Self {
+        self.awaiting_login = Some(format!("device:{start_url}"));
+        self
+    }
+
     /// The retry policy for `CreateToken` (default: [`OidcRetryPolicy`] with
     /// default settings).
     #[must_use]
@@ -127,13 +180,15 @@ impl RefreshTokenSourceBuilder {
         let configured = self.refresh_token.clone();
         let mut refresh_token = self.refresh_token;
         let mut access = None;
+        let mut client_id = self.client_id.clone();
+        let mut client_secret = self.client_secret;
+        let mut registration = None;
+        let registered_client = client_id.is_empty();
         if let Some(path) = &self.state_file
             && let Some(state) = StateFile::load(path)?
         {
-            let same_client = state
-                .client_id
-                .as_deref()
-                .is_none_or(|c| c == self.client_id);
+            let same_client =
+                registered_client || state.client_id.as_deref().is_none_or(|c| c == client_id);
             let newer = match (state.updated_at(), self.configured_at) {
                 (Some(state_at), Some(config_at)) => state_at >= config_at,
                 (_, None) => true,
@@ -142,6 +197,21 @@ impl RefreshTokenSourceBuilder {
             if same_client && newer {
                 tracing::info!(path = %path.display(), "using the refresh token from the state file");
                 refresh_token = state.refresh_token.clone().unwrap_or(refresh_token);
+                // A device login's registered client comes with its tokens.
+                if registered_client
+                    && let (Some(id), Some(secret)) = (&state.client_id, &state.client_secret)
+                {
+                    client_id = id.clone();
+                    client_secret = secret.clone();
+                    registration = Some(Registration {
+                        client_id: id.clone(),
+                        client_secret: secret.clone(),
+                        expires_at: state
+                            .registration_expires_at
+                            .as_deref()
+                            .and_then(|t| parse_expires_at(t).ok()),
+                    });
+                }
                 access = match (&state.access_token, state.expires_at.as_deref()) {
                     (Some(a), Some(exp)) => parse_expires_at(exp).ok().map(|exp| {
                         let token = Token::expiring_at(a.clone(), exp);
@@ -159,11 +229,15 @@ impl RefreshTokenSourceBuilder {
                 );
             }
         }
-        if refresh_token.is_empty() {
+        if refresh_token.is_empty() && self.awaiting_login.is_none() {
             return Err(TokenError::NoRefreshToken(
                 "the configured refresh token is empty".to_owned(),
             ));
         }
+        let label = match (&self.awaiting_login, self.client_id.is_empty()) {
+            (Some(device), true) => device.clone(),
+            _ => self.client_id.clone(),
+        };
         let access = access
             .map(|t: Token| (self.scopes.clone(), t.with_scopes(Vec::new())))
             .into_iter()
@@ -172,13 +246,15 @@ impl RefreshTokenSourceBuilder {
             holder: Arc::new(CredentialHolder {
                 oidc: self.oidc,
                 policy: self.policy,
-                client_id: self.client_id,
+                client_id: label,
                 persisted_scopes: self.scopes.clone(),
                 state: self
                     .state_file
                     .map(|path| TokenFileWriter::new(path, StateFileFormat)),
                 credentials: tokio::sync::Mutex::new(Credentials {
-                    client_secret: self.client_secret,
+                    client_id,
+                    registration,
+                    client_secret,
                     configured,
                     refresh_token,
                     access,
@@ -206,6 +282,7 @@ impl RefreshTokenSource {
             configured_at: None,
             state_file: None,
             scopes: Vec::new(),
+            awaiting_login: None,
         }
     }
 
@@ -276,6 +353,66 @@ impl RefreshTokenSource {
         self.persist(&credentials).await;
     }
 
+    /// The client a device login uses: the configured one, or the last
+    /// registration while it has not expired; `None` when a new one must
+    /// be registered.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn login_client(&self) -> Option<Registration> {
+        let credentials = self.holder.credentials.lock().await;
+        if credentials.client_id.is_empty() {
+            return None;
+        }
+        match &credentials.registration {
+            Some(r) => r.is_usable().then(|| r.clone()),
+            None => Some(Registration {
+                client_id: credentials.client_id.clone(),
+                client_secret: credentials.client_secret.clone(),
+                expires_at: None,
+            }),
+        }
+    }
+
+    /// Whether the client in use was registered by a device login (rather
+    /// than configured).
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn uses_registered_client(&self) -> bool {
+        let credentials = self.holder.credentials.lock().await;
+        credentials.client_id.is_empty() || credentials.registration.is_some()
+    }
+
+    /// Takes a client another replica registered, without tokens yet (they
+    /// come from the shared store).
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn use_registration(&self, registration: Registration) {
+        let mut credentials = self.holder.credentials.lock().await;
+        credentials.client_id = registration.client_id.clone();
+        credentials.client_secret = registration.client_secret.clone();
+        credentials.registration = Some(registration);
+    }
+
+    /// Takes the tokens a device login obtained, with the client that
+    /// obtained them (`registration`: a registered one; `None`: the
+    /// configured one): they are used for the next refresh and persisted
+    /// like a rotation.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) async fn adopt_login(
+        &self,
+        registration: Option<Registration>,
+        refresh_token: Secret,
+        access: Token,
+    ) {
+        let mut credentials = self.holder.credentials.lock().await;
+        if let Some(r) = registration {
+            credentials.client_id = r.client_id.clone();
+            credentials.client_secret = r.client_secret.clone();
+            credentials.registration = Some(r);
+        }
+        credentials.refresh_token = refresh_token;
+        credentials.access.clear();
+        credentials.access.insert(self.scopes.clone(), access);
+        self.persist(&credentials).await;
+    }
+
     /// Writes the newest tokens to the state file; a failed write is
     /// retried in the background (see [`persist`](super::persist)).
     async fn persist(&self, credentials: &Credentials) {
@@ -284,9 +421,12 @@ impl RefreshTokenSource {
             return;
         };
         let access = credentials.access.get(&holder.persisted_scopes);
+        let registration = credentials.registration.as_ref();
         state
             .persist(StateFile {
-                client_id: Some(holder.client_id.clone()),
+                client_id: Some(credentials.client_id.clone()),
+                client_secret: registration.map(|r| r.client_secret.clone()),
+                registration_expires_at: registration.and_then(|r| r.expires_at).map(format_time),
                 refresh_token: Some(credentials.refresh_token.clone()),
                 access_token: access.map(|t| t.access_token().clone()),
                 expires_at: access.map(|t| format_time(t.expires_at_wall())),
@@ -306,8 +446,13 @@ impl RefreshTokenSource {
         {
             return Ok(token.clone().with_scopes(self.scopes.clone()));
         }
+        if credentials.refresh_token.is_empty() || credentials.client_id.is_empty() {
+            return Err(TokenError::NoRefreshToken(
+                "none configured or stored yet; a device login must obtain one".to_owned(),
+            ));
+        }
         let request = CreateTokenRequest::refresh(
-            holder.client_id.clone(),
+            credentials.client_id.clone(),
             credentials.client_secret.clone(),
             credentials.refresh_token.clone(),
         )

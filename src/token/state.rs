@@ -21,6 +21,13 @@ pub struct StateFile {
     /// The client the refresh token belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// The client's secret, when a device login registered the client
+    /// (a configured secret is never written here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Secret>,
+    /// When that registration expires, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_expires_at: Option<String>,
     /// The newest refresh token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<Secret>,
@@ -42,6 +49,8 @@ impl fmt::Debug for StateFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateFile")
             .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("registration_expires_at", &self.registration_expires_at)
             .field("refresh_token", &self.refresh_token)
             .field("access_token", &self.access_token)
             .field("expires_at", &self.expires_at)
