@@ -25,6 +25,7 @@ use std::{
 
 use harness::{BIN, Http, Resp, assert_no_secrets, free_addr, full};
 use http::{Request, StatusCode};
+use redis_support::RedisServer;
 use sso_token_proxy::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use tokio::process::{Child, Command};
 
@@ -316,4 +317,173 @@ async fn one_replica_logs_in_through_the_device_flow() {
     assert_no_device_code("/login", &login.to_string(), &codes);
     assert_no_device_code("/readyz", &readyz_body.to_string(), &codes);
     assert_no_device_code("/login page", &html, &codes);
+}
+
+// === three replicas, one Redis ===
+
+/// `n` replicas sharing `redis`, each with its own state file.
+fn start_replicas(
+    emulator: &EmulatorHandle,
+    redis: &RedisServer,
+    dir: &Path,
+    n: usize,
+    lock_lease: &str,
+) -> Vec<Proxy> {
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"device-login-test:\"\nlock_lease = \"{lock_lease}\"\n",
+        redis.url()
+    );
+    (0..n)
+        .map(|i| {
+            let state_file = dir.join(format!("state-{i}.json"));
+            Proxy::spawn(dir, &format!("replica-{i}"), |listen, admin| {
+                login_config(emulator, &state_file, listen, admin, &store)
+            })
+        })
+        .collect()
+}
+
+/// Waits until every replica shows the same prompt; returns its user code
+/// and the index of the replica that polls for it.
+async fn shared_prompt(http: &Http, replicas: &mut [Proxy]) -> (String, usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut prompts = Vec::new();
+        for r in replicas.iter_mut() {
+            let login = r.wait_for_prompt(http).await;
+            let source = &login["sources"]["default"];
+            prompts.push((
+                source["user_code"].as_str().unwrap().to_owned(),
+                source["polled_by_this_replica"] == true,
+            ));
+        }
+        let code = &prompts[0].0;
+        let holders: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].1).collect();
+        if prompts.iter().all(|(c, _)| c == code) && holders.len() == 1 {
+            return (code.clone(), holders[0]);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replicas never agreed on one prompt: {prompts:?}"
+        );
+        tokio::time::sleep(harness::STEP).await;
+    }
+}
+
+/// Issue 15's acceptance test: three replicas share one Redis store and
+/// have no refresh token. Exactly one device flow runs (one RegisterClient,
+/// one StartDeviceAuthorization), every replica shows its prompt and is not
+/// ready; one approval through the emulator's approval endpoint makes all
+/// three ready and serving with the token the holder stored in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_device_login_through_redis() {
+    let redis = RedisServer::start();
+    let emulator = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_replicas(&emulator, &redis, dir.path(), 3, "15s");
+    let http = Http::new();
+
+    let (user_code, holder) = shared_prompt(&http, &mut replicas).await;
+    for r in replicas.iter_mut() {
+        let readyz = r.admin_get(&http, "/readyz").await.unwrap();
+        assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+        let body = readyz.json();
+        assert_eq!(body["reason"], "login_required", "{body}");
+        assert_eq!(body["user_code"], user_code.as_str(), "{body}");
+    }
+    let counters = emulator.counters();
+    assert_eq!(counters.start_device_authorization, 1, "{counters:?}");
+    assert_eq!(counters.register_client, 1, "{counters:?}");
+
+    approve(&http, &emulator, &user_code).await;
+    for r in replicas.iter_mut() {
+        r.wait_ready(&http, Duration::from_secs(30)).await;
+    }
+    let before = emulator.counters().echo_authorized;
+    for r in &replicas {
+        let served = http.get(&r.url("/anything")).await;
+        assert_eq!(served.status, StatusCode::OK, "{:?}", served.body);
+    }
+    let counters = emulator.counters();
+    assert_eq!(counters.echo_authorized, before + 3, "{counters:?}");
+    assert_eq!(counters.start_device_authorization, 1, "{counters:?}");
+    assert_eq!(counters.register_client, 1, "{counters:?}");
+    // One approved device code redeemed once: one token for all.
+    assert_eq!(counters.tokens_issued, 1, "{counters:?}");
+
+    // Every replica keeps the shared refresh token in its state file.
+    let refresh_tokens: Vec<String> = (0..3)
+        .map(|i| {
+            let path = dir.path().join(format!("state-{i}.json"));
+            let state: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            state["refreshToken"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(refresh_tokens.iter().all(|t| t == &refresh_tokens[0]));
+    assert!(emulator.is_refresh_token_live(&refresh_tokens[0]));
+
+    let codes = device_codes(&emulator);
+    for (i, r) in replicas.iter().enumerate() {
+        let log = r.stderr();
+        assert_no_device_code(&format!("replica {i} stderr"), &log, &codes);
+        if i == holder {
+            assert!(log.contains("took the fleet's login lock"), "{log}");
+        } else {
+            assert!(
+                log.contains("another replica completed the device login"),
+                "{log}"
+            );
+        }
+    }
+}
+
+/// The replica running the device flow dies before anyone approves: its
+/// login lock's lease runs out, another replica starts a device
+/// authorization of its own, and approving that one makes the survivors
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_takes_over_the_login_when_the_holder_dies() {
+    let redis = RedisServer::start();
+    let emulator = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_replicas(&emulator, &redis, dir.path(), 2, "1s");
+    let http = Http::new();
+
+    let (first_code, holder) = shared_prompt(&http, &mut replicas).await;
+    let mut dead = replicas.remove(holder);
+    dead.child.start_kill().unwrap();
+    dead.child.wait().await.unwrap();
+    let survivor = &mut replicas[0];
+
+    // The survivor takes over with a new device authorization.
+    let second_code = harness::poll_until(Duration::from_secs(30), "a new prompt", || {
+        let http = http.clone();
+        let url = survivor.admin_url("/login");
+        let first = first_code.clone();
+        async move {
+            let login = http.try_get(&url).await.ok()?.json();
+            let source = &login["sources"]["default"];
+            let code = source["user_code"].as_str()?;
+            (source["polled_by_this_replica"] == true && code != first).then(|| code.to_owned())
+        }
+    })
+    .await;
+    assert_eq!(emulator.counters().start_device_authorization, 2);
+    // The dead replica's code is no use to anyone now; the new one is.
+    approve(&http, &emulator, &second_code).await;
+    survivor.wait_ready(&http, Duration::from_secs(30)).await;
+    let served = http.get(&survivor.url("/anything")).await;
+    assert_eq!(served.status, StatusCode::OK);
+    let counters = emulator.counters();
+    assert_eq!(counters.start_device_authorization, 2, "{counters:?}");
+    assert_eq!(
+        counters.register_client, 1,
+        "the registration is reused: {counters:?}"
+    );
+    assert_no_device_code(
+        "survivor stderr",
+        &survivor.stderr(),
+        &device_codes(&emulator),
+    );
 }
