@@ -1,6 +1,7 @@
 //! What a new user meets on the command line, run on the real binary: the
 //! login recipe of `deploy/README.md` against the emulator, the quick start
-//! from another directory, `token` while the quick start runs, the hint
+//! from another directory, the second example config (two routes and a
+//! sink), `token` while the quick start runs, the hint
 //! when there is no config file, and the README's command summary against
 //! `--help`.
 
@@ -370,6 +371,86 @@ async fn quick_start_config_works_from_any_directory() {
             leftovers.is_empty(),
             "nothing written next to the config or in the cwd: {leftovers:?}"
         );
+        proxy.start_kill().unwrap();
+    })
+    .await;
+}
+
+/// `examples/routes-and-sink.toml`, ports moved: two routes against the
+/// embedded emulator, each with its own source (scopes) and header format,
+/// and a sink that holds the first route's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_and_sink_example_serves_both_routes_and_writes_the_sink() {
+    bounded("routes-and-sink example", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, cwd) = (dir.path().join("home"), dir.path().join("cwd"));
+        for d in [&home, &cwd] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let (listen, admin, emu) = (free_addr(), free_addr(), free_addr());
+        let config = repo_file("examples/routes-and-sink.toml");
+        for fixed in ["127.0.0.1:8080", "127.0.0.1:9901", "127.0.0.1:8999"] {
+            assert!(config.contains(fixed), "the example has {fixed}");
+        }
+        let config = config
+            .replace("127.0.0.1:8080", &listen.to_string())
+            .replace("127.0.0.1:9901", &admin.to_string())
+            .replace("127.0.0.1:8999", &emu.to_string());
+        let config_path = dir.path().join("routes-and-sink.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let stderr_path = dir.path().join("proxy.stderr");
+        let config_arg = config_path.display().to_string();
+        let mut proxy = spawn(&["--config", &config_arg], &home, &cwd, &stderr_path);
+        wait_ok(&mut proxy, &format!("http://{admin}/readyz"), &stderr_path).await;
+        let http = Http::new();
+
+        let internal = http.get(&format!("http://{listen}/internal/hello")).await;
+        assert_eq!(internal.status, StatusCode::OK);
+        let internal = internal.json();
+        assert_eq!(internal["authorized"], true, "{internal}");
+        assert_eq!(internal["token_header"], "authorization", "{internal}");
+        assert_eq!(internal["path"], "/internal-api/hello");
+
+        let vendor = http.get(&format!("http://{listen}/vendor/hello")).await;
+        assert_eq!(vendor.status, StatusCode::OK);
+        let vendor = vendor.json();
+        assert_eq!(vendor["authorized"], true, "{vendor}");
+        // The bare token in X-Api-Token, no Authorization at all.
+        assert_eq!(vendor["token_header"], "x-api-token", "{vendor}");
+        assert_eq!(vendor["path"], "/vendor-api/hello");
+
+        let unmatched = http.get(&format!("http://{listen}/other")).await;
+        assert_eq!(unmatched.status, StatusCode::NOT_FOUND);
+        assert_eq!(unmatched.json()["error"], "no_route");
+
+        // Two sources, two scope sets: two tokens, one CreateToken each.
+        let counters = http
+            .get(&format!("http://{emu}/_emulator/counters"))
+            .await
+            .json();
+        assert_eq!(counters["create_token"], 2, "{counters}");
+        assert_eq!(
+            counters["errors_by_kind"],
+            serde_json::json!({}),
+            "{counters}"
+        );
+
+        let readyz = http.get(&format!("http://{admin}/readyz")).await.json();
+        assert_eq!(
+            readyz["routes"]["internal"]["source"], "default",
+            "{readyz}"
+        );
+        assert_eq!(readyz["routes"]["vendor"]["source"], "vendor", "{readyz}");
+        assert_eq!(readyz["sinks"][0]["written"], true, "{readyz}");
+        let sink_path = home.join(".local/state/sso-token-proxy/routes-and-sink-token.json");
+        let sink: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&sink_path).unwrap()).unwrap();
+        assert!(
+            sink["accessToken"].as_str().is_some_and(|t| t.len() > 20),
+            "{sink}"
+        );
+        assert!(sink["expiresAt"].is_string(), "{sink}");
+        assert_eq!(mode(&sink_path), 0o600);
         proxy.start_kill().unwrap();
     })
     .await;

@@ -1,6 +1,7 @@
 //! The protected echo resource: every path and method the emulator does not
 //! otherwise serve. It answers `200` with a description of the request when
-//! the request carries a live access token the emulator issued, `401`
+//! the request carries a live access token the emulator issued (as
+//! `Authorization: Bearer T`, or bare in `X-Api-Token: T`), `401`
 //! otherwise.
 
 use std::{
@@ -34,6 +35,8 @@ struct EchoBody {
     version: String,
     headers: BTreeMap<String, Vec<String>>,
     body_length: u64,
+    /// The header the token came in: `authorization` or `x-api-token`.
+    token_header: Option<&'static str>,
     /// The user the token stands for (`CreateTokenWithIAM` tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
     subject: Option<String>,
@@ -46,6 +49,21 @@ struct Controls {
     delay: Option<Duration>,
     response_bytes: Option<u64>,
     set_cookies: u32,
+}
+
+/// The other header the echo takes a token from, bare (the format of an
+/// API-key style route: `token_header = "X-Api-Token"`, `token_format =
+/// "{token}"`).
+const API_TOKEN_HEADER: &str = "x-api-token";
+
+/// The token a request carries and the header it came in:
+/// `Authorization: Bearer T`, else `X-Api-Token: T`.
+fn presented_token(headers: &HeaderMap) -> Option<(&str, &'static str)> {
+    if let Some(token) = bearer_token(headers) {
+        return Some((token, "authorization"));
+    }
+    let token = headers.get(API_TOKEN_HEADER)?.to_str().ok()?.trim();
+    (!token.is_empty()).then_some((token, API_TOKEN_HEADER))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -109,10 +127,11 @@ async fn count_body(mut body: Body) -> Option<u64> {
 /// Serves the echo resource.
 pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    let presented = presented_token(&parts.headers);
+    let token_header = presented.map(|(_, header)| header);
     let (live, subject) = {
         let mut state = shared.lock();
-        let entry =
-            bearer_token(&parts.headers).and_then(|t| state.live_access_token(t, Instant::now()));
+        let entry = presented.and_then(|(t, _)| state.live_access_token(t, Instant::now()));
         let (live, subject) = (entry.is_some(), entry.and_then(|e| e.subject.clone()));
         if live {
             state.counters.echo_authorized += 1;
@@ -168,7 +187,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
         None => {
             let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (name, value) in &parts.headers {
-                if name == header::AUTHORIZATION {
+                if name == header::AUTHORIZATION || name == API_TOKEN_HEADER {
                     continue;
                 }
                 headers
@@ -184,6 +203,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
                 version: format!("{:?}", parts.version),
                 headers,
                 body_length,
+                token_header,
                 subject,
             };
             wire::json(status, &echo)

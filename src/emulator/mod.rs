@@ -39,9 +39,10 @@
 //! Every answer carries `x-amzn-RequestId`.
 //!
 //! The echo resource answers `200` with a JSON description of the request
-//! (method, path, query, version, headers without `authorization`, body
-//! length) when `Authorization: Bearer` carries a live access token this
-//! emulator issued, and `401` with `www-authenticate: Bearer
+//! (method, path, query, version, headers without `authorization` and
+//! `x-api-token`, body length, `token_header`: the header the token came
+//! in) when `Authorization: Bearer` (or, bare, `X-Api-Token`) carries a
+//! live access token this emulator issued, and `401` with `www-authenticate: Bearer
 //! error="invalid_token"` otherwise. Request headers steer it:
 //! `x-echo-status: NNN`, `x-echo-delay-ms: N`, `x-echo-response-bytes: N`
 //! (N bytes where byte `i` is `i % 251`, streamed, instead of JSON) and
