@@ -447,7 +447,7 @@ async fn another_replica_takes_over_the_login_when_the_holder_dies() {
     let redis = RedisServer::start();
     let emulator = emulator().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut replicas = start_replicas(&emulator, &redis, dir.path(), 2, "1s");
+    let mut replicas = start_replicas(&emulator, &redis, dir.path(), 2, "3s");
     let http = Http::new();
 
     let (first_code, holder) = shared_prompt(&http, &mut replicas).await;
