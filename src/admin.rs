@@ -167,9 +167,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .routes
         .iter()
         .map(|(route, source)| {
-            let ready = valid_by_name
-                .iter()
-                .any(|(name, valid)| name == source && *valid);
+            // A per-caller route has no token to wait for.
+            let ready = state.sources.exchange(source).is_some()
+                || valid_by_name
+                    .iter()
+                    .any(|(name, valid)| name == source && *valid);
             (
                 route.clone(),
                 serde_json::json!({ "source": source, "ready": ready }),

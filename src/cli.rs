@@ -417,7 +417,11 @@ fn proxy_routes(routes: &[&RouteConfig], sources: &TokenSources) -> Vec<Route> {
                 .get(&r.token_source)
                 .unwrap_or_else(|| sources.default_cache())
                 .clone();
-            let mut route = Route::new(r.name.clone(), r.upstream.clone(), cache)
+            let mut route = Route::new(r.name.clone(), r.upstream.clone(), cache);
+            if let Some((callers, inbound)) = sources.exchange(&r.token_source) {
+                route = route.per_caller(callers.clone(), inbound.clone());
+            }
+            let mut route = route
                 .strip_prefix(r.strip_prefix)
                 .token_header(r.token_header.clone())
                 .token_format(r.token_format.clone())
@@ -644,10 +648,12 @@ async fn is_running_emulator(listen: SocketAddr) -> bool {
 }
 
 /// Whether a source calls `CreateTokenWithIAM`, so the client must sign.
-fn needs_sigv4(sources: &[SourceConfig]) -> bool {
-    sources
-        .iter()
-        .any(|s| s.token.source == SourceKind::JwtBearer)
+fn needs_sigv4(config: &Config) -> bool {
+    !config.exchanges.is_empty()
+        || config
+            .sources
+            .iter()
+            .any(|s| s.token.source == SourceKind::JwtBearer)
 }
 
 /// The one SSO-OIDC client of the process; with `sign`, it signs
@@ -748,7 +754,7 @@ async fn run(path: &Path) -> Result<(), Failure> {
         WhenTaken::Fail,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
+    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config))?;
     let sources = TokenSources::build(&config, &oidc)?;
     sources.spawn_credential_reloader();
     sources.spawn_login_followers();
@@ -923,7 +929,7 @@ async fn token(path: &Path, fresh: bool, count: Option<u32>) -> Result<(), Failu
         WhenTaken::UseRunning,
     )
     .await?;
-    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config.sources))?;
+    let oidc = oidc_client(&config.path, &config.oidc, needs_sigv4(&config))?;
     let sources = TokenSources::build(&config, &oidc)?;
     let source = sources.default_cache().source();
     let fail = |e: TokenError| Failure::Other(format!("no token ({}): {e}", e.kind_name()));

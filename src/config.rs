@@ -278,6 +278,43 @@ impl SourceConfig {
     }
 }
 
+/// A `[sources.NAME]` with `source = "exchange"`: no token of its own; a
+/// route naming it exchanges each caller's inbound token with
+/// `CreateTokenWithIAM` and forwards with the caller's exchanged token.
+#[derive(Debug, Clone)]
+pub(crate) struct ExchangeConfig {
+    /// `NAME`, the `source` label of its metrics.
+    pub(crate) name: String,
+    /// The Identity Center application's ARN (`client_id`).
+    pub(crate) application_arn: String,
+    /// The grant the inbound token is exchanged with.
+    pub(crate) grant: ExchangeGrant,
+    /// Scopes to request; none asks for all of the application's.
+    pub(crate) scopes: Vec<String>,
+    /// The request header carrying the caller's token (removed before
+    /// forwarding).
+    pub(crate) inbound_header: HeaderName,
+    /// Callers held at most.
+    pub(crate) max_callers: u64,
+    /// How long a refused caller's refusal is remembered.
+    pub(crate) caller_failure_ttl: Duration,
+    /// Exchanges in flight at once, per replica.
+    pub(crate) max_concurrent_exchanges: usize,
+    /// Refresh an active caller's token this long before expiry.
+    pub(crate) refresh_before_expiry: Duration,
+    /// Never hand out a token with less than this left.
+    pub(crate) expiry_margin: Duration,
+}
+
+/// `grant` of an exchange source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ExchangeGrant {
+    /// `jwt_bearer`: the inbound token is a JWT of a trusted token issuer.
+    JwtBearer,
+    /// `token_exchange`, with the inbound token's type URI.
+    TokenExchange(String),
+}
+
 /// One route: a `[[route]]` table, or the implicit route `default` that
 /// `[proxy] upstream` makes (last, on `proxy.listen`, taking everything).
 #[derive(Debug, Clone)]
@@ -404,6 +441,9 @@ pub(crate) struct Config {
     pub(crate) sinks: Vec<SinkConfig>,
     /// `[proxy] runtime`: how the binary schedules its listeners.
     pub(crate) runtime: RuntimeShape,
+    /// The `[sources.NAME]` tables with `source = "exchange"`, in name
+    /// order (not in `sources`: they hold no token of their own).
+    pub(crate) exchanges: Vec<ExchangeConfig>,
 }
 
 /// How the binary runs the proxy's listeners (`[proxy] runtime`).
@@ -504,6 +544,7 @@ fn parse<T: WithPath>(
     let mut r = Reader {
         problems: Vec::new(),
         base,
+        exchanges: Vec::new(),
     };
     match read(&mut r, &table) {
         Some(mut c) if r.problems.is_empty() => {
@@ -571,6 +612,25 @@ const TOKEN_KEYS: &[&str] = &[
 /// What `[sources.NAME]` takes beyond [`TOKEN_KEYS`]: its own client.
 const SOURCE_CLIENT_KEYS: &[&str] = &["client_id", "client_secret", "client_secret_file"];
 
+/// The keys of a `[sources.NAME]` with `source = "exchange"`.
+const EXCHANGE_KEYS: &[&str] = &[
+    "source",
+    "client_id",
+    "grant",
+    "subject_token_type",
+    "scopes",
+    "inbound_header",
+    "max_callers",
+    "caller_failure_ttl",
+    "max_concurrent_exchanges",
+    "refresh_before_expiry",
+    "expiry_margin",
+];
+
+/// `subject_token_type` when unset: an access token (what Identity Center
+/// takes).
+const DEFAULT_SUBJECT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
 /// The name of the source `[token]` configures.
 pub(crate) const DEFAULT_SOURCE: &str = "default";
 
@@ -593,6 +653,7 @@ struct Sections {
     emulator: Option<EmulatorSection>,
     store: Option<StoreConfig>,
     sinks: Vec<SinkConfig>,
+    exchanges: Vec<ExchangeConfig>,
 }
 
 /// Walks the TOML table, collecting problems instead of stopping at the
@@ -600,6 +661,8 @@ struct Sections {
 struct Reader {
     problems: Vec<(String, String)>,
     base: PathBuf,
+    /// Exchange sources found while reading `[sources]`.
+    exchanges: Vec<ExchangeConfig>,
 }
 
 struct Section<'a> {
@@ -859,6 +922,7 @@ impl Reader {
             store: s.store?,
             sinks: s.sinks,
             runtime: self.runtime(root),
+            exchanges: s.exchanges,
         })
     }
 
@@ -988,6 +1052,7 @@ impl Reader {
         {
             self.problem("admin.listen", "must differ from proxy.listen");
         }
+        let exchanges = std::mem::take(&mut self.exchanges);
         Sections {
             proxy,
             admin,
@@ -999,7 +1064,149 @@ impl Reader {
             emulator,
             store,
             sinks,
+            exchanges,
         }
+    }
+
+    /// A `[sources.NAME]` with `source = "exchange"`.
+    fn exchange_source(
+        &mut self,
+        name: &str,
+        s: &Section<'_>,
+        table: &Table,
+        oidc: &OidcConfig,
+    ) -> Option<ExchangeConfig> {
+        let key = |k: &str| format!("{}.{k}", s.name);
+        for k in table.keys() {
+            if !EXCHANGE_KEYS.contains(&k.as_str()) {
+                self.problem(
+                    key(k),
+                    format!(
+                        "unknown key for source = \"exchange\" (known keys: {})",
+                        EXCHANGE_KEYS.join(", ")
+                    ),
+                );
+            }
+        }
+        if !cfg!(feature = "aws-iam") {
+            self.problem(
+                key("source"),
+                "\"exchange\" needs AWS IAM support, which this build leaves out (Cargo feature `aws-iam`)",
+            );
+            return None;
+        }
+        let application_arn = match self.string(s, "client_id") {
+            Some(id) if is_application_arn(&id) => Some(id),
+            Some(id) => {
+                self.problem(
+                    key("client_id"),
+                    format!(
+                        "`{id}` is not an application ARN; source = \"exchange\" needs the ARN of an Identity Center application (arn:aws:sso::ACCOUNT:application/...)"
+                    ),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    key("client_id"),
+                    "missing required key (source = \"exchange\" needs the application ARN, e.g. \"arn:aws:sso::111122223333:application/ssoins-.../apl-...\")",
+                );
+                None
+            }
+        };
+        let subject_token_type = self.non_empty_string(s, "subject_token_type");
+        let grant = match self.string(s, "grant").as_deref() {
+            None | Some("jwt_bearer") => {
+                if subject_token_type.is_some() {
+                    self.problem(
+                        key("subject_token_type"),
+                        "only for grant = \"token_exchange\"",
+                    );
+                }
+                Some(ExchangeGrant::JwtBearer)
+            }
+            Some("token_exchange") => Some(ExchangeGrant::TokenExchange(
+                subject_token_type.unwrap_or_else(|| DEFAULT_SUBJECT_TOKEN_TYPE.to_owned()),
+            )),
+            Some(other) => {
+                self.problem(
+                    key("grant"),
+                    format!("`{other}` is not a grant; use \"jwt_bearer\" or \"token_exchange\""),
+                );
+                None
+            }
+        };
+        let scopes = match self.raw(s, "scopes") {
+            None => Vec::new(),
+            Some(Value::Array(items)) if items.iter().all(Value::is_str) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Some(_) => {
+                self.problem(key("scopes"), "must be a list of strings");
+                Vec::new()
+            }
+        };
+        let inbound_header = match self.string(s, "inbound_header") {
+            None => Some(http::header::AUTHORIZATION),
+            Some(text) => match HeaderName::from_bytes(text.as_bytes()) {
+                Ok(h) => match check_token_header(&h) {
+                    Ok(()) => Some(h),
+                    Err(reason) => {
+                        self.problem(key("inbound_header"), reason);
+                        None
+                    }
+                },
+                Err(_) => {
+                    self.problem(
+                        key("inbound_header"),
+                        format!("`{text}` is not a header name; write e.g. \"Authorization\" or \"X-Caller-Token\""),
+                    );
+                    None
+                }
+            },
+        };
+        let max_callers = self.integer(s, "max_callers", 10_000, 1..=10_000_000) as u64;
+        let caller_failure_ttl = self.duration_within(
+            s,
+            "caller_failure_ttl",
+            Duration::from_secs(30),
+            Duration::from_secs(1)..=Duration::from_secs(3600),
+        );
+        let max_concurrent_exchanges = self.count(s, "max_concurrent_exchanges", 32, 1..=1024);
+        let refresh_before_expiry = self.duration_within(
+            s,
+            "refresh_before_expiry",
+            Duration::from_secs(300),
+            Duration::ZERO..=Duration::from_secs(7 * DAY),
+        );
+        let expiry_margin = self.duration_within(
+            s,
+            "expiry_margin",
+            Duration::from_secs(10),
+            Duration::ZERO..=Duration::from_secs(DAY),
+        );
+        if oidc.region.is_none() && !self.problems.iter().any(|(k, _)| k == "oidc.region") {
+            self.problem(
+                "oidc.region",
+                format!(
+                    "missing: {} = \"exchange\" signs requests with SigV4 and needs the region (also with an explicit endpoint)",
+                    key("source")
+                ),
+            );
+        }
+        Some(ExchangeConfig {
+            name: name.to_owned(),
+            application_arn: application_arn?,
+            grant: grant?,
+            scopes,
+            inbound_header: inbound_header?,
+            max_callers,
+            caller_failure_ttl,
+            max_concurrent_exchanges,
+            refresh_before_expiry,
+            expiry_margin,
+        })
     }
 
     /// A jwt_bearer source's client: an application ARN as its client id,
@@ -1397,15 +1604,21 @@ impl Reader {
                 );
                 continue;
             }
+            let own = Section {
+                name: &section,
+                table: Some(table),
+            };
+            if table.get("source").and_then(Value::as_str) == Some("exchange") {
+                if let Some(exchange) = self.exchange_source(name, &own, table, oidc) {
+                    self.exchanges.push(exchange);
+                }
+                continue;
+            }
             let known: Vec<&str> = TOKEN_KEYS
                 .iter()
                 .chain(SOURCE_CLIENT_KEYS)
                 .copied()
                 .collect();
-            let own = Section {
-                name: &section,
-                table: Some(table),
-            };
             for key in table.keys() {
                 if !known.contains(&key.as_str()) {
                     self.problem(
@@ -1729,8 +1942,14 @@ impl Reader {
         let token_source = self
             .non_empty_string(&s, "token_source")
             .unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
-        if !sources.iter().any(|src| src.name == token_source) {
-            let known: Vec<&str> = sources.iter().map(|src| src.name.as_str()).collect();
+        if !sources.iter().any(|src| src.name == token_source)
+            && !self.exchanges.iter().any(|e| e.name == token_source)
+        {
+            let known: Vec<&str> = sources
+                .iter()
+                .map(|src| src.name.as_str())
+                .chain(self.exchanges.iter().map(|e| e.name.as_str()))
+                .collect();
             self.problem(
                 key("token_source"),
                 format!(
@@ -1865,11 +2084,18 @@ impl Reader {
                 );
                 return None;
             }
+            Some("exchange") => {
+                self.problem(
+                    key("source"),
+                    "\"exchange\" has no token of its own (it exchanges each caller's); put it in a [sources.NAME] and name it in a [[route]]'s token_source",
+                );
+                return None;
+            }
             Some(other) => {
                 self.problem(
                     key("source"),
                     format!(
-                        "`{other}` is not a source; use \"refresh_token\", \"sso_cache\" or \"jwt_bearer\""
+                        "`{other}` is not a source; use \"refresh_token\", \"sso_cache\" or \"jwt_bearer\" (or \"exchange\" in a [sources.NAME])"
                     ),
                 );
                 return None;

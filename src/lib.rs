@@ -108,7 +108,10 @@ pub mod token;
 
 #[cfg(feature = "layer")]
 pub use self::{
-    cache::{CacheOptions, Lookup, Rejection, TokenCache, TokenUnavailable},
+    cache::{
+        CacheOptions, CallerExchange, CallerOptions, CallerTokens, Lookup, Rejection, TokenCache,
+        TokenUnavailable,
+    },
     layer::{
         BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody,
         TokenProvider, unavailable_response,
@@ -119,7 +122,7 @@ pub use self::{
 };
 
 #[cfg(feature = "aws-iam")]
-pub use self::token::{IamExchange, IamGrant, JwtBearerSource};
+pub use self::token::{CallerGrant, IamCallerExchange, IamExchange, IamGrant, JwtBearerSource};
 
 /// Not API: entry points for this crate's own binary, fuzz targets and
 /// tests. Anything here may change or go in any release.

@@ -246,6 +246,27 @@ pub const ASSERTION_ROTATIONS_TOTAL: Metric = counter(
     "Exchanges that found a different JWT in token.assertion_file than the previous exchange.",
 );
 
+// === per-caller exchange ===
+
+/// Per-caller exchanges (`source = "exchange"`), by outcome.
+pub const CALLER_EXCHANGES_TOTAL: Metric = counter(
+    "sso_token_proxy_caller_exchanges_total",
+    &["source", "outcome"],
+    "CreateTokenWithIAM exchanges of callers' inbound tokens (ok, refused, throttled, failed, refresh_ok, refresh_failed).",
+);
+/// Lookups in a per-caller cache, by result.
+pub const CALLER_CACHE_LOOKUPS_TOTAL: Metric = counter(
+    "sso_token_proxy_caller_cache_lookups_total",
+    &["source", "result"],
+    "Requests of an exchange source's callers: hit (a cached token), miss (exchanged or waited for one exchange), refused (a remembered refusal), gated (throttled, no exchange).",
+);
+/// Callers held in a per-caller cache.
+pub const CALLER_CACHE_ENTRIES: Metric = gauge(
+    "sso_token_proxy_caller_cache_entries",
+    &["source"],
+    "Callers an exchange source holds a token or a remembered refusal for (at most max_callers).",
+);
+
 // === token sinks ===
 
 /// Writes of `[[sink]]` files, by outcome.
@@ -337,6 +358,9 @@ pub const ALL: &[Metric] = &[
     PERSIST_FAILURES_TOTAL,
     AWS_CREDENTIALS_LOADS_TOTAL,
     ASSERTION_ROTATIONS_TOTAL,
+    CALLER_EXCHANGES_TOTAL,
+    CALLER_CACHE_LOOKUPS_TOTAL,
+    CALLER_CACHE_ENTRIES,
     SINK_WRITES_TOTAL,
     STORE_UP,
     STORE_DEGRADED,

@@ -18,10 +18,12 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use http::HeaderName;
+
 use crate::{
-    cache::{CacheOptions, TokenCache},
+    cache::{CacheOptions, CallerOptions, CallerTokens, TokenCache},
     config::{
-        Config, ConfigError, SecretSetting, SourceConfig, SourceKind, StoreKind,
+        Config, ConfigError, ExchangeConfig, SecretSetting, SourceConfig, SourceKind, StoreKind,
         shares_refresh_token,
     },
     login::{DeviceLogin, DeviceLoginSource, LoginSettings},
@@ -56,6 +58,9 @@ pub(crate) struct NamedSource {
 #[derive(Clone)]
 pub(crate) struct TokenSources {
     sources: Arc<[NamedSource]>,
+    /// The `source = "exchange"` sources: name, cache of callers' tokens,
+    /// inbound header.
+    exchanges: Arc<[(String, CallerTokens, HeaderName)]>,
 }
 
 impl std::fmt::Debug for TokenSources {
@@ -106,9 +111,27 @@ impl TokenSources {
                 refresh,
             ));
         }
+        let mut exchanges = Vec::new();
+        for exchange in &config.exchanges {
+            exchanges.push((
+                exchange.name.clone(),
+                caller_tokens(config, exchange, oidc),
+                exchange.inbound_header.clone(),
+            ));
+        }
         Ok(Self {
             sources: built.into_iter().map(|(named, _)| named).collect(),
+            exchanges: exchanges.into(),
         })
+    }
+
+    /// The per-caller cache and inbound header of the exchange source
+    /// named `name`.
+    pub(crate) fn exchange(&self, name: &str) -> Option<(&CallerTokens, &HeaderName)> {
+        self.exchanges
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, tokens, header)| (tokens, header))
     }
 
     /// The cache of the source named `name`.
@@ -267,6 +290,42 @@ impl TokenSources {
             }
         });
     }
+}
+
+/// The cache of an exchange source's callers' tokens, exchanged with
+/// `CreateTokenWithIAM` through `oidc` (which signs: see the CLI).
+#[cfg(feature = "aws-iam")]
+fn caller_tokens(config: &Config, exchange: &ExchangeConfig, oidc: &OidcClient) -> CallerTokens {
+    use crate::{
+        config::ExchangeGrant,
+        token::{CallerGrant, IamCallerExchange, IamExchange},
+    };
+    let iam = IamExchange::new(oidc.clone(), exchange.application_arn.clone())
+        .retry_policy(OidcRetryPolicy::new(config.retry.clone()))
+        .scopes(exchange.scopes.clone());
+    let grant = match &exchange.grant {
+        ExchangeGrant::JwtBearer => CallerGrant::JwtBearer,
+        ExchangeGrant::TokenExchange(subject_token_type) => CallerGrant::TokenExchange {
+            subject_token_type: subject_token_type.clone(),
+        },
+    };
+    CallerTokens::new(
+        IamCallerExchange::new(iam, grant),
+        CallerOptions {
+            name: exchange.name.clone(),
+            max_callers: exchange.max_callers,
+            failure_ttl: exchange.caller_failure_ttl,
+            max_concurrent_exchanges: exchange.max_concurrent_exchanges,
+            refresh_before_expiry: exchange.refresh_before_expiry,
+            expiry_margin: exchange.expiry_margin,
+        },
+    )
+}
+
+/// Without AWS IAM support the config refuses exchange sources.
+#[cfg(not(feature = "aws-iam"))]
+fn caller_tokens(_: &Config, _: &ExchangeConfig, _: &OidcClient) -> CallerTokens {
+    unreachable!("the config refuses source = \"exchange\" without the aws-iam feature")
 }
 
 fn cache_options(source: &SourceConfig) -> CacheOptions {

@@ -27,11 +27,14 @@
 //!   handed out, so token files are rewritten on every refresh;
 //! * the keeper (`keeper`, [`TokenCache::keep_fresh`]): keeps the token
 //!   fresh with no caller asking, for tokens nobody requests through the
-//!   cache (a token-only sidecar).
+//!   cache (a token-only sidecar);
+//! * per-caller tokens ([`CallerTokens`]): one exchanged token per caller of
+//!   a route that exchanges each caller's inbound token.
 //!
 //! Validity is judged on tokio's clock (so `tokio::time::pause` controls
 //! it); moka's own expiry, on its own clock, only evicts dead entries.
 
+mod callers;
 mod failure;
 mod forced_refresh;
 mod keeper;
@@ -65,6 +68,7 @@ use self::{
     stats::Counters,
 };
 pub use self::{
+    callers::{CallerExchange, CallerOptions, CallerTokens},
     margins::{MIN_USABLE_LIFETIME, scaled_expiry_margin, scaled_refresh_window},
     stats::CacheStats,
 };

@@ -92,12 +92,12 @@ impl TokenFormat {
 
     /// Whether this is `Bearer {token}`, the value every [`Token`] carries
     /// ready-made.
-    pub(super) fn is_bearer(&self) -> bool {
+    pub(crate) fn is_bearer(&self) -> bool {
         self.suffix.is_empty() && self.prefix == "Bearer "
     }
 
     /// The header value for `token`, marked sensitive.
-    pub(super) fn value(&self, token: &Token) -> HeaderValue {
+    pub(crate) fn value(&self, token: &Token) -> HeaderValue {
         let access = token.access_token().expose().as_bytes();
         let mut bytes =
             BytesMut::with_capacity(self.prefix.len() + access.len() + self.suffix.len());

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::{body::ProxyBody, forward::ForwardError, path::PathRefusal, target::Refusal};
-use crate::tls::TlsConfigError;
+use crate::{cache::TokenUnavailable, oidc::ServiceErrorKind, tls::TlsConfigError, token::TokenError};
 
 /// Why a [`Proxy`](super::Proxy) could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -182,4 +182,62 @@ mod tests {
             assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
         }
     }
+}
+
+/// A request to a per-caller route without the caller's token: `401`,
+/// never forwarded, no exchange.
+pub(super) fn caller_token_missing_response() -> Response<ProxyBody> {
+    let mut response = json(
+        StatusCode::UNAUTHORIZED,
+        r#"{"error":"missing_caller_token","message":"this route exchanges the caller's token: send exactly one, as its inbound header says (Authorization: Bearer <token> by default)"}"#,
+    );
+    let headers = response.headers_mut();
+    headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The answer when a caller's token could not be exchanged: Identity
+/// Center's refusal of that token is the caller's (`401`, `403` for
+/// `AccessDenied`); anything else (throttling, a fault, the proxy's own
+/// setup) is `503` with `Retry-After`. The body names the error's kind,
+/// never the token.
+pub(super) fn caller_refused_response(error: &TokenUnavailable) -> Response<ProxyBody> {
+    let kind = match &error.source {
+        TokenError::Oidc(e) => e.service_kind(),
+        _ => None,
+    };
+    let status = match kind {
+        Some(
+            ServiceErrorKind::InvalidGrant
+            | ServiceErrorKind::ExpiredToken
+            | ServiceErrorKind::InvalidScope
+            | ServiceErrorKind::InvalidRequest,
+        ) => StatusCode::UNAUTHORIZED,
+        Some(ServiceErrorKind::AccessDenied) => StatusCode::FORBIDDEN,
+        _ => return crate::layer::unavailable_response(error),
+    };
+    let body = serde_json::json!({
+        "error": "caller_token_refused",
+        "kind": error.kind(),
+        "message": format!(
+            "Identity Center refused the caller's token ({}); get a new one",
+            error.kind()
+        ),
+    });
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
+    response
 }

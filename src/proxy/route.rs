@@ -24,7 +24,12 @@ use super::{
     service::Stack,
     target::TargetCheck,
 };
-use crate::{cache::TokenCache, layer::TokenFormat};
+use crate::{
+    cache::{CallerTokens, TokenCache},
+    layer::TokenFormat,
+    secret::Secret,
+    token::Token,
+};
 
 // === impl Route ===
 
@@ -49,6 +54,7 @@ pub struct Route {
     pub(super) forwarded_headers: Option<bool>,
     pub(super) escaped_slashes: Option<EscapedSlashes>,
     pub(super) upstream_ca_file: Option<PathBuf>,
+    pub(super) per_caller: Option<(CallerTokens, HeaderName)>,
 }
 
 impl Route {
@@ -69,7 +75,21 @@ impl Route {
             forwarded_headers: None,
             escaped_slashes: None,
             upstream_ca_file: None,
+            per_caller: None,
         }
+    }
+
+    /// Exchanges each caller's token instead of sending the cache's: the
+    /// caller's token is taken from `inbound_header` (after `Bearer ` when
+    /// the value starts with it), that header is removed, and the request
+    /// goes upstream with the token `callers` holds for that caller, in
+    /// the route's token header and format. A request without exactly one
+    /// such header is answered `401` and not forwarded. The route's
+    /// `cache` is then not used.
+    #[must_use]
+    pub fn per_caller(mut self, callers: CallerTokens, inbound_header: HeaderName) -> Self {
+        self.per_caller = Some((callers, inbound_header));
+        self
     }
 
     /// Takes only requests for `host` (`name` or `name:port`).
@@ -324,6 +344,48 @@ pub(super) struct ActiveRoute {
     pub(super) check: TargetCheck,
     pub(super) stack: Stack,
     pub(super) metrics: Arc<RouteMetrics>,
+    /// Set for a route that exchanges each caller's token.
+    pub(super) per_caller: Option<Arc<PerCaller>>,
+}
+
+/// A per-caller route's settings at request time.
+#[derive(Debug)]
+pub(super) struct PerCaller {
+    pub(super) tokens: CallerTokens,
+    inbound_header: HeaderName,
+    token_header: HeaderName,
+    token_format: TokenFormat,
+}
+
+impl PerCaller {
+    /// Removes every inbound header from `headers` and returns the
+    /// caller's token: `None` unless there was exactly one, non-empty.
+    pub(super) fn take_inbound(&self, headers: &mut HeaderMap) -> Option<Secret> {
+        let mut values = match headers.entry(&self.inbound_header) {
+            http::header::Entry::Occupied(e) => e.remove_entry_mult().1,
+            http::header::Entry::Vacant(_) => return None,
+        };
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        let text = value.to_str().ok()?.trim();
+        let token = match text.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => text[7..].trim_start(),
+            _ => text,
+        };
+        (!token.is_empty()).then(|| Secret::new(token))
+    }
+
+    /// Puts `token` on the request as the route's header and format say.
+    pub(super) fn apply(&self, headers: &mut HeaderMap, token: &Token) {
+        let value = if self.token_format.is_bearer() {
+            token.header_value().clone()
+        } else {
+            self.token_format.value(token)
+        };
+        headers.insert(self.token_header.clone(), value);
+    }
 }
 
 impl ActiveRoute {
@@ -353,11 +415,25 @@ impl ActiveRoute {
             }
             None => check,
         };
+        let per_caller = match &route.per_caller {
+            Some((tokens, inbound_header)) => {
+                check_token_header(inbound_header)
+                    .map_err(|reason| route.error("inbound_header", reason))?;
+                Some(Arc::new(PerCaller {
+                    tokens: tokens.clone(),
+                    inbound_header: inbound_header.clone(),
+                    token_header: route.token_header.clone(),
+                    token_format: route.token_format.clone(),
+                }))
+            }
+            None => None,
+        };
         Ok(Self {
             matcher: RouteMatch { host, prefix },
             check,
             stack,
             metrics: Arc::new(RouteMetrics::new(&route.name, Arc::clone(listener))),
+            per_caller,
         })
     }
 }

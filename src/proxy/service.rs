@@ -34,16 +34,25 @@ use super::{
     activity::{ConnActivity, RequestGuard},
     body::ProxyBody,
     error::{
-        bad_body_response, body_timeout_response, no_route_response, path_refusal_response,
+        bad_body_response, body_timeout_response, caller_refused_response,
+        caller_token_missing_response, no_route_response, path_refusal_response,
         refusal_response, upstream_error_response,
     },
     forward::{ClientFault, ForwardError, Forwarder},
     metrics::{ClientError, RouteMetrics},
-    route::{RouteTable, Unrouted},
+    route::{PerCaller, RouteTable, Unrouted},
     target::Refusal,
     upload::{ClientBody, UpstreamBody},
 };
-use crate::layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response};
+use crate::{
+    cache::TokenUnavailable,
+    layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response},
+    token::Token,
+};
+
+/// A caller's token being exchanged (or looked up).
+type CallerTokenFuture =
+    Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
 
 /// Token layer over forwarder.
 pub(super) type Stack = BearerTokenService<Forwarder>;
@@ -142,6 +151,35 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 .in_scope(|| tracing::debug!(?refusal, "request path refused"));
             return future.refused(ClientError::PathRefused, path_refusal_response(refusal));
         }
+        if let Some(per_caller) = &route.per_caller {
+            // The caller's token never goes upstream: removed here, whatever follows.
+            let Some(inbound) = per_caller.take_inbound(&mut parts.headers) else {
+                future
+                    .span
+                    .in_scope(|| tracing::debug!("no caller token on a per-caller route"));
+                future.state = ProxyState::Ready {
+                    response: Some(caller_token_missing_response()),
+                };
+                return future;
+            };
+            // Streamed: the exchanged token is the caller's own, so a `401`
+            // goes back to the caller rather than being replayed.
+            let body = if body.is_end_stream() {
+                ReplayBody::empty()
+            } else {
+                ReplayBody::streaming(ClientBody::new(body, self.request_body_timeout))
+            };
+            future.state = ProxyState::Exchanging {
+                exchange: Box::pin(per_caller.tokens.get(inbound)),
+                request: Some((
+                    parts,
+                    body,
+                    route.stack.get_ref().clone(),
+                    Arc::clone(per_caller),
+                )),
+            };
+            return future;
+        }
         future.state = if body.is_end_stream() {
             ProxyState::call(route.stack.clone(), parts, ReplayBody::empty())
         } else if body
@@ -198,6 +236,16 @@ pin_project! {
         Calling {
             #[pin]
             call: Oneshot<Stack, Request<UpstreamBody>>,
+        },
+        // A per-caller route: the caller's token being exchanged.
+        Exchanging {
+            exchange: CallerTokenFuture,
+            request: Option<(request::Parts, UpstreamBody, Forwarder, Arc<PerCaller>)>,
+        },
+        // A per-caller route: the forwarder at work, the caller's token set.
+        Forwarding {
+            #[pin]
+            call: Oneshot<Forwarder, Request<UpstreamBody>>,
         },
         Done,
     }
@@ -260,27 +308,34 @@ impl Future for ProxyFuture {
                     break match ready!(call.poll(cx)) {
                         Ok(response) => response,
                         Err(BearerTokenError::Token(e)) => unavailable_response(&e),
-                        Err(BearerTokenError::Inner(ForwardError::Client(fault, e))) => {
-                            tracing::debug!(
-                                error = &*e as &dyn std::error::Error,
-                                "client request body broke off"
-                            );
-                            client_fault(this.metrics, *this.version, fault)
-                        }
                         Err(BearerTokenError::Inner(e)) => {
-                            if let Some(counter) =
-                                e.kind().and_then(|k| this.metrics.upstream_errors(k))
-                            {
-                                counter.increment(1);
-                            }
-                            tracing::warn!(
-                                method = %this.method,
-                                path = this.uri.path(),
-                                kind = e.kind(),
-                                error = &e as &dyn std::error::Error,
-                                "upstream request failed"
-                            );
-                            upstream_error_response(&e)
+                            forward_failure(this.metrics, this.method, this.uri, *this.version, e)
+                        }
+                    };
+                }
+                ProxyStateProj::Exchanging { exchange, request } => {
+                    let result = ready!(exchange.as_mut().poll(cx));
+                    let (mut parts, body, forwarder, per_caller) = request
+                        .take()
+                        .expect("request held while its caller's token is exchanged");
+                    match result {
+                        Ok(token) => {
+                            per_caller.apply(&mut parts.headers, &token);
+                            this.state.set(ProxyState::Forwarding {
+                                call: Oneshot::new(forwarder, Request::from_parts(parts, body)),
+                            });
+                        }
+                        Err(e) => {
+                            tracing::debug!(kind = e.kind(), "caller's token not exchanged");
+                            break caller_refused_response(&e);
+                        }
+                    }
+                }
+                ProxyStateProj::Forwarding { call } => {
+                    break match ready!(call.poll(cx)) {
+                        Ok(response) => response,
+                        Err(e) => {
+                            forward_failure(this.metrics, this.method, this.uri, *this.version, e)
                         }
                     };
                 }
@@ -304,6 +359,35 @@ impl Future for ProxyFuture {
         }
         Poll::Ready(Ok(response))
     }
+}
+
+/// The answer when the forwarder failed: the client's fault (its body), or
+/// the upstream's, counted and logged.
+fn forward_failure(
+    metrics: &RouteMetrics,
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    e: ForwardError,
+) -> Response<ProxyBody> {
+    if let ForwardError::Client(fault, e) = e {
+        tracing::debug!(
+            error = &*e as &dyn std::error::Error,
+            "client request body broke off"
+        );
+        return client_fault(metrics, version, fault);
+    }
+    if let Some(counter) = e.kind().and_then(|k| metrics.upstream_errors(k)) {
+        counter.increment(1);
+    }
+    tracing::warn!(
+        method = %method,
+        path = uri.path(),
+        kind = e.kind(),
+        error = &e as &dyn std::error::Error,
+        "upstream request failed"
+    );
+    upstream_error_response(&e)
 }
 
 /// The answer to a request whose body the client broke or did not send:

@@ -146,6 +146,47 @@ impl IamExchange {
     }
 }
 
+/// Which grant a per-caller exchange makes of the caller's inbound token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerGrant {
+    /// The inbound token is a JWT of a trusted token issuer.
+    JwtBearer,
+    /// The inbound token is exchanged as a token of this type URI.
+    TokenExchange {
+        /// E.g. [`TOKEN_TYPE_ACCESS_TOKEN`].
+        subject_token_type: String,
+    },
+}
+
+/// A [`CallerExchange`](crate::cache::CallerExchange) through
+/// `CreateTokenWithIAM`: each caller's inbound token is the grant's
+/// credential.
+#[derive(Debug, Clone)]
+pub struct IamCallerExchange {
+    exchange: IamExchange,
+    grant: CallerGrant,
+}
+
+impl IamCallerExchange {
+    /// Exchanges inbound tokens through `exchange` with `grant`.
+    pub fn new(exchange: IamExchange, grant: CallerGrant) -> Self {
+        Self { exchange, grant }
+    }
+}
+
+impl crate::cache::CallerExchange for IamCallerExchange {
+    fn exchange(&self, inbound: Secret) -> super::FetchFuture<'_> {
+        let grant = match &self.grant {
+            CallerGrant::JwtBearer => IamGrant::jwt_bearer(inbound),
+            CallerGrant::TokenExchange { subject_token_type } => IamGrant::TokenExchange {
+                subject_token: inbound,
+                subject_token_type: subject_token_type.clone(),
+            },
+        };
+        Box::pin(self.exchange.exchange(grant))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 pub use device::{DevicePrompt, LoginOptions, device_login, sso_cache_file_name};
 #[cfg(feature = "aws-iam")]
-pub use iam_exchange::{IamExchange, IamGrant};
+pub use iam_exchange::{CallerGrant, IamCallerExchange, IamExchange, IamGrant};
 #[cfg(feature = "aws-iam")]
 pub use jwt_bearer::JwtBearerSource;
 pub use persist::PersistStatus;
@@ -313,6 +313,10 @@ pub enum TokenError {
     /// rejected.
     #[error("the source handed back a token an upstream rejected, even when asked for a new one")]
     RejectedAgain,
+    /// AWS answered `SlowDown` to recent exchanges: none is made until the
+    /// pause ends.
+    #[error("exchanges are paused: AWS is throttling them (SlowDown)")]
+    Throttled,
 }
 
 impl TokenError {
@@ -327,6 +331,7 @@ impl TokenError {
             Self::Store(_) | Self::ExpiredOnArrival { .. } | Self::RejectedAgain => {
                 ErrorClass::Transient
             }
+            Self::Throttled => ErrorClass::Throttled,
         }
     }
 
@@ -341,6 +346,7 @@ impl TokenError {
             Self::Store(_) => "SharedStore",
             Self::ExpiredOnArrival { .. } => "ExpiredOnArrival",
             Self::RejectedAgain => "RejectedAgain",
+            Self::Throttled => "Throttled",
         }
     }
 }
