@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench layer -- --warm-up-time 1 --measurement-time 3`
 //!
+//! `per_caller_hit` is the per-caller path (`source = "exchange"`) on a
+//! hit: hashing the caller's token, the lookup in the callers' cache and
+//! the boxed future the proxy polls, next to the single-token layer.
+//!
 //! After Criterion's runs it prints the ratio of the figures Criterion
 //! reported, then a paired ratio: short batches of the two services
 //! alternated and the median of the per-pair ratios taken, which holds up
@@ -21,7 +25,7 @@ use criterion::Criterion;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, header::AUTHORIZATION};
 use sso_token_proxy::{
-    Secret,
+    CallerExchange, CallerOptions, CallerTokens, Secret,
     cache::{CacheOptions, TokenCache},
     layer::BearerTokenLayer,
     token::{FetchFuture, Reuse, Token, TokenSource},
@@ -33,6 +37,36 @@ const GROUP: &str = "hit_path";
 const BASELINE: &str = "set_request_header_static";
 const LAYER: &str = "bearer_token_layer";
 const LAYER_NO_RETRY: &str = "bearer_token_layer_no_retry";
+const PER_CALLER_HIT: &str = "per_caller_hit";
+
+/// The inbound token of the benchmark's one caller (a JWT's length).
+const CALLER_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJlbmNoIn0.eyJzdWIiOiJiZW5jaC1jYWxsZXIiLCJhdWQiOiJiZW5jaCJ9.c2lnbmF0dXJlLW9mLXRoZS1iZW5jaC1jYWxsZXItMDEyMzQ1Njc4OWFiY2RlZg";
+
+/// Exchanges any caller's token for one long-lived token.
+struct FixedExchange;
+
+impl CallerExchange for FixedExchange {
+    fn exchange(&self, _inbound: Secret) -> FetchFuture<'_> {
+        Box::pin(async {
+            Ok(Token::new(
+                Secret::new(ACCESS_TOKEN),
+                Duration::from_secs(24 * 3600),
+            ))
+        })
+    }
+}
+
+/// One per-caller lookup as the proxy makes it: the caller's token taken
+/// as a `Secret`, the lookup future boxed and polled once.
+fn one_caller_lookup(callers: &CallerTokens) {
+    let lookup: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(callers.get(Secret::new(CALLER_TOKEN)));
+    let token = lookup
+        .now_or_never()
+        .expect("a hit completes without waiting")
+        .expect("token");
+    black_box(token);
+}
 
 const ACCESS_TOKEN: &str = "bench-access-token-0123456789abcdef";
 
@@ -127,6 +161,11 @@ fn bench_hit_path(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
     group.bench_function(LAYER_NO_RETRY, |b| {
         b.iter(|| one_request(&mut layer_no_retry))
     });
+    let callers = CallerTokens::new(FixedExchange, CallerOptions::default());
+    runtime
+        .block_on(callers.get(Secret::new(CALLER_TOKEN)))
+        .expect("token");
+    group.bench_function(PER_CALLER_HIT, |b| b.iter(|| one_caller_lookup(&callers)));
     group.finish();
 }
 

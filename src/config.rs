@@ -2755,6 +2755,9 @@ refresh_token = "r"
 
     /// Every duration key, `(section, key)`.
     const DURATION_KEYS: &[(&str, &str)] = &[
+        ("sources.callers", "caller_failure_ttl"),
+        ("sources.callers", "refresh_before_expiry"),
+        ("sources.callers", "expiry_margin"),
         ("proxy", "shutdown_grace"),
         ("proxy", "header_read_timeout"),
         ("proxy", "upstream_connect_timeout"),
@@ -2788,6 +2791,11 @@ refresh_token = "r"
             MINIMAL.replace(&header, &format!("{header}{line}"))
         } else if section == "emulator" {
             format!("{MINIMAL}{header}listen = \"127.0.0.1:0\"\n{line}")
+        } else if section == "sources.callers" {
+            format!(
+                "{MINIMAL}{header}source = \"exchange\"\n\
+                 client_id = \"arn:aws:sso::111122223333:application/ssoins-1/apl-2\"\n{line}"
+            )
         } else {
             format!("{MINIMAL}{header}{line}")
         }
@@ -3325,6 +3333,105 @@ assertion_file = "/var/run/secrets/sso-token-proxy/token"
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].0, "oidc.client_id");
         assert!(err.problems[0].1.contains("sources.pod.source"), "{err}");
+    }
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn an_exchange_source_takes_its_keys_and_routes_name_it() {
+        let arn = "arn:aws:sso::111122223333:application/ssoins-1/apl-2";
+        let text = format!(
+            "{MINIMAL}[sources.callers]\nsource = \"exchange\"\nclient_id = \"{arn}\"\n\
+             [[route]]\nname = \"r\"\npath_prefix = \"/api\"\nupstream = \"http://127.0.0.1:9100\"\n\
+             token_source = \"callers\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.sources.iter().all(|s| s.name != "callers"));
+        let e = &c.exchanges[0];
+        assert_eq!(e.name, "callers");
+        assert_eq!(e.application_arn, arn);
+        assert_eq!(e.grant, ExchangeGrant::JwtBearer);
+        assert_eq!(e.inbound_header, http::header::AUTHORIZATION);
+        assert_eq!(e.max_callers, 10_000);
+        assert_eq!(e.caller_failure_ttl, Duration::from_secs(30));
+        assert_eq!(e.max_concurrent_exchanges, 32);
+        assert_eq!(c.routes[0].token_source, "callers");
+
+        let text = format!(
+            "{MINIMAL}[sources.callers]\nsource = \"exchange\"\nclient_id = \"{arn}\"\n\
+             grant = \"token_exchange\"\ninbound_header = \"X-Caller-Token\"\nmax_callers = 5\n\
+             caller_failure_ttl = \"2m\"\nmax_concurrent_exchanges = 4\nscopes = [\"a\"]\n"
+        );
+        let e = parse(&text).unwrap().exchanges.remove(0);
+        assert_eq!(
+            e.grant,
+            ExchangeGrant::TokenExchange(DEFAULT_SUBJECT_TOKEN_TYPE.to_owned())
+        );
+        assert_eq!(e.inbound_header.as_str(), "x-caller-token");
+        assert_eq!((e.max_callers, e.max_concurrent_exchanges), (5, 4));
+        assert_eq!(e.caller_failure_ttl, Duration::from_secs(120));
+        assert_eq!(e.scopes, ["a"]);
+    }
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn bad_exchange_sources_are_reported_with_their_key() {
+        let arn = "arn:aws:sso::111122223333:application/ssoins-1/apl-2";
+        let cases = [
+            ("client_id = \"c\"\n", "sources.x.client_id"),
+            ("grant = \"password\"\n", "sources.x.grant"),
+            (
+                "subject_token_type = \"t\"\n",
+                "sources.x.subject_token_type",
+            ),
+            ("inbound_header = \"cookie\"\n", "sources.x.inbound_header"),
+            ("inbound_header = \"a b\"\n", "sources.x.inbound_header"),
+            ("max_callers = 0\n", "sources.x.max_callers"),
+            (
+                "caller_failure_ttl = \"0s\"\n",
+                "sources.x.caller_failure_ttl",
+            ),
+            (
+                "caller_failure_ttl = \"2h\"\n",
+                "sources.x.caller_failure_ttl",
+            ),
+            (
+                "max_concurrent_exchanges = 0\n",
+                "sources.x.max_concurrent_exchanges",
+            ),
+            ("assertion_file = \"/t\"\n", "sources.x.assertion_file"),
+        ];
+        for (line, key) in cases {
+            let id = if line.starts_with("client_id") {
+                String::new()
+            } else {
+                format!("client_id = \"{arn}\"\n")
+            };
+            let text = format!("{MINIMAL}[sources.x]\nsource = \"exchange\"\n{id}{line}");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(keys(&err), [key], "{line}: {err}");
+        }
+        let missing = format!("{MINIMAL}[sources.x]\nsource = \"exchange\"\n");
+        assert_eq!(keys(&parse(&missing).unwrap_err()), ["sources.x.client_id"]);
+        let in_token = MINIMAL.replace("source = \"refresh_token\"", "source = \"exchange\"");
+        let err = parse(&in_token).unwrap_err();
+        assert!(keys(&err).contains(&"token.source"), "{err}");
+        let unsigned = format!(
+            "{}[sources.x]\nsource = \"exchange\"\nclient_id = \"{arn}\"\n",
+            MINIMAL.replace(
+                "region = \"us-east-1\"\n",
+                "endpoint = \"http://127.0.0.1:1\"\n"
+            )
+        );
+        assert_eq!(keys(&parse(&unsigned).unwrap_err()), ["oidc.region"]);
+    }
+
+    #[cfg(feature = "aws-iam")]
+    #[test]
+    fn exchange_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/exchange.toml");
+        let c = Config::load(Path::new(path)).unwrap();
+        assert_eq!(c.exchanges.len(), 1);
+        assert_eq!(c.routes[0].token_source, c.exchanges[0].name);
     }
 
     #[cfg(feature = "aws-iam")]

@@ -57,6 +57,11 @@ use arc_swap::ArcSwapOption;
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
+pub use self::{
+    callers::{CallerExchange, CallerOptions, CallerTokens},
+    margins::{MIN_USABLE_LIFETIME, scaled_expiry_margin, scaled_refresh_window},
+    stats::CacheStats,
+};
 use self::{
     failure::FailureMemory,
     forced_refresh::{ForcedRefreshBudget, ForcedRefreshDecision},
@@ -66,11 +71,6 @@ use self::{
     rejected::RejectedTokens,
     single_flight::SingleFlight,
     stats::Counters,
-};
-pub use self::{
-    callers::{CallerExchange, CallerOptions, CallerTokens},
-    margins::{MIN_USABLE_LIFETIME, scaled_expiry_margin, scaled_refresh_window},
-    stats::CacheStats,
 };
 use crate::{
     metric_names,

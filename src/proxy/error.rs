@@ -4,7 +4,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::{body::ProxyBody, forward::ForwardError, path::PathRefusal, target::Refusal};
-use crate::{cache::TokenUnavailable, oidc::ServiceErrorKind, tls::TlsConfigError, token::TokenError};
+use crate::{
+    cache::TokenUnavailable, oidc::ServiceErrorKind, tls::TlsConfigError, token::TokenError,
+};
 
 /// Why a [`Proxy`](super::Proxy) could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -370,6 +370,9 @@ impl PerCaller {
             return None;
         }
         let text = value.to_str().ok()?.trim();
+        if text.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
         let token = match text.get(..7) {
             Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => text[7..].trim_start(),
             _ => text,

@@ -35,8 +35,8 @@ use super::{
     body::ProxyBody,
     error::{
         bad_body_response, body_timeout_response, caller_refused_response,
-        caller_token_missing_response, no_route_response, path_refusal_response,
-        refusal_response, upstream_error_response,
+        caller_token_missing_response, no_route_response, path_refusal_response, refusal_response,
+        upstream_error_response,
     },
     forward::{ClientFault, ForwardError, Forwarder},
     metrics::{ClientError, RouteMetrics},
@@ -51,8 +51,7 @@ use crate::{
 };
 
 /// A caller's token being exchanged (or looked up).
-type CallerTokenFuture =
-    Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
+type CallerTokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
 
 /// Token layer over forwarder.
 pub(super) type Stack = BearerTokenService<Forwarder>;

@@ -1,0 +1,339 @@
+//! Per-caller token exchange on real sockets: an in-process proxy whose
+//! route exchanges each caller's JWT with `CreateTokenWithIAM` at the
+//! emulator (SigV4-verified, JWTs checked against its test issuer), and a
+//! recording upstream, so what the upstream received is asserted: whose
+//! token each request carried (the emulator encodes the subject in the
+//! tokens it issues) and that the caller's own token never arrived.
+//!
+//! Run with `cargo test --test exchange`.
+
+#[path = "support/proxy_harness.rs"]
+#[allow(dead_code)] // Shared with tests/proxy.rs, which uses other parts.
+mod harness;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use harness::Upstream;
+use http::{HeaderName, Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use sso_token_proxy::{
+    CallerOptions, CallerTokens, OidcClient, Secret,
+    cache::{CacheOptions, TokenCache},
+    emulator::{
+        DEFAULT_APPLICATION_ARN, DEFAULT_AUDIENCE, Emulator, EmulatorConfig, EmulatorHandle,
+        TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, token_subject,
+    },
+    oidc::{AwsCredentials, SigV4Signer},
+    proxy::{Proxy, Route},
+    token::{CallerGrant, IamCallerExchange, IamExchange, Reuse, Token, TokenSource},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// Per request; generous, the machine is shared.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn signing_client(emulator: &EmulatorHandle) -> OidcClient {
+    OidcClient::builder()
+        .endpoint(emulator.url())
+        .sigv4(SigV4Signer::new(
+            AwsCredentials::fixed(
+                TEST_ACCESS_KEY_ID,
+                &Secret::new(TEST_SECRET_ACCESS_KEY),
+                None,
+            ),
+            "us-east-1",
+        ))
+        .call_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A source the per-caller route must never use.
+struct Unused;
+
+impl TokenSource for Unused {
+    fn identity(&self) -> String {
+        "unused".into()
+    }
+    fn scopes(&self) -> &[String] {
+        &[]
+    }
+    fn fetch(&self, _reuse: Reuse) -> sso_token_proxy::token::FetchFuture<'_> {
+        Box::pin(async {
+            Ok(Token::new(
+                Secret::new("the-shared-token"),
+                Duration::from_secs(3600),
+            ))
+        })
+    }
+}
+
+/// A proxy with one per-caller route to `upstream`, served in-process.
+struct Served {
+    addr: std::net::SocketAddr,
+    callers: CallerTokens,
+    _stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    emulator: &EmulatorHandle,
+    upstream: &Upstream,
+    inbound: HeaderName,
+    options: CallerOptions,
+) -> Served {
+    let exchange = IamExchange::new(signing_client(emulator), DEFAULT_APPLICATION_ARN);
+    let callers = CallerTokens::new(
+        IamCallerExchange::new(exchange, CallerGrant::JwtBearer),
+        options,
+    );
+    let unused = TokenCache::new(Unused, CacheOptions::default());
+    let route = Route::new("callers", upstream.url().parse().unwrap(), unused)
+        .per_caller(callers.clone(), inbound);
+    let config = harness::proxy_config(&upstream.url());
+    let proxy = Proxy::with_routes(&config, vec![route]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Served {
+        addr,
+        callers,
+        _stop: stop,
+        task,
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET `path` with `headers`; the status and the body.
+async fn get(
+    client: &HttpClient,
+    served: &Served,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut request = Request::get(format!("http://{}{path}", served.addr));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    let response = tokio::time::timeout(LIMIT, client.request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn emulator() -> EmulatorHandle {
+    Emulator::start(EmulatorConfig::default()).await.unwrap()
+}
+
+/// The subject of the emulator-issued token in an `Authorization` value.
+fn subject_of(authorization: Option<&str>) -> Option<String> {
+    token_subject(authorization?.strip_prefix("Bearer ")?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_callers_ten_requests_each_make_a_thousand_exchanges_and_keep_their_tokens() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    let callers: Vec<(String, Secret)> = (0..1000)
+        .map(|i| {
+            let subject = format!("user-{i}");
+            let jwt = emulator.mint_assertion(&subject, Duration::from_secs(3600));
+            (subject, jwt)
+        })
+        .collect();
+    // Fifty callers at a time, each with ten concurrent requests.
+    for wave in callers.chunks(50) {
+        let mut tasks = Vec::new();
+        for (subject, jwt) in wave {
+            for n in 0..10 {
+                let (client, path) = (client.clone(), format!("/c/{subject}/{n}"));
+                let auth = format!("Bearer {}", jwt.expose());
+                let addr = served.addr;
+                tasks.push(tokio::spawn(async move {
+                    let request = Request::get(format!("http://{addr}{path}"))
+                        .header(header::AUTHORIZATION, auth)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let response = tokio::time::timeout(LIMIT, client.request(request))
+                        .await
+                        .expect("an answer in time")
+                        .expect("an answer");
+                    response.status()
+                }));
+            }
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), StatusCode::OK);
+        }
+    }
+    let counters = emulator.counters();
+    assert_eq!(counters.create_token_with_iam, 1000, "{counters:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 10_000);
+    for request in &seen {
+        let subject = request.uri.split('/').nth(2).unwrap();
+        assert_eq!(
+            subject_of(request.header("authorization")).as_deref(),
+            Some(subject),
+            "request {} carried another caller's token",
+            request.uri
+        );
+    }
+    // No caller's JWT reached the upstream.
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    for (_, jwt) in callers.iter().step_by(37) {
+        assert!(!received.contains(jwt.expose()));
+    }
+    served.callers.run_pending_tasks().await;
+    assert_eq!(served.callers.entry_count(), 1000);
+}
+
+#[tokio::test]
+async fn the_inbound_header_never_reaches_the_upstream() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        HeaderName::from_static("x-caller-token"),
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    let jwt = emulator.mint_assertion("alice", Duration::from_secs(3600));
+    for value in [jwt.expose().to_owned(), format!("bearer {}", jwt.expose())] {
+        let (status, _) = get(
+            &client,
+            &served,
+            "/x",
+            &[
+                ("x-caller-token", &value),
+                ("authorization", "Bearer client-sent-this"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.header("x-caller-token"), None);
+        assert_eq!(request.all("authorization").len(), 1);
+        assert_eq!(
+            subject_of(request.header("authorization")).as_deref(),
+            Some("alice")
+        );
+    }
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    assert!(!received.contains(jwt.expose()));
+    assert!(!received.contains("client-sent-this"));
+    assert!(!received.to_ascii_lowercase().contains("x-caller-token"));
+    assert_eq!(emulator.counters().create_token_with_iam, 1);
+}
+
+#[tokio::test]
+async fn without_a_caller_token_the_answer_is_401_and_nothing_is_exchanged_or_forwarded() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    let jwt = emulator.mint_assertion("bob", Duration::from_secs(3600));
+    let two = format!("Bearer {}", jwt.expose());
+    let cases: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("authorization", "Bearer ")],
+        &[("authorization", "Bearer")],
+        // Two tokens: whose would it be?
+        &[("authorization", &two), ("authorization", &two)],
+    ];
+    for headers in cases {
+        let (status, body) = get(&client, &served, "/x", headers).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "missing_caller_token");
+        assert!(!body.contains(jwt.expose()));
+    }
+    assert_eq!(emulator.counters().create_token_with_iam, 0);
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_caller_with_an_expired_assertion_gets_401_and_one_exchange_per_failure_ttl() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions {
+            // Longer than the test: every request falls in one window.
+            failure_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = client();
+    let expired =
+        emulator.mint_assertion_with("carol", DEFAULT_AUDIENCE, Duration::from_secs(60), true);
+    let auth = format!("Bearer {}", expired.expose());
+    for _ in 0..25 {
+        let (status, body) = get(&client, &served, "/x", &[("authorization", &auth)]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "caller_token_refused", "{body}");
+        assert!(!body.contains(expired.expose()));
+    }
+    assert_eq!(emulator.counters().create_token_with_iam, 1);
+    assert!(upstream.seen().is_empty());
+    // A good caller is served meanwhile.
+    let good = emulator.mint_assertion("dave", Duration::from_secs(3600));
+    let (status, _) = get(
+        &client,
+        &served,
+        "/x",
+        &[("authorization", &format!("Bearer {}", good.expose()))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        subject_of(upstream.seen()[0].header("authorization")).as_deref(),
+        Some("dave")
+    );
+}
