@@ -156,36 +156,6 @@ pub(super) fn upstream_error_response(error: &ForwardError) -> Response<ProxyBod
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use http_body_util::BodyExt as _;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn answers_are_json_with_error_and_message() {
-        let responses = [
-            refusal_response(Refusal::Connect),
-            refusal_response(Refusal::ForeignTarget),
-            refusal_response(Refusal::UnsupportedTarget),
-            path_refusal_response(PathRefusal::AboveBase),
-            path_refusal_response(PathRefusal::EscapedSlash),
-            path_refusal_response(PathRefusal::NotAPath),
-            bad_body_response(),
-            body_timeout_response(),
-            upstream_error_response(&ForwardError::Timeout(std::time::Duration::from_secs(1))),
-            upstream_error_response(&ForwardError::Saturated(std::time::Duration::from_secs(1))),
-            upstream_error_response(&ForwardError::Other("x".into())),
-        ];
-        for response in responses {
-            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
-        }
-    }
-}
-
 /// A request to a per-caller route without the caller's token: `401`,
 /// never forwarded, no exchange.
 pub(super) fn caller_token_missing_response() -> Response<ProxyBody> {
@@ -242,4 +212,34 @@ pub(super) fn caller_refused_response(error: &TokenUnavailable) -> Response<Prox
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_are_json_with_error_and_message() {
+        let responses = [
+            refusal_response(Refusal::Connect),
+            refusal_response(Refusal::ForeignTarget),
+            refusal_response(Refusal::UnsupportedTarget),
+            path_refusal_response(PathRefusal::AboveBase),
+            path_refusal_response(PathRefusal::EscapedSlash),
+            path_refusal_response(PathRefusal::NotAPath),
+            bad_body_response(),
+            body_timeout_response(),
+            upstream_error_response(&ForwardError::Timeout(std::time::Duration::from_secs(1))),
+            upstream_error_response(&ForwardError::Saturated(std::time::Duration::from_secs(1))),
+            upstream_error_response(&ForwardError::Other("x".into())),
+        ];
+        for response in responses {
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
+        }
+    }
 }
