@@ -48,7 +48,7 @@ use crate::{
 
 /// Exchanges one caller's inbound token for a token of the application.
 ///
-/// [`IamCallerExchange`](crate::token::IamCallerExchange) does it with
+/// `IamCallerExchange` (feature `aws-iam`) does it with
 /// `CreateTokenWithIAM`; tests count calls with their own.
 pub trait CallerExchange: Send + Sync + 'static {
     /// One exchange of `inbound` (retried as the implementation's policy
