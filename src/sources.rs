@@ -21,7 +21,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use http::HeaderName;
 
 use crate::{
-    cache::{CacheOptions, CallerOptions, CallerTokens, TokenCache},
+    cache::{CacheOptions, CallerTokens, TokenCache},
     config::{
         Config, ConfigError, ExchangeConfig, SecretSetting, SourceConfig, SourceKind, StoreKind,
         shares_refresh_token,
@@ -297,6 +297,7 @@ impl TokenSources {
 #[cfg(feature = "aws-iam")]
 fn caller_tokens(config: &Config, exchange: &ExchangeConfig, oidc: &OidcClient) -> CallerTokens {
     use crate::{
+        cache::CallerOptions,
         config::ExchangeGrant,
         token::{CallerGrant, IamCallerExchange, IamExchange},
     };
