@@ -282,6 +282,8 @@ impl SourceConfig {
 /// route naming it exchanges each caller's inbound token with
 /// `CreateTokenWithIAM` and forwards with the caller's exchanged token.
 #[derive(Debug, Clone)]
+// Without `aws-iam` the config refuses the source, so nothing reads it.
+#[cfg_attr(not(feature = "aws-iam"), allow(dead_code))]
 pub(crate) struct ExchangeConfig {
     /// `NAME`, the `source` label of its metrics.
     pub(crate) name: String,

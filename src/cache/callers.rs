@@ -171,8 +171,11 @@ const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(60);
 /// `Retry-After` for a transient failure (not remembered).
 const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// One exchanged token per caller; see the [module docs](self). Cheap to
-/// clone; clones share the cache.
+/// One exchanged token per caller, keyed by the SHA-256 of the caller's
+/// token (checked on every read), bounded by `max_callers`, one exchange
+/// per caller however many requests wait, refusals remembered for
+/// `failure_ttl`, exchanges paused after `SlowDown`, active callers
+/// refreshed ahead. Cheap to clone; clones share the cache.
 #[derive(Clone)]
 pub struct CallerTokens {
     inner: Arc<Inner>,
