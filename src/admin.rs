@@ -22,6 +22,7 @@ use axum::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::{
+    emulator::html_escape,
     login::{DeviceLogin, LoginPrompt, LoginState},
     metric_names,
     sink::SinkProbe,
@@ -368,22 +369,6 @@ fn login_html(waiting: &[(String, LoginPrompt)], configured: usize) -> String {
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>sso-token-proxy login</title></head>\n\
          <body>\n<h1>Device login</h1>\n{body}</body></html>\n"
     )
-}
-
-/// Escapes text for HTML content and attribute values.
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {

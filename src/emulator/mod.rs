@@ -90,6 +90,10 @@ mod sigv4;
 mod state;
 mod wire;
 
+/// The admin listener's `/login` page escapes with the emulator's helper.
+#[cfg(feature = "proxy")]
+pub(crate) use self::wire::html_escape;
+
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
