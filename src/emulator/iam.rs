@@ -306,21 +306,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::emulator::{state::Settings, token_subject};
+    use crate::emulator::token_subject;
 
     const BASE: &str = "http://127.0.0.1:1";
 
     fn state() -> State {
-        State::new(
-            Settings {
-                access_token_lifetime: Duration::from_secs(3600),
-                rotate_refresh_tokens: true,
-                rotation_grace: false,
-                device_code_lifetime: Duration::from_secs(600),
-                device_poll_interval: Duration::from_secs(5),
-            },
-            IamState::for_tests(),
-        )
+        State::for_tests()
     }
 
     fn assertion(s: &State, sub: &str) -> Secret {

@@ -306,6 +306,22 @@ pub(crate) struct Registered {
 }
 
 impl State {
+    /// A state with hour-long tokens, rotation and the IAM test fixtures,
+    /// for the emulator's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self::new(
+            Settings {
+                access_token_lifetime: Duration::from_secs(3600),
+                rotate_refresh_tokens: true,
+                rotation_grace: false,
+                device_code_lifetime: Duration::from_secs(600),
+                device_poll_interval: Duration::from_secs(5),
+            },
+            super::iam::IamState::for_tests(),
+        )
+    }
+
     pub(crate) fn new(settings: Settings, iam: super::iam::IamState) -> Self {
         Self {
             settings,
@@ -940,16 +956,7 @@ mod tests {
     use super::*;
 
     fn state() -> State {
-        State::new(
-            Settings {
-                access_token_lifetime: Duration::from_secs(3600),
-                rotate_refresh_tokens: true,
-                rotation_grace: false,
-                device_code_lifetime: Duration::from_secs(600),
-                device_poll_interval: Duration::from_secs(5),
-            },
-            super::super::iam::IamState::for_tests(),
-        )
+        State::for_tests()
     }
 
     fn refresh_req(client: &Registered, token: &str) -> CreateTokenRequest {
