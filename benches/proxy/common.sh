@@ -81,6 +81,47 @@ http {
 CONF
 }
 
+# Writes the config of nginx as the header-injecting reverse proxy it is
+# compared with: the token and forwarding headers set, upstream keep-alive
+# of 1024 connections per worker.
+write_nginx_proxy() { # conf-file workers pid-file listen-port upstream-port token
+    mkdir -p "$WORK/tmp"
+    cat >"$1" <<CONF
+worker_processes $2;
+daemon off;
+pid $3;
+error_log stderr error;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi;
+    uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    upstream backend {
+        server 127.0.0.1:$5;
+        keepalive 1024;
+        keepalive_requests 100000000;
+        keepalive_timeout 120s;
+    }
+    server {
+        listen 127.0.0.1:$4 backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer $6";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header Via "1.1 nginx";
+        }
+    }
+}
+CONF
+}
+
 # Writes the config of sso-token-proxy as benchmarked: the upstream above,
 # its token from the built-in emulator (an hour-long token, so no refresh
 # falls inside a run), every other setting at its default. Extra `[proxy]`

@@ -40,38 +40,7 @@ source "$ROOT/benches/proxy/common.sh"
 require_free_ports BENCH_PORT_BASE "$P_UP" "$P_NGINX" "$P_STP" "$P_ADMIN" "$P_EMU"
 
 write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes auto;
-daemon off;
-pid $WORK/nginx.pid;
-error_log stderr error;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi;
-    uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    upstream backend {
-        server 127.0.0.1:$P_UP;
-        keepalive 1024;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX backlog=4096;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer static-token-of-some-length";
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header X-Forwarded-Host \$http_host;
-            proxy_set_header Via "1.1 nginx";
-        }
-    }
-}
-EOF
+write_nginx_proxy "$WORK/nginx.conf" auto "$WORK/nginx.pid" "$P_NGINX" "$P_UP" "static-token-of-some-length"
 write_bench_proxy_config "$WORK/stp.toml" "$P_STP" "$P_UP" "$P_ADMIN" "$P_EMU" "${STP_KEYS:-}"
 
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &

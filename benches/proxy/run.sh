@@ -107,7 +107,6 @@ mkdir -p "$WORK/tmp"
 
 # A static token as long as the emulator's, for nginx and HAProxy.
 STATIC_TOKEN="$(python3 -c 'import secrets; print(secrets.token_urlsafe(96))')"
-NGINX_TEMP="client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy; fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;"
 NGINX_VERSION="$(nginx -v 2>&1 | sed 's|.*nginx/||')"
 HAPROXY_VERSION="$(haproxy -v | awk 'NR==1 {print $3}')"
 
@@ -195,39 +194,8 @@ start_view() { # view
         "$WORK/upstream-$view.conf"
     [[ $UPSTREAM_WORKERS == 1 ]] || sed -i 's/^master_process off;//' "$WORK/upstream-$view.conf"
 
-    cat >"$WORK/nginx-$view.conf" <<EOF
-worker_processes $workers;
-daemon off;
-pid $WORK/nginx-$view.pid;
-error_log stderr error;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    $NGINX_TEMP
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    upstream backend {
-        server 127.0.0.1:${PORT[direct]};
-        keepalive 1024;
-        keepalive_requests 100000000;
-        keepalive_timeout 120s;
-    }
-    server {
-        listen 127.0.0.1:${PORT[nginx]} backlog=4096;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer $STATIC_TOKEN";
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header X-Forwarded-Host \$http_host;
-            proxy_set_header Via "1.1 nginx";
-        }
-    }
-}
-EOF
+    write_nginx_proxy "$WORK/nginx-$view.conf" "$workers" "$WORK/nginx-$view.pid" \
+        "${PORT[nginx]}" "${PORT[direct]}" "$STATIC_TOKEN"
 
     cat >"$WORK/haproxy-$view.cfg" <<EOF
 global
