@@ -20,7 +20,7 @@ use crate::{
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, SeedClient},
     oidc::OidcClient,
     per_core,
-    proxy::{Proxy, ProxyError, Route},
+    proxy::{Proxy, ProxyError, Route, SharedLimits},
     sink::Sink,
     sources::TokenSources,
     tls,
@@ -765,18 +765,22 @@ async fn run(path: &Path) -> Result<(), Failure> {
         log_routes(&routes);
         proxies.push((proxy, listener));
     }
-    // Per core: its own proxies (and so its own upstream pools), the
-    // connection caps split between the cores.
+    // Per core: its own proxies (and so its own upstream pools); the
+    // connection caps hold over all the cores of a listener together.
     let mut per_core_servers: Vec<Vec<(Proxy, std::net::TcpListener)>> = Vec::new();
     if let Some(n) = cores
         && !core_listeners.is_empty()
     {
-        let core_config = per_core::per_core_config(&config.proxy, n);
         per_core_servers.resize_with(n, Vec::new);
         for (shared, routes) in core_listeners {
+            let limits = SharedLimits::new(&config.proxy);
             for (core, listener) in shared.into_iter().enumerate() {
-                let proxy = Proxy::with_routes(&core_config, proxy_routes(&routes, &sources))
-                    .map_err(|e| proxy_problem(&config, e))?;
+                let proxy = Proxy::with_shared_limits(
+                    &config.proxy,
+                    proxy_routes(&routes, &sources),
+                    &limits,
+                )
+                .map_err(|e| proxy_problem(&config, e))?;
                 per_core_servers[core].push((proxy, listener));
             }
             log_routes(&routes);

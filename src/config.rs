@@ -113,14 +113,15 @@ pub struct ProxyConfig {
     /// may take to go, once nothing is in flight, before its socket is
     /// closed.
     pub drain_timeout: Duration,
-    /// Client connections served at once; beyond it, new connections wait
-    /// in the listen backlog until one closes.
+    /// Client connections served at once by one [`Proxy`](crate::proxy::Proxy)
+    /// (the binary: per listener, over all its runtimes); beyond it, new
+    /// connections wait in the listen backlog until one closes.
     pub max_connections: usize,
     /// Bytes a request head may have (HTTP/1 request line and fields; h2
     /// header list); beyond it, 431.
     pub max_request_header_bytes: usize,
-    /// Connections to the upstream at once; beyond it, requests wait for
-    /// one to come free.
+    /// Connections to a route's upstream at once (the binary: over all its
+    /// runtimes); beyond it, requests wait for one to come free.
     pub upstream_max_connections: usize,
     /// Limit for a request to wait for an upstream connection (then 503).
     pub upstream_queue_timeout: Duration,
@@ -453,11 +454,11 @@ pub(crate) struct Config {
 pub(crate) enum RuntimeShape {
     /// `"work_stealing"`: one tokio runtime with a worker per core, one
     /// listener and one upstream pool per route, shared by all workers.
-    #[default]
     WorkStealing,
-    /// `"thread_per_core"`: one single-threaded runtime per core, each with
-    /// its own `SO_REUSEPORT` listeners and upstream pools, the connection
-    /// caps split between them.
+    /// `"thread_per_core"` (the default): one single-threaded runtime per
+    /// core, each with its own `SO_REUSEPORT` listeners and upstream pools;
+    /// the connection caps hold over all of them together.
+    #[default]
     ThreadPerCore,
 }
 
@@ -936,8 +937,8 @@ impl Reader {
             table: root.get("proxy").and_then(Value::as_table),
         };
         match self.string(&s, "runtime").as_deref() {
-            None | Some("work_stealing") => RuntimeShape::WorkStealing,
-            Some("thread_per_core") => RuntimeShape::ThreadPerCore,
+            Some("work_stealing") => RuntimeShape::WorkStealing,
+            None | Some("thread_per_core") => RuntimeShape::ThreadPerCore,
             Some(other) => {
                 self.problem(
                     "proxy.runtime",
@@ -945,7 +946,7 @@ impl Reader {
                         "`{other}` is not a runtime; write \"work_stealing\" or \"thread_per_core\""
                     ),
                 );
-                RuntimeShape::WorkStealing
+                RuntimeShape::default()
             }
         }
     }
@@ -2946,8 +2947,8 @@ refresh_token = "r"
     }
 
     #[test]
-    fn runtime_is_work_stealing_unless_thread_per_core_is_asked() {
-        assert_eq!(parse(MINIMAL).unwrap().runtime, RuntimeShape::WorkStealing);
+    fn runtime_is_thread_per_core_unless_work_stealing_is_asked() {
+        assert_eq!(parse(MINIMAL).unwrap().runtime, RuntimeShape::ThreadPerCore);
         let with = |shape: &str| {
             MINIMAL.replace(
                 "upstream = \"http://127.0.0.1:9000\"",

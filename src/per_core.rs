@@ -4,7 +4,9 @@
 //! pools). The kernel spreads new connections over the listeners; a
 //! connection, its requests and their upstream connections then stay on
 //! one thread, as an nginx worker keeps them. Token caches, the admin
-//! listener and the emulator stay on the main runtime and are shared.
+//! listener and the emulator stay on the main runtime and are shared, and
+//! so are the connection caps (`SharedLimits`): `max_connections` and
+//! `upstream_max_connections` hold for the process, not for each core.
 
 use std::{io, net::SocketAddr, thread};
 
@@ -13,7 +15,7 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::Proxy;
 
 /// Listen backlog of each listener, as `TcpListener::bind` uses.
 const BACKLOG: u32 = 1024;
@@ -52,20 +54,6 @@ pub(crate) fn bind_shared(
         out.push(listener.into_std()?);
     }
     Ok(out)
-}
-
-/// The share of a connection cap each of `cores` runtimes gets, so that
-/// together they keep to it (at least one each).
-pub(crate) fn share(cap: usize, cores: usize) -> usize {
-    (cap / cores.max(1)).max(1)
-}
-
-/// `config` with its connection caps split over `cores` runtimes.
-pub(crate) fn per_core_config(config: &ProxyConfig, cores: usize) -> ProxyConfig {
-    let mut config = config.clone();
-    config.max_connections = share(config.max_connections, cores);
-    config.upstream_max_connections = share(config.upstream_max_connections, cores);
-    config
 }
 
 /// Starts runtime `index` on its own thread, serving each proxy on its
@@ -119,14 +107,6 @@ async fn serve_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn caps_are_split_so_that_the_runtimes_keep_to_them_together() {
-        assert_eq!(share(1024, 2), 512);
-        assert_eq!(share(1025, 2), 512);
-        assert_eq!(share(1, 4), 1);
-        assert_eq!(share(10, 0), 10);
-    }
 
     #[tokio::test]
     async fn listeners_share_one_port_even_when_it_is_chosen_by_the_kernel() {

@@ -8,7 +8,14 @@
 #[path = "support/binary_harness.rs"]
 mod harness;
 
-use std::{convert::Infallible, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::{StreamExt as _, stream};
@@ -21,6 +28,7 @@ use sso_token_proxy::{
     oidc::{Operation, ServiceErrorKind},
 };
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     time::{Instant, timeout},
 };
@@ -1376,6 +1384,220 @@ async fn the_thread_per_core_runtime_serves_every_core_from_one_token_cache() {
             "{after:?}"
         );
 
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "{status:?}: {}", proxy.stderr());
+    })
+    .await;
+}
+
+/// Two runtimes, one `SO_REUSEPORT` listener each, for the cap tests.
+fn two_runtimes(proxy_keys: &str) -> Opts {
+    Opts {
+        proxy: format!("shutdown_grace = \"10s\"\nruntime = \"thread_per_core\"\n{proxy_keys}"),
+        env: vec![("TOKIO_WORKER_THREADS", "2".to_owned())],
+        ..Opts::default()
+    }
+}
+
+/// `max_connections` is the process's cap, not each core's: with two
+/// runtimes, a cap of 1 serves one client connection at a time and a cap
+/// of 3 serves three (a per-core split served 2 in both cases). Clients
+/// beyond it, spread by the kernel over both listeners, wait unanswered,
+/// and are all served, one after another, once a place comes free: none
+/// is stuck behind the other core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_for_the_process_across_runtimes() {
+    bounded("client cap across runtimes", async {
+        let env = env().await;
+        for cap in [1usize, 3] {
+            let mut proxy = env
+                .start(two_runtimes(&format!("max_connections = {cap}\n")))
+                .await;
+            let mut held = Vec::new();
+            for i in 0..cap {
+                let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+                s.write_all(format!("GET /held/{i} HTTP/1.1\r\nHost: proxy\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let r = timeout(Duration::from_secs(10), harness::read_raw_response(&mut s))
+                    .await
+                    .unwrap_or_else(|_| panic!("cap {cap}: connection {i} not served"));
+                assert_eq!(r.status, 200, "cap {cap}");
+                held.push(s);
+            }
+            let http = Http::new();
+            poll_until(
+                Duration::from_secs(10),
+                "the open connections in /metrics",
+                || {
+                    let (http, url) = (http.clone(), proxy.admin_url("/metrics"));
+                    async move {
+                        let text = String::from_utf8(http.get(&url).await.body.to_vec()).unwrap();
+                        text.contains(&format!("sso_token_proxy_client_connections {cap}\n"))
+                            .then_some(())
+                    }
+                },
+            )
+            .await;
+
+            // New connections each: the kernel spreads them over both
+            // listeners. None is served while the cap's are open.
+            let mut extra = Vec::new();
+            for i in 0..6 {
+                let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+                s.write_all(
+                    format!("GET /extra/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+                extra.push(s);
+            }
+            let early = futures_util::future::join_all(
+                extra
+                    .iter_mut()
+                    .map(|s| timeout(Duration::from_millis(1500), harness::read_raw_response(s))),
+            )
+            .await;
+            let served = early.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(served, 0, "cap {cap}: served beyond the cap");
+            let before = env.emulator.counters().echo_authorized;
+
+            // One place comes free: every waiting client is served in turn.
+            drop(held.remove(0));
+            let answers = futures_util::future::join_all(
+                extra
+                    .iter_mut()
+                    .map(|s| timeout(Duration::from_secs(20), harness::read_raw_response(s))),
+            )
+            .await;
+            for (i, r) in answers.into_iter().enumerate() {
+                let r = r.unwrap_or_else(|_| panic!("cap {cap}: waiting client {i} never served"));
+                assert_eq!(r.status, 200, "cap {cap}");
+                let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(echo["path"], format!("/extra/{i}"));
+            }
+            assert_eq!(env.emulator.counters().echo_authorized, before + 6);
+            drop(held);
+            proxy.sigterm();
+            let status = proxy.wait_exit(Duration::from_secs(30)).await;
+            assert!(status.success(), "{status:?}: {}", proxy.stderr());
+        }
+    })
+    .await;
+}
+
+/// An HTTP/1.1 upstream answering `200 ok` on keep-alive connections. When
+/// a request arrives, every other connection must be closed by the proxy
+/// (seen within 5 s); if not, the request counts as a breach of a cap of
+/// one open connection.
+struct OneConnectionUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    breaches: Arc<AtomicUsize>,
+}
+
+async fn one_connection_upstream() -> OneConnectionUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let breaches = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (acc, br) = (Arc::clone(&accepted), Arc::clone(&breaches));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let id = acc.fetch_add(1, Ordering::SeqCst);
+            open.lock().unwrap().insert(id);
+            let (open, br) = (Arc::clone(&open), Arc::clone(&br));
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        // After one breach, the others are not waited for.
+                        while br.load(Ordering::SeqCst) == 0
+                            && open.lock().unwrap().iter().any(|&o| o != id)
+                        {
+                            if Instant::now() >= deadline {
+                                br.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                open.lock().unwrap().remove(&id);
+            });
+        }
+    });
+    OneConnectionUpstream {
+        addr,
+        accepted,
+        breaches,
+    }
+}
+
+/// `upstream_max_connections` is the process's cap per route, not each
+/// core's: with two runtimes and a cap of 1, the upstream never has two
+/// connections from the proxy at once, and a request on one core is not
+/// kept waiting (until `upstream_queue_timeout`, then `503`) by a
+/// connection idling in the other core's pool: that one is closed and its
+/// place taken. Requests one after another, then at once, on new client
+/// connections each (spread over both listeners).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
+    bounded("upstream cap across runtimes", async {
+        let env = env().await;
+        let upstream = one_connection_upstream().await;
+        let mut proxy = env
+            .start(Opts {
+                extra: format!(
+                    "[[route]]\nname = \"counted\"\npath_prefix = \"/c\"\nupstream = \"http://{}\"\n",
+                    upstream.addr
+                ),
+                ..two_runtimes("upstream_max_connections = 1\nupstream_queue_timeout = \"5s\"\n")
+            })
+            .await;
+        for i in 0..12 {
+            let r = raw_request(
+                proxy.addr,
+                &format!("GET /c/one/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.body, b"ok");
+        }
+        let addr = proxy.addr;
+        let at_once = futures_util::future::join_all((0..8).map(|i| async move {
+            let request =
+                format!("GET /c/many/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n");
+            raw_request(addr, &request).await
+        }))
+        .await;
+        for r in at_once {
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+        assert_eq!(
+            upstream.breaches.load(Ordering::SeqCst),
+            0,
+            "the upstream saw two connections from the proxy at once ({} opened)",
+            upstream.accepted.load(Ordering::SeqCst)
+        );
         proxy.sigterm();
         let status = proxy.wait_exit(Duration::from_secs(30)).await;
         assert!(status.success(), "{status:?}: {}", proxy.stderr());

@@ -7,9 +7,11 @@
 #   VIEWS=default bash benches/proxy/run.sh    # only the all-cores view (default: "default pinned")
 #   SMOKE=1 bash benches/proxy/run.sh          # CI: the default view, 1 round of 1 s runs at
 #                                              # c=1 and c=64, fails on any error, no file write
-#   STP_VARIANTS='tpc||runtime = "thread_per_core"|' bash benches/proxy/run.sh
+#   STP_VARIANTS='ws||runtime = "work_stealing"|' bash benches/proxy/run.sh
 #                                              # more sso-token-proxy targets in the default view,
-#                                              # one per line: label|binary|[proxy] keys (;)|env
+#                                              # one per line: label|binary|[proxy] keys (;)|env.
+#                                              # Unset: the work-stealing runtime beside the default
+#                                              # (thread per core); STP_VARIANTS= for none
 #
 # From the repository root. Loopback only (127.0.0.1), every load bounded by
 # wrk's -d, every process this script starts is stopped on exit.
@@ -19,7 +21,8 @@
 # * default: what users run first. Every proxy with its default shape on
 #   all cores, nothing pinned: nginx `worker_processes auto` (master and
 #   workers), HAProxy `nbthread` = cores, sso-token-proxy with its default
-#   configuration and no environment tuning. Upstream keep-alive pools are
+#   configuration (`runtime = "thread_per_core"`: one runtime per core) and
+#   no environment tuning. Upstream keep-alive pools are
 #   at least as large as the largest client connection count (nginx
 #   `keepalive 1024` per worker, HAProxy `http-reuse always`, sso-token-proxy
 #   its pool, 1024 connections by default).
@@ -56,7 +59,12 @@ BASE="${BENCH_PORT_BASE:-28080}"
 CORE_LOAD="${CORE_LOAD:-0}"
 CORE_PROXY="${CORE_PROXY:-1}"
 UPSTREAM_WORKERS="${UPSTREAM_WORKERS:-1}"
-STP_VARIANTS="${STP_VARIANTS:-}"
+WS_VARIANT='work_stealing||runtime = "work_stealing"|'
+if [[ "$SMOKE" == 1 ]]; then
+    STP_VARIANTS="${STP_VARIANTS:-}"
+else
+    STP_VARIANTS="${STP_VARIANTS-$WS_VARIANT}"
+fi
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 [[ -f Cargo.toml && -d benches/proxy ]] || {
@@ -509,7 +517,7 @@ CMD="bash benches/proxy/run.sh"
 [[ "$SMOKE" == 1 ]] && CMD="SMOKE=1 $CMD"
 [[ "$DURATION" != 10 && "$SMOKE" != 1 ]] && CMD="DURATION=$DURATION $CMD"
 [[ "$ROUNDS" != 3 && "$SMOKE" != 1 ]] && CMD="ROUNDS=$ROUNDS $CMD"
-[[ -z $STP_VARIANTS ]] || CMD="STP_VARIANTS=… $CMD"
+[[ -z $STP_VARIANTS || $STP_VARIANTS == "$WS_VARIANT" ]] || CMD="STP_VARIANTS=… $CMD"
 REPORT="$WORK/report.md"
 {
     echo "## Proxy vs nginx and HAProxy"
@@ -531,7 +539,8 @@ REPORT="$WORK/report.md"
         echo
         echo "Set-up: every process unpinned on all $CORES cores. nginx \`worker_processes auto\` (a master and"
         echo "$CORES workers), HAProxy \`nbthread $CORES\`, sso-token-proxy with its default configuration (no"
-        echo "environment variables; its token from the built-in emulator, in the same process). Upstream"
+        echo "environment variables; \`runtime = \"thread_per_core\"\`, one runtime per core; its token from the"
+        echo "built-in emulator, in the same process). Upstream"
         echo "keep-alive: nginx \`keepalive 1024\` per worker, HAProxy \`http-reuse always\`, sso-token-proxy its"
         echo "pool (up to 1024 connections). \`wrk -t1 -cN -d${DURATION}s --latency\`; the upstream is nginx with"
         echo "$UPSTREAM_WORKERS worker(s) answering \`200 \"ok\"\`. Everything measured runs at nice $BENCH_NICE."

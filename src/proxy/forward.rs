@@ -33,7 +33,7 @@ use super::{
         strip_request_hop_by_hop, strip_response_hop_by_hop, via_value,
     },
     path::{EscapedSlashes, PathRefusal, UpstreamPath},
-    pool::{Lease, PoolError, PoolSettings, SendFuture, UpstreamPool},
+    pool::{Lease, PoolError, PoolGroup, PoolSettings, SendFuture, UpstreamPool},
     upload::{Upload, UploadStatus, UpstreamBody, upload_of},
 };
 
@@ -103,6 +103,8 @@ pub(crate) struct ForwarderSettings<'a> {
     pub(crate) upstream: &'a Uri,
     pub(crate) connector: HttpsConnector<HttpConnector>,
     pub(crate) pool: PoolSettings,
+    /// The pools that keep to the route's connection cap together.
+    pub(crate) pool_group: Arc<PoolGroup<UpstreamBody>>,
     pub(crate) preserve_host: bool,
     pub(crate) forwarded_headers: bool,
     pub(crate) response_timeout: Duration,
@@ -141,6 +143,7 @@ impl Forwarder {
             settings.connector,
             settings.pool,
             settings.route.into(),
+            settings.pool_group,
         )
         .ok()?;
         Some(Self {
@@ -345,6 +348,7 @@ mod tests {
             upstream: &upstream.parse().unwrap(),
             connector: crate::tls::https_connector(config, Duration::from_secs(1)),
             pool: PoolSettings::default(),
+            pool_group: PoolGroup::new(1024),
             preserve_host: false,
             forwarded_headers: true,
             response_timeout: Duration::from_secs(1),

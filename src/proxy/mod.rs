@@ -103,9 +103,15 @@ mod service;
 mod target;
 mod upload;
 
-use std::{fmt, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use self::error::ProxyError;
 pub use self::path::{EscapedSlashes, PathRefusal, UpstreamPath};
@@ -116,8 +122,9 @@ use self::{
     activity::ConnTimers,
     forward::{Forwarder, ForwarderSettings},
     metrics::ProxyMetrics,
-    pool::PoolSettings,
+    pool::{PoolGroup, PoolSettings},
     route::{ActiveRoute, RouteTable},
+    upload::UpstreamBody,
 };
 pub use crate::config::ProxyConfig;
 use crate::{cache::TokenCache, layer::BearerTokenLayer, tls};
@@ -131,6 +138,45 @@ pub struct Proxy {
     routes: Arc<RouteTable>,
     metrics: Arc<ProxyMetrics>,
     settings: ServerSettings,
+    /// One permit per client connection served, shared with the other
+    /// proxies of its [`SharedLimits`].
+    connections: Arc<Semaphore>,
+}
+
+/// The caps that several [`Proxy`]s of one listener keep together, one
+/// proxy per runtime (`runtime = "thread_per_core"`): at most
+/// `max_connections` client connections over all of them, and at most
+/// `upstream_max_connections` upstream connections per route (its pools
+/// form one [`PoolGroup`]).
+#[derive(Clone)]
+pub(crate) struct SharedLimits {
+    connections: Arc<Semaphore>,
+    upstream_max_connections: usize,
+    /// By route name.
+    pool_groups: Arc<Mutex<HashMap<String, Arc<PoolGroup<UpstreamBody>>>>>,
+}
+
+impl SharedLimits {
+    /// The caps of `config`, not yet shared with anyone.
+    pub(crate) fn new(config: &ProxyConfig) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            upstream_max_connections: config.upstream_max_connections,
+            pool_groups: Arc::default(),
+        }
+    }
+
+    fn pool_group(&self, route: &str) -> Arc<PoolGroup<UpstreamBody>> {
+        let mut groups = self
+            .pool_groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            groups
+                .entry(route.to_owned())
+                .or_insert_with(|| PoolGroup::new(self.upstream_max_connections)),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -168,8 +214,9 @@ impl Proxy {
             .ok_or_else(|| ProxyError::Upstream("(none)".to_owned()))?;
         let route = Route::new(DEFAULT_ROUTE, upstream, cache);
         let metrics = Arc::new(ProxyMetrics::default());
-        let active = active_route(config, &route, &metrics)?;
-        Ok(Self::from_table(config, vec![active], metrics))
+        let limits = SharedLimits::new(config);
+        let active = active_route(config, &route, &metrics, &limits)?;
+        Ok(Self::from_table(config, vec![active], metrics, &limits))
     }
 
     /// A proxy whose listener serves `routes`: each request goes to the
@@ -182,6 +229,18 @@ impl Proxy {
     /// Cheap enough to call once per worker thread: routes share their
     /// token caches, each call makes its own upstream pools.
     pub fn with_routes(config: &ProxyConfig, routes: Vec<Route>) -> Result<Self, ProxyError> {
+        Self::with_shared_limits(config, routes, &SharedLimits::new(config))
+    }
+
+    /// As [`Proxy::with_routes`], keeping to the connection caps of
+    /// `limits` together with every other proxy built with them: the
+    /// `max_connections` and `upstream_max_connections` of the config they
+    /// were made from hold over all these proxies, not for each.
+    pub(crate) fn with_shared_limits(
+        config: &ProxyConfig,
+        routes: Vec<Route>,
+        limits: &SharedLimits,
+    ) -> Result<Self, ProxyError> {
         if routes.is_empty() {
             return Err(ProxyError::NoRoutes);
         }
@@ -191,28 +250,32 @@ impl Proxy {
             if routes[..i].iter().any(|r| r.name == route.name) {
                 return Err(route.error("name", "another route has this name"));
             }
-            active.push(active_route(config, route, &metrics).map_err(|e| match e {
-                ProxyError::Upstream(u) => {
-                    route.error("upstream", ProxyError::Upstream(u).to_string())
-                }
-                ProxyError::Tls(e @ tls::TlsConfigError::CaFile { .. }) => {
-                    route.error("upstream_ca_file", e.to_string())
-                }
-                ProxyError::Tls(e) => route.error("upstream", e.to_string()),
-                other => other,
-            })?);
+            active.push(
+                active_route(config, route, &metrics, limits).map_err(|e| match e {
+                    ProxyError::Upstream(u) => {
+                        route.error("upstream", ProxyError::Upstream(u).to_string())
+                    }
+                    ProxyError::Tls(e @ tls::TlsConfigError::CaFile { .. }) => {
+                        route.error("upstream_ca_file", e.to_string())
+                    }
+                    ProxyError::Tls(e) => route.error("upstream", e.to_string()),
+                    other => other,
+                })?,
+            );
         }
-        Ok(Self::from_table(config, active, metrics))
+        Ok(Self::from_table(config, active, metrics, limits))
     }
 
     fn from_table(
         config: &ProxyConfig,
         routes: Vec<ActiveRoute>,
         metrics: Arc<ProxyMetrics>,
+        limits: &SharedLimits,
     ) -> Self {
         Self {
             routes: Arc::new(RouteTable::new(routes, &metrics)),
             metrics,
+            connections: Arc::clone(&limits.connections),
             settings: ServerSettings {
                 timers: ConnTimers {
                     header_read: config.header_read_timeout,
@@ -252,6 +315,7 @@ fn active_route(
     config: &ProxyConfig,
     route: &Route,
     metrics: &Arc<ProxyMetrics>,
+    limits: &SharedLimits,
 ) -> Result<ActiveRoute, ProxyError> {
     let upstream = &route.upstream;
     let usable = matches!(upstream.scheme_str(), Some("http" | "https"))
@@ -284,11 +348,11 @@ fn active_route(
         connector,
         pool: PoolSettings {
             idle_timeout: config.idle_timeout,
-            max_connections: config.upstream_max_connections,
             queue_timeout: config.upstream_queue_timeout,
             max_response_headers: config.upstream_max_response_headers,
             max_response_header_bytes: config.upstream_max_response_header_bytes,
         },
+        pool_group: limits.pool_group(&route.name),
         preserve_host: route.preserve_host.unwrap_or(config.preserve_host),
         forwarded_headers: route.forwarded_headers.unwrap_or(config.forwarded_headers),
         response_timeout: config.upstream_response_timeout,

@@ -35,11 +35,17 @@
 //! - Connections idle for `idle_timeout` are closed: a reaper ticks every
 //!   quarter of it, at most one second apart, and closes connections idle
 //!   for longer than the timeout (so within one tick of it).
-//! - At most `max_connections` are open at once (idle ones included). A
-//!   request that finds none idle and the cap reached waits for the first
-//!   connection to come back or close, at most `queue_timeout`; then it
-//!   fails with [`PoolError::Saturated`] (the proxy answers `503`). Envoy's
-//!   circuit breaker caps connections the same way (1024 by default).
+//! - At most `max_connections` are open at once (idle ones included),
+//!   counted over a [`PoolGroup`]: the pools of one route, one per runtime
+//!   when the binary runs a runtime per core. A request that finds none
+//!   idle and the cap reached waits for the first connection to come back
+//!   or close, at most `queue_timeout`; then it fails with
+//!   [`PoolError::Saturated`] (the proxy answers `503`). Envoy's circuit
+//!   breaker caps connections the same way (1024 by default). While a
+//!   request waits in one pool of a group, idle connections of the others
+//!   are closed (those idle already, and those that come back), so that
+//!   their places come to it: a cap is never held by connections idling on
+//!   another core. The group's pools also share one HTTP/2 connection.
 //! - Response heads may have up to `max_response_headers` fields and
 //!   `max_response_header_bytes` bytes (HTTP/1.1), or a header list of that
 //!   many bytes (HTTP/2), so that a healthy upstream with a large head is
@@ -129,13 +135,11 @@ pub(crate) enum PoolError {
     Request(#[source] hyper::Error),
 }
 
-/// How a pool keeps and limits its connections.
+/// How a pool keeps its connections (its group limits them).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PoolSettings {
     /// Idle connections are closed after this; zero keeps none.
     pub(crate) idle_timeout: Duration,
-    /// Connections open at once, idle ones included.
-    pub(crate) max_connections: usize,
     /// How long a request waits for a connection when all are busy.
     pub(crate) queue_timeout: Duration,
     /// Header fields in an HTTP/1.1 response head.
@@ -148,7 +152,6 @@ impl Default for PoolSettings {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(60),
-            max_connections: 1024,
             queue_timeout: Duration::from_secs(5),
             max_response_headers: 256,
             max_response_header_bytes: 128 * 1024,
@@ -179,6 +182,93 @@ impl<B: Body + 'static> fmt::Debug for UpstreamPool<B> {
     }
 }
 
+// === impl PoolGroup ===
+
+/// The pools that keep to one connection cap together: those of one route,
+/// one per runtime (`runtime = "thread_per_core"`), or a single pool.
+pub(crate) struct PoolGroup<B: Body + 'static> {
+    /// One permit per open connection, of any pool of the group.
+    permits: Arc<Semaphore>,
+    /// Requests waiting for a connection, in every pool of the group.
+    queued: AtomicUsize,
+    pools: Mutex<Vec<Weak<Inner<B>>>>,
+    /// The shared HTTP/2 connection, once ALPN has chosen h2, with its
+    /// number.
+    shared_h2: Mutex<Option<(u64, http2::SendRequest<B>)>>,
+    /// Numbers HTTP/2 connections.
+    h2_opened: AtomicU64,
+    /// Set once the upstream has answered ALPN with h2: later connects are
+    /// then made one at a time, so that one connection is shared.
+    prefers_h2: AtomicBool,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl<B: Body + 'static> PoolGroup<B> {
+    /// A group whose pools keep at most `max_connections` open together.
+    pub(crate) fn new(max_connections: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            queued: AtomicUsize::new(0),
+            pools: Mutex::new(Vec::new()),
+            shared_h2: Mutex::new(None),
+            h2_opened: AtomicU64::new(0),
+            prefers_h2: AtomicBool::new(false),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn pools(&self) -> Vec<Arc<Inner<B>>> {
+        lock(&self.pools).iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Closes the oldest idle connection of a pool other than `here`, so
+    /// that its place under the cap is free; whether there was one.
+    fn close_idle_elsewhere(&self, here: &Inner<B>) -> bool {
+        for pool in self.pools() {
+            if std::ptr::eq(&*pool, here) {
+                continue;
+            }
+            let oldest = {
+                let mut idle = lock(&pool.idle);
+                (!idle.is_empty()).then(|| idle.remove(0))
+            };
+            if oldest.is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Idle HTTP/1.1 connections over all pools.
+    fn idle_count(&self) -> usize {
+        self.pools().iter().map(|p| lock(&p.idle).len()).sum()
+    }
+
+    /// Stops sharing HTTP/2 connection `id`, which refused a request.
+    fn forget_h2(&self, id: u64) {
+        let mut shared = lock(&self.shared_h2);
+        if shared
+            .as_ref()
+            .is_some_and(|(shared_id, _)| *shared_id == id)
+        {
+            *shared = None;
+        }
+    }
+
+    /// The shared HTTP/2 connection, if it is still open.
+    fn live_h2(&self) -> Option<(u64, http2::SendRequest<B>)> {
+        let mut shared = lock(&self.shared_h2);
+        match &*shared {
+            Some((id, sender)) if !sender.is_closed() => Some((*id, sender.clone())),
+            Some(_) => {
+                *shared = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
 struct Inner<B: Body + 'static> {
     /// The route's name, the `route` label of the pool's metrics.
     route: Arc<str>,
@@ -191,15 +281,8 @@ struct Inner<B: Body + 'static> {
     h2: http2::Builder<TokioExecutor>,
     /// Idle HTTP/1.1 connections; the most recently used last.
     idle: Mutex<Vec<IdleConn<B>>>,
-    /// The shared HTTP/2 connection, once ALPN has chosen h2, with its
-    /// number.
-    shared_h2: Mutex<Option<(u64, http2::SendRequest<B>)>>,
-    /// Numbers HTTP/2 connections.
-    h2_opened: AtomicU64,
-    /// Set once the upstream has answered ALPN with h2: later connects are
-    /// then made one at a time, so that one connection is shared.
-    prefers_h2: AtomicBool,
-    h2_connecting: tokio::sync::Mutex<()>,
+    /// The cap, the HTTP/2 connection, and the other pools under them.
+    group: Arc<PoolGroup<B>>,
     /// `None`: idle connections are not kept.
     idle_timeout: Option<Duration>,
     /// The reaper's period, and how many of its ticks make `idle_timeout`.
@@ -208,11 +291,9 @@ struct Inner<B: Body + 'static> {
     /// The reaper's tick count; idle connections are stamped with it.
     epoch: AtomicU64,
     reaper_started: AtomicBool,
-    /// One permit per open connection.
-    permits: Arc<Semaphore>,
     queue_timeout: Duration,
-    /// Requests waiting for a connection, and their wake-up when one comes
-    /// back to the pool.
+    /// Requests waiting for a connection in this pool, and their wake-up
+    /// when one comes back to it.
     queued: AtomicUsize,
     returned: Notify,
 }
@@ -398,13 +479,14 @@ where
     B: Body<Data = Bytes> + ReplayableBody + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    /// A pool for `scheme://authority`.
+    /// A pool for `scheme://authority`, one of `group`.
     pub(crate) fn new(
         scheme: Scheme,
         authority: Authority,
         connector: HttpsConnector<HttpConnector>,
         settings: PoolSettings,
         route: Arc<str>,
+        group: Arc<PoolGroup<B>>,
     ) -> Result<Self, http::Error> {
         let idle_timeout = settings.idle_timeout;
         let origin = Uri::builder()
@@ -424,31 +506,31 @@ where
             .min(MAX_TICK)
             .max(Duration::from_millis(1));
         let idle_ticks = idle_timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                route,
-                connector,
-                origin,
-                scheme,
-                authority,
-                h1,
-                h2,
-                idle: Mutex::new(Vec::new()),
-                shared_h2: Mutex::new(None),
-                h2_opened: AtomicU64::new(0),
-                prefers_h2: AtomicBool::new(false),
-                h2_connecting: tokio::sync::Mutex::new(()),
-                idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
-                tick,
-                idle_ticks,
-                epoch: AtomicU64::new(0),
-                reaper_started: AtomicBool::new(false),
-                permits: Arc::new(Semaphore::new(settings.max_connections)),
-                queue_timeout: settings.queue_timeout,
-                queued: AtomicUsize::new(0),
-                returned: Notify::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            route,
+            connector,
+            origin,
+            scheme,
+            authority,
+            h1,
+            h2,
+            idle: Mutex::new(Vec::new()),
+            group: Arc::clone(&group),
+            idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+            tick,
+            idle_ticks,
+            epoch: AtomicU64::new(0),
+            reaper_started: AtomicBool::new(false),
+            queue_timeout: settings.queue_timeout,
+            queued: AtomicUsize::new(0),
+            returned: Notify::new(),
+        });
+        {
+            let mut pools = lock(&group.pools);
+            pools.retain(|p| p.strong_count() > 0);
+            pools.push(Arc::downgrade(&inner));
+        }
+        Ok(Self { inner })
     }
 
     /// Sends `request` (origin-form URI, `Host` set) on a pooled or new
@@ -683,7 +765,7 @@ where
                         if e.message().is_some() {
                             // Refused before it started (GOAWAY, closing):
                             // the next request gets a new connection.
-                            this.pool.forget_h2(*id);
+                            this.pool.group.forget_h2(*id);
                         }
                         let reused = *reused;
                         if let Some(error) = this.retry_or_fail(e, reused) {
@@ -707,8 +789,8 @@ where
 {
     /// A live idle connection, or the shared HTTP/2 one, if there is one.
     fn take_idle(&self) -> Option<Checkout<B>> {
-        if self.prefers_h2.load(Ordering::Relaxed)
-            && let Some((id, sender)) = self.live_h2()
+        if self.group.prefers_h2.load(Ordering::Relaxed)
+            && let Some((id, sender)) = self.group.live_h2()
         {
             return Some(Checkout::Http2 {
                 id,
@@ -745,40 +827,16 @@ where
         })
     }
 
-    /// Stops sharing HTTP/2 connection `id`, which refused a request.
-    fn forget_h2(&self, id: u64) {
-        let mut shared = lock(&self.shared_h2);
-        if shared
-            .as_ref()
-            .is_some_and(|(shared_id, _)| *shared_id == id)
-        {
-            *shared = None;
-        }
-    }
-
-    /// The shared HTTP/2 connection, if it is still open.
-    fn live_h2(&self) -> Option<(u64, http2::SendRequest<B>)> {
-        let mut shared = lock(&self.shared_h2);
-        match &*shared {
-            Some((id, sender)) if !sender.is_closed() => Some((*id, sender.clone())),
-            Some(_) => {
-                *shared = None;
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// A new connection when fewer than `max_connections` are open; else
-    /// the first that comes back to the pool, or a new one once another
-    /// closes, waiting at most `queue_timeout`.
+    /// A new connection when fewer than `max_connections` are open in the
+    /// group; else the first that comes back to this pool, or a new one
+    /// once another closes (an idle one of another pool is closed for it),
+    /// waiting at most `queue_timeout`.
     async fn connect_or_wait(self: Arc<Self>) -> Result<Checkout<B>, PoolError> {
-        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+        if let Ok(permit) = Arc::clone(&self.group.permits).try_acquire_owned() {
             return self.connect(permit).await;
         }
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        let _queued = Queued(&self.queued);
+        let _queued = Queued::count(&self.queued, &self.group.queued);
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -787,8 +845,11 @@ where
             if let Some(checkout) = self.take_idle() {
                 return Ok(checkout);
             }
+            // Counted as queued before looking, so that a connection another
+            // pool takes back after this look is closed there (`put`).
+            self.group.close_idle_elsewhere(&self);
             tokio::select! {
-                permit = Arc::clone(&self.permits).acquire_owned() => {
+                permit = Arc::clone(&self.group.permits).acquire_owned() => {
                     // The semaphore is never closed.
                     let permit = permit.map_err(|e| PoolError::Connect(e.into()))?;
                     return self.connect(permit).await;
@@ -814,10 +875,11 @@ where
         self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
     ) -> Result<Checkout<B>, PoolError> {
-        let _one_at_a_time = if self.prefers_h2.load(Ordering::Relaxed) {
-            let guard = self.h2_connecting.lock().await;
+        let group = &self.group;
+        let _one_at_a_time = if group.prefers_h2.load(Ordering::Relaxed) {
+            let guard = group.h2_connecting.lock().await;
             // Someone else may have connected while we waited.
-            if let Some((id, sender)) = self.live_h2() {
+            if let Some((id, sender)) = group.live_h2() {
                 return Ok(Checkout::Http2 {
                     id,
                     sender,
@@ -845,10 +907,10 @@ where
                 .ready()
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            self.prefers_h2.store(true, Ordering::Relaxed);
+            group.prefers_h2.store(true, Ordering::Relaxed);
             metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "route" => Arc::clone(&self.route), "protocol" => "http2").increment(1);
-            let id = self.h2_opened.fetch_add(1, Ordering::Relaxed);
-            let mut shared = lock(&self.shared_h2);
+            let id = group.h2_opened.fetch_add(1, Ordering::Relaxed);
+            let mut shared = lock(&group.shared_h2);
             if shared.as_ref().is_none_or(|(_, s)| s.is_closed()) {
                 *shared = Some((id, sender.clone()));
             }
@@ -885,7 +947,19 @@ where
         }
         conn.relay.clear();
         let since_epoch = self.epoch.load(Ordering::Relaxed);
-        lock(&self.idle).push(IdleConn { conn, since_epoch });
+        {
+            let mut idle = lock(&self.idle);
+            // A request waits in another pool of the group and none here:
+            // closed, so that its place goes there. Looked at under the
+            // lock: a request that starts waiting after this look finds the
+            // connection in `idle` (`close_idle_elsewhere`).
+            if self.group.queued.load(Ordering::SeqCst) > self.queued.load(Ordering::SeqCst) {
+                drop(idle);
+                drop(conn);
+                return;
+            }
+            idle.push(IdleConn { conn, since_epoch });
+        }
         // Only when at the cap does anyone wait for a returned connection.
         if self.queued.load(Ordering::SeqCst) > 0 {
             self.returned.notify_waiters();
@@ -921,18 +995,19 @@ where
                 ticks.tick().await;
                 let Some(pool) = pool.upgrade() else { break };
                 let now = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-                let (expired, still_idle): (Vec<IdleConn<B>>, usize) = {
+                let expired: Vec<IdleConn<B>> = {
                     let mut idle = lock(&pool.idle);
                     // Oldest first: stop at the first that is still young.
                     let keep_from = idle
                         .iter()
                         .position(|c| now - c.since_epoch <= idle_ticks)
                         .unwrap_or(idle.len());
-                    (idle.drain(..keep_from).collect(), idle.len())
+                    idle.drain(..keep_from).collect()
                 };
-                // Sampled here rather than on every checkout and return.
+                // Sampled here rather than on every checkout and return;
+                // over the group, so that every pool's reaper sets the same.
                 metrics::gauge!(metric_names::UPSTREAM_CONNECTIONS_IDLE.name, "route" => Arc::clone(&pool.route))
-                    .set(still_idle as f64);
+                    .set(pool.group.idle_count() as f64);
                 if !expired.is_empty() {
                     tracing::trace!(closed = expired.len(), "idle upstream connections closed");
                 }
@@ -975,12 +1050,28 @@ where
     });
 }
 
-/// Counts a request as waiting for a connection while it lives.
-struct Queued<'a>(&'a AtomicUsize);
+/// Counts a request as waiting for a connection, in its pool and in the
+/// group, while it lives.
+struct Queued<'a> {
+    pool: &'a AtomicUsize,
+    group: &'a AtomicUsize,
+}
+
+impl<'a> Queued<'a> {
+    /// In this order, and the reverse on drop, so that the group's count is
+    /// never seen below the pool's: a single pool never closes a
+    /// connection it takes back for its own waiters.
+    fn count(pool: &'a AtomicUsize, group: &'a AtomicUsize) -> Self {
+        pool.fetch_add(1, Ordering::SeqCst);
+        group.fetch_add(1, Ordering::SeqCst);
+        Self { pool, group }
+    }
+}
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.group.fetch_sub(1, Ordering::SeqCst);
+        self.pool.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

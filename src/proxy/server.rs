@@ -6,6 +6,13 @@
 //! the kernel's listen backlog and are served as soon as an old connection
 //! goes, instead of being accepted and dropped (Envoy's
 //! `max_downstream_connections`), which would fail them at once.
+//!
+//! The cap may be shared by the accept loops of several runtimes, each
+//! with its own `SO_REUSEPORT` listener (`SharedLimits`). A loop therefore
+//! accepts first and then waits for a place: one holding a place while its
+//! own backlog is empty would keep a client queued on another listener
+//! waiting. So at the cap each loop holds at most one accepted connection,
+//! unread and without timers, until a place comes free.
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,7 +22,7 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{OwnedSemaphorePermit, watch},
     task::JoinSet,
     time::Instant,
 };
@@ -60,69 +67,89 @@ pub(super) async fn serve(
 ) -> io::Result<()> {
     let settings = proxy.settings;
     let builder = Arc::new(connection_builder(&settings));
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let permits = Arc::clone(&proxy.connections);
+    // Accepted at the cap, waiting for a place.
+    let mut waiting: Option<(TcpStream, SocketAddr)> = None;
+    // Warned once each time the cap is reached.
     let mut at_cap = false;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        if permits.available_permits() == 0 && !at_cap {
-            tracing::warn!(
-                max_connections = settings.max_connections,
-                "client connection limit reached; new connections wait until one closes"
-            );
-        }
-        at_cap = permits.available_permits() == 0;
-        tokio::select! {
+        let accepted = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // The semaphore is never closed.
+            Ok(permit) = Arc::clone(&permits).acquire_owned(), if waiting.is_some() => {
+                waiting.take().map(|accepted| (accepted, permit))
+            }
             Some(done) = connections.join_next(), if !connections.is_empty() => {
                 if let Err(e) = done
                     && e.is_panic()
                 {
                     tracing::error!("a connection task panicked");
                 }
+                None
             }
-            (permit, accepted) = accept_under_cap(&listener, &permits) => match accepted {
-                Ok((stream, remote)) => {
-                    let local = match stream.local_addr() {
-                        Ok(local) => local,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "accepted connection already gone");
-                            continue;
+            accepted = listener.accept(), if waiting.is_none() => match accepted {
+                Ok(accepted) => match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(permit) => {
+                        at_cap = false;
+                        Some((accepted, permit))
+                    }
+                    Err(_) => {
+                        if !at_cap {
+                            tracing::warn!(
+                                max_connections = settings.max_connections,
+                                "client connection limit reached; new connections wait until one closes"
+                            );
                         }
-                    };
-                    let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
-                    let service = ConnService {
-                        routes: Arc::clone(&proxy.routes),
-                        client_ip: ConnService::client_ip_value(remote.ip()),
-                        local,
-                        max_replay_body_bytes: settings.max_replay_body_bytes,
-                        request_body_timeout: settings.request_body_timeout,
-                        activity: Arc::clone(&activity),
-                    };
-                    connections.spawn(serve_connection(Connection {
-                        builder: Arc::clone(&builder),
-                        stream,
-                        remote,
-                        service,
-                        activity,
-                        timers: settings.timers,
-                        control_frames_per_second: settings.http2_max_control_frames_per_second,
-                        metrics: Arc::clone(&proxy.metrics),
-                        stop: stop_rx.clone(),
-                        _permit: permit,
-                    }));
-                }
+                        at_cap = true;
+                        waiting = Some(accepted);
+                        None
+                    }
+                },
                 Err(e) if is_connection_error(&e) => {
                     tracing::debug!(error = %e, "connection failed before it was accepted");
+                    None
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot accept connections; pausing");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    None
                 }
             },
+        };
+        if let Some(((stream, remote), permit)) = accepted {
+            let local = match stream.local_addr() {
+                Ok(local) => local,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accepted connection already gone");
+                    continue;
+                }
+            };
+            let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
+            let service = ConnService {
+                routes: Arc::clone(&proxy.routes),
+                client_ip: ConnService::client_ip_value(remote.ip()),
+                local,
+                max_replay_body_bytes: settings.max_replay_body_bytes,
+                request_body_timeout: settings.request_body_timeout,
+                activity: Arc::clone(&activity),
+            };
+            connections.spawn(serve_connection(Connection {
+                builder: Arc::clone(&builder),
+                stream,
+                remote,
+                service,
+                activity,
+                timers: settings.timers,
+                control_frames_per_second: settings.http2_max_control_frames_per_second,
+                metrics: Arc::clone(&proxy.metrics),
+                stop: stop_rx.clone(),
+                _permit: permit,
+            }));
         }
     }
 
@@ -147,19 +174,6 @@ pub(super) async fn serve(
     }
     tracing::info!("proxy stopped");
     Ok(())
-}
-
-/// Waits for room under the connection cap, then for a connection.
-async fn accept_under_cap(
-    listener: &TcpListener,
-    permits: &Arc<Semaphore>,
-) -> (OwnedSemaphorePermit, io::Result<(TcpStream, SocketAddr)>) {
-    // The semaphore is never closed.
-    let permit = Arc::clone(permits)
-        .acquire_owned()
-        .await
-        .expect("the connection semaphore stays open");
-    (permit, listener.accept().await)
 }
 
 /// One client connection and what serving it needs.

@@ -93,6 +93,8 @@ pub(crate) struct Opts {
     /// Leave `[proxy]` out (a token-only sidecar, with `[[sink]]`s in
     /// `extra`); nothing listens on [`Running::addr`] then.
     pub(crate) token_only: bool,
+    /// Environment variables for the binary (e.g. `TOKIO_WORKER_THREADS`).
+    pub(crate) env: Vec<(&'static str, String)>,
 }
 
 impl Default for Opts {
@@ -106,6 +108,7 @@ impl Default for Opts {
             inline_secrets: false,
             extra: String::new(),
             token_only: false,
+            env: Vec::new(),
         }
     }
 }
@@ -242,6 +245,7 @@ client_id = "{client_id}"
                 .arg("--config")
                 .arg(&config_path)
                 .env("RUST_LOG", &opts.rust_log)
+                .envs(opts.env.iter().map(|(k, v)| (*k, v.as_str())))
                 .env_remove("RUST_BACKTRACE")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -521,6 +525,11 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> RawResp {
         .await
         .expect("connect to the proxy");
     stream.write_all(request.as_bytes()).await.unwrap();
+    read_raw_response(&mut stream).await
+}
+
+/// Reads one response from `stream` (unbounded: the caller bounds it).
+pub(crate) async fn read_raw_response(stream: &mut TcpStream) -> RawResp {
     let mut buf = Vec::new();
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
