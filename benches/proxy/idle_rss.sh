@@ -7,13 +7,17 @@
 #   IDLE_CONNS=2000 bash benches/proxy/idle_rss.sh
 #   STP_KEYS='runtime = "thread_per_core"' bash benches/proxy/idle_rss.sh
 #   bash benches/proxy/idle_rss.sh path/to/other/sso-token-proxy
+#   LOAD_CONNS=0 bash benches/proxy/idle_rss.sh    # without the memory under load
 #
 # From the repository root. Loopback only (127.0.0.1); starts a one-worker
 # nginx upstream, nginx as a token-adding proxy (`worker_processes auto`, as
 # benches/proxy/run.sh configures it) and sso-token-proxy with its default
 # configuration (plus `[proxy]` keys from STP_KEYS, `;`-separated), then for
 # each proxy: RSS and PSS (kB, summed over its processes) right after
-# start, and with IDLE_CONNS connections that each sent one GET held open.
+# start, and with IDLE_CONNS connections that each sent one GET held open;
+# then under load: `wrk -t1 -c$LOAD_CONNS` (512 by default, 0 for none) for
+# 5 s, sampled 4 s in (the memory it takes, not a timing: wrk's figures are
+# not kept).
 # Every process it starts is stopped on exit; the holding client gives up
 # after 60 s.
 set -euo pipefail
@@ -22,11 +26,14 @@ cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 ROOT="$PWD"
 BIN="${1:-$ROOT/target/release/sso-token-proxy}"
 IDLE_CONNS="${IDLE_CONNS:-1000}"
+LOAD_CONNS="${LOAD_CONNS:-512}"
 BASE="${BENCH_PORT_BASE:-27080}"
 P_UP=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_STP=$((BASE + 3)) P_ADMIN=$((BASE + 4)) P_EMU=$((BASE + 5))
 HOLD="$ROOT/benches/proxy/hold_conns.py"
 export PATH="$PATH:/usr/sbin:/sbin"
-for tool in nginx curl python3; do
+tools=(nginx curl python3)
+((LOAD_CONNS == 0)) || tools+=(wrk)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || {
         echo "needs $tool (apt-get install nginx-light curl python3)" >&2
         exit 2
@@ -58,8 +65,10 @@ wait_http "http://127.0.0.1:$P_STP/"
 sleep 1
 
 kb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-echo "| proxy | idle RSS / PSS MB | $IDLE_CONNS idle keep-alive conns: RSS / PSS MB | per connection (PSS) kB |"
-echo "|---|---:|---:|---:|"
+load_head="" load_rule=""
+((LOAD_CONNS == 0)) || load_head=" under c=$LOAD_CONNS: RSS / PSS MB |" load_rule="---:|"
+echo "| proxy | idle RSS / PSS MB | $IDLE_CONNS idle keep-alive conns: RSS / PSS MB | per connection (PSS) kB |$load_head"
+echo "|---|---:|---:|---:|$load_rule"
 for target in nginx stp; do
     if [[ $target == nginx ]]; then pid=$PID_NGINX port=$P_NGINX name="nginx $(nginx -v 2>&1 | sed 's|.*nginx/||')"; else
         pid=$PID_STP port=$P_STP name="sso-token-proxy${STP_KEYS:+ ($STP_KEYS)}"
@@ -84,5 +93,20 @@ for target in nginx stp; do
     kill "$hold" 2>/dev/null || true
     wait "$hold" 2>/dev/null || true
     per=$(awk -v a="$pss1" -v b="$pss0" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }')
-    echo "| $name | $(kb "$rss0") / $(kb "$pss0") | $(kb "$rss1") / $(kb "$pss1") | $per |"
+    load=""
+    if ((LOAD_CONNS > 0)); then
+        wrk -t1 -c"$LOAD_CONNS" -d5s "http://127.0.0.1:$port/" >"$WORK/wrk-$target.txt" 2>&1 &
+        wrk_pid=$!
+        PIDS+=("$wrk_pid")
+        sleep 4
+        read -r rss2 pss2 < <(tree_mem_kb "$pid")
+        wait "$wrk_pid" || true
+        if grep -q "Non-2xx\|Socket errors" "$WORK/wrk-$target.txt"; then
+            echo "$name: errors under load" >&2
+            cat "$WORK/wrk-$target.txt" >&2
+            exit 1
+        fi
+        load=" $(kb "$rss2") / $(kb "$pss2") |"
+    fi
+    echo "| $name | $(kb "$rss0") / $(kb "$pss0") | $(kb "$rss1") / $(kb "$pss1") | $per |$load"
 done
