@@ -5,8 +5,9 @@
 //!   token, never the token, and each value carries the hash it was issued
 //!   for, checked on every read: caller A never gets caller B's token,
 //!   whatever the concurrency or eviction.
-//! * **Bounded.** A moka cache of at most `max_callers` entries; each is
-//!   evicted by moka shortly after its token expires. Whether a token may
+//! * **Bounded.** A moka cache of at most `max_callers` entries, the least
+//!   recently used evicted first; each is also evicted by moka shortly
+//!   after its token expires. Whether a token may
 //!   still be handed out is decided on tokio's clock, with the margins of
 //!   [`TokenCache`](super::TokenCache) scaled by the token's lifetime.
 //! * **Single-flight.** Any number of concurrent requests of one caller
@@ -34,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use moka::{Expiry, future::Cache, ops::compute::Op};
+use moka::{Expiry, future::Cache, ops::compute::Op, policy::EvictionPolicy};
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::Semaphore, time::Instant};
 
@@ -61,8 +62,8 @@ pub trait CallerExchange: Send + Sync + 'static {
 pub struct CallerOptions {
     /// The source's name, the `source` label of its metrics.
     pub name: String,
-    /// Callers held at most (default 10,000); beyond it moka evicts the
-    /// least used.
+    /// Callers held at most (default 10,000); beyond it the least
+    /// recently used is evicted.
     pub max_callers: u64,
     /// How long a refused caller's refusal is remembered (default 30 s).
     pub failure_ttl: Duration,
@@ -204,6 +205,10 @@ impl CallerTokens {
     pub fn new(exchanger: impl CallerExchange, options: CallerOptions) -> Self {
         let entries = Cache::builder()
             .max_capacity(options.max_callers)
+            // LRU, not moka's default TinyLFU: its admission filter may drop
+            // a caller just exchanged (paid for again on its next request)
+            // or a refusal meant to be remembered for `failure_ttl`.
+            .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryExpiry)
             .build();
         Self {

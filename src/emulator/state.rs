@@ -33,7 +33,8 @@ const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 const CLIENT_SECRET_LIFETIME_SECS: i64 = 90 * 24 * 3600;
 /// How long an authorization code stays redeemable.
 const AUTHORIZATION_CODE_LIFETIME: Duration = Duration::from_secs(600);
-/// Past this many access tokens, expired ones are dropped on the next issue.
+/// Past this many access tokens (at least), expired ones are dropped on the
+/// next issue.
 const ACCESS_TOKEN_PRUNE_AT: usize = 4096;
 
 /// A snapshot of what the emulator has been asked to do.
@@ -208,6 +209,9 @@ pub(crate) struct State {
     clients: HashMap<String, ClientEntry>,
     refresh_tokens: HashMap<String, RefreshEntry>,
     access_tokens: HashMap<String, AccessEntry>,
+    /// Expired access tokens are dropped when this many are held; doubled
+    /// past what a prune leaves, so pruning stays linear overall.
+    access_tokens_prune_at: usize,
     devices: HashMap<String, DeviceEntry>,
     /// user code → device code
     user_codes: HashMap<String, String>,
@@ -329,6 +333,7 @@ impl State {
             clients: HashMap::new(),
             refresh_tokens: HashMap::new(),
             access_tokens: HashMap::new(),
+            access_tokens_prune_at: ACCESS_TOKEN_PRUNE_AT,
             devices: HashMap::new(),
             user_codes: HashMap::new(),
             auth_codes: HashMap::new(),
@@ -882,8 +887,9 @@ impl State {
         subject: Option<&str>,
         audience: Option<&str>,
     ) -> (String, Duration) {
-        if self.access_tokens.len() >= ACCESS_TOKEN_PRUNE_AT {
+        if self.access_tokens.len() >= self.access_tokens_prune_at {
             self.access_tokens.retain(|_, e| now < e.expires_at);
+            self.access_tokens_prune_at = (2 * self.access_tokens.len()).max(ACCESS_TOKEN_PRUNE_AT);
         }
         let lifetime = self.settings.access_token_lifetime;
         let token = match subject {
