@@ -25,12 +25,12 @@ use sso_token_proxy::{
     CallerOptions, CallerTokens, OidcClient, Secret,
     cache::{CacheOptions, TokenCache},
     emulator::{
-        DEFAULT_APPLICATION_ARN, DEFAULT_AUDIENCE, Emulator, EmulatorConfig, EmulatorHandle,
-        TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, token_subject,
+        DEFAULT_APPLICATION_ARN, DEFAULT_AUDIENCE, Emulator, EmulatorApplication, EmulatorConfig,
+        EmulatorHandle, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, token_subject,
     },
-    oidc::{AwsCredentials, SigV4Signer},
+    oidc::{AwsCredentials, GRANT_TOKEN_EXCHANGE, SigV4Signer, TOKEN_TYPE_ACCESS_TOKEN},
     proxy::{Proxy, Route},
-    token::{CallerGrant, IamCallerExchange, IamExchange, Reuse, Token, TokenSource},
+    token::{CallerGrant, IamCallerExchange, IamExchange, IamGrant, Reuse, Token, TokenSource},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -93,11 +93,28 @@ async fn serve(
     inbound: HeaderName,
     options: CallerOptions,
 ) -> Served {
-    let exchange = IamExchange::new(signing_client(emulator), DEFAULT_APPLICATION_ARN);
-    let callers = CallerTokens::new(
-        IamCallerExchange::new(exchange, CallerGrant::JwtBearer),
+    serve_grant(
+        emulator,
+        upstream,
+        inbound,
         options,
-    );
+        DEFAULT_APPLICATION_ARN,
+        CallerGrant::JwtBearer,
+    )
+    .await
+}
+
+/// [`serve`] exchanging at `application_arn` with `grant`.
+async fn serve_grant(
+    emulator: &EmulatorHandle,
+    upstream: &Upstream,
+    inbound: HeaderName,
+    options: CallerOptions,
+    application_arn: &str,
+    grant: CallerGrant,
+) -> Served {
+    let exchange = IamExchange::new(signing_client(emulator), application_arn);
+    let callers = CallerTokens::new(IamCallerExchange::new(exchange, grant), options);
     let unused = TokenCache::new(Unused, CacheOptions::default());
     let route = Route::new("callers", upstream.url().parse().unwrap(), unused)
         .per_caller(callers.clone(), inbound);
@@ -335,5 +352,132 @@ async fn a_caller_with_an_expired_assertion_gets_401_and_one_exchange_per_failur
     assert_eq!(
         subject_of(upstream.seen()[0].header("authorization")).as_deref(),
         Some("dave")
+    );
+}
+
+#[tokio::test]
+async fn a_caller_refused_with_access_denied_gets_403_json_and_one_exchange_per_failure_ttl() {
+    let emulator = emulator().await;
+    emulator.deny_user("mallory");
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions {
+            // Longer than the test: every request falls in one window.
+            failure_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = client();
+    let jwt = emulator.mint_assertion("mallory", Duration::from_secs(3600));
+    let auth = format!("Bearer {}", jwt.expose());
+    for _ in 0..20 {
+        let (status, body) = get(&client, &served, "/x", &[("authorization", &auth)]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "caller_token_refused", "{body}");
+        assert_eq!(json["kind"], "AccessDenied", "{body}");
+        assert!(!body.contains(jwt.expose()));
+    }
+    let counters = emulator.counters();
+    assert_eq!(counters.create_token_with_iam, 1, "{counters:?}");
+    assert_eq!(counters.errors_by_kind.get("AccessDenied"), Some(&1));
+    assert!(upstream.seen().is_empty());
+    // Another caller is served meanwhile, with its own token.
+    let good = emulator.mint_assertion("erin", Duration::from_secs(3600));
+    let (status, _) = get(
+        &client,
+        &served,
+        "/x",
+        &[("authorization", &format!("Bearer {}", good.expose()))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        subject_of(upstream.seen()[0].header("authorization")).as_deref(),
+        Some("erin")
+    );
+}
+
+/// A second application: token exchange needs a token issued to another.
+const OTHER_APPLICATION_ARN: &str =
+    "arn:aws:sso::111122223333:application/ssoins-1111111111111111/apl-2222222222222222";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_exchange_route_forwards_the_exchanged_token_of_each_callers_subject() {
+    let emulator = emulator().await;
+    emulator.add_application(EmulatorApplication {
+        arn: OTHER_APPLICATION_ARN.to_owned(),
+        audiences: Vec::new(),
+        scopes: Vec::new(),
+    });
+    let upstream = Upstream::start().await;
+    // The callers hold Identity Center tokens of the default application
+    // (as an app that signed them in would); the route exchanges them for
+    // tokens of the other one.
+    let front = IamExchange::new(signing_client(&emulator), DEFAULT_APPLICATION_ARN);
+    let mut held = Vec::new();
+    for subject in ["alice", "bob", "carol"] {
+        let jwt = emulator.mint_assertion(subject, Duration::from_secs(3600));
+        let token = front.exchange(IamGrant::jwt_bearer(jwt)).await.unwrap();
+        held.push((subject, token.access_token().expose().to_owned()));
+    }
+    let served = serve_grant(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+        OTHER_APPLICATION_ARN,
+        CallerGrant::TokenExchange {
+            subject_token_type: TOKEN_TYPE_ACCESS_TOKEN.to_owned(),
+        },
+    )
+    .await;
+    let client = client();
+    let mut tasks = Vec::new();
+    for (subject, token) in &held {
+        for n in 0..5 {
+            let (client, addr) = (client.clone(), served.addr);
+            let (path, auth) = (format!("/c/{subject}/{n}"), format!("Bearer {token}"));
+            tasks.push(tokio::spawn(async move {
+                let request = Request::get(format!("http://{addr}{path}"))
+                    .header(header::AUTHORIZATION, auth)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let response = tokio::time::timeout(LIMIT, client.request(request))
+                    .await
+                    .expect("an answer in time")
+                    .expect("an answer");
+                response.status()
+            }));
+        }
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 15);
+    for request in &seen {
+        let subject = request.uri.split('/').nth(2).unwrap();
+        let sent = request.header("authorization").unwrap();
+        assert_eq!(subject_of(Some(sent)).as_deref(), Some(subject));
+        // A token of the other application, not the caller's own.
+        let (_, inbound) = held.iter().find(|(s, _)| *s == subject).unwrap();
+        assert_ne!(sent.strip_prefix("Bearer "), Some(inbound.as_str()));
+    }
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    for (_, inbound) in &held {
+        assert!(!received.contains(inbound.as_str()));
+    }
+    let counters = emulator.counters();
+    assert_eq!(
+        counters
+            .create_token_with_iam_by_grant
+            .get(GRANT_TOKEN_EXCHANGE),
+        Some(&3),
+        "one exchange per caller: {counters:?}"
     );
 }

@@ -7,7 +7,10 @@
 //! with [`token_subject`](super::token_subject) or in the echo resource's
 //! `subject` member.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Instant,
+};
 
 use crate::{
     oidc::{
@@ -85,6 +88,8 @@ pub(crate) struct IamState {
     applications: HashMap<String, EmulatorApplication>,
     pub(crate) issuer: TestIssuer,
     refresh_tokens: HashMap<String, IamRefresh>,
+    /// Users refused with `AccessDenied` (not assigned to the application).
+    denied_users: HashSet<String>,
 }
 
 impl IamState {
@@ -100,7 +105,13 @@ impl IamState {
                 .collect(),
             issuer: TestIssuer::generate(),
             refresh_tokens: HashMap::new(),
+            denied_users: HashSet::new(),
         }
+    }
+
+    /// Refuses `subject` with `AccessDenied` from now on.
+    pub(crate) fn deny_user(&mut self, subject: &str) {
+        self.denied_users.insert(subject.to_owned());
     }
 
     /// Adds (or replaces) an application.
@@ -244,6 +255,12 @@ pub(crate) fn create_token_with_iam(
             );
         }
     };
+    if state.iam.denied_users.contains(&subject) {
+        return err(
+            ServiceErrorKind::AccessDenied,
+            "User is not assigned to the application",
+        );
+    }
     let allowed = held_scopes.unwrap_or_else(|| app.scopes.clone());
     let granted: Vec<String> =
         if !allowed.is_empty() && !requested.iter().all(|s| allowed.contains(s)) {
@@ -474,6 +491,25 @@ mod tests {
             ServiceErrorKind::InvalidGrant
         );
         assert_eq!(s.counters.tokens_issued, 0);
+    }
+
+    #[test]
+    fn a_denied_user_gets_access_denied_and_others_do_not() {
+        let mut s = state();
+        let now = Instant::now();
+        s.iam.deny_user("mallory");
+        let denied = CreateTokenWithIamRequest::jwt_bearer(
+            DEFAULT_APPLICATION_ARN,
+            assertion(&s, "mallory"),
+        );
+        assert_eq!(
+            kind(create_token_with_iam(&mut s, denied, now, BASE)),
+            ServiceErrorKind::AccessDenied
+        );
+        let allowed =
+            CreateTokenWithIamRequest::jwt_bearer(DEFAULT_APPLICATION_ARN, assertion(&s, "alice"));
+        create_token_with_iam(&mut s, allowed, now, BASE).unwrap();
+        assert_eq!(s.counters.tokens_issued, 1);
     }
 
     #[test]

@@ -437,6 +437,13 @@ impl EmulatorHandle {
         self.shared.lock().iam.add_application(application);
     }
 
+    /// Refuses `CreateTokenWithIAM` for `subject` from now on with
+    /// `AccessDeniedException`, as Identity Center does for a user not
+    /// assigned to the application (JWT bearer and token exchange grants).
+    pub fn deny_user(&self, subject: &str) {
+        self.shared.lock().iam.deny_user(subject);
+    }
+
     /// Approves the pending device authorization with this user code.
     /// `false` if there is none (unknown, expired or already decided).
     pub fn approve(&self, user_code: &str) -> bool {
