@@ -109,8 +109,8 @@ pub mod token;
 #[cfg(feature = "layer")]
 pub use self::{
     cache::{
-        CacheOptions, CallerExchange, CallerOptions, CallerTokens, Lookup, Rejection, TokenCache,
-        TokenUnavailable,
+        CacheOptions, CallerExchange, CallerOptions, CallerTokens, Lookup, Reexchange, Rejection,
+        TokenCache, TokenUnavailable,
     },
     layer::{
         BearerTokenError, BearerTokenLayer, BearerTokenService, ReplayBody, ReplayableBody,

@@ -216,7 +216,7 @@ pub const TOKEN_INVALIDATIONS_TOTAL: Metric = counter(
 pub const FORCED_REFRESHES_TOTAL: Metric = counter(
     "sso_token_proxy_forced_refreshes_total",
     &["source", "decision"],
-    "Upstream 401s by decision: allowed (token dropped, a refresh follows), superseded (already dropped or replaced), limited (forced-refresh budget spent; token kept, 401 handed back).",
+    "Upstream 401s by decision: allowed (token dropped, a refresh follows), superseded (already dropped or replaced), limited (forced-refresh budget spent; token kept, 401 handed back). For an exchange source, per caller: allowed (exchanged again), limited (already exchanged again within the minute).",
 );
 /// 0 while the newest refresh token is only in memory.
 pub const REFRESH_TOKEN_PERSISTED: Metric = gauge(

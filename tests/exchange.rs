@@ -481,3 +481,200 @@ async fn a_token_exchange_route_forwards_the_exchanged_token_of_each_callers_sub
         "one exchange per caller: {counters:?}"
     );
 }
+
+/// Sends `request` and reads the answer: status and body.
+async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> (StatusCode, String) {
+    let response = tokio::time::timeout(LIMIT, client.request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_exchanges_that_callers_token_again_once_and_replays() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    let alice = format!(
+        "Bearer {}",
+        emulator
+            .mint_assertion("alice", Duration::from_secs(3600))
+            .expose()
+    );
+    let bob = format!(
+        "Bearer {}",
+        emulator
+            .mint_assertion("bob", Duration::from_secs(3600))
+            .expose()
+    );
+    for auth in [&alice, &bob] {
+        let (status, _) = get(&client, &served, "/x", &[("authorization", auth)]).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let first = upstream.seen()[0]
+        .header("authorization")
+        .unwrap()
+        .to_owned();
+    let bobs = upstream.seen()[1]
+        .header("authorization")
+        .unwrap()
+        .to_owned();
+    assert_eq!(subject_of(Some(&first)).as_deref(), Some("alice"));
+    assert_eq!(emulator.counters().create_token_with_iam, 2);
+
+    // The upstream stops accepting alice's token: twenty concurrent POSTs
+    // with small bodies each get a 401, one new exchange, and a replay.
+    upstream.reject(&first);
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let (client, addr, auth) = (client.clone(), served.addr, alice.clone());
+        tasks.push(tokio::spawn(async move {
+            let request = Request::post(format!("http://{addr}/post/{n}"))
+                .header(header::AUTHORIZATION, auth)
+                .body(Full::new(Bytes::from(format!("payload {n}"))))
+                .unwrap();
+            send(&client, request).await
+        }));
+    }
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(emulator.counters().create_token_with_iam, 3);
+    let seen = upstream.seen();
+    let posts: Vec<_> = seen.iter().filter(|r| r.method == "POST").collect();
+    let second = posts
+        .iter()
+        .map(|r| r.header("authorization").unwrap())
+        .find(|a| *a != first)
+        .expect("a replay with a new token")
+        .to_owned();
+    assert_eq!(subject_of(Some(&second)).as_deref(), Some("alice"));
+    for n in 0..20 {
+        let path = format!("/post/{n}");
+        let sent: Vec<_> = posts.iter().filter(|r| r.uri == path).collect();
+        // Its last arrival is the one answered 200: with the new token,
+        // the same body.
+        let last = sent.last().unwrap();
+        assert_eq!(last.header("authorization"), Some(second.as_str()));
+        assert_eq!(last.body_len, format!("payload {n}").len() as u64);
+        assert!(sent.len() <= 2, "{path} sent {} times", sent.len());
+        assert!(sent.iter().all(|r| r.body_sha256 == last.body_sha256));
+    }
+    // Bob's token was not touched.
+    let (status, _) = get(&client, &served, "/y", &[("authorization", &bob)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        upstream.seen().last().unwrap().header("authorization"),
+        Some(bobs.as_str())
+    );
+
+    // Alice's new token is refused too, within the minute: the 401 goes
+    // back, the token is kept, no exchange per request.
+    upstream.reject(&second);
+    for _ in 0..10 {
+        let (status, body) = get(&client, &served, "/z", &[("authorization", &alice)]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, "rejected", "the upstream's own 401");
+    }
+    assert_eq!(emulator.counters().create_token_with_iam, 3);
+    let alices_last: Vec<_> = upstream
+        .seen()
+        .into_iter()
+        .filter(|r| r.uri == "/z")
+        .collect();
+    assert_eq!(alices_last.len(), 10, "each sent once, not replayed");
+    assert!(
+        alices_last
+            .iter()
+            .all(|r| r.header("authorization") == Some(second.as_str()))
+    );
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    assert!(!received.contains(alice.strip_prefix("Bearer ").unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_rejecting_everything_costs_one_extra_exchange_per_caller() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    upstream.reject_all();
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    for caller in 0..5 {
+        let jwt = emulator.mint_assertion(&format!("user-{caller}"), Duration::from_secs(3600));
+        let auth = format!("Bearer {}", jwt.expose());
+        for _ in 0..10 {
+            let (status, _) = get(&client, &served, "/x", &[("authorization", &auth)]).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+    }
+    // Per caller: its exchange, one more for the first 401, none after.
+    assert_eq!(emulator.counters().create_token_with_iam, 10);
+    // The first request of each went twice (the replay), the others once.
+    assert_eq!(upstream.seen().len(), 5 * 11);
+}
+
+#[tokio::test]
+async fn a_streamed_request_gets_the_401_and_the_next_request_a_new_token() {
+    let emulator = emulator().await;
+    let upstream = Upstream::start().await;
+    let served = serve(
+        &emulator,
+        &upstream,
+        header::AUTHORIZATION,
+        CallerOptions::default(),
+    )
+    .await;
+    let client = client();
+    let jwt = emulator.mint_assertion("carol", Duration::from_secs(3600));
+    let auth = format!("Bearer {}", jwt.expose());
+    let (status, _) = get(&client, &served, "/a", &[("authorization", &auth)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = upstream.seen()[0]
+        .header("authorization")
+        .unwrap()
+        .to_owned();
+    upstream.reject(&first);
+    // A body of unknown length is streamed, so it cannot be sent again.
+    let raw = format!(
+        "POST /b HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let response = harness::raw(served.addr, &raw).await;
+    assert_eq!(response.status, 401);
+    assert_eq!(upstream.seen().iter().filter(|r| r.uri == "/b").count(), 1);
+    // The caller's token is exchanged again meanwhile; the next request
+    // carries the new one.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while emulator.counters().create_token_with_iam < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no new exchange");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = get(&client, &served, "/c", &[("authorization", &auth)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = upstream
+        .seen()
+        .last()
+        .unwrap()
+        .header("authorization")
+        .unwrap()
+        .to_owned();
+    assert_ne!(last, first);
+    assert_eq!(subject_of(Some(&last)).as_deref(), Some("carol"));
+    assert_eq!(emulator.counters().create_token_with_iam, 2);
+}

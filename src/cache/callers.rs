@@ -20,6 +20,10 @@
 //!   policy has given up) no exchange starts for a backoff that grows while
 //!   AWS keeps throttling: callers without a cached token get a `503` with
 //!   `Retry-After` meanwhile.
+//! * **Upstream `401`s.** [`CallerTokens::reexchange`] drops the caller's
+//!   rejected token and exchanges its inbound token again, at most once per
+//!   caller per minute (the entry a forced exchange made remembers it);
+//!   beyond that the token is kept and the `401` goes back.
 //! * **Refresh-ahead.** A hit inside the token's refresh window starts one
 //!   background exchange for that caller. It re-uses the caller's inbound
 //!   token, which may have expired by then: if that exchange fails the
@@ -39,9 +43,16 @@ use moka::{Expiry, future::Cache, ops::compute::Op, policy::EvictionPolicy};
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::Semaphore, time::Instant};
 
-use super::{TokenUnavailable, margins::Deadlines};
+use super::{
+    TokenUnavailable,
+    forced_refresh::{FORCED_REFRESH_WINDOW, ForcedRefreshDecision},
+    margins::Deadlines,
+};
 use crate::{
-    metric_names::{CALLER_CACHE_ENTRIES, CALLER_CACHE_LOOKUPS_TOTAL, CALLER_EXCHANGES_TOTAL},
+    metric_names::{
+        CALLER_CACHE_ENTRIES, CALLER_CACHE_LOOKUPS_TOTAL, CALLER_EXCHANGES_TOTAL,
+        FORCED_REFRESHES_TOTAL, TOKEN_INVALIDATIONS_TOTAL,
+    },
     oidc::ErrorClass,
     secret::Secret,
     token::{FetchFuture, Token, TokenError},
@@ -104,6 +115,9 @@ struct Entry {
     state: EntryState,
     /// A refresh-ahead exchange was started for this entry.
     refresh_claimed: AtomicBool,
+    /// Set when an upstream `401` forced this entry's exchange: another
+    /// one is refused until [`FORCED_REFRESH_WINDOW`] has passed.
+    reexchanged_at: Option<Instant>,
 }
 
 enum EntryState {
@@ -119,11 +133,25 @@ enum EntryState {
 
 impl Entry {
     fn new(key: CallerKey, state: EntryState) -> Arc<Self> {
+        Self::with_reexchange(key, state, None)
+    }
+
+    fn with_reexchange(
+        key: CallerKey,
+        state: EntryState,
+        reexchanged_at: Option<Instant>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             key,
             state,
             refresh_claimed: AtomicBool::new(false),
+            reexchanged_at,
         })
+    }
+
+    /// Whether it holds the token `id`.
+    fn holds(&self, id: u64) -> bool {
+        matches!(&self.state, EntryState::Token { token, .. } if token.id() == id)
     }
 
     /// How long moka keeps it (on moka's clock; reads judge on tokio's).
@@ -260,7 +288,7 @@ impl CallerTokens {
                 Some(entry) => entry,
                 None => {
                     missed = true;
-                    let fill = self.exchange_entry(key, inbound.clone());
+                    let fill = self.exchange_entry(key, inbound.clone(), None);
                     match self.inner.entries.try_get_with(key, fill).await {
                         Ok(entry) => entry,
                         Err(shared) => {
@@ -308,12 +336,102 @@ impl CallerTokens {
         ))
     }
 
+    /// After an upstream answered `401` to `rejected`, the token held for
+    /// the caller whose inbound token is `inbound`: if the cache still
+    /// holds `rejected`, it is dropped and exchanged again at once, unless
+    /// that caller's token was already re-exchanged for a `401` within the
+    /// last minute ([`Reexchange::Limited`]: the token is kept, the `401`
+    /// goes back). If the cache already holds another token, that one.
+    /// Concurrent rejections of one token make one exchange.
+    pub fn reexchange(
+        &self,
+        inbound: Secret,
+        rejected: Arc<Token>,
+    ) -> impl Future<Output = Reexchange> + Send + 'static {
+        let this = self.clone();
+        async move { this.reexchange_inner(inbound, &rejected).await }
+    }
+
+    async fn reexchange_inner(&self, inbound: Secret, rejected: &Token) -> Reexchange {
+        let key = caller_key(&inbound);
+        let id = rejected.id();
+        let mut outcome: Option<Result<Arc<Token>, TokenUnavailable>> = None;
+        let mut decision = ForcedRefreshDecision::Superseded;
+        // Under moka's per-key lock: concurrent rejections of this caller
+        // wait here, then find the new token.
+        self.inner
+            .entries
+            .entry(key)
+            .and_compute_with(|held| {
+                let held = held.map(|h| h.into_value());
+                let (outcome, decision, inbound) = (&mut outcome, &mut decision, &inbound);
+                async move {
+                    let Some(entry) = held.filter(|e| e.key == key && e.holds(id)) else {
+                        return Op::Nop;
+                    };
+                    let now = Instant::now();
+                    if entry
+                        .reexchanged_at
+                        .is_some_and(|at| now.saturating_duration_since(at) < FORCED_REFRESH_WINDOW)
+                    {
+                        *decision = ForcedRefreshDecision::Limited;
+                        return Op::Nop;
+                    }
+                    *decision = ForcedRefreshDecision::Allowed;
+                    match self.exchange_entry(key, inbound.clone(), Some(now)).await {
+                        Ok(entry) => {
+                            if let EntryState::Token { token, .. } = &entry.state {
+                                *outcome = Some(Ok(Arc::clone(token)));
+                            }
+                            Op::Put(entry)
+                        }
+                        Err(e) => {
+                            *outcome = Some(Err(e));
+                            Op::Remove
+                        }
+                    }
+                }
+            })
+            .await;
+        self.count_forced(decision);
+        match (decision, outcome) {
+            (ForcedRefreshDecision::Limited, _) => Reexchange::Limited,
+            (_, Some(Ok(token))) => Reexchange::Replay(token),
+            (_, Some(Err(e))) => Reexchange::Unavailable(e),
+            // Superseded, or exchanged into a remembered refusal: what a
+            // request of this caller gets now.
+            (_, None) => match self.get_inner(inbound).await {
+                Ok(token) if token.id() != id => Reexchange::Replay(token),
+                Ok(_) => Reexchange::Limited,
+                Err(e) => Reexchange::Unavailable(e),
+            },
+        }
+    }
+
+    fn count_forced(&self, decision: ForcedRefreshDecision) {
+        let name = &self.inner.options.name;
+        metrics::counter!(FORCED_REFRESHES_TOTAL.name, "source" => name.clone(), "decision" => decision.as_str())
+            .increment(1);
+        match decision {
+            ForcedRefreshDecision::Allowed => {
+                metrics::counter!(TOKEN_INVALIDATIONS_TOTAL.name, "source" => name.clone())
+                    .increment(1);
+                tracing::debug!(source = %name, "caller's token rejected upstream; exchanged again");
+            }
+            ForcedRefreshDecision::Limited => {
+                tracing::debug!(source = %name, "caller's token rejected upstream again within a minute; the 401 goes back");
+            }
+            ForcedRefreshDecision::Superseded => {}
+        }
+    }
+
     /// The entry a miss puts in the cache: a token, or a remembered
     /// refusal. Throttling and transient failures are not kept.
     fn exchange_entry(
         &self,
         key: CallerKey,
         inbound: Secret,
+        reexchanged_at: Option<Instant>,
     ) -> impl Future<Output = Result<Arc<Entry>, TokenUnavailable>> + Send + 'static {
         let this = self.clone();
         async move {
@@ -337,7 +455,11 @@ impl CallerTokens {
                         )
                     } else {
                         exchanges(name, "ok");
-                        Entry::new(key, EntryState::Token { token, deadlines })
+                        Entry::with_reexchange(
+                            key,
+                            EntryState::Token { token, deadlines },
+                            reexchanged_at,
+                        )
                     }
                 }
                 Err(Attempt::Gated(retry_after)) => {
@@ -482,6 +604,20 @@ impl CallerTokens {
             })
             .await;
     }
+}
+
+/// What an upstream `401` of a caller's token led to
+/// ([`CallerTokens::reexchange`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Reexchange {
+    /// Another token of that caller's, to replay the request with.
+    Replay(Arc<Token>),
+    /// That caller's token was already exchanged again for a `401` within
+    /// the last minute: the token is kept, the `401` goes back unchanged.
+    Limited,
+    /// The new exchange was refused or failed.
+    Unavailable(TokenUnavailable),
 }
 
 /// Why an exchange was not made or did not succeed.
@@ -740,6 +876,77 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         let e = callers.get(Secret::new("caller-1")).await.unwrap_err();
         assert_eq!(e.kind(), "InvalidGrant");
+    }
+
+    fn replayed(outcome: Reexchange) -> Arc<Token> {
+        match outcome {
+            Reexchange::Replay(token) => token,
+            other => panic!("expected a token to replay with, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_token_is_exchanged_again_at_most_once_a_minute_per_caller() {
+        let exchanger = Shared::default();
+        let callers = cache(&exchanger, CallerOptions::default());
+        let inbound = || Secret::new("caller-1");
+        let first = callers.get(inbound()).await.unwrap();
+        let second = replayed(callers.reexchange(inbound(), Arc::clone(&first)).await);
+        assert_ne!(second.id(), first.id());
+        assert!(is_for(&second, "caller-1"));
+        assert_eq!(exchanger.calls(), 2);
+        // The old token rejected again (a request that was in flight): the
+        // new one, no exchange.
+        let again = replayed(callers.reexchange(inbound(), Arc::clone(&first)).await);
+        assert_eq!(again.id(), second.id());
+        // The new token rejected within the minute: kept, the 401 goes back.
+        for _ in 0..20 {
+            let outcome = callers.reexchange(inbound(), Arc::clone(&second)).await;
+            assert!(matches!(outcome, Reexchange::Limited), "{outcome:?}");
+        }
+        assert_eq!(callers.get(inbound()).await.unwrap().id(), second.id());
+        assert_eq!(exchanger.calls(), 2);
+        // A minute later, once more.
+        tokio::time::advance(FORCED_REFRESH_WINDOW).await;
+        let third = replayed(callers.reexchange(inbound(), Arc::clone(&second)).await);
+        assert_ne!(third.id(), second.id());
+        assert_eq!(exchanger.calls_for("caller-1"), 3);
+
+        // Concurrent rejections of one token: one exchange, one new token.
+        let other = callers.get(Secret::new("caller-2")).await.unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| tokio::spawn(callers.reexchange(Secret::new("caller-2"), Arc::clone(&other))))
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for task in tasks {
+            let token = replayed(task.await.unwrap());
+            assert!(is_for(&token, "caller-2"));
+            ids.insert(token.id());
+        }
+        assert_eq!(ids.len(), 1);
+        assert!(!ids.contains(&other.id()));
+        assert_eq!(exchanger.calls_for("caller-2"), 2);
+        // Caller 1 was not touched by caller 2's rejections.
+        assert_eq!(callers.get(inbound()).await.unwrap().id(), third.id());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_reexchange_is_the_callers_answer_and_remembered() {
+        let exchanger = Shared::default();
+        let callers = cache(&exchanger, CallerOptions::default());
+        let first = callers.get(Secret::new("caller-1")).await.unwrap();
+        // The caller's JWT has expired since.
+        exchanger.fail("caller-1", ServiceErrorKind::InvalidGrant);
+        let outcome = callers.reexchange(Secret::new("caller-1"), first).await;
+        match outcome {
+            Reexchange::Unavailable(e) => assert_eq!(e.kind(), "InvalidGrant"),
+            other => panic!("{other:?}"),
+        }
+        for _ in 0..5 {
+            let e = callers.get(Secret::new("caller-1")).await.unwrap_err();
+            assert_eq!(e.kind(), "InvalidGrant");
+        }
+        assert_eq!(exchanger.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,7 +58,7 @@ use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
 pub use self::{
-    callers::{CallerExchange, CallerOptions, CallerTokens},
+    callers::{CallerExchange, CallerOptions, CallerTokens, Reexchange},
     margins::{MIN_USABLE_LIFETIME, scaled_expiry_margin, scaled_refresh_window},
     stats::CacheStats,
 };

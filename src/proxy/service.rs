@@ -4,7 +4,10 @@
 //! forwarding fields) *before* the token is set, keeps the metrics and the
 //! request span, decides whether the body is buffered (replayable) or
 //! streamed, and hands the request to the route's
-//! `BearerTokenService<Forwarder>`.
+//! `BearerTokenService<Forwarder>`; on a per-caller route it has the
+//! caller's token exchanged and calls the forwarder itself, replaying a
+//! buffered request once after a `401` when `CallerTokens::reexchange`
+//! gives a new token.
 //!
 //! The `request` span is at `DEBUG`: at the default `info` level it is
 //! disabled and costs a level check, not a span allocation and the
@@ -21,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header, request};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, request};
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, combinators::Collect};
 use hyper::body::Incoming;
@@ -45,13 +48,18 @@ use super::{
     upload::{ClientBody, UpstreamBody},
 };
 use crate::{
-    cache::TokenUnavailable,
-    layer::{BearerTokenError, BearerTokenService, ReplayBody, unavailable_response},
+    cache::{Reexchange, TokenUnavailable},
+    layer::{
+        BearerTokenError, BearerTokenService, ReplayBody, ReplayableBody as _, unavailable_response,
+    },
+    secret::Secret,
     token::Token,
 };
 
 /// A caller's token being exchanged (or looked up).
 type CallerTokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
+/// A caller's token being exchanged again after a `401`.
+type ReexchangeFuture = Pin<Box<dyn Future<Output = Reexchange> + Send>>;
 
 /// Token layer over forwarder.
 pub(super) type Stack = BearerTokenService<Forwarder>;
@@ -69,6 +77,14 @@ pub(super) struct ConnService {
 }
 
 impl ConnService {
+    /// Small and of known size: held in memory so that a `401` can be
+    /// answered by a replay.
+    fn replayable_size(&self, body: &Incoming) -> bool {
+        body.size_hint()
+            .exact()
+            .is_some_and(|n| n <= self.max_replay_body_bytes)
+    }
+
     /// `ip` as an `X-Forwarded-For` element.
     pub(super) fn client_ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
         HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_canonical().to_string())).ok()
@@ -161,37 +177,35 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 };
                 return future;
             };
-            // Streamed: the exchanged token is the caller's own, so a `401`
-            // goes back to the caller rather than being replayed.
-            let body = if body.is_end_stream() {
-                ReplayBody::empty()
+            let caller = Box::new(CallerCall {
+                per_caller: Arc::clone(per_caller),
+                forwarder: route.stack.get_ref().clone(),
+                inbound,
+                token: None,
+                copy: None,
+            });
+            // Bodies as on the other routes: small ones held for a replay.
+            future.state = if body.is_end_stream() {
+                ProxyState::exchange(parts, ReplayBody::empty(), caller)
+            } else if self.replayable_size(&body) {
+                ProxyState::Collecting {
+                    collect: body.collect(),
+                    timer: tokio::time::sleep(self.request_body_timeout),
+                    request: Some((parts, Next::Caller(caller))),
+                }
             } else {
-                ReplayBody::streaming(ClientBody::new(body, self.request_body_timeout))
-            };
-            future.state = ProxyState::Exchanging {
-                exchange: Box::pin(per_caller.tokens.get(inbound)),
-                request: Some((
-                    parts,
-                    body,
-                    route.stack.get_ref().clone(),
-                    Arc::clone(per_caller),
-                )),
+                let body = ClientBody::new(body, self.request_body_timeout);
+                ProxyState::exchange(parts, ReplayBody::streaming(body), caller)
             };
             return future;
         }
         future.state = if body.is_end_stream() {
             ProxyState::call(route.stack.clone(), parts, ReplayBody::empty())
-        } else if body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= self.max_replay_body_bytes)
-        {
-            // Small and of known size: held in memory so that a `401` can be
-            // answered by a replay.
+        } else if self.replayable_size(&body) {
             ProxyState::Collecting {
                 collect: body.collect(),
                 timer: tokio::time::sleep(self.request_body_timeout),
-                request: Some((parts, route.stack.clone())),
+                request: Some((parts, Next::Stack(route.stack.clone()))),
             }
         } else {
             let body = ClientBody::new(body, self.request_body_timeout);
@@ -229,7 +243,7 @@ pin_project! {
             collect: Collect<Incoming>,
             #[pin]
             timer: Sleep,
-            request: Option<(request::Parts, Stack)>,
+            request: Option<(request::Parts, Next)>,
         },
         // Token layer and forwarder at work.
         Calling {
@@ -239,12 +253,21 @@ pin_project! {
         // A per-caller route: the caller's token being exchanged.
         Exchanging {
             exchange: CallerTokenFuture,
-            request: Option<(request::Parts, UpstreamBody, Forwarder, Arc<PerCaller>)>,
+            request: Option<(request::Parts, UpstreamBody, Box<CallerCall>)>,
         },
-        // A per-caller route: the forwarder at work, the caller's token set.
+        // A per-caller route: the forwarder at work, the caller's token set;
+        // `caller` is there until a `401` has been dealt with once.
         Forwarding {
             #[pin]
             call: Oneshot<Forwarder, Request<UpstreamBody>>,
+            caller: Option<Box<CallerCall>>,
+        },
+        // A per-caller route after a `401`: the caller's token exchanged
+        // again (or not, within its budget); the `401` kept meanwhile.
+        Reexchanging {
+            reexchange: ReexchangeFuture,
+            unauthorized: Option<Response<ProxyBody>>,
+            caller: Option<Box<CallerCall>>,
         },
         Done,
     }
@@ -265,6 +288,52 @@ impl ProxyState {
     fn call(stack: Stack, parts: request::Parts, body: UpstreamBody) -> Self {
         Self::Calling {
             call: Oneshot::new(stack, Request::from_parts(parts, body)),
+        }
+    }
+
+    fn exchange(parts: request::Parts, body: UpstreamBody, caller: Box<CallerCall>) -> Self {
+        Self::Exchanging {
+            exchange: Box::pin(caller.per_caller.tokens.get(caller.inbound.clone())),
+            request: Some((parts, body, caller)),
+        }
+    }
+}
+
+/// Where a request goes once its body is in memory.
+enum Next {
+    Stack(Stack),
+    Caller(Box<CallerCall>),
+}
+
+/// A request of a per-caller route: what a replay after a `401` needs.
+struct CallerCall {
+    per_caller: Arc<PerCaller>,
+    forwarder: Forwarder,
+    inbound: Secret,
+    /// The token the request went upstream with.
+    token: Option<Arc<Token>>,
+    /// A copy of the request, when its body can be sent again.
+    copy: Option<Request<UpstreamBody>>,
+}
+
+impl CallerCall {
+    /// Sets the caller's `token` on `request`, keeps a copy of it if its
+    /// body is replayable, and sends it.
+    fn forward(
+        mut self: Box<Self>,
+        mut request: Request<UpstreamBody>,
+        token: Arc<Token>,
+    ) -> ProxyState {
+        self.per_caller.apply(request.headers_mut(), &token);
+        let (parts, body) = request.into_parts();
+        self.copy = body
+            .try_clone()
+            .map(|copy| Request::from_parts(parts.clone(), copy));
+        let request = Request::from_parts(parts, body);
+        self.token = Some(token);
+        ProxyState::Forwarding {
+            call: Oneshot::new(self.forwarder.clone(), request),
+            caller: Some(self),
         }
     }
 }
@@ -288,10 +357,13 @@ impl Future for ProxyFuture {
                     request,
                 } => match collect.poll(cx) {
                     Poll::Ready(Ok(collected)) => {
-                        let (parts, stack) =
+                        let (parts, next) =
                             request.take().expect("request held while its body is read");
                         let body = ReplayBody::buffered(collected.to_bytes());
-                        this.state.set(ProxyState::call(stack, parts, body));
+                        this.state.set(match next {
+                            Next::Stack(stack) => ProxyState::call(stack, parts, body),
+                            Next::Caller(caller) => ProxyState::exchange(parts, body, caller),
+                        });
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(error = %e, "client request body broke off");
@@ -314,15 +386,13 @@ impl Future for ProxyFuture {
                 }
                 ProxyStateProj::Exchanging { exchange, request } => {
                     let result = ready!(exchange.as_mut().poll(cx));
-                    let (mut parts, body, forwarder, per_caller) = request
+                    let (parts, body, caller) = request
                         .take()
                         .expect("request held while its caller's token is exchanged");
                     match result {
                         Ok(token) => {
-                            per_caller.apply(&mut parts.headers, &token);
-                            this.state.set(ProxyState::Forwarding {
-                                call: Oneshot::new(forwarder, Request::from_parts(parts, body)),
-                            });
+                            let request = Request::from_parts(parts, body);
+                            this.state.set(caller.forward(request, token));
                         }
                         Err(e) => {
                             tracing::debug!(kind = e.kind(), "caller's token not exchanged");
@@ -330,13 +400,76 @@ impl Future for ProxyFuture {
                         }
                     }
                 }
-                ProxyStateProj::Forwarding { call } => {
-                    break match ready!(call.poll(cx)) {
+                ProxyStateProj::Forwarding { call, caller } => {
+                    let response = match ready!(call.poll(cx)) {
                         Ok(response) => response,
                         Err(e) => {
-                            forward_failure(this.metrics, this.method, this.uri, *this.version, e)
+                            break forward_failure(
+                                this.metrics,
+                                this.method,
+                                this.uri,
+                                *this.version,
+                                e,
+                            );
                         }
                     };
+                    if response.status() != StatusCode::UNAUTHORIZED {
+                        break response;
+                    }
+                    let Some(mut caller) = caller.take() else {
+                        break response;
+                    };
+                    let token = caller.token.take().expect("token set when forwarded");
+                    let reexchange = caller
+                        .per_caller
+                        .tokens
+                        .reexchange(caller.inbound.clone(), token);
+                    if caller.copy.is_none() {
+                        // Not replayable: the 401 goes back; the caller's
+                        // next request finds a new token.
+                        tracing::debug!(
+                            "upstream answered 401 to a streamed request; exchanging the caller's token again"
+                        );
+                        tokio::spawn(reexchange);
+                        break response;
+                    }
+                    this.state.set(ProxyState::Reexchanging {
+                        reexchange: Box::pin(reexchange),
+                        unauthorized: Some(response),
+                        caller: Some(caller),
+                    });
+                }
+                ProxyStateProj::Reexchanging {
+                    reexchange,
+                    unauthorized,
+                    caller,
+                } => {
+                    let outcome = ready!(reexchange.as_mut().poll(cx));
+                    let unauthorized = unauthorized.take().expect("401 held while exchanging");
+                    let mut caller = caller.take().expect("request held while exchanging");
+                    match outcome {
+                        Reexchange::Replay(token) => {
+                            tracing::debug!(
+                                "upstream answered 401; replaying with the caller's new token"
+                            );
+                            // The 401's body is of no use; let its connection go.
+                            drop(unauthorized);
+                            let mut copy = caller.copy.take().expect("copy held for the replay");
+                            caller.per_caller.apply(copy.headers_mut(), &token);
+                            this.state.set(ProxyState::Forwarding {
+                                call: Oneshot::new(caller.forwarder, copy),
+                                caller: None,
+                            });
+                        }
+                        Reexchange::Limited => break unauthorized,
+                        Reexchange::Unavailable(e) => {
+                            tracing::debug!(
+                                kind = e.kind(),
+                                "caller's token not exchanged after a 401"
+                            );
+                            break caller_refused_response(&e);
+                        }
+                    }
                 }
                 ProxyStateProj::Done => panic!("ProxyFuture polled after completion"),
             }
