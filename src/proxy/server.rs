@@ -39,6 +39,53 @@ use crate::metric_names;
 /// How long to pause accepting after an error such as "too many open files".
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// What an HTTP/2 client without TLS sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The connection builders: for HTTP/1, for HTTP/2, and one that reads
+/// the first bytes itself to tell them apart.
+///
+/// The protocol is told from the first bytes looked at without reading
+/// them (`peek`) where they suffice, so that hyper's first read gets the
+/// whole request head: after the auto builder's own look (it reads up to
+/// 24 bytes and hands them back), hyper's next read grows its buffer to
+/// 16 KiB, and requests then walk through all of it.
+#[derive(Debug)]
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(settings: &ServerSettings) -> Self {
+        let either = connection_builder(settings);
+        Self {
+            http1: either.clone().http1_only(),
+            http2: either.clone().http2_only(),
+            either,
+        }
+    }
+}
+
+/// Which builder the first bytes on `stream` call for, once some have
+/// arrived; `None` when they do not tell (none, an error, or the start of
+/// the HTTP/2 preface), for the builder that reads them itself.
+async fn protocol_of(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(n) if n > 0 && !H2_PREFACE.starts_with(&first[..n]) => Some(Protocol::Http1),
+        Ok(n) if n == H2_PREFACE.len() => Some(Protocol::Http2),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
 /// The HTTP/1 and HTTP/2 server settings every connection is served with.
 fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -66,7 +113,7 @@ pub(super) async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let settings = proxy.settings;
-    let builder = Arc::new(connection_builder(&settings));
+    let builder = Arc::new(Builders::new(&settings));
     let permits = Arc::clone(&proxy.connections);
     // Accepted at the cap, waiting for a place.
     let mut waiting: Option<(TcpStream, SocketAddr)> = None;
@@ -178,7 +225,7 @@ pub(super) async fn serve(
 
 /// One client connection and what serving it needs.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     stream: TcpStream,
     remote: SocketAddr,
     service: ConnService,
@@ -211,11 +258,24 @@ async fn serve_connection(conn: Connection) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let open = OpenConnection::count(&metrics);
+    let watchdog = tokio::time::sleep(timers.header_read);
+    tokio::pin!(watchdog);
+    // Shutdown or the header timer before the first bytes: left to the
+    // builder that reads them, and to the loop below, as any connection.
+    let protocol = tokio::select! {
+        biased;
+        _ = stop.wait_for(|stop| *stop) => None,
+        () = watchdog.as_mut() => None,
+        protocol = protocol_of(&stream) => protocol,
+    };
+    let builder = match protocol {
+        Some(Protocol::Http1) => &builder.http1,
+        Some(Protocol::Http2) => &builder.http2,
+        None => &builder.either,
+    };
     let io = ClientIo::new(stream, Arc::clone(&activity), control_frames_per_second);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let watchdog = tokio::time::sleep(timers.header_read);
-    tokio::pin!(watchdog);
     let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -282,4 +342,53 @@ fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    /// What `protocol_of` makes of `first` sent on a real socket, and that
+    /// it leaves the bytes to be read.
+    async fn sniffed(first: &[u8], close: bool) -> Option<Protocol> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(first).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        let protocol = protocol_of(&server).await;
+        let mut unread = vec![0u8; first.len()];
+        if !first.is_empty() {
+            server.peek(&mut unread).await.unwrap();
+            assert_eq!(unread, first, "the bytes stay for hyper to read");
+        }
+        protocol
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_pick_the_protocol_without_being_read() {
+        assert!(matches!(
+            sniffed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(sniffed(b"P", true).await.is_none());
+        assert!(matches!(
+            sniffed(b"POST / HTTP/1.1\r\n", false).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(matches!(
+            sniffed(H2_PREFACE, false).await,
+            Some(Protocol::Http2)
+        ));
+        // Part of the preface so far: the builder that reads waits for more.
+        assert!(sniffed(b"PRI * HTTP/2", false).await.is_none());
+        // Closed without a byte: hyper sees the end itself.
+        assert!(sniffed(b"", true).await.is_none());
+    }
 }
