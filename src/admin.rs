@@ -388,6 +388,10 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
             .set(if persist.persisted { 1.0 } else { 0.0 });
         }
     }
+    // Callers whose tokens expired since the last exchange are gone.
+    for callers in state.sources.exchanges() {
+        callers.publish_metrics().await;
+    }
     handle.run_upkeep();
     (
         StatusCode::OK,

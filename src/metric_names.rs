@@ -264,7 +264,7 @@ pub const CALLER_CACHE_LOOKUPS_TOTAL: Metric = counter(
 pub const CALLER_CACHE_ENTRIES: Metric = gauge(
     "sso_token_proxy_caller_cache_entries",
     &["source"],
-    "Callers an exchange source holds a token or a remembered refusal for (at most max_callers).",
+    "Callers an exchange source holds a token or a remembered refusal for (at most max_callers), counted at each scrape.",
 );
 
 // === token sinks ===

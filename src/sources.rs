@@ -134,6 +134,11 @@ impl TokenSources {
             .map(|(_, tokens, header)| (tokens, header))
     }
 
+    /// The per-caller caches of the exchange sources.
+    pub(crate) fn exchanges(&self) -> impl Iterator<Item = &CallerTokens> {
+        self.exchanges.iter().map(|(_, tokens, _)| tokens)
+    }
+
     /// The cache of the source named `name`.
     pub(crate) fn get(&self, name: &str) -> Option<&TokenCache> {
         self.sources

@@ -268,6 +268,19 @@ impl CallerTokens {
         self.inner.entries.run_pending_tasks().await;
     }
 
+    /// Sets the `sso_token_proxy_caller_cache_entries` gauge to the
+    /// callers held now, after moka's pending evictions (expired tokens
+    /// included): the proxy calls it on every scrape.
+    pub async fn publish_metrics(&self) {
+        self.run_pending_tasks().await;
+        self.set_entries_gauge();
+    }
+
+    fn set_entries_gauge(&self) {
+        metrics::gauge!(CALLER_CACHE_ENTRIES.name, "source" => self.inner.options.name.clone())
+            .set(self.entry_count() as f64);
+    }
+
     /// The token for the caller whose inbound token is `inbound`:
     /// cached, or exchanged (once however many of its requests wait).
     /// A refusal of that caller is remembered for `failure_ttl`.
@@ -483,8 +496,7 @@ impl CallerTokens {
                     }
                 },
             };
-            metrics::gauge!(CALLER_CACHE_ENTRIES.name, "source" => name.clone())
-                .set(this.inner.entries.entry_count() as f64);
+            this.set_entries_gauge();
             Ok(entry)
         }
     }
