@@ -112,7 +112,7 @@ impl<B> ReplayableBody for ReplayBody<B> {
 
 /// The request, and a copy of it (method, URI, version, headers,
 /// extensions, body) when its body can be copied.
-pub(super) fn with_replay_copy<B: ReplayableBody>(
+pub(crate) fn with_replay_copy<B: ReplayableBody>(
     request: Request<B>,
 ) -> (Request<B>, Option<Request<B>>) {
     let (parts, body) = request.into_parts();

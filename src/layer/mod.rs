@@ -87,6 +87,8 @@ mod service;
 #[cfg(doc)]
 use crate::cache::TokenCache;
 
+#[cfg(feature = "proxy")]
+pub(crate) use self::body::with_replay_copy;
 pub use self::{
     body::{ReplayBody, ReplayableBody},
     error::{BearerTokenError, unavailable_response},

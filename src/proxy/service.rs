@@ -50,7 +50,7 @@ use super::{
 use crate::{
     cache::{Reexchange, TokenUnavailable},
     layer::{
-        BearerTokenError, BearerTokenService, ReplayBody, ReplayableBody as _, unavailable_response,
+        BearerTokenError, BearerTokenService, ReplayBody, unavailable_response, with_replay_copy,
     },
     secret::Secret,
     token::Token,
@@ -325,11 +325,8 @@ impl CallerCall {
         token: Arc<Token>,
     ) -> ProxyState {
         self.per_caller.apply(request.headers_mut(), &token);
-        let (parts, body) = request.into_parts();
-        self.copy = body
-            .try_clone()
-            .map(|copy| Request::from_parts(parts.clone(), copy));
-        let request = Request::from_parts(parts, body);
+        let (request, copy) = with_replay_copy(request);
+        self.copy = copy;
         self.token = Some(token);
         ProxyState::Forwarding {
             call: Oneshot::new(self.forwarder.clone(), request),
