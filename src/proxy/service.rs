@@ -194,7 +194,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     request: Some((parts, Next::Caller(caller))),
                 }
             } else {
-                let body = ClientBody::new(body, self.request_body_timeout);
+                let body = Box::new(ClientBody::new(body, self.request_body_timeout));
                 ProxyState::exchange(parts, ReplayBody::streaming(body), caller)
             };
             return future;
@@ -208,7 +208,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 request: Some((parts, Next::Stack(route.stack.clone()))),
             }
         } else {
-            let body = ClientBody::new(body, self.request_body_timeout);
+            let body = Box::new(ClientBody::new(body, self.request_body_timeout));
             ProxyState::call(route.stack.clone(), parts, ReplayBody::streaming(body))
         };
         future
