@@ -752,6 +752,72 @@ async fn malformed_request_bodies_are_the_clients_fault() {
     }
 }
 
+/// A client that sends its request and at once closes its side for
+/// writing (`shutdown(SHUT_WR)`, as `nc -N` does) still gets its answer,
+/// and the upstream sees the request once. hyper's default would read
+/// ahead while the request is in flight, take the end of the stream for
+/// an abort and drop the request.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"GET /held HTTP/1.1\r\nHost: x\r\nx-test-hold: 1\r\n\r\n")
+        .await;
+    let mut stream = conn.into_stream();
+    stream.shutdown().await.unwrap();
+    let arrived = tokio::time::timeout(adversary::GUARD, upstream.wait_arrived())
+        .await
+        .expect("the request reaches the upstream after the client's FIN");
+    assert_eq!(arrived, "/held");
+    upstream.release();
+    let mut answer = Vec::new();
+    tokio::time::timeout(adversary::GUARD, stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0]
+            .header("authorization")
+            .is_some_and(|v| v.starts_with("Bearer ")),
+        "{seen:?}"
+    );
+}
+
+/// A client that goes away while its request is in flight: the request
+/// runs to the upstream's answer (bounded by the upstream response timer),
+/// the answer is dropped, and the connection's place under
+/// `max_connections` comes free for the next client.
+#[tokio::test]
+async fn a_client_gone_mid_request_frees_its_place_once_the_upstream_answers() {
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.max_connections = 1;
+    let proxy = RunningProxy::start(config).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"GET /gone HTTP/1.1\r\nHost: x\r\nx-test-hold: 1\r\n\r\n")
+        .await;
+    assert_eq!(upstream.wait_arrived().await, "/gone");
+    drop(conn);
+    let next = tokio::spawn({
+        let addr = proxy.addr;
+        async move { exchange(addr, &get("/next", "Connection: close\r\n")).await }
+    });
+    upstream.release();
+    let answer = tokio::time::timeout(adversary::GUARD, next)
+        .await
+        .expect("the place comes free")
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(answer.status, 200);
+    let uris: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(uris, ["/gone", "/next"]);
+}
+
 #[tokio::test]
 async fn the_upstream_response_timer_starts_once_the_body_is_sent() {
     let upstream = Upstream::start().await;

@@ -96,6 +96,11 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
         // A head must fit in the read buffer (hyper answers 431 when not);
         // hyper's own floor for it is 8 KiB.
         .max_buf_size(settings.max_request_header_bytes.max(8192))
+        // No read while a request is in flight: a client's FIN is not an
+        // abort (a half-closing client gets its answer), and the next read
+        // comes once the request's head is dropped, so hyper reuses its
+        // read buffer instead of allocating a new 8 KiB one per request.
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
