@@ -7,7 +7,6 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
-use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Empty, Full};
 use pin_project_lite::pin_project;
@@ -108,18 +107,6 @@ impl<B> ReplayableBody for ReplayBody<B> {
             Self::Streaming { .. } => None,
         }
     }
-}
-
-/// The request, and a copy of it (method, URI, version, headers,
-/// extensions, body) when its body can be copied.
-pub(crate) fn with_replay_copy<B: ReplayableBody>(
-    request: Request<B>,
-) -> (Request<B>, Option<Request<B>>) {
-    let (parts, body) = request.into_parts();
-    let copy = body
-        .try_clone()
-        .map(|copy| Request::from_parts(parts.clone(), copy));
-    (Request::from_parts(parts, body), copy)
 }
 
 pin_project! {

@@ -14,8 +14,8 @@ use tracing::{Instrument, field::Empty};
 
 use super::{
     ReplayableBody, TokenProvider,
-    body::with_replay_copy,
     error::BearerTokenError,
+    replay::ReplayCopy,
     service::{BearerConfig, record_outcome},
 };
 use crate::{
@@ -35,15 +35,30 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // Before the first call: the request waiting for its token. After
-        // it: the copy kept for a replay, if the body allows one.
-        request: Option<Request<B>>,
+        // The request waiting for its token, or the copy kept for a replay.
+        held: Held<B>,
         // The service for a deferred call or a replay; polled ready before
         // each call.
         service: Option<S>,
         // The token the pending call carries.
         token: Option<Arc<Token>>,
         config: Arc<BearerConfig<P>>,
+    }
+}
+
+/// What the future holds besides the call under way.
+enum Held<B> {
+    Nothing,
+    /// Miss path: the request, until its token arrives (boxed, so that
+    /// the hit path's future stays small).
+    Request(Box<Request<B>>),
+    /// After the first call: the copy for a replay, if the body allows one.
+    Copy(ReplayCopy<B>),
+}
+
+impl<B> Held<B> {
+    fn take(&mut self) -> Self {
+        std::mem::replace(self, Self::Nothing)
     }
 }
 
@@ -72,13 +87,13 @@ where
     pub(super) fn called(
         future: S::Future,
         token: Arc<Token>,
-        replay: Option<Request<B>>,
+        replay: Option<ReplayCopy<B>>,
         service: Option<S>,
         config: Arc<BearerConfig<P>>,
     ) -> Self {
         Self {
             state: State::Calling { future },
-            request: replay,
+            held: replay.map_or(Held::Nothing, Held::Copy),
             service,
             token: Some(token),
             config,
@@ -95,7 +110,7 @@ where
     ) -> Self {
         Self {
             state: State::Fetching { fetch },
-            request: Some(request),
+            held: Held::Request(Box::new(request)),
             service: Some(service),
             token: None,
             config,
@@ -123,15 +138,15 @@ where
                             return Poll::Ready(Err(BearerTokenError::Token(e)));
                         }
                     };
-                    let mut request = this
-                        .request
-                        .take()
-                        .expect("request held until its token arrives");
+                    let Held::Request(request) = this.held.take() else {
+                        unreachable!("request held until its token arrives");
+                    };
+                    let mut request = *request;
                     this.config.header.apply(&mut request, &token);
-                    if this.config.retry_on_unauthorized {
-                        let copy;
-                        (request, copy) = with_replay_copy(request);
-                        *this.request = copy;
+                    if this.config.retry_on_unauthorized
+                        && let Some(copy) = ReplayCopy::of(&request)
+                    {
+                        *this.held = Held::Copy(copy);
                     }
                     let service = this.service.as_mut().expect("service held until called");
                     let future = service.call(request);
@@ -157,8 +172,17 @@ where
                     // The cache decides: this very token was sent, and
                     // forced refreshes are rate-limited.
                     let rejection = this.config.provider.reject(&rejected);
-                    let replayable = this.request.is_some() && this.service.is_some();
-                    if rejection == Rejection::Limited || !replayable {
+                    let copy = match this.held.take() {
+                        Held::Copy(copy) if this.service.is_some() => Some(copy),
+                        _ => None,
+                    };
+                    let replayable = copy.is_some();
+                    // Rebuilt only for a replay; should that fail (see
+                    // `ReplayCopy::into_request`), the 401 goes back.
+                    let replay = copy
+                        .filter(|_| rejection != Rejection::Limited)
+                        .and_then(ReplayCopy::into_request);
+                    let Some(replay) = replay else {
                         tracing::debug!(
                             token_id = rejected.id(),
                             ?rejection,
@@ -167,7 +191,8 @@ where
                         );
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
-                    }
+                    };
+                    *this.held = Held::Request(Box::new(replay));
                     tracing::debug!(
                         token_id = rejected.id(),
                         "upstream answered 401; replaying with a new token"
@@ -208,10 +233,10 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(BearerTokenError::Inner(e)));
                     }
-                    let mut request = this
-                        .request
-                        .take()
-                        .expect("request copy held for the replay");
+                    let Held::Request(request) = this.held.take() else {
+                        unreachable!("request rebuilt for the replay");
+                    };
+                    let mut request = *request;
                     let token = this.token.take().expect("token fetched for the replay");
                     this.config.header.apply(&mut request, &token);
                     let future = service.call(request);

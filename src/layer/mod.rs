@@ -82,13 +82,14 @@ mod error;
 mod format;
 mod future;
 mod provider;
+mod replay;
 mod service;
 
 #[cfg(doc)]
 use crate::cache::TokenCache;
 
 #[cfg(feature = "proxy")]
-pub(crate) use self::body::with_replay_copy;
+pub(crate) use self::replay::ReplayCopy;
 pub use self::{
     body::{ReplayBody, ReplayableBody},
     error::{BearerTokenError, unavailable_response},

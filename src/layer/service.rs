@@ -13,9 +13,9 @@ use tracing::{Instrument, field::Empty};
 
 use super::{
     ReplayableBody, TokenFormat, TokenProvider,
-    body::with_replay_copy,
     error::BearerTokenError,
     future::{ResponseFuture, TokenFuture},
+    replay::ReplayCopy,
 };
 use crate::{
     cache::{Lookup, TokenCache},
@@ -193,11 +193,10 @@ where
             .entered();
             self.config.header.apply(&mut request, &token);
         }
-        let replay;
-        (request, replay) = if self.config.retry_on_unauthorized {
-            with_replay_copy(request)
+        let replay = if self.config.retry_on_unauthorized {
+            ReplayCopy::of(&request)
         } else {
-            (request, None)
+            None
         };
         // A replay needs a service of its own, polled ready before its call.
         let retry_service = replay.as_ref().map(|_| self.inner.clone());

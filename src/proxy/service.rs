@@ -49,9 +49,7 @@ use super::{
 };
 use crate::{
     cache::{Reexchange, TokenUnavailable},
-    layer::{
-        BearerTokenError, BearerTokenService, ReplayBody, unavailable_response, with_replay_copy,
-    },
+    layer::{BearerTokenError, BearerTokenService, ReplayBody, ReplayCopy, unavailable_response},
     secret::Secret,
     token::Token,
 };
@@ -313,7 +311,7 @@ struct CallerCall {
     /// The token the request went upstream with.
     token: Option<Arc<Token>>,
     /// A copy of the request, when its body can be sent again.
-    copy: Option<Request<UpstreamBody>>,
+    copy: Option<ReplayCopy<UpstreamBody>>,
 }
 
 impl CallerCall {
@@ -325,8 +323,7 @@ impl CallerCall {
         token: Arc<Token>,
     ) -> ProxyState {
         self.per_caller.apply(request.headers_mut(), &token);
-        let (request, copy) = with_replay_copy(request);
-        self.copy = copy;
+        self.copy = ReplayCopy::of(&request);
         self.token = Some(token);
         ProxyState::Forwarding {
             call: Oneshot::new(self.forwarder.clone(), request),
@@ -446,12 +443,16 @@ impl Future for ProxyFuture {
                     let mut caller = caller.take().expect("request held while exchanging");
                     match outcome {
                         Reexchange::Replay(token) => {
+                            let copy = caller.copy.take().expect("copy held for the replay");
+                            // Fails only for parts the `http` crate rules out.
+                            let Some(mut copy) = copy.into_request() else {
+                                break unauthorized;
+                            };
                             tracing::debug!(
                                 "upstream answered 401; replaying with the caller's new token"
                             );
                             // The 401's body is of no use; let its connection go.
                             drop(unauthorized);
-                            let mut copy = caller.copy.take().expect("copy held for the replay");
                             caller.per_caller.apply(copy.headers_mut(), &token);
                             this.state.set(ProxyState::Forwarding {
                                 call: Oneshot::new(caller.forwarder, copy),
