@@ -99,7 +99,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 type UpstreamIo = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 /// hyper's reads and writes for one HTTP/1.1 connection.
-type Driver<B> = http1::Connection<UpstreamIo, B>;
+type Driver<B> = http1::Connection<WatchedIo, B>;
 
 /// The upstream's answer to one request. Not subject to tokio's budget: an
 /// HTTP/1.1 answer is polled without a waker of its own (see
@@ -325,6 +325,9 @@ pub(crate) struct Http1Conn<B: Body + 'static> {
 #[derive(Default)]
 struct WakeRelay {
     task: Mutex<Option<Waker>>,
+    /// Set when the socket wakes the driver, cleared before each drive:
+    /// whether anything arrived on the socket since the driver last ran.
+    socket_woken: AtomicBool,
 }
 
 impl WakeRelay {
@@ -337,6 +340,83 @@ impl WakeRelay {
 
     fn clear(&self) {
         *lock(&self.task) = None;
+    }
+}
+
+/// The waker an HTTP/1.1 connection's socket is polled with: it notes
+/// that the socket woke the driver, then wakes as the relay does.
+struct SocketWake(Arc<WakeRelay>);
+
+impl std::task::Wake for SocketWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.socket_woken.store(true, Ordering::Release);
+        self.0.wake_by_ref();
+    }
+}
+
+/// An HTTP/1.1 connection's socket, polled with its [`SocketWake`]
+/// whatever waker hyper passes (always the relay's: the driver is only
+/// polled through [`Http1Conn::drive`]).
+struct WatchedIo {
+    io: UpstreamIo,
+    waker: Waker,
+}
+
+impl WatchedIo {
+    fn new(io: UpstreamIo, relay: &Arc<WakeRelay>) -> Self {
+        Self {
+            io,
+            waker: Waker::from(Arc::new(SocketWake(Arc::clone(relay)))),
+        }
+    }
+}
+
+impl hyper::rt::Read for WatchedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.io).poll_read(&mut Context::from_waker(&this.waker), buf)
+    }
+}
+
+impl hyper::rt::Write for WatchedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.io).poll_write(&mut Context::from_waker(&this.waker), buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.io).poll_write_vectored(&mut Context::from_waker(&this.waker), bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.io).poll_flush(&mut Context::from_waker(&this.waker))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.io).poll_shutdown(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -365,6 +445,7 @@ where
             return false;
         };
         self.relay.set(cx.waker());
+        self.relay.socket_woken.store(false, Ordering::Relaxed);
         let mut relayed = Context::from_waker(&self.relay_waker);
         match Pin::new(&mut **driver).poll(&mut relayed) {
             Poll::Pending => true,
@@ -381,8 +462,16 @@ where
 
     /// Whether it is open and waiting for a request, once its driver has
     /// seen what arrived while it sat idle (a close, say). Nobody is woken
-    /// by it until the next user drives it.
+    /// by it until the next user drives it. When nothing arrived on the
+    /// socket since the driver last ran, it has nothing new to see and is
+    /// not run: the socket registers a wake-up whenever hyper's read of it
+    /// comes back empty, as the read after every response does. (Should a
+    /// close slip by all the same, the request finds it and is sent again
+    /// on another connection, as one that was never written.)
     fn ready_after_idle(&mut self) -> bool {
+        if !self.relay.socket_woken.load(Ordering::Acquire) {
+            return self.driver.is_some() && self.sender.is_ready();
+        }
         let alive = self.drive(&mut Context::from_waker(Waker::noop()));
         self.relay.clear();
         alive && self.sender.is_ready()
@@ -920,13 +1009,13 @@ where
                 reused: false,
             })
         } else {
+            let relay = Arc::new(WakeRelay::default());
             let (sender, driver) = self
                 .h1
-                .handshake(io)
+                .handshake(WatchedIo::new(io, &relay))
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             metrics::counter!(metric_names::UPSTREAM_CONNECTIONS_OPENED_TOTAL.name, "route" => Arc::clone(&self.route), "protocol" => "http1").increment(1);
-            let relay = Arc::new(WakeRelay::default());
             Ok(Checkout::Http1 {
                 conn: Http1Conn {
                     sender,
