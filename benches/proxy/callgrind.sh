@@ -12,8 +12,9 @@
 # `CG_ENV`, by default TOKIO_WORKER_THREADS=1 so that the count does not
 # depend on how valgrind interleaves threads; RUST_LOG=info as deployed;
 # extra `[proxy]` keys from CG_PROXY_KEYS, `;`-separated; instrumentation
-# off until warmed up), then counts instructions over `wrk -t1 -c16
-# -d${CG_SECONDS:-10}s` and divides by the requests served. Keeps the
+# off until warmed up), then counts instructions over `wrk -t1
+# -c${CG_CONNS:-16} -d${CG_SECONDS:-10}s` and divides by the requests
+# served. Keeps the
 # profile in target/callgrind/ for `callgrind_annotate --inclusive=yes`.
 set -euo pipefail
 
@@ -55,7 +56,7 @@ for _ in $(seq 600); do
 done
 wrk -t1 -c16 -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
 callgrind_control -i on "$PID" >/dev/null
-wrk -t1 -c16 -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
+wrk -t1 -c"${CG_CONNS:-16}" -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
 callgrind_control -i off "$PID" >/dev/null
 callgrind_control -d "$PID" >/dev/null
 sleep 1
