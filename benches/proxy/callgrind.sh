@@ -6,6 +6,7 @@
 #   bash benches/proxy/callgrind.sh [BINARY]      # default target/release/sso-token-proxy
 #   CG_ENV= bash benches/proxy/callgrind.sh       # the default runtime instead of one worker
 #   CG_PROXY_KEYS='runtime = "thread_per_core"' bash benches/proxy/callgrind.sh
+#   CG_TARGET=nginx bash benches/proxy/callgrind.sh  # nginx as the proxy, for scale
 #
 # From the repository root. Starts a one-worker nginx upstream (`return 200
 # "ok"`) and the proxy under `valgrind --tool=callgrind` (environment
@@ -45,15 +46,30 @@ write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$P_EM
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
 OUT="$ROOT/target/callgrind/callgrind.$(date +%Y%m%d-%H%M%S).out"
-# shellcheck disable=SC2086 # CG_ENV is a list of NAME=value words
-env ${CG_ENV-TOKIO_WORKER_THREADS=1} RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
-    --callgrind-out-file="$OUT" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
-PID=$!
-PIDS+=("$PID")
-for _ in $(seq 600); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_ADMIN/readyz") == 200 ]] && break
-    sleep 0.1
-done
+if [[ ${CG_TARGET:-} == nginx ]]; then
+    # nginx as run.sh's token-adding proxy, one worker in the foreground
+    # process (no master), for scale.
+    write_nginx_proxy "$WORK/nginx-proxy.conf" 1 "$WORK/nginx-proxy.pid" "$P_PROXY" "$P_UP" "bench-token"
+    sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/nginx-proxy.conf"
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+        nginx -p "$WORK" -e stderr -c "$WORK/nginx-proxy.conf" >"$WORK/proxy.log" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
+    for _ in $(seq 600); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_PROXY/") == 200 ]] && break
+        sleep 0.1
+    done
+else
+    # shellcheck disable=SC2086 # CG_ENV is a list of NAME=value words
+    env ${CG_ENV-TOKIO_WORKER_THREADS=1} RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$OUT" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
+    for _ in $(seq 600); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_ADMIN/readyz") == 200 ]] && break
+        sleep 0.1
+    done
+fi
 wrk -t1 -c16 -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
 callgrind_control -i on "$PID" >/dev/null
 wrk -t1 -c"${CG_CONNS:-16}" -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
