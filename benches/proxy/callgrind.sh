@@ -53,23 +53,20 @@ if [[ ${CG_TARGET:-} == nginx ]]; then
     sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/nginx-proxy.conf"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
         nginx -p "$WORK" -e stderr -c "$WORK/nginx-proxy.conf" >"$WORK/proxy.log" 2>&1 &
-    PID=$!
-    PIDS+=("$PID")
-    for _ in $(seq 600); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_PROXY/") == 200 ]] && break
-        sleep 0.1
-    done
+    READY="http://127.0.0.1:$P_PROXY/"
 else
     # shellcheck disable=SC2086 # CG_ENV is a list of NAME=value words
     env ${CG_ENV-TOKIO_WORKER_THREADS=1} RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$OUT" "$BIN" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
-    PID=$!
-    PIDS+=("$PID")
-    for _ in $(seq 600); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_ADMIN/readyz") == 200 ]] && break
-        sleep 0.1
-    done
+    READY="http://127.0.0.1:$P_ADMIN/readyz"
 fi
+PID=$!
+PIDS+=("$PID")
+# Up to a minute: valgrind starts slowly.
+for _ in $(seq 600); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "$READY") == 200 ]] && break
+    sleep 0.1
+done
 wrk -t1 -c16 -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
 callgrind_control -i on "$PID" >/dev/null
 wrk -t1 -c"${CG_CONNS:-16}" -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
