@@ -376,19 +376,31 @@ impl TokenCache {
     /// Like [`try_get_now`](Self::try_get_now), saying whether the token is
     /// inside its refresh window (for tracing).
     pub fn lookup(&self) -> Lookup {
+        self.lookup_with(|token, refresh_ahead| {
+            if refresh_ahead {
+                Lookup::RefreshAhead(Arc::clone(token))
+            } else {
+                Lookup::Hit(Arc::clone(token))
+            }
+        })
+        .unwrap_or(Lookup::Miss)
+    }
+
+    /// [`lookup`](Self::lookup) without an `Arc` clone, for the layer's hit
+    /// path: `f` gets the token to send now, and whether it is inside its
+    /// refresh window, while the `ArcSwap` guard is held. `None`: a miss.
+    pub(crate) fn lookup_with<R>(&self, f: impl FnOnce(&Arc<Token>, bool) -> R) -> Option<R> {
         let guard = self.inner.current.load();
-        let Some(current) = guard.as_ref() else {
-            return Lookup::Miss;
-        };
+        let current = guard.as_ref()?;
         let now = Instant::now();
         if !current.deadlines.usable_at(now) {
-            return Lookup::Miss;
+            return None;
         }
-        if now >= current.deadlines.refresh_from {
+        let refresh_ahead = now >= current.deadlines.refresh_from;
+        if refresh_ahead {
             self.maybe_refresh_ahead(&current.token, now);
-            return Lookup::RefreshAhead(Arc::clone(&current.token));
         }
-        Lookup::Hit(Arc::clone(&current.token))
+        Some(f(&current.token, refresh_ahead))
     }
 
     /// The current token if it is still usable, without side effects. For
@@ -457,18 +469,24 @@ impl TokenCache {
     /// expires. Counted in
     /// `sso_token_proxy_forced_refreshes_total{source,decision}`.
     pub fn reject(&self, token: &Token) -> Rejection {
+        self.reject_sent(token.id(), token.expires_at())
+    }
+
+    /// [`reject`](Self::reject) of the token `id` that expires at
+    /// `expires_at`: all it needs of the token, so the layer keeps no `Arc`
+    /// of it per request.
+    pub(crate) fn reject_sent(&self, id: u64, expires_at: Instant) -> Rejection {
         let inner = &*self.inner;
-        let id = token.id();
         let now = Instant::now();
         let decision = {
             let mut rejections = inner.rejections.lock().expect("rejections lock");
             let current = inner.current.load_full();
             let is_current = current.as_ref().is_some_and(|c| c.token.id() == id);
             if rejections.tokens.contains(id, now) || !is_current {
-                rejections.tokens.insert(id, token.expires_at(), now);
+                rejections.tokens.insert(id, expires_at, now);
                 ForcedRefreshDecision::Superseded
             } else if rejections.budget.try_take(now) {
-                rejections.tokens.insert(id, token.expires_at(), now);
+                rejections.tokens.insert(id, expires_at, now);
                 inner.current.compare_and_swap(&current, None);
                 inner.published.send_replace(None);
                 ForcedRefreshDecision::Allowed

@@ -16,7 +16,7 @@ use super::{
     ReplayableBody, TokenProvider,
     error::BearerTokenError,
     replay::ReplayCopy,
-    service::{BearerConfig, record_outcome},
+    service::{BearerConfig, SentToken, record_outcome},
 };
 use crate::{
     cache::{Rejection, TokenCache, TokenUnavailable},
@@ -40,8 +40,8 @@ pin_project! {
         // The service for a deferred call or a replay; polled ready before
         // each call.
         service: Option<S>,
-        // The token the pending call carries.
-        token: Option<Arc<Token>>,
+        // The token the first call carries.
+        sent: Option<SentToken>,
         config: Arc<BearerConfig<P>>,
     }
 }
@@ -71,8 +71,8 @@ pin_project! {
         Calling { #[pin] future: F },
         // `401` with a replay: fetching a token other than the rejected one.
         Refetching { fetch: TokenFuture },
-        // Waiting for the service to be ready for the replay.
-        ReplayReady,
+        // Waiting for the service to be ready for the replay, with its token.
+        ReplayReady { token: Option<Arc<Token>> },
         // The replay; whatever it answers is the answer.
         Replaying { #[pin] future: F },
         Done,
@@ -86,7 +86,7 @@ where
     /// Hit path: the first call is already made.
     pub(super) fn called(
         future: S::Future,
-        token: Arc<Token>,
+        sent: SentToken,
         replay: Option<ReplayCopy<B>>,
         service: Option<S>,
         config: Arc<BearerConfig<P>>,
@@ -95,7 +95,7 @@ where
             state: State::Calling { future },
             held: replay.map_or(Held::Nothing, Held::Copy),
             service,
-            token: Some(token),
+            sent: Some(sent),
             config,
         }
     }
@@ -112,7 +112,7 @@ where
             state: State::Fetching { fetch },
             held: Held::Request(Box::new(request)),
             service: Some(service),
-            token: None,
+            sent: None,
             config,
         }
     }
@@ -150,7 +150,7 @@ where
                     }
                     let service = this.service.as_mut().expect("service held until called");
                     let future = service.call(request);
-                    *this.token = Some(token);
+                    *this.sent = Some(SentToken::Provided(token));
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Calling { future } => {
@@ -165,13 +165,13 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
-                    let Some(rejected) = this.token.take() else {
+                    let Some(rejected) = this.sent.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     };
                     // The cache decides: this very token was sent, and
                     // forced refreshes are rate-limited.
-                    let rejection = this.config.provider.reject(&rejected);
+                    let rejection = this.config.reject(&rejected);
                     let copy = match this.held.take() {
                         Held::Copy(copy) if this.service.is_some() => Some(copy),
                         _ => None,
@@ -219,15 +219,14 @@ where
                 }
                 StateProj::Refetching { fetch } => match ready!(fetch.as_mut().poll(cx)) {
                     Ok(token) => {
-                        *this.token = Some(token);
-                        this.state.set(State::ReplayReady);
+                        this.state.set(State::ReplayReady { token: Some(token) });
                     }
                     Err(e) => {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(BearerTokenError::Token(e)));
                     }
                 },
-                StateProj::ReplayReady => {
+                StateProj::ReplayReady { token } => {
                     let service = this.service.as_mut().expect("service held for the replay");
                     if let Err(e) = ready!(service.poll_ready(cx)) {
                         this.state.set(State::Done);
@@ -237,7 +236,7 @@ where
                         unreachable!("request rebuilt for the replay");
                     };
                     let mut request = *request;
-                    let token = this.token.take().expect("token fetched for the replay");
+                    let token = token.take().expect("token fetched for the replay");
                     this.config.header.apply(&mut request, &token);
                     let future = service.call(request);
                     this.state.set(State::Replaying { future });

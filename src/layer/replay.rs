@@ -77,11 +77,10 @@ impl<B: ReplayableBody> ReplayCopy<B> {
         for (name, value) in headers {
             let name = name.as_str().as_bytes();
             // Names are at most 64 KiB; a value of 4 GiB is not replayed.
-            let name_len = u16::try_from(name.len()).ok()?;
-            let value_len = u32::try_from(value.len()).ok()?;
-            head.extend_from_slice(&name_len.to_le_bytes());
-            head.extend_from_slice(&value_len.to_le_bytes());
-            head.push(u8::from(value.is_sensitive()));
+            let [n0, n1] = u16::try_from(name.len()).ok()?.to_le_bytes();
+            let [v0, v1, v2, v3] = u32::try_from(value.len()).ok()?.to_le_bytes();
+            let sensitive = u8::from(value.is_sensitive());
+            head.extend_from_slice(&[n0, n1, v0, v1, v2, v3, sensitive]);
             head.extend_from_slice(name);
             head.extend_from_slice(value.as_bytes());
         }

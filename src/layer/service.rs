@@ -1,6 +1,7 @@
 //! [`BearerTokenLayer`] and [`BearerTokenService`].
 
 use std::{
+    any::Any,
     fmt,
     sync::Arc,
     task::{Context, Poll},
@@ -8,6 +9,7 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use http::{HeaderName, HeaderValue, Request, Response, header::AUTHORIZATION};
+use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 
@@ -18,7 +20,7 @@ use super::{
     replay::ReplayCopy,
 };
 use crate::{
-    cache::{Lookup, TokenCache},
+    cache::{Lookup, Rejection, TokenCache},
     token::Token,
 };
 
@@ -177,22 +179,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let (token, status) = match self.config.provider.lookup() {
-            Lookup::Hit(token) => (token, "hit"),
-            Lookup::RefreshAhead(token) => (token, "refresh_ahead"),
-            Lookup::Miss => return self.call_after_fetch(request),
+        let Some(sent) = self.config.apply_current(&mut request) else {
+            return self.call_after_fetch(request);
         };
-        {
-            // Cheap when TRACE is off: a level check, no allocation.
-            let _span = tracing::trace_span!(
-                "token_acquisition",
-                cache = status,
-                outcome = "ok",
-                token_id = token.id()
-            )
-            .entered();
-            self.config.header.apply(&mut request, &token);
-        }
         let replay = if self.config.retry_on_unauthorized {
             ReplayCopy::of(&request)
         } else {
@@ -203,7 +192,7 @@ where
         let future = self.inner.call(request);
         ResponseFuture::called(
             future,
-            token,
+            sent,
             replay,
             retry_service,
             Arc::clone(&self.config),
@@ -268,6 +257,76 @@ pub(super) struct BearerConfig<P> {
     pub(super) provider: P,
     pub(super) header: HeaderSetting,
     pub(super) retry_on_unauthorized: bool,
+}
+
+impl<P: TokenProvider> BearerConfig<P> {
+    /// Hit path: sets the token to send now on `request` and says which
+    /// one it was; `None` when the request must wait for a token.
+    fn apply_current<B>(&self, request: &mut Request<B>) -> Option<SentToken> {
+        // The crate's own cache answers under its guard, without an `Arc`
+        // clone per request; the check is on types, decided at compile time.
+        if let Some(cache) = (&self.provider as &dyn Any).downcast_ref::<TokenCache>() {
+            return cache.lookup_with(|token, refresh_ahead| {
+                self.apply_traced(request, token, refresh_ahead);
+                SentToken::Cached {
+                    id: token.id(),
+                    expires_at: token.expires_at(),
+                }
+            });
+        }
+        let (token, refresh_ahead) = match self.provider.lookup() {
+            Lookup::Hit(token) => (token, false),
+            Lookup::RefreshAhead(token) => (token, true),
+            Lookup::Miss => return None,
+        };
+        self.apply_traced(request, &token, refresh_ahead);
+        Some(SentToken::Provided(token))
+    }
+
+    fn apply_traced<B>(&self, request: &mut Request<B>, token: &Token, refresh_ahead: bool) {
+        // Cheap when TRACE is off: a level check, no allocation.
+        let _span = tracing::trace_span!(
+            "token_acquisition",
+            cache = if refresh_ahead {
+                "refresh_ahead"
+            } else {
+                "hit"
+            },
+            outcome = "ok",
+            token_id = token.id()
+        )
+        .entered();
+        self.header.apply(request, token);
+    }
+
+    /// An upstream answered `401` to a request that carried `sent`.
+    pub(super) fn reject(&self, sent: &SentToken) -> Rejection {
+        match sent {
+            SentToken::Cached { id, expires_at } => (&self.provider as &dyn Any)
+                .downcast_ref::<TokenCache>()
+                .expect("only a TokenCache hands out SentToken::Cached")
+                .reject_sent(*id, *expires_at),
+            SentToken::Provided(token) => self.provider.reject(token),
+        }
+    }
+}
+
+/// The token a request went out with, for the decision after a `401`.
+pub(super) enum SentToken {
+    /// From the crate's [`TokenCache`]: its id and expiry are all
+    /// [`TokenCache::reject`] needs.
+    Cached { id: u64, expires_at: Instant },
+    /// From another provider, or fetched on a miss.
+    Provided(Arc<Token>),
+}
+
+impl SentToken {
+    pub(super) fn id(&self) -> u64 {
+        match self {
+            Self::Cached { id, .. } => *id,
+            Self::Provided(token) => token.id(),
+        }
+    }
 }
 
 impl<P> BearerConfig<P> {
