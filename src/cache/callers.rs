@@ -289,11 +289,27 @@ impl CallerTokens {
         inbound: Secret,
     ) -> impl Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send + 'static {
         let this = self.clone();
-        async move { this.get_inner(inbound).await }
+        async move { this.get_inner(&inbound).await }
     }
 
-    async fn get_inner(&self, inbound: Secret) -> Result<Arc<Token>, TokenUnavailable> {
-        let key = caller_key(&inbound);
+    /// Like [`get`](Self::get), handing `inbound` back with the answer, so
+    /// that a caller who keeps it (for [`reexchange`](Self::reexchange))
+    /// need not copy it for every request: it is copied only for an
+    /// exchange.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn get_keeping(
+        &self,
+        inbound: Secret,
+    ) -> impl Future<Output = (Result<Arc<Token>, TokenUnavailable>, Secret)> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let result = this.get_inner(&inbound).await;
+            (result, inbound)
+        }
+    }
+
+    async fn get_inner(&self, inbound: &Secret) -> Result<Arc<Token>, TokenUnavailable> {
+        let key = caller_key(inbound);
         let mut missed = false;
         // Twice at most: a stale entry is dropped once, then exchanged.
         for _ in 0..2 {
@@ -329,7 +345,7 @@ impl CallerTokens {
                     if now >= deadlines.refresh_from
                         && !entry.refresh_claimed.swap(true, Ordering::AcqRel)
                     {
-                        self.refresh_ahead(key, inbound);
+                        self.refresh_ahead(key, inbound.clone());
                     }
                     return Ok(Arc::clone(token));
                 }
@@ -413,7 +429,7 @@ impl CallerTokens {
             (_, Some(Err(e))) => Reexchange::Unavailable(e),
             // Superseded, or exchanged into a remembered refusal: what a
             // request of this caller gets now.
-            (_, None) => match self.get_inner(inbound).await {
+            (_, None) => match self.get_inner(&inbound).await {
                 Ok(token) if token.id() != id => Reexchange::Replay(token),
                 Ok(_) => Reexchange::Limited,
                 Err(e) => Reexchange::Unavailable(e),

@@ -54,8 +54,10 @@ use crate::{
     token::Token,
 };
 
-/// A caller's token being exchanged (or looked up).
-type CallerTokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Token>, TokenUnavailable>> + Send>>;
+/// A caller's token being exchanged (or looked up); the caller's inbound
+/// token comes back with it.
+type CallerTokenFuture =
+    Pin<Box<dyn Future<Output = (Result<Arc<Token>, TokenUnavailable>, Secret)> + Send>>;
 /// A caller's token being exchanged again after a `401`.
 type ReexchangeFuture = Pin<Box<dyn Future<Output = Reexchange> + Send>>;
 
@@ -289,9 +291,11 @@ impl ProxyState {
         }
     }
 
-    fn exchange(parts: request::Parts, body: UpstreamBody, caller: Box<CallerCall>) -> Self {
+    fn exchange(parts: request::Parts, body: UpstreamBody, mut caller: Box<CallerCall>) -> Self {
+        // Lent to the lookup, not copied; it comes back with the token.
+        let inbound = std::mem::take(&mut caller.inbound);
         Self::Exchanging {
-            exchange: Box::pin(caller.per_caller.tokens.get(caller.inbound.clone())),
+            exchange: Box::pin(caller.per_caller.tokens.get_keeping(inbound)),
             request: Some((parts, body, caller)),
         }
     }
@@ -379,10 +383,11 @@ impl Future for ProxyFuture {
                     };
                 }
                 ProxyStateProj::Exchanging { exchange, request } => {
-                    let result = ready!(exchange.as_mut().poll(cx));
-                    let (parts, body, caller) = request
+                    let (result, inbound) = ready!(exchange.as_mut().poll(cx));
+                    let (parts, body, mut caller) = request
                         .take()
                         .expect("request held while its caller's token is exchanged");
+                    caller.inbound = inbound;
                     match result {
                         Ok(token) => {
                             let request = Request::from_parts(parts, body);
