@@ -7,7 +7,7 @@
 //! and the URI of a request hyper parsed share hyper's read buffer, so a
 //! cloned head keeps that buffer alive for the whole upstream round trip
 //! and hyper allocates a new one for the next request. The copy here is one
-//! exact-size allocation that shares nothing; a `Request` is rebuilt from
+//! allocation that shares nothing; a `Request` is rebuilt from
 //! it only when a replay is sent, which is rare.
 
 use std::fmt;
@@ -25,6 +25,11 @@ use super::ReplayableBody;
 /// value is sensitive (`u8`), then the name's and the value's bytes.
 const FIELD_PREFIX: usize = 2 + 4 + 1;
 
+/// Room made per field before copying: one pass over the fields, not a
+/// second one to size the buffer; it grows for a larger head, and is not
+/// trimmed (a reallocation per request for a few bytes held briefly).
+const FIELD_GUESS: usize = FIELD_PREFIX + 40;
+
 /// A copy of a request to send again after a `401`: the head in one owned
 /// buffer, the extensions and a copy of the body.
 ///
@@ -41,7 +46,7 @@ pub(crate) struct ReplayCopy<B> {
     /// The authority, the path-and-query, then every header field in the
     /// order the request's `HeaderMap` iterates them, each as
     /// [`FIELD_PREFIX`] says.
-    head: Box<[u8]>,
+    head: Vec<u8>,
     /// Number of header fields in `head`.
     fields: usize,
     extensions: Extensions,
@@ -67,11 +72,8 @@ impl<B: ReplayableBody> ReplayCopy<B> {
         let path_and_query = uri.path_and_query().map(PathAndQuery::as_str);
         let headers = request.headers();
 
-        let mut size = authority.map_or(0, str::len) + path_and_query.map_or(0, str::len);
-        for (name, value) in headers {
-            size += FIELD_PREFIX + name.as_str().len() + value.len();
-        }
-        let mut head = Vec::with_capacity(size);
+        let uri_len = authority.map_or(0, str::len) + path_and_query.map_or(0, str::len);
+        let mut head = Vec::with_capacity(uri_len + headers.len() * FIELD_GUESS);
         head.extend_from_slice(authority.unwrap_or_default().as_bytes());
         head.extend_from_slice(path_and_query.unwrap_or_default().as_bytes());
         for (name, value) in headers {
@@ -84,7 +86,6 @@ impl<B: ReplayableBody> ReplayCopy<B> {
             head.extend_from_slice(name);
             head.extend_from_slice(value.as_bytes());
         }
-        debug_assert_eq!(head.len(), size);
 
         Some(Self {
             method: request.method().clone(),
@@ -92,7 +93,7 @@ impl<B: ReplayableBody> ReplayCopy<B> {
             scheme: uri.scheme().cloned(),
             authority_len: authority.map(|a| a.len() as u32),
             path_and_query_len: path_and_query.map(|p| p.len() as u32),
-            head: head.into_boxed_slice(),
+            head,
             fields: headers.len(),
             extensions: request.extensions().clone(),
             body,
@@ -198,6 +199,8 @@ mod tests {
             .header(header::COOKIE, sensitive("a=1"))
             .header("x-multi", "three")
             .header("x-empty", "")
+            // Beyond the room first made per field: the buffer grows.
+            .header("x-long", "v".repeat(5000))
             .header(
                 "x-obs-text",
                 HeaderValue::from_bytes(b"caf\xe9\t!").unwrap(),
