@@ -489,6 +489,52 @@ async fn upstream_401_refreshes_once_and_replays_a_buffered_request() {
 }
 
 #[tokio::test]
+async fn a_replay_after_a_401_sends_the_first_attempt_again_with_the_new_token() {
+    let upstream = Upstream::start().await;
+    upstream.reject("Bearer token-1");
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let client = h1_client();
+
+    let request = Request::put(proxy.url("/r/items?x=1&x=2"))
+        .header("x-multi", "one")
+        .header("accept", "text/plain")
+        .header("x-multi", "two")
+        .header("cookie", "a=1")
+        .body(full("replayed body"))
+        .unwrap();
+    let (parts, _) = send(&client, request).await;
+    assert_eq!(parts.status, StatusCode::OK);
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "the request and its replay");
+    let (first, replay) = (&seen[0], &seen[1]);
+    assert_eq!(first.header("authorization"), Some("Bearer token-1"));
+    assert_eq!(replay.header("authorization"), Some("Bearer token-2"));
+    assert_eq!(
+        (&replay.method, &replay.uri, replay.version),
+        (&first.method, &first.uri, first.version)
+    );
+    // Every other field, its values and their order, as first sent.
+    let without_token = |headers: &http::HeaderMap| {
+        headers
+            .iter()
+            .filter(|(name, _)| *name != http::header::AUTHORIZATION)
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        without_token(&replay.headers),
+        without_token(&first.headers)
+    );
+    assert_eq!(replay.all("x-multi"), ["one", "two"]);
+    assert_eq!(
+        (replay.body_len, &replay.body_sha256),
+        (first.body_len, &first.body_sha256)
+    );
+    assert_eq!(replay.body_len, 13);
+}
+
+#[tokio::test]
 async fn upstream_401_passes_through_for_a_streamed_body() {
     const SIZE: usize = 2 * 1024 * 1024;
     let upstream = Upstream::start().await;
