@@ -35,6 +35,7 @@
 //! it); moka's own expiry, on its own clock, only evicts dead entries.
 
 mod callers;
+mod current;
 mod failure;
 mod forced_refresh;
 mod keeper;
@@ -53,7 +54,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwapOption;
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
@@ -63,6 +63,7 @@ pub use self::{
     stats::CacheStats,
 };
 use self::{
+    current::CurrentSlot,
     failure::FailureMemory,
     forced_refresh::{ForcedRefreshBudget, ForcedRefreshDecision},
     lifecycle_metrics::LifecycleMetrics,
@@ -230,7 +231,7 @@ struct Inner {
     options: CacheOptions,
     /// The token handed out on the hit path; `None` before the first fetch
     /// and after a forced refresh dropped it.
-    current: ArcSwapOption<CurrentToken>,
+    current: CurrentSlot,
     /// Where concurrent misses wait for one fetch.
     single_flight: SingleFlight,
     /// The last failed fetch, while callers are answered from it.
@@ -318,7 +319,7 @@ impl TokenCache {
             inner: Arc::new(Inner {
                 source,
                 source_identity,
-                current: ArcSwapOption::empty(),
+                current: CurrentSlot::new(),
                 lifecycle: LifecycleMetrics::new(&options.name),
                 single_flight: SingleFlight::new(),
                 failures: FailureMemory::default(),
@@ -388,19 +389,21 @@ impl TokenCache {
 
     /// [`lookup`](Self::lookup) without an `Arc` clone, for the layer's hit
     /// path: `f` gets the token to send now, and whether it is inside its
-    /// refresh window, while the `ArcSwap` guard is held. `None`: a miss.
+    /// refresh window, read from this thread's copy (see `current`).
+    /// `None`: a miss.
     pub(crate) fn lookup_with<R>(&self, f: impl FnOnce(&Arc<Token>, bool) -> R) -> Option<R> {
-        let guard = self.inner.current.load();
-        let current = guard.as_ref()?;
-        let now = Instant::now();
-        if !current.deadlines.usable_at(now) {
-            return None;
-        }
-        let refresh_ahead = now >= current.deadlines.refresh_from;
-        if refresh_ahead {
-            self.maybe_refresh_ahead(&current.token, now);
-        }
-        Some(f(&current.token, refresh_ahead))
+        self.inner.current.with_current(|current| {
+            let current = current?;
+            let now = Instant::now();
+            if !current.deadlines.usable_at(now) {
+                return None;
+            }
+            let refresh_ahead = now >= current.deadlines.refresh_from;
+            if refresh_ahead {
+                self.maybe_refresh_ahead(&current.token, now);
+            }
+            Some(f(&current.token, refresh_ahead))
+        })
     }
 
     /// The current token if it is still usable, without side effects. For
@@ -487,7 +490,7 @@ impl TokenCache {
                 ForcedRefreshDecision::Superseded
             } else if rejections.budget.try_take(now) {
                 rejections.tokens.insert(id, expires_at, now);
-                inner.current.compare_and_swap(&current, None);
+                inner.current.clear_if(&current);
                 inner.published.send_replace(None);
                 ForcedRefreshDecision::Allowed
             } else {
