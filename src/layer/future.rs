@@ -10,13 +10,12 @@ use std::{
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::Service;
-use tracing::{Instrument, field::Empty};
 
 use super::{
     ReplayableBody, TokenProvider,
     error::BearerTokenError,
     replay::ReplayCopy,
-    service::{BearerConfig, SentToken, record_outcome},
+    service::{BearerConfig, FetchTrigger, SentToken, fetch_token},
 };
 use crate::{
     cache::{Rejection, TokenCache, TokenUnavailable},
@@ -199,22 +198,7 @@ where
                     );
                     // The 401's body is of no use; let its connection go.
                     drop(response);
-                    let get = this.config.provider.get();
-                    let span = tracing::debug_span!(
-                        "token_acquisition",
-                        cache = "miss",
-                        trigger = "unauthorized",
-                        outcome = Empty,
-                        kind = Empty
-                    );
-                    let fetch: TokenFuture = Box::pin(
-                        async move {
-                            let result = get.await;
-                            record_outcome(&result);
-                            result
-                        }
-                        .instrument(span),
-                    );
+                    let fetch = fetch_token(&this.config.provider, FetchTrigger::Unauthorized);
                     this.state.set(State::Refetching { fetch });
                 }
                 StateProj::Refetching { fetch } => match ready!(fetch.as_mut().poll(cx)) {

@@ -210,27 +210,54 @@ impl<S, P: TokenProvider> BearerTokenService<S, P> {
     {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let get = self.config.provider.get();
-        let span = tracing::debug_span!(
-            "token_acquisition",
-            cache = "miss",
-            outcome = Empty,
-            kind = Empty
-        );
-        let fetch: TokenFuture = Box::pin(
-            async move {
-                let result = get.await;
-                record_outcome(&result);
-                result
-            }
-            .instrument(span),
-        );
+        let fetch = fetch_token(&self.config.provider, FetchTrigger::Miss);
         ResponseFuture::fetching(fetch, request, ready, Arc::clone(&self.config))
     }
 }
 
+/// Why a request waits for a token.
+#[derive(Clone, Copy)]
+pub(super) enum FetchTrigger {
+    /// No valid token in memory.
+    Miss,
+    /// The upstream answered `401` to the token sent.
+    Unauthorized,
+}
+
+/// A token from `provider`, in a `token_acquisition` span. Out of line: the
+/// provider's future is large, and the frames of the hit path (`call`, the
+/// response future's `poll`) would otherwise make room for it on every
+/// request.
+#[inline(never)]
+pub(super) fn fetch_token<P: TokenProvider>(provider: &P, trigger: FetchTrigger) -> TokenFuture {
+    let get = provider.get();
+    let span = match trigger {
+        FetchTrigger::Miss => tracing::debug_span!(
+            "token_acquisition",
+            cache = "miss",
+            outcome = Empty,
+            kind = Empty
+        ),
+        FetchTrigger::Unauthorized => tracing::debug_span!(
+            "token_acquisition",
+            cache = "miss",
+            trigger = "unauthorized",
+            outcome = Empty,
+            kind = Empty
+        ),
+    };
+    Box::pin(
+        async move {
+            let result = get.await;
+            record_outcome(&result);
+            result
+        }
+        .instrument(span),
+    )
+}
+
 /// Records the outcome of a fetch on the current `token_acquisition` span.
-pub(super) fn record_outcome<T>(result: &Result<T, crate::cache::TokenUnavailable>) {
+fn record_outcome<T>(result: &Result<T, crate::cache::TokenUnavailable>) {
     let span = tracing::Span::current();
     match result {
         Ok(_) => {
@@ -284,7 +311,11 @@ impl<P: TokenProvider> BearerConfig<P> {
     }
 
     fn apply_traced<B>(&self, request: &mut Request<B>, token: &Token, refresh_ahead: bool) {
-        // Cheap when TRACE is off: a level check, no allocation.
+        // When TRACE is off, not even a disabled span to build and drop.
+        if !tracing::level_enabled!(tracing::Level::TRACE) {
+            self.header.apply(request, token);
+            return;
+        }
         let _span = tracing::trace_span!(
             "token_acquisition",
             cache = if refresh_ahead {
@@ -360,6 +391,7 @@ impl HeaderSetting {
     }
 
     /// Sets the header on `request`, replacing every value it had.
+    #[inline]
     pub(super) fn apply<B>(&self, request: &mut Request<B>, token: &Token) {
         let value = match &self.custom {
             None => token.header_value().clone(),
