@@ -244,11 +244,7 @@ client_id = "{client_id}"
     /// another process took one of the chosen ports in between.
     pub(crate) async fn start(&self, opts: Opts) -> Running {
         for attempt in 0..5 {
-            let listen = free_addr();
-            let mut admin = free_addr();
-            while admin == listen {
-                admin = free_addr();
-            }
+            let (listen, admin) = (free_addr(), free_addr());
             let config_path = self.write("config.toml", &self.config_text(listen, admin, &opts));
             let stderr_path = self.path(&format!("proxy-{attempt}.stderr"));
             let stderr = std::fs::File::create(&stderr_path).unwrap();
