@@ -43,11 +43,7 @@ impl Proxy {
     /// Writes `config(listen, admin)` to `dir/name.toml` and starts the
     /// binary on it.
     fn spawn(dir: &Path, name: &str, config: impl Fn(SocketAddr, SocketAddr) -> String) -> Self {
-        let addr = free_addr();
-        let mut admin = free_addr();
-        while admin == addr {
-            admin = free_addr();
-        }
+        let (addr, admin) = (free_addr(), free_addr());
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config(addr, admin)).unwrap();
         let stderr_path = dir.join(format!("{name}.stderr"));

@@ -749,11 +749,7 @@ command_timeout = "{command}"
 async fn start_replicas(env: &Env, redis: &RedisServer, n: usize, o: &ReplicaOpts) -> Vec<Replica> {
     let mut replicas = Vec::new();
     for i in 0..n {
-        let listen = free_addr();
-        let mut admin = free_addr();
-        while admin == listen {
-            admin = free_addr();
-        }
+        let (listen, admin) = (free_addr(), free_addr());
         let config = env.write(
             &format!("replica-{i}.toml"),
             &replica_config(env, &redis.url(), i, listen, admin, o),
