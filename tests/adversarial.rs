@@ -648,6 +648,38 @@ async fn stalled_connections_of_every_kind_are_closed_while_new_clients_are_serv
     assert!(seen.iter().all(|s| s.uri == "/probe"));
 }
 
+/// A kept-alive HTTP/1 connection owes its next head within
+/// `header_read_timeout` of the end of its last request, whether it sends
+/// nothing or part of a head; the clock starts again with each request.
+#[tokio::test]
+async fn a_later_http1_head_is_due_within_the_header_timeout_of_the_last_answer() {
+    const HEAD: Duration = Duration::from_millis(600);
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.header_read_timeout = HEAD;
+    // Far longer than the test: only the header timer may close.
+    config.idle_timeout = Duration::from_secs(60);
+    let proxy = RunningProxy::start(config).await;
+    for later in [&b""[..], b"GET /never HTTP/1.1\r\nHost: x\r\nX-A:"] {
+        let mut conn = RawConn::connect(proxy.addr).await;
+        conn.send(&get("/first", "")).await;
+        assert_eq!(conn.response().await.expect("an answer").status, 200);
+        // Two thirds of the timer, then a second request on the same
+        // connection: its end, not the first one's, starts the clock.
+        tokio::time::sleep(HEAD * 2 / 3).await;
+        conn.send(&get("/second", "")).await;
+        assert_eq!(conn.response().await.expect("an answer").status, 200);
+        let answered = Instant::now();
+        conn.send(later).await;
+        let closed = closed_after(conn.into_stream(), answered)
+            .await
+            .unwrap_or_else(|| panic!("{later:?}: still open after {:?}", adversary::GUARD));
+        assert!(closed >= HEAD, "{later:?}: closed after {closed:?}");
+    }
+    let uris: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(uris, ["/first", "/second", "/first", "/second"]);
+}
+
 #[tokio::test]
 async fn a_buffered_body_that_stops_gets_408_and_the_connection_is_closed() {
     let upstream = Upstream::start().await;

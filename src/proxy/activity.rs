@@ -5,8 +5,8 @@
 //!
 //! | state | timer | then |
 //! |---|---|---|
-//! | accepted, no request yet (no bytes, a partial HTTP/1 head, an h2 preface with no stream) | `header_read_timeout` from accept | asked to close (h2: GOAWAY; otherwise closed at once) |
-//! | HTTP/1 reading a later request head | hyper's `header_read_timeout` | closed |
+//! | accepted, no request yet (no bytes, a partial HTTP/1 head, an h2 preface with no stream) | `header_read_timeout` from accept | closed (h2: GOAWAY, then closed after `drain_timeout`) |
+//! | HTTP/1 waiting for a later request head | `header_read_timeout` after the last request ended | asked to close: closed at once, as nothing is in flight |
 //! | reading a request body | `request_body_timeout` (see `upload.rs` and `service.rs`) | `408`, closed |
 //! | writing a response the client does not read | `send_timeout` without progress | closed |
 //! | no request in flight | `idle_timeout` after the last one ended | asked to close (h2: GOAWAY) |
@@ -16,6 +16,13 @@
 //! [`ConnActivity::next_step`] what to do. The state is kept in atomics
 //! that the request path and the socket touch with relaxed stores; the
 //! task reads them only when its timer fires.
+//!
+//! hyper's own `header_read_timeout` is off: it arms a boxed timer for
+//! every request head and has the connection poll its socket once more
+//! after each response, about 1,600 instructions a request (BENCHMARKS.md).
+//! The deadlines above cover the same heads: a later HTTP/1 head can only
+//! start once the previous request has ended, which is when its clock
+//! starts here.
 
 use std::{
     sync::{
@@ -25,6 +32,7 @@ use std::{
     time::Duration,
 };
 
+use http::Version;
 use tokio::time::Instant;
 
 use super::metrics::ProxyMetrics;
@@ -63,7 +71,8 @@ pub(super) enum Step {
 pub(super) enum DrainReason {
     /// No request for `idle_timeout`.
     Idle,
-    /// No first request within `header_read_timeout`.
+    /// No request head within `header_read_timeout`: the first one of
+    /// any connection, or a later one of an HTTP/1 connection.
     HeaderTimeout,
 }
 
@@ -84,6 +93,9 @@ pub(super) enum CloseReason {
     SendTimeout,
     /// Asked to close, it did not within `drain_timeout`.
     DrainTimeout,
+    /// An HTTP/1 connection did not send its first request head within
+    /// `header_read_timeout` (hyper would wait on for a partial one).
+    HeaderTimeout,
     /// An HTTP/2 client flooded control frames.
     Http2Abuse,
 }
@@ -93,6 +105,7 @@ impl CloseReason {
         match self {
             Self::SendTimeout => "send_timeout",
             Self::DrainTimeout => "drain_timeout",
+            Self::HeaderTimeout => "header_timeout",
             Self::Http2Abuse => "http2_abuse",
         }
     }
@@ -106,6 +119,9 @@ pub(super) struct ConnActivity {
     in_flight: AtomicUsize,
     /// Whether a request has started on it.
     served: AtomicBool,
+    /// Whether it speaks HTTP/1, whose later request heads are timed too;
+    /// known from its first bytes or from its first request.
+    http1: AtomicBool,
     /// When the last request finished, in ms after `opened`.
     last_done_ms: AtomicU64,
     /// When a write first found the socket full, in ms after `opened`,
@@ -122,16 +138,26 @@ impl ConnActivity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
             last_done_ms: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(0),
             abusive: AtomicBool::new(false),
         })
     }
 
-    /// Marks a request as started; it ends when the guard is dropped.
-    pub(super) fn start(self: &Arc<Self>) -> RequestGuard {
+    /// The connection's first bytes were an HTTP/1 request's.
+    pub(super) fn speaks_http1(&self) {
+        self.http1.store(true, Ordering::Relaxed);
+    }
+
+    /// Marks a request of `version` as started; it ends when the guard is
+    /// dropped.
+    pub(super) fn start(self: &Arc<Self>, version: Version) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if !self.served.load(Ordering::Relaxed) {
+            if version != Version::HTTP_2 {
+                self.speaks_http1();
+            }
             self.served.store(true, Ordering::Relaxed);
         }
         self.metrics.in_flight().increment(1.0);
@@ -197,10 +223,19 @@ impl ConnActivity {
             next = next.min(deadline);
         }
 
-        if !self.served.load(Ordering::Relaxed) && closing_since.is_none() {
+        let served = self.served.load(Ordering::Relaxed);
+        let http1 = self.http1.load(Ordering::Relaxed);
+        if !served && closing_since.is_none() {
             let deadline = self.opened + timers.header_read;
             if now >= deadline {
-                return Step::Drain(DrainReason::HeaderTimeout);
+                // Part of an HTTP/1 head: hyper would wait for the rest
+                // even when asked to close, so it is closed here. Anything
+                // else closes when asked (h2 after a GOAWAY).
+                return if http1 {
+                    Step::Close(CloseReason::HeaderTimeout)
+                } else {
+                    Step::Drain(DrainReason::HeaderTimeout)
+                };
             }
             next = next.min(deadline);
         }
@@ -215,10 +250,19 @@ impl ConnActivity {
                     }
                     next = next.min(deadline);
                 }
-                None if self.served.load(Ordering::Relaxed) => {
-                    let deadline = last_done + timers.idle;
+                None if served => {
+                    // HTTP/1's next head is due `header_read` after the
+                    // last request ended; when that comes first, the
+                    // connection is asked to close as if idle. With nothing
+                    // in flight hyper closes it at once, part of a head
+                    // read or not.
+                    let (deadline, reason) = if http1 && timers.header_read < timers.idle {
+                        (last_done + timers.header_read, DrainReason::HeaderTimeout)
+                    } else {
+                        (last_done + timers.idle, DrainReason::Idle)
+                    };
                     if now >= deadline {
-                        return Step::Drain(DrainReason::Idle);
+                        return Step::Drain(reason);
                     }
                     next = next.min(deadline);
                 }
@@ -288,9 +332,63 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn part_of_a_first_http1_head_is_closed_at_the_header_timeout() {
+        let activity = ConnActivity::new(Arc::default());
+        activity.speaks_http1();
+        let opened = Instant::now();
+        assert_eq!(
+            activity.next_step(opened + s(4), &TIMERS, None),
+            Step::SleepUntil(opened + s(5))
+        );
+        assert_eq!(
+            activity.next_step(opened + s(5), &TIMERS, None),
+            Step::Close(CloseReason::HeaderTimeout)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_http1_head_is_due_a_header_timeout_after_the_last_request() {
+        let activity = ConnActivity::new(Arc::default());
+        let guard = activity.start(Version::HTTP_11);
+        tokio::time::advance(s(30)).await;
+        // In flight, however long: no head is due.
+        let now = Instant::now();
+        assert!(matches!(activity.next_step(now, &TIMERS, None), Step::SleepUntil(t) if t > now));
+        drop(guard);
+        let ended = Instant::now();
+        assert_eq!(
+            activity.next_step(ended, &TIMERS, None),
+            Step::SleepUntil(ended + s(5))
+        );
+        assert_eq!(
+            activity.next_step(ended + s(5), &TIMERS, None),
+            Step::Drain(DrainReason::HeaderTimeout)
+        );
+        // A new request stops that clock; its end starts it again.
+        let guard = activity.start(Version::HTTP_11);
+        tokio::time::advance(s(7)).await;
+        drop(guard);
+        let ended = Instant::now();
+        assert_eq!(
+            activity.next_step(ended + s(4), &TIMERS, None),
+            Step::SleepUntil(ended + s(5))
+        );
+        // With the idle timer the shorter one, the idle timer decides.
+        let short_idle = ConnTimers {
+            idle: s(2),
+            ..TIMERS
+        };
+        assert_eq!(
+            activity.next_step(ended + s(2), &short_idle, None),
+            Step::Drain(DrainReason::Idle)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_waits_for_requests_to_end() {
         let activity = ConnActivity::new(Arc::default());
-        let guard = activity.start();
+        // h2: no later heads to time, only the idle timer.
+        let guard = activity.start(Version::HTTP_2);
         // A request in flight keeps the connection busy however long it
         // takes: no drain, no close, only later looks.
         tokio::time::advance(s(60)).await;
@@ -324,7 +422,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_without_progress_closes_after_the_send_timeout() {
         let activity = ConnActivity::new(Arc::default());
-        let _guard = activity.start();
+        let _guard = activity.start(Version::HTTP_11);
         activity.write_blocked();
         let blocked = Instant::now();
         tokio::time::advance(s(5)).await;

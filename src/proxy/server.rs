@@ -92,7 +92,9 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.timers.header_read)
+        // Request heads are timed by the connection's task instead (see
+        // `activity.rs`), without a timer armed per request.
+        .header_read_timeout(None)
         // A head must fit in the read buffer (hyper answers 431 when not);
         // hyper's own floor for it is 8 KiB.
         .max_buf_size(settings.max_request_header_bytes.max(8192))
@@ -274,7 +276,10 @@ async fn serve_connection(conn: Connection) {
         protocol = protocol_of(&stream) => protocol,
     };
     let builder = match protocol {
-        Some(Protocol::Http1) => &builder.http1,
+        Some(Protocol::Http1) => {
+            activity.speaks_http1();
+            &builder.http1
+        }
         Some(Protocol::Http2) => &builder.http2,
         None => &builder.either,
     };

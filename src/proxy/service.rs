@@ -97,7 +97,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Future = ProxyFuture;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let guard = self.activity.start();
+        let guard = self.activity.start(request.version());
         let span = tracing::debug_span!(
             "request",
             method = %request.method(),
