@@ -987,10 +987,18 @@ async fn an_idle_h2_connection_gets_goaway_and_is_closed_after_the_drain_timeout
     .await;
     let (head, _) = h2.stream_response(1).await.expect("an answer");
     assert_eq!(static_status(&head), Some(200));
+    let answered = Instant::now();
     // Idle: GOAWAY (with a PING this client never answers), then the socket
     // is closed rather than left waiting for the client.
     let goaway = h2.goaway().await.expect("a GOAWAY");
     assert_eq!(goaway.error_code(), 0);
+    // On the idle timer, not on the header timer (10 s) that runs first
+    // on a new connection.
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for < Duration::from_secs(5),
+        "GOAWAY after {idle_for:?}"
+    );
     assert!(h2.closed_within(adversary::GUARD).await, "socket left open");
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1);
@@ -1004,6 +1012,9 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
     let upstream = Upstream::start().await;
     let mut config = proxy_config(&upstream.url());
     config.send_timeout = Duration::from_millis(500);
+    // The first timer of a new connection; the send timer must not wait
+    // for it.
+    config.header_read_timeout = Duration::from_secs(20);
     let proxy = RunningProxy::start(config).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -1014,7 +1025,13 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
         .unwrap();
     // The client reads nothing. Once the proxy gives up on it, it drops
     // the response and with it the upstream connection.
+    let asked = Instant::now();
     upstream.wait_ended(1).await;
+    let stopped = asked.elapsed();
+    assert!(
+        stopped < Duration::from_secs(10),
+        "closed after {stopped:?}, not on the send timer"
+    );
     let mut received = Vec::new();
     let _ = tokio::time::timeout(adversary::GUARD, stream.read_to_end(&mut received)).await;
     assert!(received.len() < SIZE, "the whole response was delivered");

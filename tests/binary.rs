@@ -824,7 +824,9 @@ async fn no_secrets_in_logs_at_trace_level() {
 }
 
 async fn login(env: &Env) {
-    let cache_file = env.path("sso-cache.json");
+    // In directories that do not exist yet, as `~/.aws/sso/cache` on a
+    // fresh machine.
+    let cache_file = env.path("aws/sso/cache/sso-cache.json");
     let config = env.write(
         "login.toml",
         &format!(
@@ -887,6 +889,15 @@ start_url = "https://d-1234567890.awsapps.com/start"
     let cache: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&cache_file).expect("login wrote the cache file"))
             .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache_file), 0o600, "cache file");
+        // The directories login created are the user's alone.
+        for dir in ["aws", "aws/sso", "aws/sso/cache"] {
+            assert_eq!(mode(&env.path(dir)), 0o700, "{dir}");
+        }
+    }
     let field = |k: &str| {
         cache[k]
             .as_str()

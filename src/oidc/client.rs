@@ -365,12 +365,12 @@ fn decode_success<O: DeserializeOwned>(
     status: StatusCode,
     bytes: &[u8],
 ) -> Result<O, OidcError> {
-    // serde_json's messages name the position and the expected type, never
-    // the value, so they carry no secret.
+    // Category and position only: serde_json quotes a value of the wrong
+    // type, and a response may carry (or echo) a secret anywhere.
     serde_json::from_slice(bytes).map_err(|e| OidcError::Decode {
         operation,
         status: status.as_u16(),
-        message: e.to_string(),
+        message: crate::token::json_error_reason(&e),
     })
 }
 
@@ -460,6 +460,19 @@ impl tower::Service<CreateTokenWithIamRequest> for OidcClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_success_is_described_without_its_values() {
+        // `expiresIn` of the wrong type, holding what the endpoint echoed.
+        let body = br#"{"accessToken":"aoa-x","tokenType":"Bearer","expiresIn":"RT-canary-91bd","refreshToken":"RT-canary-91bd"}"#;
+        let e = decode_success::<CreateTokenResponse>(Operation::CreateToken, StatusCode::OK, body)
+            .unwrap_err();
+        let shown = e.to_string();
+        assert!(matches!(e, OidcError::Decode { status: 200, .. }), "{e:?}");
+        assert!(shown.contains("wrong shape"), "{shown}");
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(!format!("{e:?}").contains("canary"));
+    }
 
     #[test]
     fn join_keeps_base_path() {

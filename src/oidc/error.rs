@@ -206,13 +206,20 @@ impl fmt::Display for ServiceErrorKind {
 }
 
 /// What the service said about an error, as far as it said anything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The fields hold what the response carried, unchecked. An endpoint (or
+/// a gateway in front of it) may echo the request it got, the client
+/// secret and refresh token included, in any of them; so `Display` and
+/// `Debug` show only the status, a model-defined `error` code and
+/// `reason`, and a request id shaped as one, never the free text.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ErrorDetails {
     /// HTTP status of the response.
     pub status: u16,
     /// The OAuth `error` code in the body.
     pub error: Option<String>,
-    /// The body's `error_description`.
+    /// The body's `error_description` (or `message`): free text, never
+    /// shown by this crate.
     pub error_description: Option<String>,
     /// The body's `reason` (AccessDenied, InvalidRequest).
     pub reason: Option<String>,
@@ -224,22 +231,85 @@ pub struct ErrorDetails {
     pub request_id: Option<String>,
 }
 
+/// The `reason` values of the model (`AccessDeniedExceptionReason`,
+/// `InvalidRequestExceptionReason`).
+const MODEL_REASONS: [&str; 5] = [
+    "KMS_AccessDeniedException",
+    "KMS_NotFoundException",
+    "KMS_InvalidKeyUsageException",
+    "KMS_InvalidStateException",
+    "KMS_DisabledException",
+];
+
+impl ErrorDetails {
+    /// The `error` code, if the model defines it.
+    fn shown_error(&self) -> Option<&str> {
+        self.error
+            .as_deref()
+            .filter(|e| ServiceErrorKind::from_oauth_code(e).is_some())
+    }
+
+    /// The `reason`, if the model defines it.
+    fn shown_reason(&self) -> Option<&str> {
+        self.reason.as_deref().filter(|r| MODEL_REASONS.contains(r))
+    }
+
+    /// The request id, if it is shaped as AWS's are (a UUID).
+    fn shown_request_id(&self) -> Option<&str> {
+        self.request_id.as_deref().filter(|id| is_uuid(id))
+    }
+}
+
+/// `8-4-4-4-12` hexadecimal digits.
+fn is_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 impl fmt::Display for ErrorDetails {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "HTTP {}", self.status)?;
-        if let Some(d) = &self.error_description {
-            write!(f, ": {d}")?;
-        } else if let Some(e) = &self.error {
+        if let Some(e) = self.shown_error() {
             write!(f, ": {e}")?;
         }
-        if let Some(r) = &self.reason {
+        if let Some(r) = self.shown_reason() {
             write!(f, " (reason: {r})")?;
         }
-        if let Some(id) = &self.request_id {
+        if let Some(id) = self.shown_request_id() {
             write!(f, " [request id {id}]")?;
         }
         Ok(())
     }
+}
+
+impl fmt::Debug for ErrorDetails {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Free text by its length only.
+        let len = |v: &Option<String>| v.as_ref().map(String::len);
+        f.debug_struct("ErrorDetails")
+            .field("status", &self.status)
+            .field("error", &self.shown_error())
+            .field("error_description_len", &len(&self.error_description))
+            .field("reason", &self.shown_reason())
+            .field("endpoint_len", &len(&self.endpoint))
+            .field("region_len", &len(&self.region))
+            .field("request_id", &self.shown_request_id())
+            .finish()
+    }
+}
+
+/// An error type name or code from a response, if it can be shown: a
+/// CamelCase name or an OAuth code (letters, digits, `_`), at most 64
+/// bytes. Anything else may be an echo of what was sent.
+fn shown_code(code: &str) -> Option<String> {
+    (!code.is_empty()
+        && code.len() <= 64
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    .then(|| code.to_owned())
 }
 
 /// Which operation failed; part of every error message.
@@ -564,9 +634,7 @@ pub fn parse_error_response(
         },
         None => OidcError::Unknown {
             operation,
-            code: type_name
-                .map(str::to_owned)
-                .or_else(|| parsed.error.clone()),
+            code: type_name.or(parsed.error.as_deref()).and_then(shown_code),
             status: status.as_u16(),
             details,
         },
@@ -663,6 +731,80 @@ mod tests {
             Some("KMS_AccessDeniedException")
         );
         assert!(e.to_string().contains("KMS_AccessDeniedException"));
+    }
+
+    /// An endpoint, or a gateway before it, that echoes the request it got
+    /// into every field of its answer: none of it is shown.
+    #[test]
+    fn echoed_request_text_is_never_shown() {
+        const ECHO: &str = "RT-canary-91bd CS-canary-7f3a\n2030-01-01 INFO forged\u{1b}[31m";
+        let body = serde_json::json!({
+            "error": ECHO,
+            "error_description": ECHO,
+            "message": ECHO,
+            "reason": ECHO,
+            "endpoint": ECHO,
+            "region": ECHO,
+        })
+        .to_string();
+        let header_echo = "RT-canary-91bd";
+        for type_header in [None, Some(header_echo), Some("AccessDeniedException")] {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "x-amzn-requestid",
+                HeaderValue::from_static("RT-canary-91bd"),
+            );
+            if let Some(t) = type_header {
+                headers.insert("x-amzn-errortype", HeaderValue::from_str(t).unwrap());
+            }
+            for status in [400, 500] {
+                let e = parse_error_response(
+                    Operation::CreateToken,
+                    StatusCode::from_u16(status).unwrap(),
+                    &headers,
+                    body.as_bytes(),
+                );
+                for shown in [e.to_string(), format!("{e:?}"), format!("{e:#?}")] {
+                    assert!(!shown.contains("canary"), "{shown}");
+                    assert!(!shown.contains("forged"), "{shown}");
+                    assert!(!shown.contains('\u{1b}'), "{shown}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn model_codes_reasons_and_request_ids_are_shown() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-amzn-requestid",
+            HeaderValue::from_static("0c9d3a6e-5b1f-4e7a-9d2c-8f6b1a2e3d4c"),
+        );
+        let e = parse_error_response(
+            Operation::CreateToken,
+            StatusCode::BAD_REQUEST,
+            &headers,
+            br#"{"error":"access_denied","error_description":"quiet","reason":"KMS_AccessDeniedException"}"#,
+        );
+        let shown = e.to_string();
+        assert!(shown.contains("access_denied"), "{shown}");
+        assert!(
+            shown.contains("(reason: KMS_AccessDeniedException)"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("[request id 0c9d3a6e-5b1f-4e7a-9d2c-8f6b1a2e3d4c]"),
+            "{shown}"
+        );
+        assert!(!shown.contains("quiet"), "{shown}");
+        // The text itself stays available to a library caller who asks.
+        assert_eq!(
+            e.details().unwrap().error_description.as_deref(),
+            Some("quiet")
+        );
+        // An unmodelled type keeps a plain name.
+        let e = parse(400, Some("FancyNewException:http://x"), "{}");
+        assert!(e.to_string().contains("(FancyNewException)"), "{e}");
     }
 
     #[test]

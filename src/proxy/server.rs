@@ -286,6 +286,10 @@ async fn serve_connection(conn: Connection) {
     let io = ClientIo::new(stream, Arc::clone(&activity), control_frames_per_second);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
+    // From here on the timer follows `next_step`, whose first look sets it
+    // to the earliest of all the connection's timers (the send and idle
+    // timers may be shorter than the header timer it ran on so far).
+    watchdog.as_mut().reset(Instant::now());
     let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {

@@ -233,7 +233,9 @@ pub async fn device_login(
     if let Some(dir) = options.cache_file.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir).map_err(|e| TokenError::File {
+        // 0700 for what is created (as for the state file), although the
+        // AWS CLI leaves `~/.aws/sso/cache` to the umask.
+        crate::fs_atomic::create_private_dir_all(dir).map_err(|e| TokenError::File {
             path: dir.display().to_string(),
             reason: format!("cannot create cache directory: {e}"),
         })?;

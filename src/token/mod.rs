@@ -11,6 +11,7 @@ mod jwt_bearer;
 mod persist;
 mod refresh;
 mod sso_cache;
+pub(crate) use sso_cache::json_error_reason;
 mod state;
 
 use std::{

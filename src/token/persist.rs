@@ -47,6 +47,17 @@ pub(crate) enum Rendered {
     Write(Vec<u8>),
     /// The file already holds newer tokens another process wrote: leave it.
     Superseded,
+    /// The file on disk does not parse (`why`): its bytes are kept beside
+    /// it ([`damaged_copy`]), then these are written.
+    ReplaceDamaged { bytes: Vec<u8>, why: String },
+}
+
+/// Where the bytes of a file that did not parse are kept: `NAME.damaged`
+/// beside it (mode 0600, as they may hold tokens), the last one only.
+pub(crate) fn damaged_copy(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".damaged");
+    path.with_file_name(name)
 }
 
 /// How the newest tokens go into one kind of file.
@@ -226,6 +237,14 @@ impl<F: TokenFileFormat> TokenFileWriter<F> {
                         "the newest refresh token is on disk again"
                     ),
                     Rendered::Write(_) => {}
+                    Rendered::ReplaceDamaged { why, .. } => tracing::warn!(
+                        path = %path,
+                        kept_as = %damaged_copy(&self.inner.path).display(),
+                        problem = %why,
+                        "the {} on disk did not parse; its contents were kept aside and the newest \
+                         tokens written in its place",
+                        F::WHAT
+                    ),
                     Rendered::Superseded => tracing::info!(
                         path = %path,
                         "the {} holds newer tokens another process wrote; not overwriting them",
@@ -270,10 +289,21 @@ impl<F: TokenFileFormat> WriterInner<F> {
             Err(e) => return Err(format!("cannot read {}: {e}", self.path.display())),
         };
         let rendered = self.format.render(current.as_deref(), newest)?;
-        if let Rendered::Write(bytes) = &rendered {
-            fs_atomic::write_atomic(&self.path, bytes)
-                .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
-        }
+        let bytes = match &rendered {
+            Rendered::Write(bytes) => bytes,
+            Rendered::ReplaceDamaged { bytes, .. } => {
+                // Never replaced without a copy: the newest tokens go to disk
+                // only once what was there can still be looked at.
+                let aside = damaged_copy(&self.path);
+                fs_atomic::write_atomic(&aside, current.as_deref().unwrap_or_default()).map_err(
+                    |e| format!("cannot keep the damaged file as {}: {e}", aside.display()),
+                )?;
+                bytes
+            }
+            Rendered::Superseded => return Ok(rendered),
+        };
+        fs_atomic::write_atomic(&self.path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
         Ok(rendered)
     }
 }

@@ -90,7 +90,9 @@ pub(crate) fn json_error_reason(e: &serde_json::Error) -> String {
 /// seconds, a `UTC` suffix (older AWS CLIs), or a numeric offset.
 pub fn parse_expires_at(text: &str) -> Result<SystemTime, String> {
     let text = text.trim();
-    let bad = || format!("`{text}` is not an RFC 3339 timestamp");
+    // The value is not quoted: a file mangled by another writer may hold a
+    // token where the timestamp belongs.
+    let bad = || format!("not an RFC 3339 timestamp ({} characters)", text.len());
     if let Some(base) = text.strip_suffix("UTC") {
         return humantime::parse_rfc3339_weak(base.trim_end()).map_err(|_| bad());
     }
@@ -570,6 +572,8 @@ mod tests {
         let frac = parse_expires_at("2023-11-14T22:13:20.5Z").unwrap();
         assert_eq!(frac, want + Duration::from_millis(500));
         assert!(parse_expires_at("yesterday").is_err());
+        let e = parse_expires_at("aor-canary-token").unwrap_err();
+        assert!(!e.contains("canary"), "{e}");
         assert!(parse_expires_at("2023-11-14T22:13:20+0é:00").is_err());
         assert!(parse_expires_at("ééééééééé").is_err());
         assert_eq!(format_time(want), "2023-11-14T22:13:20Z");

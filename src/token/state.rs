@@ -115,19 +115,24 @@ impl TokenFileFormat for StateFileFormat {
     const WHAT: &'static str = "state file";
 
     fn render(&self, current: Option<&[u8]>, newest: &StateFile) -> Result<Rendered, String> {
-        // A file that does not parse is this process's own, damaged: the
-        // newest tokens replace it.
-        let extra = current
-            .and_then(|bytes| serde_json::from_slice::<StateFile>(bytes).ok())
-            .map(|s| s.extra)
-            .unwrap_or_default();
+        // A file that does not parse is this process's own, damaged (by
+        // hand, or by another program): the newest tokens must still reach
+        // the disk, so they replace it, and its bytes are kept aside.
+        let (extra, damaged) = match current.map(serde_json::from_slice::<StateFile>) {
+            None => (Default::default(), None),
+            Some(Ok(state)) => (state.extra, None),
+            Some(Err(e)) => (Default::default(), Some(json_error_reason(&e))),
+        };
         let merged = StateFile {
             extra,
             ..newest.clone()
         };
-        serde_json::to_vec_pretty(&merged)
-            .map(Rendered::Write)
-            .map_err(|e| format!("cannot serialise the state file: {}", json_error_reason(&e)))
+        let bytes = serde_json::to_vec_pretty(&merged)
+            .map_err(|e| format!("cannot serialise the state file: {}", json_error_reason(&e)))?;
+        Ok(match damaged {
+            None => Rendered::Write(bytes),
+            Some(why) => Rendered::ReplaceDamaged { bytes, why },
+        })
     }
 }
 
@@ -150,10 +155,41 @@ mod tests {
         assert_eq!(v["refreshToken"], "new");
         assert_eq!(v["clientId"], "c");
         assert_eq!(v["futureKey"]["kept"], true);
-        let Rendered::Write(bytes) = StateFileFormat.render(Some(b"{torn"), &newest).unwrap()
+        let Rendered::ReplaceDamaged { bytes, why } =
+            StateFileFormat.render(Some(b"{torn"), &newest).unwrap()
         else {
-            panic!("a state file is always written");
+            panic!("a damaged state file is replaced, its bytes kept");
         };
         assert!(serde_json::from_slice::<StateFile>(&bytes).is_ok());
+        assert!(why.contains("line 1"), "{why}");
+    }
+
+    /// A state file damaged while the proxy runs: the newest tokens still
+    /// reach the disk, the damaged bytes are kept beside it, and no secret
+    /// is quoted in what is said about it.
+    #[tokio::test]
+    async fn a_damaged_file_is_kept_aside_and_replaced_by_the_newest_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let damaged = br#"{"refreshToken":"aor-canary-half-writ"#;
+        std::fs::write(&path, damaged).unwrap();
+        let writer = crate::token::persist::TokenFileWriter::new(&path, StateFileFormat);
+        let newest = StateFile {
+            refresh_token: Some(Secret::new("new")),
+            ..Default::default()
+        };
+        assert!(writer.persist(newest).await);
+        let on_disk = StateFile::load(&path).unwrap().unwrap();
+        assert_eq!(on_disk.refresh_token.unwrap().expose(), "new");
+        let aside = crate::token::persist::damaged_copy(&path);
+        assert_eq!(aside, dir.path().join("state.json.damaged"));
+        assert_eq!(std::fs::read(&aside).unwrap(), damaged);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&aside).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let status = writer.status();
+        assert!(status.persisted, "{status:?}");
     }
 }
