@@ -101,6 +101,9 @@ pub struct ProxyConfig {
     /// Request bodies up to this size are buffered so that a request can be
     /// replayed after an upstream 401.
     pub max_replay_body_bytes: usize,
+    /// Memory for request bodies held for a replay, over all connections
+    /// at once; a body that does not fit is streamed instead.
+    pub replay_buffer_bytes: usize,
     /// What `%2F`, `%5C` and `\` in a request path do.
     pub escaped_slashes: EscapedSlashes,
     /// Limit for a buffered request body to arrive, and for a streamed one
@@ -168,6 +171,7 @@ impl ProxyConfig {
             upstream_response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             max_replay_body_bytes: 64 * 1024,
+            replay_buffer_bytes: 32 * 1024 * 1024,
             escaped_slashes: EscapedSlashes::Keep,
             request_body_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
@@ -1261,6 +1265,7 @@ impl Reader {
                 "upstream_response_timeout",
                 "idle_timeout",
                 "max_replay_body_bytes",
+                "replay_buffer_bytes",
                 "escaped_slashes",
                 "request_body_timeout",
                 "send_timeout",
@@ -1375,6 +1380,12 @@ impl Reader {
                 "max_replay_body_bytes",
                 d.max_replay_body_bytes as i64,
                 0..=16 * 1024 * 1024,
+            ) as usize,
+            replay_buffer_bytes: self.integer(
+                &s,
+                "replay_buffer_bytes",
+                d.replay_buffer_bytes as i64,
+                0..=4 * 1024 * 1024 * 1024,
             ) as usize,
             escaped_slashes: self.escaped_slashes(&s, d.escaped_slashes),
             request_body_timeout: self.duration_within(
@@ -2892,6 +2903,7 @@ refresh_token = "r"
         assert_eq!(c.proxy.request_body_timeout, d.request_body_timeout);
         assert!(c.proxy.upstream_max_response_headers >= 200);
         assert!(c.proxy.upstream_max_response_header_bytes >= 64 * 1024);
+        assert_eq!(c.proxy.replay_buffer_bytes, 32 * 1024 * 1024);
 
         let text = MINIMAL.replace(
             "upstream = \"http://127.0.0.1:9000\"",
@@ -2899,6 +2911,7 @@ refresh_token = "r"
              request_body_timeout = \"2s\"\n\
              max_connections = 10\n\
              upstream_queue_timeout = \"250ms\"\n\
+             replay_buffer_bytes = 1048576\n\
              http2_max_concurrent_streams = 7",
         );
         let c = parse(&text).unwrap();
@@ -2906,11 +2919,13 @@ refresh_token = "r"
         assert_eq!(c.proxy.max_connections, 10);
         assert_eq!(c.proxy.upstream_queue_timeout, Duration::from_millis(250));
         assert_eq!(c.proxy.http2_max_concurrent_streams, 7);
+        assert_eq!(c.proxy.replay_buffer_bytes, 1024 * 1024);
 
         let text = MINIMAL.replace(
             "upstream = \"http://127.0.0.1:9000\"",
             "upstream = \"http://127.0.0.1:9000\"\n\
              request_body_timeout = \"0s\"\n\
+             replay_buffer_bytes = -1\n\
              drain_timeout = \"2h\"\n\
              max_connections = 0\n\
              upstream_max_response_headers = 5\n\
@@ -2921,6 +2936,7 @@ refresh_token = "r"
         assert_eq!(
             keys,
             [
+                "proxy.replay_buffer_bytes",
                 "proxy.request_body_timeout",
                 "proxy.drain_timeout",
                 "proxy.max_connections",

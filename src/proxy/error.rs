@@ -61,6 +61,21 @@ fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     response
 }
 
+/// The answer to an HTTP/1 request head larger than
+/// `max_request_header_bytes`, which hyper let through because it arrived
+/// whole in one read (hyper checks its limit only on a head still
+/// incomplete).
+pub(super) fn head_too_large_response() -> Response<ProxyBody> {
+    let mut response = json(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        r#"{"error":"request_head_too_large","message":"the request head is larger than this proxy's max_request_header_bytes; nothing was forwarded"}"#,
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// The answer to a request that is not forwarded.
 pub(super) fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
     match refusal {

@@ -29,7 +29,8 @@
 //!    `sso_token_proxy_request_duration_seconds{route}`,
 //!    `sso_token_proxy_requests_in_flight`. A body of known size up to
 //!    `max_replay_body_bytes` is read into memory so that the request can be
-//!    replayed; anything else is streamed.
+//!    replayed, while the bodies held so fit in `replay_buffer_bytes`;
+//!    anything else is streamed.
 //! 4. **[`BearerTokenLayer`].** Sets the token; `503` when none can be
 //!    had; after an upstream `401`, one refresh and one replay of a
 //!    buffered request.
@@ -141,6 +142,8 @@ pub struct Proxy {
     /// One permit per client connection served, shared with the other
     /// proxies of its [`SharedLimits`].
     connections: Arc<Semaphore>,
+    /// One permit per KiB of request body held for a replay, shared too.
+    replay_budget: Arc<Semaphore>,
 }
 
 /// The caps that several [`Proxy`]s of one listener keep together, one
@@ -151,6 +154,7 @@ pub struct Proxy {
 #[derive(Clone)]
 pub(crate) struct SharedLimits {
     connections: Arc<Semaphore>,
+    replay_budget: Arc<Semaphore>,
     upstream_max_connections: usize,
     /// By route name.
     pool_groups: Arc<Mutex<HashMap<String, Arc<PoolGroup<UpstreamBody>>>>>,
@@ -161,6 +165,7 @@ impl SharedLimits {
     pub(crate) fn new(config: &ProxyConfig) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            replay_budget: Arc::new(Semaphore::new(config.replay_buffer_bytes / 1024)),
             upstream_max_connections: config.upstream_max_connections,
             pool_groups: Arc::default(),
         }
@@ -276,6 +281,7 @@ impl Proxy {
             routes: Arc::new(RouteTable::new(routes, &metrics)),
             metrics,
             connections: Arc::clone(&limits.connections),
+            replay_budget: Arc::clone(&limits.replay_budget),
             settings: ServerSettings {
                 timers: ConnTimers {
                     header_read: config.header_read_timeout,

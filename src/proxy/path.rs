@@ -285,17 +285,21 @@ fn remove_dot_segments(path: &[u8]) -> Result<Vec<u8>, PathRefusal> {
 
 /// Whether `path` stays at or under its root when `%2F`, `%5C` and `\`
 /// also separate segments and a segment's `;` parameters are ignored (as
-/// Tomcat reads `/..;/`).
+/// Tomcat reads `/..;/`), also when the `;` is escaped (`%3B`), for an
+/// upstream that decodes before it drops parameters.
 fn stays_under_root_leniently(path: &[u8]) -> bool {
     let mut depth = 0usize;
     let mut start = 0;
     let mut i = 0;
     let segment_end = |start: usize, end: usize, depth: &mut usize| -> bool {
         let segment = &path[start..end];
-        let before_params = segment
-            .iter()
-            .position(|&b| b == b';')
-            .map_or(segment, |p| &segment[..p]);
+        let params = (0..segment.len()).find(|&i| {
+            segment[i] == b';'
+                || (segment[i] == b'%'
+                    && segment.get(i + 1) == Some(&b'3')
+                    && matches!(segment.get(i + 2), Some(b'b' | b'B')))
+        });
+        let before_params = params.map_or(segment, |p| &segment[..p]);
         match dots(before_params) {
             Some(0 | 1) => true,
             Some(2) => match depth.checked_sub(1) {
@@ -424,6 +428,7 @@ mod tests {
         assert_eq!(join("/api", "/a%2Fb/c").unwrap(), "/api/a%2Fb/c");
         assert_eq!(join("/api", "/a%2f..%2fb").unwrap(), "/api/a%2f..%2fb");
         assert_eq!(join("/api", "/a/b%5C..%5Cc").unwrap(), "/api/a/b%5C..%5Cc");
+        assert_eq!(join("/api", "/a/..%3Bv/b").unwrap(), "/api/a/..%3Bv/b");
         for target in [
             "/..%2Finternal",
             "/..%2finternal",
@@ -436,6 +441,9 @@ mod tests {
             "/..;/x",
             "/a/..;jsessionid=1/..;/x",
             "/%2e%2e;x/y",
+            "/x/..%3b/..%3b/secret",
+            "/x/..%3B/..%3B/secret",
+            "/x/%2e%2e%3b/%2e%2e%3b/secret",
             // Raw dot segments removed first, then read leniently: the
             // upstream gets `/..%2Fc`.
             "/a%2Fb/../..%2Fc",

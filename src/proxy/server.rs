@@ -189,6 +189,8 @@ pub(super) async fn serve(
                 client_ip: ConnService::client_ip_value(remote.ip()),
                 local,
                 max_replay_body_bytes: settings.max_replay_body_bytes,
+                max_request_header_bytes: settings.max_request_header_bytes,
+                replay_budget: Arc::clone(&proxy.replay_budget),
                 request_body_timeout: settings.request_body_timeout,
                 activity: Arc::clone(&activity),
             };

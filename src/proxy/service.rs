@@ -29,7 +29,10 @@ use http_body::Body as _;
 use http_body_util::{BodyExt as _, combinators::Collect};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
 use tower::util::Oneshot;
 use tracing::{Span, field::Empty};
 
@@ -38,8 +41,8 @@ use super::{
     body::ProxyBody,
     error::{
         bad_body_response, body_timeout_response, caller_refused_response,
-        caller_token_missing_response, no_route_response, path_refusal_response, refusal_response,
-        upstream_error_response,
+        caller_token_missing_response, head_too_large_response, no_route_response,
+        path_refusal_response, refusal_response, upstream_error_response,
     },
     forward::{ClientFault, ForwardError, Forwarder},
     metrics::{ClientError, RouteMetrics},
@@ -72,17 +75,52 @@ pub(super) struct ConnService {
     pub(super) client_ip: Option<HeaderValue>,
     pub(super) local: SocketAddr,
     pub(super) max_replay_body_bytes: u64,
+    pub(super) max_request_header_bytes: usize,
+    /// One permit per KiB of the bodies held for a replay, all connections.
+    pub(super) replay_budget: Arc<Semaphore>,
     pub(super) request_body_timeout: Duration,
     pub(super) activity: Arc<ConnActivity>,
 }
 
 impl ConnService {
-    /// Small and of known size: held in memory so that a `401` can be
-    /// answered by a replay.
-    fn replayable_size(&self, body: &Incoming) -> bool {
-        body.size_hint()
+    /// Small and of known size, and room for it in the replay budget: held
+    /// in memory so that a `401` can be answered by a replay, its room
+    /// taken until the permit is dropped. Without room it is streamed like
+    /// a large body: the budget bounds the memory all clients can make the
+    /// proxy hold (many h2 streams each sending all but the last byte).
+    fn hold_for_replay(&self, body: &Incoming) -> Option<OwnedSemaphorePermit> {
+        let size = body
+            .size_hint()
             .exact()
-            .is_some_and(|n| n <= self.max_replay_body_bytes)
+            .filter(|n| *n <= self.max_replay_body_bytes)?;
+        let kib = u32::try_from(size.div_ceil(1024)).ok()?;
+        let permit = Arc::clone(&self.replay_budget)
+            .try_acquire_many_owned(kib)
+            .ok();
+        if permit.is_none() {
+            tracing::debug!(size, "replay buffer full; the body is streamed");
+        }
+        permit
+    }
+
+    /// Whether an HTTP/1 head is larger than the limit, counted with the
+    /// least bytes its parts could have taken on the wire (one byte for
+    /// each separator and line end), so a head within the limit is never
+    /// taken for one above it. h2 enforces its own header list size.
+    fn head_too_large<B>(&self, request: &Request<B>) -> bool {
+        if request.version() == Version::HTTP_2 {
+            return false;
+        }
+        let uri = request.uri();
+        let mut size = request.method().as_str().len()
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + "  HTTP/1.1\n\n".len();
+        // Short-circuits once over, however many fields there are.
+        request.headers().iter().any(|(name, value)| {
+            size += name.as_str().len() + value.len() + 2;
+            size > self.max_request_header_bytes
+        }) || size > self.max_request_header_bytes
     }
 
     /// `ip` as an `X-Forwarded-For` element.
@@ -110,6 +148,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let mut future = ProxyFuture {
             state: ProxyState::Done,
             guard: Some(guard),
+            replay_room: None,
             span,
             start,
             metrics: Arc::clone(&table.unrouted),
@@ -119,6 +158,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             uri: request.uri().clone(),
             version: request.version(),
         };
+        if self.head_too_large(&request) {
+            future.state = ProxyState::Ready {
+                response: Some(head_too_large_response()),
+            };
+            return future;
+        }
         // Not a tunnel, whichever route would match.
         if request.method() == Method::CONNECT {
             return future.refused(
@@ -187,7 +232,8 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             // Bodies as on the other routes: small ones held for a replay.
             future.state = if body.is_end_stream() {
                 ProxyState::exchange(parts, ReplayBody::empty(), caller)
-            } else if self.replayable_size(&body) {
+            } else if let Some(permit) = self.hold_for_replay(&body) {
+                future.replay_room = Some(permit);
                 ProxyState::Collecting {
                     collect: body.collect(),
                     timer: tokio::time::sleep(self.request_body_timeout),
@@ -201,7 +247,8 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         }
         future.state = if body.is_end_stream() {
             ProxyState::call(route.stack.clone(), parts, ReplayBody::empty())
-        } else if self.replayable_size(&body) {
+        } else if let Some(permit) = self.hold_for_replay(&body) {
+            future.replay_room = Some(permit);
             ProxyState::Collecting {
                 collect: body.collect(),
                 timer: tokio::time::sleep(self.request_body_timeout),
@@ -221,6 +268,8 @@ pin_project! {
         #[pin]
         state: ProxyState,
         guard: Option<RequestGuard>,
+        // Its body's room in the replay budget, while it is held.
+        replay_room: Option<OwnedSemaphorePermit>,
         span: Span,
         start: Instant,
         // The route's (or, until one is chosen, the unrouted ones).
