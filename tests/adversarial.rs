@@ -274,6 +274,41 @@ async fn escaped_slashes_can_be_refused_outright() {
 
 // === 8. Smuggling, target forms, floods ===
 
+/// A GET with a chunked body (a search API's, say) reaches the upstream
+/// with its body, framed, instead of as a GET without one; the connection
+/// stays in step for the next request.
+#[tokio::test]
+async fn a_get_body_of_unknown_length_is_forwarded_not_dropped() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(
+        b"GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(conn.response().await.expect("an answer").status, 200);
+    conn.send(&get("/next", "")).await;
+    assert_eq!(conn.response().await.expect("an answer").status, 200);
+    // h2: DATA without `content-length`.
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let fields = get_fields("/h2-search", &[]);
+    let mut bytes = frame(HEADERS, END_HEADERS, 1, &header_block(&fields));
+    bytes.extend(frame(adversary::DATA, END_STREAM, 1, b"hello"));
+    h2.send(&bytes).await;
+    let (head, _) = h2.stream_response(1).await.expect("an answer");
+    assert_eq!(static_status(&head), Some(200));
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].uri.as_str()),
+        ("GET", "/search")
+    );
+    assert_eq!(seen[0].body_len, 5, "{seen:?}");
+    assert_eq!((seen[1].uri.as_str(), seen[1].body_len), ("/next", 0));
+    assert_eq!((seen[2].uri.as_str(), seen[2].body_len), ("/h2-search", 5));
+}
+
 /// Requests a front end and a back end could frame differently. Each is
 /// refused, or framed one way only: the upstream never sees a second,
 /// smuggled request.

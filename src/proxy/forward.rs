@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Request, Response, Uri, Version, header, request};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header, request};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -234,9 +234,21 @@ impl Service<Request<UpstreamBody>> for Forwarder {
 
     /// Sends a request [`prepare`](Self::prepare)d for the upstream; its
     /// headers are not touched here, so the token set before stays.
-    fn call(&mut self, req: Request<UpstreamBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<UpstreamBody>) -> Self::Future {
         let up = &*self.upstream;
         let upload = upload_of(req.body());
+        // hyper's HTTP/1 client sends a GET or HEAD body of unknown length
+        // as no body at all unless the request asks for chunked coding (an
+        // h2 connection drops the field and frames the body itself).
+        if upload.is_some()
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+            && http_body::Body::size_hint(req.body()).exact().is_none()
+        {
+            req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         ForwardFuture {
             response: up.pool.send(req),
             timer: tokio::time::sleep(up.response_timeout),
