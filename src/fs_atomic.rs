@@ -52,6 +52,34 @@ pub(crate) fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::
     result
 }
 
+/// Narrows a file of this process's own that others may read (mode 0644
+/// from a restore or a hand edit, say) to 0600, with a warning; until its
+/// next write the tokens in it would stay readable otherwise.
+#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+pub(crate) fn keep_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    match fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o700)) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "the file was open to other users; narrowed to the owner"
+        ),
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            error = %e,
+            "the file is open to other users and could not be narrowed"
+        ),
+    }
+}
+
 /// Creates `dir` and any missing parents with mode 0700 (narrowed further
 /// by the umask); directories that exist are left as they are.
 #[cfg_attr(not(feature = "proxy"), allow(dead_code))]

@@ -286,7 +286,13 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     );
 
     // A restart picks the state file's token over the configured (revoked)
-    // one, and reuses the stored access token without a call.
+    // one, and reuses the stored access token without a call. The file,
+    // opened to others meanwhile (a restore from a backup, say), is
+    // narrowed to its owner again at once, not at the next rotation.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = || std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(), 0o600);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
     let restarted = RefreshTokenSource::builder(
         oidc(&s.emulator),
         s.client_id.clone(),
@@ -296,6 +302,7 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     .state_file(&state)
     .build()
     .unwrap();
+    assert_eq!(mode(), 0o600);
     restarted
         .fetch(Reuse::IfValidFor(Duration::from_secs(60)))
         .await

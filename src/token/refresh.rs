@@ -187,6 +187,7 @@ impl RefreshTokenSourceBuilder {
         if let Some(path) = &self.state_file
             && let Some(state) = StateFile::load(path)?
         {
+            crate::fs_atomic::keep_private(path);
             let same_client =
                 registered_client || state.client_id.as_deref().is_none_or(|c| c == client_id);
             let newer = match (state.updated_at(), self.configured_at) {
