@@ -44,12 +44,17 @@ pub(crate) fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Makes the entries of `dir` (a rename into it) durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Narrows a file of this process's own that others may read (mode 0644

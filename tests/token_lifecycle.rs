@@ -315,6 +315,59 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     assert_eq!(s.emulator.counters().create_token, 6);
 }
 
+/// The process died after SSO-OIDC rotated the refresh token and its
+/// write had reached the temp copy, not the rename: on restart the copy's
+/// live token is used, not the file's revoked one, and the copy is gone.
+#[tokio::test]
+async fn a_state_write_cut_short_by_a_crash_is_recovered_on_restart() {
+    let s = setup(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let build = || {
+        RefreshTokenSource::builder(
+            oidc(&s.emulator),
+            s.client_id.clone(),
+            s.client_secret.clone(),
+            s.refresh_token.clone(),
+        )
+        .retry_policy(OidcRetryPolicy::new(fast_retry()))
+        .state_file(&state)
+        .build()
+        .unwrap()
+    };
+    let src = build();
+    src.fetch(Reuse::Never).await.unwrap();
+    let first = std::fs::read(&state).unwrap();
+    src.fetch(Reuse::Never).await.unwrap();
+    drop(src);
+    // As if the second write had stopped before its rename, in a process
+    // that is gone.
+    let copy = dir
+        .path()
+        .join(format!(".state.json.tmp-{}-00000000000000aa", u32::MAX));
+    std::fs::rename(&state, &copy).unwrap();
+    std::fs::write(&state, &first).unwrap();
+    let first_token = serde_json::from_slice::<serde_json::Value>(&first).unwrap()["refreshToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !s.emulator.is_refresh_token_live(&first_token),
+        "rotated away"
+    );
+
+    let restarted = build();
+    restarted
+        .fetch(Reuse::Never)
+        .await
+        .expect("the copy's live refresh token is used");
+    assert_eq!(
+        s.emulator.counters().errors_by_kind.get("InvalidGrant"),
+        None
+    );
+    assert!(!copy.exists());
+}
+
 #[tokio::test]
 async fn corrupt_state_file_is_an_error_naming_the_path_and_is_left_alone() {
     let s = setup(EmulatorConfig::default()).await;

@@ -184,6 +184,9 @@ impl RefreshTokenSourceBuilder {
         let mut client_secret = self.client_secret;
         let mut registration = None;
         let registered_client = client_id.is_empty();
+        if let Some(path) = &self.state_file {
+            super::state::recover_leftover_writes(path);
+        }
         if let Some(path) = &self.state_file
             && let Some(state) = StateFile::load(path)?
         {

@@ -106,6 +106,91 @@ impl StateFile {
     }
 }
 
+/// Recovers what a process that died mid-write left beside the state
+/// file at `path`: the whole temp copy of a write that was not renamed yet
+/// (`.NAME.tmp-PID-RANDOM`, see `fs_atomic`). SSO-OIDC has rotated the
+/// refresh token by the time it is written, so such a copy may hold the
+/// only live one. The newest complete copy replaces the file when it was
+/// written later than the file (or the file does not parse); the leftovers
+/// of processes that are gone are removed, as they hold tokens. A copy of
+/// a process still running (another one sharing the file, such as
+/// `token`) may be a write in progress and is left alone. Returns whether
+/// a copy was adopted.
+pub(crate) fn recover_leftover_writes(path: &Path) -> bool {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    // Leftovers of processes that are gone, with their contents if whole.
+    let mut leftovers: Vec<(std::path::PathBuf, Option<StateFile>)> = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        // This process has no write in flight yet; in a container it may
+        // have the pid of the one that died.
+        if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let whole = std::fs::read(entry.path())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<StateFile>(&bytes).ok())
+            .filter(|s| s.refresh_token.as_ref().is_some_and(|t| !t.is_empty()));
+        leftovers.push((entry.path(), whole));
+    }
+    let newest = leftovers
+        .iter()
+        .filter_map(|(p, s)| Some((p, s.as_ref()?.updated_at()?)))
+        .max_by_key(|(_, at)| *at)
+        .map(|(p, at)| (p.clone(), at));
+    let current = StateFile::load(path);
+    let mut adopted = None;
+    if let Some((copy, at)) = newest {
+        let later = match &current {
+            Ok(Some(state)) => state.updated_at().is_none_or(|t| at > t),
+            Ok(None) => true,
+            // One that does not parse; not one that cannot be read.
+            Err(_) => std::fs::read(path).is_ok(),
+        };
+        if later {
+            match std::fs::rename(&copy, path).and_then(|()| fs_atomic::sync_dir(dir)) {
+                Ok(()) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        from = %copy.display(),
+                        "a write of the state file was cut short (the process died); its whole copy, newer \
+                         than the file, is now the state file"
+                    );
+                    adopted = Some(copy);
+                }
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    from = %copy.display(),
+                    error = %e,
+                    "could not adopt a newer copy of the state file left by a write that was cut short"
+                ),
+            }
+        }
+    }
+    for (leftover, _) in &leftovers {
+        if Some(leftover) != adopted.as_ref() && std::fs::remove_file(leftover).is_ok() {
+            tracing::info!(path = %leftover.display(), "removed a state file write left by a process that is gone");
+        }
+    }
+    adopted.is_some()
+}
+
 /// The state file as a [`TokenFileFormat`]: the newest tokens replace the
 /// file's, keys a newer version wrote there are kept.
 pub(crate) struct StateFileFormat;
@@ -162,6 +247,79 @@ mod tests {
         };
         assert!(serde_json::from_slice::<StateFile>(&bytes).is_ok());
         assert!(why.contains("line 1"), "{why}");
+    }
+
+    fn state_at(refresh: &str, updated_at: &str) -> Vec<u8> {
+        serde_json::to_vec(&StateFile {
+            refresh_token: Some(Secret::new(refresh)),
+            updated_at: Some(updated_at.to_owned()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A process killed between writing the state file's temp copy and
+    /// renaming it: the copy, newer than the file, becomes the file; the
+    /// leftovers of gone processes are removed; a running process's write
+    /// is left alone.
+    #[test]
+    fn a_write_cut_short_is_recovered_from_its_whole_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, state_at("rt-old", "2026-01-01T00:00:00Z")).unwrap();
+        let leftover =
+            |pid: u32, n: u32| dir.path().join(format!(".state.json.tmp-{pid}-{n:016x}"));
+        // Gone processes (no such pid): a whole newer copy, an older one,
+        // a torn one.
+        let gone = u32::MAX;
+        std::fs::write(
+            leftover(gone, 1),
+            state_at("rt-new", "2026-01-02T00:00:00Z"),
+        )
+        .unwrap();
+        std::fs::write(
+            leftover(gone, 2),
+            state_at("rt-older", "2025-12-31T00:00:00Z"),
+        )
+        .unwrap();
+        std::fs::write(leftover(gone, 3), br#"{"refreshToken":"rt-to"#).unwrap();
+        // A process that runs (pid 1 always does), newer still: a write in
+        // progress, not a leftover.
+        std::fs::write(leftover(1, 4), state_at("rt-busy", "2026-01-03T00:00:00Z")).unwrap();
+        // Another file's leftover is not this file's.
+        let other = dir
+            .path()
+            .join(format!(".other.json.tmp-{gone}-0000000000000005"));
+        std::fs::write(&other, b"x").unwrap();
+
+        assert!(recover_leftover_writes(&path));
+        let state = StateFile::load(&path).unwrap().unwrap();
+        assert_eq!(state.refresh_token.unwrap().expose(), "rt-new");
+        for n in 1..=3 {
+            assert!(!leftover(gone, n).exists(), "leftover {n} removed");
+        }
+        assert!(leftover(1, 4).exists(), "a running process's write kept");
+        assert!(other.exists());
+        // Nothing left to recover.
+        assert!(!recover_leftover_writes(&path));
+
+        // A copy older than the file is only removed.
+        std::fs::write(
+            leftover(gone, 6),
+            state_at("rt-stale", "2025-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        assert!(!recover_leftover_writes(&path));
+        assert_eq!(
+            StateFile::load(&path)
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
+            "rt-new"
+        );
+        assert!(!leftover(gone, 6).exists());
     }
 
     /// A state file damaged while the proxy runs: the newest tokens still
