@@ -131,6 +131,21 @@ while IFS= read -r line; do
     V_LABEL[$id]="$label" V_BIN[$id]="${bin:-$BIN}" V_KEYS[$id]="$keys" V_ENV[$id]="$envs"
 done <<<"$STP_VARIANTS"
 
+# Every process measured runs a binary file of its own. PSS splits a file's
+# pages among all the processes that map it, so an sso-token-proxy variant
+# run from the same file, or the upstream nginx from nginx's, would take
+# half of those pages off the figure of the proxy measured beside it (about
+# 4 MB of sso-token-proxy's 8 MB of mapped code and data).
+declare -A RUN_BIN
+RUN_BIN[stp]="$WORK/sso-token-proxy"
+cp "$BIN" "${RUN_BIN[stp]}"
+for id in "${VARIANT_IDS[@]}"; do
+    RUN_BIN[$id]="$WORK/sso-token-proxy-$id"
+    cp "${V_BIN[$id]}" "${RUN_BIN[$id]}"
+done
+UPSTREAM_NGINX="$WORK/nginx-upstream"
+cp "$(command -v nginx)" "$UPSTREAM_NGINX"
+
 # --- per view: configs, processes ------------------------------------------
 declare -A NAME PORT PID
 NAME[direct]="direct (no proxy)"
@@ -231,21 +246,21 @@ backend be
 EOF
 
     log "$view view: starting upstream, nginx, haproxy, sso-token-proxy"
-    start "upstream-$view" "${pin_load[@]}" nginx -p "$WORK" -e stderr -c "$WORK/upstream-$view.conf"
+    start "upstream-$view" "${pin_load[@]}" "$UPSTREAM_NGINX" -p "$WORK" -e stderr -c "$WORK/upstream-$view.conf"
     PID[direct]=$STARTED
     start "nginx-$view" "${pin_proxy[@]}" nginx -p "$WORK" -e stderr -c "$WORK/nginx-$view.conf"
     PID[nginx]=$STARTED
     start "haproxy-$view" "${pin_proxy[@]}" haproxy -db -f "$WORK/haproxy-$view.cfg"
     PID[haproxy]=$STARTED
     write_bench_proxy_config "$WORK/stp-$view.toml" "${PORT[stp]}" "${PORT[direct]}" "$p_admin" "$p_emu"
-    start "stp-$view" env "${stp_env[@]}" "${pin_proxy[@]}" "$BIN" --config "$WORK/stp-$view.toml"
+    start "stp-$view" env "${stp_env[@]}" "${pin_proxy[@]}" "${RUN_BIN[stp]}" --config "$WORK/stp-$view.toml"
     PID[stp]=$STARTED
     ADMIN=("$p_admin")
     for id in "${VARIANT_IDS[@]}"; do
         local a=$((PORT[$id] + 1))
         write_bench_proxy_config "$WORK/$id.toml" "${PORT[$id]}" "${PORT[direct]}" "$a" $((a + 1)) "${V_KEYS[$id]}"
         # shellcheck disable=SC2086 # the variant's env is a list of NAME=value words
-        start "$id-$view" env ${V_ENV[$id]} "${pin_proxy[@]}" "${V_BIN[$id]}" --config "$WORK/$id.toml"
+        start "$id-$view" env ${V_ENV[$id]} "${pin_proxy[@]}" "${RUN_BIN[$id]}" --config "$WORK/$id.toml"
         PID[$id]=$STARTED
         ADMIN+=("$a")
     done
@@ -552,7 +567,8 @@ REPORT="$WORK/report.md"
         echo "\"wrk CPU %\" and \"upstream CPU %\" the same for the load generator and the upstream: all three"
         echo "share the $CORES cores, so a proxy that needs less CPU per request leaves more to the other two."
         echo "Memory is summed over the proxy's processes: RSS counts pages nginx's master and workers share"
-        echo "once per process, PSS splits them; the targets use PSS. \"idle\" right after start; then with"
+        echo "once per process, PSS splits them; the targets use PSS. Each proxy (and the upstream) runs a"
+        echo "binary file of its own, so that no other process measured shares its pages. \"idle\" right after start; then with"
         echo "$IDLE_CONNS keep-alive connections that each sent one request held open, before any load; \"under"
         echo "c=512\" at 90 % into the c=512 runs (median). sso-token-proxy's \`/metrics\` is scraped every"
         echo "${BENCH_SCRAPE_EVERY}s (0 = never), as Prometheus would."
