@@ -75,6 +75,20 @@ fn source(s: &Setup, policy: OidcRetryPolicy) -> RefreshTokenSource {
     .unwrap()
 }
 
+/// A source with fast retries that keeps its tokens in `state`.
+fn source_with_state(s: &Setup, state: &std::path::Path) -> RefreshTokenSource {
+    RefreshTokenSource::builder(
+        oidc(&s.emulator),
+        s.client_id.clone(),
+        s.client_secret.clone(),
+        s.refresh_token.clone(),
+    )
+    .retry_policy(OidcRetryPolicy::new(fast_retry()))
+    .state_file(state)
+    .build()
+    .unwrap()
+}
+
 fn options(window: Duration, margin: Duration) -> CacheOptions {
     CacheOptions {
         refresh_before_expiry: window,
@@ -252,16 +266,7 @@ async fn five_rotations_in_a_row_and_the_state_file_holds_the_last() {
     let s = setup(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let src = RefreshTokenSource::builder(
-        oidc(&s.emulator),
-        s.client_id.clone(),
-        s.client_secret.clone(),
-        s.refresh_token.clone(),
-    )
-    .retry_policy(OidcRetryPolicy::new(fast_retry()))
-    .state_file(&state)
-    .build()
-    .unwrap();
+    let src = source_with_state(&s, &state);
     let mut previous = s.refresh_token.clone();
     for _ in 0..5 {
         let token = src
@@ -323,19 +328,7 @@ async fn a_state_write_cut_short_by_a_crash_is_recovered_on_restart() {
     let s = setup(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let build = || {
-        RefreshTokenSource::builder(
-            oidc(&s.emulator),
-            s.client_id.clone(),
-            s.client_secret.clone(),
-            s.refresh_token.clone(),
-        )
-        .retry_policy(OidcRetryPolicy::new(fast_retry()))
-        .state_file(&state)
-        .build()
-        .unwrap()
-    };
-    let src = build();
+    let src = source_with_state(&s, &state);
     src.fetch(Reuse::Never).await.unwrap();
     let first = std::fs::read(&state).unwrap();
     src.fetch(Reuse::Never).await.unwrap();
@@ -356,7 +349,7 @@ async fn a_state_write_cut_short_by_a_crash_is_recovered_on_restart() {
         "rotated away"
     );
 
-    let restarted = build();
+    let restarted = source_with_state(&s, &state);
     restarted
         .fetch(Reuse::Never)
         .await
