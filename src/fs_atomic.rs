@@ -7,7 +7,7 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 /// Atomically replaces `path` with `contents`, mode 0600.
@@ -18,16 +18,13 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Atomically replaces `path` with `contents`, with exactly `mode` (the
 /// umask does not narrow it).
 pub(crate) fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(path);
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:016x}",
-        name.to_string_lossy(),
+        "{}{}-{:016x}",
+        temp_prefix(&name.to_string_lossy()),
         std::process::id(),
         rand::random::<u64>()
     ));
@@ -52,6 +49,51 @@ pub(crate) fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::
     result
 }
 
+/// The directory `path` is in (`.` for a bare name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// How the temp copies of a file named `name` begin; the writer's pid and
+/// a random number follow.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// The temp copies of `path` that [`write_atomic`] left behind in
+/// processes that are gone (killed between writing a copy and renaming
+/// it). A copy of a running process may be a write in progress and is not
+/// listed; this process has none yet when it asks at start, and in a
+/// container it may have the pid of the one that died. A process is told
+/// running by `/proc/PID` (Linux; elsewhere every writer counts as gone).
+pub(crate) fn leftover_temps(path: &Path) -> Vec<PathBuf> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let prefix = temp_prefix(name);
+    let Ok(entries) = fs::read_dir(dir_of(path)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let file_name = entry.file_name();
+            let pid = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            pid.is_some_and(|pid| {
+                pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
+            })
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
 /// Makes the entries of `dir` (a rename into it) durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -60,7 +102,6 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Narrows a file of this process's own that others may read (mode 0644
 /// from a restore or a hand edit, say) to 0600, with a warning; until its
 /// next write the tokens in it would stay readable otherwise.
-#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
 pub(crate) fn keep_private(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = fs::metadata(path) else {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     TokenError,
-    persist::{Rendered, TokenFileFormat},
+    persist::{Rendered, TokenFileFormat, damaged_copy},
     sso_cache::json_error_reason,
 };
 use crate::{fs_atomic, secret::Secret};
@@ -111,44 +111,24 @@ impl StateFile {
 /// (`.NAME.tmp-PID-RANDOM`, see `fs_atomic`). SSO-OIDC has rotated the
 /// refresh token by the time it is written, so such a copy may hold the
 /// only live one. The newest complete copy replaces the file when it was
-/// written later than the file (or the file does not parse); the leftovers
+/// written later than the file, or when the file does not parse (its bytes
+/// then kept as `NAME.damaged`, as the writer keeps them); the leftovers
 /// of processes that are gone are removed, as they hold tokens. A copy of
 /// a process still running (another one sharing the file, such as
 /// `token`) may be a write in progress and is left alone. Returns whether
 /// a copy was adopted.
 pub(crate) fn recover_leftover_writes(path: &Path) -> bool {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    let prefix = format!(".{name}.tmp-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    // Leftovers of processes that are gone, with their contents if whole.
-    let mut leftovers: Vec<(std::path::PathBuf, Option<StateFile>)> = Vec::new();
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        // This process has no write in flight yet; in a container it may
-        // have the pid of the one that died.
-        if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let whole = std::fs::read(entry.path())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<StateFile>(&bytes).ok())
-            .filter(|s| s.refresh_token.as_ref().is_some_and(|t| !t.is_empty()));
-        leftovers.push((entry.path(), whole));
-    }
+    // With their contents, if whole.
+    let leftovers: Vec<(std::path::PathBuf, Option<StateFile>)> = fs_atomic::leftover_temps(path)
+        .into_iter()
+        .map(|copy| {
+            let whole = std::fs::read(&copy)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<StateFile>(&bytes).ok())
+                .filter(|s| s.refresh_token.as_ref().is_some_and(|t| !t.is_empty()));
+            (copy, whole)
+        })
+        .collect();
     let newest = leftovers
         .iter()
         .filter_map(|(p, s)| Some((p, s.as_ref()?.updated_at()?)))
@@ -157,14 +137,25 @@ pub(crate) fn recover_leftover_writes(path: &Path) -> bool {
     let current = StateFile::load(path);
     let mut adopted = None;
     if let Some((copy, at)) = newest {
-        let later = match &current {
-            Ok(Some(state)) => state.updated_at().is_none_or(|t| at > t),
-            Ok(None) => true,
-            // One that does not parse; not one that cannot be read.
-            Err(_) => std::fs::read(path).is_ok(),
+        // A file that does not parse is replaced too, as the writer does,
+        // and its bytes kept aside first; one that cannot be read is not.
+        let (later, damaged) = match &current {
+            Ok(Some(state)) => (state.updated_at().is_none_or(|t| at > t), None),
+            Ok(None) => (true, None),
+            Err(_) => match std::fs::read(path) {
+                Ok(bytes) => (true, Some(bytes)),
+                Err(_) => (false, None),
+            },
         };
         if later {
-            match std::fs::rename(&copy, path).and_then(|()| fs_atomic::sync_dir(dir)) {
+            let adopt = (|| {
+                if let Some(bytes) = &damaged {
+                    fs_atomic::write_atomic(&damaged_copy(path), bytes)?;
+                }
+                std::fs::rename(&copy, path)?;
+                fs_atomic::sync_dir(fs_atomic::dir_of(path))
+            })();
+            match adopt {
                 Ok(()) => {
                     tracing::warn!(
                         path = %path.display(),
@@ -320,6 +311,26 @@ mod tests {
             "rt-new"
         );
         assert!(!leftover(gone, 6).exists());
+
+        // A damaged file gives way to a whole copy, as to the writer, and
+        // its bytes are kept.
+        std::fs::write(&path, b"{torn").unwrap();
+        std::fs::write(
+            leftover(gone, 7),
+            state_at("rt-copy", "2024-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        assert!(recover_leftover_writes(&path));
+        assert_eq!(
+            StateFile::load(&path)
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
+            "rt-copy"
+        );
+        assert_eq!(std::fs::read(damaged_copy(&path)).unwrap(), b"{torn");
     }
 
     /// A state file damaged while the proxy runs: the newest tokens still
@@ -339,7 +350,7 @@ mod tests {
         assert!(writer.persist(newest).await);
         let on_disk = StateFile::load(&path).unwrap().unwrap();
         assert_eq!(on_disk.refresh_token.unwrap().expose(), "new");
-        let aside = crate::token::persist::damaged_copy(&path);
+        let aside = damaged_copy(&path);
         assert_eq!(aside, dir.path().join("state.json.damaged"));
         assert_eq!(std::fs::read(&aside).unwrap(), damaged);
         use std::os::unix::fs::PermissionsExt as _;
