@@ -283,9 +283,12 @@ mod tests {
             .join(format!(".other.json.tmp-{gone}-0000000000000005"));
         std::fs::write(&other, b"x").unwrap();
 
+        let on_disk = || {
+            let state = StateFile::load(&path).unwrap().unwrap();
+            state.refresh_token.unwrap().expose().to_owned()
+        };
         assert!(recover_leftover_writes(&path));
-        let state = StateFile::load(&path).unwrap().unwrap();
-        assert_eq!(state.refresh_token.unwrap().expose(), "rt-new");
+        assert_eq!(on_disk(), "rt-new");
         for n in 1..=3 {
             assert!(!leftover(gone, n).exists(), "leftover {n} removed");
         }
@@ -301,15 +304,7 @@ mod tests {
         )
         .unwrap();
         assert!(!recover_leftover_writes(&path));
-        assert_eq!(
-            StateFile::load(&path)
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-new"
-        );
+        assert_eq!(on_disk(), "rt-new");
         assert!(!leftover(gone, 6).exists());
 
         // A damaged file gives way to a whole copy, as to the writer, and
@@ -321,15 +316,7 @@ mod tests {
         )
         .unwrap();
         assert!(recover_leftover_writes(&path));
-        assert_eq!(
-            StateFile::load(&path)
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-copy"
-        );
+        assert_eq!(on_disk(), "rt-copy");
         assert_eq!(std::fs::read(damaged_copy(&path)).unwrap(), b"{torn");
     }
 
