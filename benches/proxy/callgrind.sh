@@ -41,7 +41,8 @@ source "$ROOT/benches/proxy/common.sh"
 
 mkdir -p "$ROOT/target/callgrind"
 write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
-write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$P_EMU" "${CG_PROXY_KEYS:-}"
+start_bench_emulator "$BIN" "$P_EMU" "$WORK/emulator.log"
+write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$WORK/emulator.log" "${CG_PROXY_KEYS:-}"
 
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)

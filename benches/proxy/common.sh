@@ -122,13 +122,40 @@ http {
 CONF
 }
 
+# Starts the SSO-OIDC emulator alone (`BINARY emulator`) on 127.0.0.1:PORT,
+# in the background, what it prints in OUT-FILE; its pid in $EMULATOR_PID.
+# The proxy measured gets its token from it, as a deployed proxy does from
+# the real service in another process: the quick start's `[emulator]`
+# inside the proxy's own process would add its code and heap (about 1 MB
+# of PSS) to the proxy's memory figures. BINARY must not be the file the
+# measured proxy runs from (PSS splits shared pages).
+start_bench_emulator() { # binary port out-file
+    "$1" emulator --listen "127.0.0.1:$2" >"$3" 2>&1 &
+    EMULATOR_PID=$!
+    PIDS+=("$EMULATOR_PID")
+}
+
 # Writes the config of sso-token-proxy as benchmarked: the upstream above,
-# its token from the built-in emulator (an hour-long token, so no refresh
-# falls inside a run), every other setting at its default. Extra `[proxy]`
-# keys (e.g. 'runtime = "thread_per_core"'), separated by `;`, may follow.
-write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-port [proxy-keys]
-    local extra=""
+# its token from the emulator that wrote EMULATOR-OUT (start_bench_emulator;
+# an hour-long token, so no refresh falls inside a run), every other
+# setting at its default. Extra `[proxy]` keys (e.g.
+# 'runtime = "thread_per_core"'), separated by `;`, may follow.
+write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-out [proxy-keys]
+    local extra="" endpoint client_id client_secret refresh_token
     [[ -z ${6:-} ]] || extra="$(tr ';' '\n' <<<"$6")"
+    for _ in $(seq 100); do
+        grep -q '^  refresh token:' "$5" 2>/dev/null && break
+        sleep 0.1
+    done
+    endpoint="$(awk '/^SSO-OIDC emulator listening on / {print $NF}' "$5")"
+    client_id="$(awk '/^  client id:/ {print $NF}' "$5")"
+    client_secret="$(awk '/^  client secret:/ {print $NF}' "$5")"
+    refresh_token="$(awk '/^  refresh token:/ {print $NF}' "$5")"
+    if [[ -z $refresh_token ]]; then
+        echo "the SSO-OIDC emulator did not start; its output:" >&2
+        cat "$5" >&2
+        return 1
+    fi
     cat >"$1" <<CONF
 [proxy]
 listen = "127.0.0.1:$2"
@@ -137,17 +164,14 @@ $extra
 [admin]
 listen = "127.0.0.1:$4"
 [oidc]
-endpoint = "http://127.0.0.1:$5"
+endpoint = "$endpoint"
 region = "us-east-1"
-client_id = "bench-client"
-client_secret = "bench-client-secret"
+client_id = "$client_id"
+client_secret = "$client_secret"
 [token]
 source = "refresh_token"
-refresh_token = "bench-refresh-token"
+refresh_token = "$refresh_token"
 refresh_before_expiry = "5m"
-[emulator]
-listen = "127.0.0.1:$5"
-access_token_lifetime = "1h"
 CONF
 }
 

@@ -48,7 +48,11 @@ require_free_ports BENCH_PORT_BASE "$P_UP" "$P_NGINX" "$P_STP" "$P_ADMIN" "$P_EM
 
 write_nginx_upstream "$WORK/upstream.conf" "$P_UP"
 write_nginx_proxy "$WORK/nginx.conf" auto "$WORK/nginx.pid" "$P_NGINX" "$P_UP" "static-token-of-some-length"
-write_bench_proxy_config "$WORK/stp.toml" "$P_STP" "$P_UP" "$P_ADMIN" "$P_EMU" "${STP_KEYS:-}"
+# The emulator from a copy of the binary, so that it shares no pages with
+# the proxy measured.
+cp "$BIN" "$WORK/sso-token-proxy-emulator"
+start_bench_emulator "$WORK/sso-token-proxy-emulator" "$P_EMU" "$WORK/emulator.log"
+write_bench_proxy_config "$WORK/stp.toml" "$P_STP" "$P_UP" "$P_ADMIN" "$WORK/emulator.log" "${STP_KEYS:-}"
 
 nginx -p "$WORK" -e stderr -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)

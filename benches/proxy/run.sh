@@ -145,6 +145,10 @@ for id in "${VARIANT_IDS[@]}"; do
 done
 UPSTREAM_NGINX="$WORK/nginx-upstream"
 cp "$(command -v nginx)" "$UPSTREAM_NGINX"
+# The SSO-OIDC emulators, one beside each sso-token-proxy measured (see
+# start_bench_emulator in common.sh), from a file of their own as well.
+EMU_BIN="$WORK/sso-token-proxy-emulator"
+cp "$BIN" "$EMU_BIN"
 
 # --- per view: configs, processes ------------------------------------------
 declare -A NAME PORT PID
@@ -252,13 +256,16 @@ EOF
     PID[nginx]=$STARTED
     start "haproxy-$view" "${pin_proxy[@]}" haproxy -db -f "$WORK/haproxy-$view.cfg"
     PID[haproxy]=$STARTED
-    write_bench_proxy_config "$WORK/stp-$view.toml" "${PORT[stp]}" "${PORT[direct]}" "$p_admin" "$p_emu"
+    start "emulator-$view" "$EMU_BIN" emulator --listen "127.0.0.1:$p_emu"
+    write_bench_proxy_config "$WORK/stp-$view.toml" "${PORT[stp]}" "${PORT[direct]}" "$p_admin" "$WORK/emulator-$view.log"
     start "stp-$view" env "${stp_env[@]}" "${pin_proxy[@]}" "${RUN_BIN[stp]}" --config "$WORK/stp-$view.toml"
     PID[stp]=$STARTED
     ADMIN=("$p_admin")
     for id in "${VARIANT_IDS[@]}"; do
         local a=$((PORT[$id] + 1))
-        write_bench_proxy_config "$WORK/$id.toml" "${PORT[$id]}" "${PORT[direct]}" "$a" $((a + 1)) "${V_KEYS[$id]}"
+        start "emulator-$id-$view" "$EMU_BIN" emulator --listen "127.0.0.1:$((a + 1))"
+        write_bench_proxy_config "$WORK/$id.toml" "${PORT[$id]}" "${PORT[direct]}" "$a" \
+            "$WORK/emulator-$id-$view.log" "${V_KEYS[$id]}"
         # shellcheck disable=SC2086 # the variant's env is a list of NAME=value words
         start "$id-$view" env ${V_ENV[$id]} "${pin_proxy[@]}" "${RUN_BIN[$id]}" --config "$WORK/$id.toml"
         PID[$id]=$STARTED
@@ -555,7 +562,8 @@ REPORT="$WORK/report.md"
         echo "Set-up: every process unpinned on all $CORES cores. nginx \`worker_processes auto\` (a master and"
         echo "$CORES workers), HAProxy \`nbthread $CORES\`, sso-token-proxy with its default configuration (no"
         echo "environment variables; \`runtime = \"thread_per_core\"\`, one runtime per core; its token from the"
-        echo "built-in emulator, in the same process). Upstream"
+        echo "SSO-OIDC emulator run alone, \`sso-token-proxy emulator\`, in a process of its own, as a deployed"
+        echo "proxy gets it from the real service). Upstream"
         echo "keep-alive: nginx \`keepalive 1024\` per worker, HAProxy \`http-reuse always\`, sso-token-proxy its"
         echo "pool (up to 1024 connections). \`wrk -t1 -cN -d${DURATION}s --latency\`; the upstream is nginx with"
         echo "$UPSTREAM_WORKERS worker(s) answering \`200 \"ok\"\`. Everything measured runs at nice $BENCH_NICE."

@@ -14,18 +14,22 @@
 //! waiting. So at the cap each loop holds at most one accepted connection,
 //! unread and without timers, until a place comes free.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future, io, net::SocketAddr, ops::DerefMut, pin::Pin, sync::Arc, time::Duration,
+};
 
+use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+    server::{conn::auto, graceful::GracefulConnection},
 };
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, watch},
     task::JoinSet,
-    time::Instant,
+    time::{Instant, Sleep},
 };
+use tower::BoxError;
 
 use super::{
     Proxy, ServerSettings,
@@ -42,6 +46,28 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// What an HTTP/2 client without TLS sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Applies the HTTP/1 settings every connection is served with to hyper's
+/// builder or to the auto builder's, whose setters have the same names.
+macro_rules! http1_settings {
+    ($builder:expr, $settings:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            // Request heads are timed by the connection's task instead (see
+            // `activity.rs`), without a timer armed per request.
+            .header_read_timeout(None)
+            // A head must fit in the read buffer (hyper answers 431 when
+            // not); hyper's own floor for it is 8 KiB.
+            .max_buf_size($settings.max_request_header_bytes.max(8192))
+            // No read while a request is in flight: a client's FIN is not
+            // an abort (a half-closing client gets its answer), and the
+            // next read comes once the request's head is dropped, so hyper
+            // reuses its read buffer instead of allocating a new 8 KiB one
+            // per request.
+            .half_close(true)
+            .keep_alive(true)
+    };
+}
+
 /// The connection builders: for HTTP/1, for HTTP/2, and one that reads
 /// the first bytes itself to tell them apart.
 ///
@@ -50,18 +76,35 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// whole request head: after the auto builder's own look (it reads up to
 /// 24 bytes and hands them back), hyper's next read grows its buffer to
 /// 16 KiB, and requests then walk through all of it.
+///
+/// HTTP/1 connections, nearly all of them, are hyper's own: the auto
+/// builder's connection holds an HTTP/2 connection's state in place
+/// (about 900 bytes more for every connection, idle ones included) and
+/// puts a rewind layer under every read and write.
 #[derive(Debug)]
 struct Builders {
-    http1: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
     http2: auto::Builder<TokioExecutor>,
     either: auto::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new(settings: &ServerSettings) -> Self {
-        let either = connection_builder(settings);
+        let mut either = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(either.http1(), settings);
+        either
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(settings.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(settings.http2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(settings.http2_max_local_error_reset_streams)
+            .max_header_list_size(
+                u32::try_from(settings.max_request_header_bytes).unwrap_or(u32::MAX),
+            );
+        let mut http1 = http1::Builder::new();
+        http1_settings!(http1, settings);
         Self {
-            http1: either.clone().http1_only(),
+            http1,
             http2: either.clone().http2_only(),
             either,
         }
@@ -84,34 +127,6 @@ async fn protocol_of(stream: &TcpStream) -> Option<Protocol> {
 enum Protocol {
     Http1,
     Http2,
-}
-
-/// The HTTP/1 and HTTP/2 server settings every connection is served with.
-fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Request heads are timed by the connection's task instead (see
-        // `activity.rs`), without a timer armed per request.
-        .header_read_timeout(None)
-        // A head must fit in the read buffer (hyper answers 431 when not);
-        // hyper's own floor for it is 8 KiB.
-        .max_buf_size(settings.max_request_header_bytes.max(8192))
-        // No read while a request is in flight: a client's FIN is not an
-        // abort (a half-closing client gets its answer), and the next read
-        // comes once the request's head is dropped, so hyper reuses its
-        // read buffer instead of allocating a new 8 KiB one per request.
-        .half_close(true)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(settings.http2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(settings.http2_max_local_error_reset_streams)
-        .max_header_list_size(u32::try_from(settings.max_request_header_bytes).unwrap_or(u32::MAX));
-    builder
 }
 
 pub(super) async fn serve(
@@ -204,7 +219,7 @@ pub(super) async fn serve(
                 control_frames_per_second: settings.http2_max_control_frames_per_second,
                 metrics: Arc::clone(&proxy.metrics),
                 stop: stop_rx.clone(),
-                _permit: permit,
+                permit,
             }));
         }
     }
@@ -244,13 +259,17 @@ struct Connection {
     metrics: Arc<ProxyMetrics>,
     stop: watch::Receiver<bool>,
     /// Its place under `max_connections`, given back when it ends.
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 /// Serves one client connection until it ends, asking it to close on
 /// shutdown or once idle, and closing it when a timer of
 /// [`ConnActivity::next_step`] runs out.
-async fn serve_connection(conn: Connection) {
+///
+/// The task's future holds only the fields it uses (an `async fn` would
+/// also keep the whole `Connection` it was given, 320 bytes, for the
+/// connection's life: every idle connection pays for what its task holds).
+fn serve_connection(conn: Connection) -> impl Future<Output = ()> + Send + 'static {
     let Connection {
         builder,
         stream,
@@ -261,64 +280,107 @@ async fn serve_connection(conn: Connection) {
         control_frames_per_second,
         metrics,
         mut stop,
-        _permit,
+        permit,
     } = conn;
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    let open = OpenConnection::count(&metrics);
-    let watchdog = tokio::time::sleep(timers.header_read);
-    tokio::pin!(watchdog);
-    // Shutdown or the header timer before the first bytes: left to the
-    // builder that reads them, and to the loop below, as any connection.
-    let protocol = tokio::select! {
-        biased;
-        _ = stop.wait_for(|stop| *stop) => None,
-        () = watchdog.as_mut() => None,
-        protocol = protocol_of(&stream) => protocol,
-    };
-    let builder = match protocol {
-        Some(Protocol::Http1) => {
-            activity.speaks_http1();
-            &builder.http1
+    async move {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        Some(Protocol::Http2) => &builder.http2,
-        None => &builder.either,
-    };
-    let io = ClientIo::new(stream, Arc::clone(&activity), control_frames_per_second);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    // From here on the timer follows `next_step`, whose first look sets it
-    // to the earliest of all the connection's timers (the send and idle
-    // timers may be shorter than the header timer it ran on so far).
-    watchdog.as_mut().reset(Instant::now());
+        let open = OpenConnection::count(&metrics);
+        let watchdog = tokio::time::sleep(timers.header_read);
+        tokio::pin!(watchdog);
+        // Shutdown or the header timer before the first bytes: left to the
+        // builder that reads them, and to the loop below, as any connection.
+        let protocol = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => None,
+            () = watchdog.as_mut() => None,
+            protocol = protocol_of(&stream) => protocol,
+        };
+        let io = TokioIo::new(ClientIo::new(
+            stream,
+            Arc::clone(&activity),
+            control_frames_per_second,
+        ));
+        // From here on the timer follows `next_step`, whose first look sets
+        // it to the earliest of all the connection's timers (the send and
+        // idle timers may be shorter than the header timer it ran on so far).
+        watchdog.as_mut().reset(Instant::now());
+        let mut serving = Serving {
+            remote,
+            activity: &activity,
+            timers: &timers,
+            stop: &mut stop,
+            watchdog: watchdog.as_mut(),
+        };
+        // HTTP/2 and undecided connections are boxed: in place, their larger
+        // state would make every HTTP/1 connection's task as large.
+        match protocol {
+            Some(Protocol::Http1) => {
+                activity.speaks_http1();
+                let connection = builder.http1.serve_connection(io, service);
+                tokio::pin!(connection);
+                until_closed(&mut serving, connection).await;
+            }
+            Some(Protocol::Http2) => {
+                let connection = Box::pin(builder.http2.serve_connection(io, service));
+                until_closed(&mut serving, connection).await;
+            }
+            None => {
+                let connection = Box::pin(builder.either.serve_connection(io, service));
+                until_closed(&mut serving, connection).await;
+            }
+        }
+        drop(open);
+        // Its place under `max_connections` is given back last.
+        drop(permit);
+    }
+}
+
+/// What a client connection's task keeps beside hyper's connection.
+struct Serving<'a> {
+    remote: SocketAddr,
+    activity: &'a ConnActivity,
+    timers: &'a ConnTimers,
+    stop: &'a mut watch::Receiver<bool>,
+    watchdog: Pin<&'a mut Sleep>,
+}
+
+/// Drives `connection` until it ends, asking it to close on shutdown or
+/// once a timer calls for it, and dropping it when a timer runs out.
+async fn until_closed<C>(serving: &mut Serving<'_>, mut connection: Pin<impl DerefMut<Target = C>>)
+where
+    C: GracefulConnection,
+    C::Error: Into<BoxError>,
+{
     let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(%remote, error = &*e as &dyn std::error::Error, "client connection ended with an error");
+                    let e: BoxError = e.into();
+                    tracing::debug!(remote = %serving.remote, error = &*e as &dyn std::error::Error, "client connection ended with an error");
                 }
                 break;
             }
-            _ = stop.wait_for(|stop| *stop), if closing_since.is_none() => {
+            _ = serving.stop.wait_for(|stop| *stop), if closing_since.is_none() => {
                 closing_since = Some(Instant::now());
                 connection.as_mut().graceful_shutdown();
-                watchdog.as_mut().reset(Instant::now());
+                serving.watchdog.as_mut().reset(Instant::now());
             }
-            () = watchdog.as_mut() => {
+            () = serving.watchdog.as_mut() => {
                 let now = Instant::now();
-                match activity.next_step(now, &timers, closing_since) {
-                    Step::SleepUntil(at) => watchdog.as_mut().reset(at),
+                match serving.activity.next_step(now, serving.timers, closing_since) {
+                    Step::SleepUntil(at) => serving.watchdog.as_mut().reset(at),
                     Step::Drain(reason) => {
-                        tracing::debug!(%remote, reason = reason.as_str(), "asking the client connection to close");
+                        tracing::debug!(remote = %serving.remote, reason = reason.as_str(), "asking the client connection to close");
                         closed_counter(reason.as_str());
                         closing_since = Some(now);
                         connection.as_mut().graceful_shutdown();
-                        watchdog.as_mut().reset(now);
+                        serving.watchdog.as_mut().reset(now);
                     }
                     Step::Close(reason) => {
-                        tracing::debug!(%remote, reason = reason.as_str(), "closing client connection");
+                        tracing::debug!(remote = %serving.remote, reason = reason.as_str(), "closing client connection");
                         closed_counter(reason.as_str());
                         break;
                     }
@@ -326,7 +388,6 @@ async fn serve_connection(conn: Connection) {
             }
         }
     }
-    drop(open);
 }
 
 fn closed_counter(reason: &'static str) {
