@@ -75,19 +75,7 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # --- emulator --------------------------------------------------------------
 "$BIN" emulator --listen "127.0.0.1:$P_EMU" >"$WORK/emulator.out" 2>"$WORK/emulator.log" &
 PIDS+=($!)
-for _ in $(seq 100); do
-    grep -q "refresh token:" "$WORK/emulator.out" 2>/dev/null && break
-    sleep 0.1
-done
-field() { awk -v k="$1" 'index($0, k) { print $NF; exit }' "$WORK/emulator.out"; }
-CLIENT_ID="$(field "client id:")"
-CLIENT_SECRET="$(field "client secret:")"
-REFRESH_TOKEN="$(field "refresh token:")"
-[[ -n $CLIENT_ID && -n $CLIENT_SECRET && -n $REFRESH_TOKEN ]] || {
-    echo "could not read the emulator's client and refresh token" >&2
-    cat "$WORK/emulator.out" >&2
-    exit 1
-}
+read_emulator_client "$WORK/emulator.out" || exit 1
 curl -sf -X POST "http://127.0.0.1:$P_EMU/_emulator/config" \
     -d "{\"access_token_lifetime_secs\": $SOAK_TOKEN_LIFETIME}" >/dev/null
 
@@ -112,11 +100,11 @@ listen = "127.0.0.1:$P_ADMIN"
 [oidc]
 endpoint = "http://127.0.0.1:$P_EMU"
 region = "us-east-1"
-client_id = "$CLIENT_ID"
-client_secret = "$CLIENT_SECRET"
+client_id = "$EMULATOR_CLIENT_ID"
+client_secret = "$EMULATOR_CLIENT_SECRET"
 [token]
 source = "refresh_token"
-refresh_token = "$REFRESH_TOKEN"
+refresh_token = "$EMULATOR_REFRESH_TOKEN"
 state_file = "$WORK/state.json"
 refresh_before_expiry = "2s"
 expiry_margin = "500ms"

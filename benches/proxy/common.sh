@@ -127,12 +127,32 @@ CONF
 # The proxy measured gets its token from it, as a deployed proxy does from
 # the real service in another process: the quick start's `[emulator]`
 # inside the proxy's own process would add its code and heap (about 1 MB
-# of PSS) to the proxy's memory figures. BINARY must not be the file the
-# measured proxy runs from (PSS splits shared pages).
+# of PSS) to the proxy's memory figures. Where memory is measured, BINARY
+# is a copy of its own (PSS splits pages shared with the proxy's file).
 start_bench_emulator() { # binary port out-file
     "$1" emulator --listen "127.0.0.1:$2" >"$3" 2>&1 &
     EMULATOR_PID=$!
     PIDS+=("$EMULATOR_PID")
+}
+
+# Reads what a standalone emulator printed in OUT-FILE once it has printed
+# it (up to 10 s): its URL and the client it registered, into
+# EMULATOR_URL, EMULATOR_CLIENT_ID, EMULATOR_CLIENT_SECRET and
+# EMULATOR_REFRESH_TOKEN. Fails, showing the output, if they are not there.
+read_emulator_client() { # out-file
+    for _ in $(seq 100); do
+        grep -q '^  refresh token:' "$1" 2>/dev/null && break
+        sleep 0.1
+    done
+    EMULATOR_URL="$(awk '/^SSO-OIDC emulator listening on / {print $NF}' "$1")"
+    EMULATOR_CLIENT_ID="$(awk '/^  client id:/ {print $NF}' "$1")"
+    EMULATOR_CLIENT_SECRET="$(awk '/^  client secret:/ {print $NF}' "$1")"
+    EMULATOR_REFRESH_TOKEN="$(awk '/^  refresh token:/ {print $NF}' "$1")"
+    if [[ -z $EMULATOR_URL || -z $EMULATOR_CLIENT_ID || -z $EMULATOR_CLIENT_SECRET || -z $EMULATOR_REFRESH_TOKEN ]]; then
+        echo "could not read the SSO-OIDC emulator's URL, client and refresh token; its output:" >&2
+        cat "$1" >&2
+        return 1
+    fi
 }
 
 # Writes the config of sso-token-proxy as benchmarked: the upstream above,
@@ -141,21 +161,9 @@ start_bench_emulator() { # binary port out-file
 # setting at its default. Extra `[proxy]` keys (e.g.
 # 'runtime = "thread_per_core"'), separated by `;`, may follow.
 write_bench_proxy_config() { # conf-file proxy-port upstream-port admin-port emulator-out [proxy-keys]
-    local extra="" endpoint client_id client_secret refresh_token
+    local extra=""
     [[ -z ${6:-} ]] || extra="$(tr ';' '\n' <<<"$6")"
-    for _ in $(seq 100); do
-        grep -q '^  refresh token:' "$5" 2>/dev/null && break
-        sleep 0.1
-    done
-    endpoint="$(awk '/^SSO-OIDC emulator listening on / {print $NF}' "$5")"
-    client_id="$(awk '/^  client id:/ {print $NF}' "$5")"
-    client_secret="$(awk '/^  client secret:/ {print $NF}' "$5")"
-    refresh_token="$(awk '/^  refresh token:/ {print $NF}' "$5")"
-    if [[ -z $refresh_token ]]; then
-        echo "the SSO-OIDC emulator did not start; its output:" >&2
-        cat "$5" >&2
-        return 1
-    fi
+    read_emulator_client "$5" || return 1
     cat >"$1" <<CONF
 [proxy]
 listen = "127.0.0.1:$2"
@@ -164,13 +172,13 @@ $extra
 [admin]
 listen = "127.0.0.1:$4"
 [oidc]
-endpoint = "$endpoint"
+endpoint = "$EMULATOR_URL"
 region = "us-east-1"
-client_id = "$client_id"
-client_secret = "$client_secret"
+client_id = "$EMULATOR_CLIENT_ID"
+client_secret = "$EMULATOR_CLIENT_SECRET"
 [token]
 source = "refresh_token"
-refresh_token = "$refresh_token"
+refresh_token = "$EMULATOR_REFRESH_TOKEN"
 refresh_before_expiry = "5m"
 CONF
 }
