@@ -101,6 +101,10 @@ pub(crate) fn main() -> ExitCode {
     let config_given = matches.value_source("config") != Some(ValueSource::DefaultValue);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing(cli.log_format);
+    // Before any secret is read: no core file, not dumpable.
+    if let Err(e) = crate::hardening::keep_memory_private() {
+        tracing::warn!(error = %e, "could not keep the process's memory private (core files, ptrace)");
+    }
     tls::install_crypto_provider();
     // One worker (TOKIO_WORKER_THREADS=1, e.g. a sidecar pinned to one
     // core) is served better by the single-threaded scheduler.

@@ -80,6 +80,8 @@ mod config;
 pub mod emulator;
 #[cfg(feature = "layer")]
 mod fs_atomic;
+#[cfg(feature = "proxy")]
+mod hardening;
 #[cfg(feature = "layer")]
 pub mod layer;
 #[cfg(feature = "proxy")]

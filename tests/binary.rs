@@ -1615,3 +1615,120 @@ async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
     })
     .await;
 }
+
+/// `SECURITY.md` row 16: from its start, the process writes no core file
+/// and (Linux) is not dumpable, so another process of its user cannot
+/// attach to it or read its memory, environment or file contents through
+/// `/proc`. The proxy as the harness runs it has a core limit of zero; a
+/// process of the binary running as a user other than root (`nobody` when
+/// the test runs as root) has its `/proc` entries owned by root, which
+/// the kernel does only for a process that is not dumpable, and another
+/// process of that same user cannot read its `/proc/PID/environ`.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_writes_no_core_file_and_its_own_user_cannot_read_it() {
+    use std::os::unix::{fs::MetadataExt as _, process::CommandExt as _};
+    use tokio::io::AsyncBufReadExt as _;
+
+    fn proc_status_field(pid: u32, field: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+        line[field.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+    fn core_limit(pid: u32) -> Vec<String> {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .expect("a core file size line");
+        line["Max core file size".len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    bounded("hardening", async {
+        let env = env().await;
+        let proxy = env.start(Opts::default()).await;
+        let pid = proxy.child.id().expect("running");
+        assert_eq!(core_limit(pid), ["0", "0"], "the proxy's core limit");
+        drop(proxy);
+
+        // A user other than root: ourselves, or `nobody` when we are root
+        // (then from a copy of the binary that `nobody` may execute).
+        let own_uid: u32 = proc_status_field(std::process::id(), "Uid:")
+            .parse()
+            .unwrap();
+        let as_user = (own_uid == 0).then_some(65534u32);
+        let copy_dir = tempfile::tempdir().unwrap();
+        let bin = if as_user.is_some() {
+            use std::os::unix::fs::PermissionsExt as _;
+            let bin = copy_dir.path().join("sso-token-proxy");
+            std::fs::copy(harness::BIN, &bin).unwrap();
+            std::fs::set_permissions(copy_dir.path(), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            bin
+        } else {
+            harness::BIN.into()
+        };
+        let mut command = std::process::Command::new(&bin);
+        command
+            .args(["emulator", "--listen", "127.0.0.1:0"])
+            .env("SSO_TOKEN_PROXY_TEST_MARKER", "readable-only-by-itself")
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(uid) = as_user {
+            command.uid(uid).gid(uid);
+        }
+        let mut child = tokio::process::Command::from(command)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the binary");
+        // Ready once it prints where it listens: main() is past its start.
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("SSO-OIDC emulator listening on") {
+                break;
+            }
+        }
+        let pid = child.id().expect("running");
+        let uid: u32 = proc_status_field(pid, "Uid:").parse().unwrap();
+        assert_ne!(uid, 0, "the process runs as a user other than root");
+        assert_eq!(core_limit(pid), ["0", "0"]);
+        let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .uid();
+        assert_eq!(
+            owner, 0,
+            "a dumpable process's /proc entries belong to its user ({uid}); these belong to {owner}"
+        );
+        // Its own user tries to read it.
+        let mut reader = std::process::Command::new("cat");
+        reader
+            .arg(format!("/proc/{pid}/environ"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(uid) = as_user {
+            reader.uid(uid).gid(uid);
+        }
+        let read = reader.output().expect("run cat");
+        assert!(!read.status.success(), "cat read the environment");
+        assert!(
+            !String::from_utf8_lossy(&read.stdout).contains("readable-only-by-itself"),
+            "the environment was readable by its own user"
+        );
+        child.kill().await.unwrap();
+    })
+    .await;
+}

@@ -208,7 +208,9 @@ tree_cpu_ticks() { # pid
 
 # Resident and proportional set size in kB, summed over a process tree:
 # RSS counts pages shared between processes (nginx's master and workers)
-# once per process, PSS splits them.
+# once per process, PSS splits them. smaps_rollup needs ptrace access:
+# sso-token-proxy is not dumpable (SECURITY.md row 16), so only root (as
+# the benchmarks run, to install their tools) can read its figures.
 tree_mem_kb() { # pid
     local r=0 p=0 pid rss pss
     for pid in $(proc_tree "$1"); do
