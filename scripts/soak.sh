@@ -163,11 +163,16 @@ P99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk.txt")
 NON2XX=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$WORK/wrk.txt")
 NON2XX=${NON2XX:-0}
 SOCKERR=$(awk '/Socket errors:/ {sub(/.*errors: /, ""); print}' "$WORK/wrk.txt")
-BURSTS=$(grep -vc failed "$WORK/bursts" 2>/dev/null || echo 0)
+# grep -c prints 0 and fails when no line is left; no file: no burst yet.
+BURSTS=0
+[[ -s $WORK/bursts ]] && BURSTS=$(grep -vc failed "$WORK/bursts" || true)
 # The baseline is the first sample, one fault cycle into the soak: by then
 # the connections, the pool and (when scraped) the metrics buffers have
-# reached their working size, and the warm-up's peak is behind.
-RSS_BASE=$(awk 'NR == 1 {print $2}' "$WORK/rss" 2>/dev/null)
+# reached their working size, and the warm-up's peak is behind. A soak
+# shorter than one fault cycle takes no sample: then the baseline is the
+# figure after the warm-up.
+RSS_BASE=""
+[[ -s $WORK/rss ]] && RSS_BASE=$(awk 'NR == 1 {print $2}' "$WORK/rss")
 RSS_BASE=${RSS_BASE:-$RSS_START}
 GROWTH=$(awk -v a="$RSS_BASE" -v b="$RSS_END" 'BEGIN { printf "%.1f", (b - a) * 100 / a }')
 summary="$(
@@ -193,8 +198,13 @@ printf '%s\n' "$summary" | sed 's/^/  /'
 echo "  fault bursts injected: $BURSTS x [SlowDown, SlowDown, InternalServer]"
 echo "  proxy token fetches: ${fetches:-n/a}"
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+if [[ -s $WORK/rss ]]; then
+    base="$(mb "$RSS_BASE") MB ${SOAK_FAULT_EVERY}s into the soak (baseline)"
+else
+    base="no sample within the soak (the warm-up figure is the baseline)"
+fi
 echo "  proxy RSS: $(mb "$RSS_LAUNCH") MB at launch, $(mb "$RSS_START") MB after the ${SOAK_WARMUP}s warm-up," \
-    "$(mb "$RSS_BASE") MB ${SOAK_FAULT_EVERY}s into the soak (baseline), $(mb "$RSS_END") MB at the end: ${GROWTH} % growth" \
+    "$base, $(mb "$RSS_END") MB at the end: ${GROWTH} % growth" \
     "(limit ${MAX_RSS_GROWTH_PCT} %; /metrics scraped $([[ $SOAK_SCRAPE_EVERY -gt 0 ]] && echo "every ${SOAK_SCRAPE_EVERY}s" || echo never))"
 if [[ -s $WORK/rss ]]; then
     echo "  RSS samples (s: kB): $(awk '{printf "%s%s: %s", sep, $1, $2; sep=", "}' "$WORK/rss")"
