@@ -1696,11 +1696,18 @@ async fn the_process_writes_no_core_file_and_its_own_user_cannot_read_it() {
             .expect("spawn the binary");
         // Ready once it prints where it listens: main() is past its start.
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut started = false;
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.starts_with("SSO-OIDC emulator listening on") {
+                started = true;
                 break;
             }
         }
+        assert!(
+            started,
+            "{} did not start as uid {as_user:?}",
+            bin.display()
+        );
         let pid = child.id().expect("running");
         let uid: u32 = proc_status_field(pid, "Uid:").parse().unwrap();
         assert_ne!(uid, 0, "the process runs as a user other than root");
