@@ -20,7 +20,7 @@ use adversary::{
     get_fields, header_block, static_status,
 };
 use harness::{RunningProxy, Upstream, empty, h2c_client, proxy_config, send};
-use http::{Request, StatusCode};
+use http::{Request, StatusCode, Version};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -155,6 +155,61 @@ async fn h2_connection_header_is_a_stream_protocol_error() {
     assert_eq!(seen.len(), 1, "only the well-formed request went upstream");
     assert_eq!(seen[0].uri, "/after");
     assert_eq!(seen[0].all("authorization"), ["Bearer token-1"]);
+}
+
+/// Trailer fields come after the body, where no header rule of the proxy
+/// looks. They are not forwarded (as nginx does not): an `Authorization`
+/// trailer would be a second credential beside the injected one, for an
+/// upstream that merges trailers into its headers to find. h1 and h2
+/// clients, a streamed body, an h2 upstream (whose client would pass
+/// trailers on as they are) and an HTTP/1.1 one.
+#[tokio::test]
+async fn request_trailers_never_reach_the_upstream() {
+    let (h2_upstream, ca_file) = Upstream::start_tls(&[b"h2"]).await;
+    let mut config = proxy_config(&h2_upstream.https_url());
+    config.upstream_ca_file = Some(ca_file.path().to_owned());
+    let to_h2 = RunningProxy::start(config).await;
+    let h1_upstream = Upstream::start().await;
+    let to_h1 = RunningProxy::start(proxy_config(&h1_upstream.url())).await;
+
+    let chunked = b"POST /trailed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+        Trailer: authorization, x-t\r\n\r\n5\r\nhello\r\n0\r\n\
+        Authorization: Bearer from-a-trailer\r\nX-T: 1\r\n\r\n";
+    for proxy in [&to_h2, &to_h1] {
+        let answer = exchange(proxy.addr, chunked).await.expect("an answer");
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    let mut h2 = RawH2::connect(to_h2.addr).await;
+    let head = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/trailed-h2"),
+    ];
+    h2.send(&frame(HEADERS, END_HEADERS, 1, &header_block(&head)))
+        .await;
+    h2.send(&frame(adversary::DATA, 0, 1, b"hello")).await;
+    let trailers = [("authorization", "Bearer from-a-trailer"), ("x-t", "1")];
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&trailers),
+    ))
+    .await;
+    let answer = h2.stream_head(1).await.expect("an answer");
+    assert_eq!(static_status(&answer), Some(200), "{answer:?}");
+
+    let to_h2_seen = h2_upstream.seen();
+    assert_eq!(to_h2_seen.len(), 2, "{to_h2_seen:?}");
+    assert!(to_h2_seen.iter().all(|s| s.version == Version::HTTP_2));
+    let to_h1_seen = h1_upstream.seen();
+    assert_eq!(to_h1_seen.len(), 1, "{to_h1_seen:?}");
+    for s in to_h2_seen.iter().chain(&to_h1_seen) {
+        assert_eq!(s.body_len, 5, "{}", s.uri);
+        assert_eq!(s.all("authorization"), ["Bearer token-1"], "{}", s.uri);
+        assert!(s.trailers.is_empty(), "{}: {:?}", s.uri, s.trailers);
+    }
 }
 
 // === 3. Request targets stay under the base path ===
@@ -513,6 +568,74 @@ async fn other_targets_and_tunnels_are_refused_and_never_forwarded() {
     );
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
     assert_eq!(proxy.source.calls(), 0);
+}
+
+/// A `TRACE`'s final recipient answers with the request it received (RFC
+/// 9110 §9.3.8; Apache does by default), so a forwarded `TRACE` would hand
+/// the client the token the proxy injected. It is refused like `CONNECT`,
+/// in every target form and over HTTP/2, before any token is sought.
+#[tokio::test]
+async fn trace_is_refused_so_no_upstream_can_echo_the_token() {
+    // The harness upstream does echo: what a forwarded TRACE would return.
+    let echoing = Upstream::start().await;
+    let direct = exchange(
+        echoing.addr,
+        b"TRACE /x HTTP/1.1\r\nHost: up\r\nAuthorization: Bearer sent-directly\r\n\r\n",
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(direct.status, 200);
+    assert!(
+        String::from_utf8_lossy(&direct.body).contains("Bearer sent-directly"),
+        "{direct:?}"
+    );
+
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let absolute = format!("TRACE {}/x HTTP/1.1\r\nHost: x\r\n\r\n", upstream.url());
+    for request in [
+        "TRACE /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "TRACE /x HTTP/1.1\r\nHost: x\r\nMax-Forwards: 5\r\nContent-Length: 2\r\n\r\nhi",
+        "TRACE / HTTP/1.0\r\n\r\n",
+        &absolute,
+    ] {
+        let answer = exchange(proxy.addr, request.as_bytes())
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 405, "{request:?}: {answer:?}");
+        assert_eq!(answer.error(), "method_not_allowed", "{request:?}");
+        let allow = answer.header("allow").expect("an Allow field");
+        assert!(allow.contains("GET") && !allow.contains("TRACE"), "{allow}");
+        assert!(
+            !String::from_utf8_lossy(&answer.body).contains("token-1"),
+            "{answer:?}"
+        );
+    }
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    let trace = [
+        (":method", "TRACE"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/x"),
+    ];
+    h2.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&trace),
+    ))
+    .await;
+    let (_, body) = h2.stream_response(1).await.expect("an answer");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "method_not_allowed");
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    assert_eq!(proxy.source.calls(), 0);
+    // The proxy still forwards, with the token, what it may.
+    let answer = exchange(proxy.addr, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.seen()[0].all("authorization"), ["Bearer token-1"]);
 }
 
 /// `max_request_header_bytes` holds however the head arrives: hyper

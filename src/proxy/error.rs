@@ -76,20 +76,25 @@ pub(super) fn head_too_large_response() -> Response<ProxyBody> {
     response
 }
 
+/// `405` with the methods the proxy forwards.
+fn method_not_allowed(body: &'static str) -> Response<ProxyBody> {
+    let mut response = json(StatusCode::METHOD_NOT_ALLOWED, body);
+    response.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    response
+}
+
 /// The answer to a request that is not forwarded.
 pub(super) fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
     match refusal {
-        Refusal::Connect => {
-            let mut response = json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                r#"{"error":"method_not_allowed","message":"CONNECT is not supported: this proxy forwards requests to its one configured upstream and does not open tunnels"}"#,
-            );
-            response.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
-            );
-            response
-        }
+        Refusal::Connect => method_not_allowed(
+            r#"{"error":"method_not_allowed","message":"CONNECT is not supported: this proxy forwards requests to its one configured upstream and does not open tunnels"}"#,
+        ),
+        Refusal::Trace => method_not_allowed(
+            r#"{"error":"method_not_allowed","message":"TRACE is not forwarded: the upstream would answer with the request as it received it, credentials included"}"#,
+        ),
         Refusal::ForeignTarget => json(
             StatusCode::BAD_REQUEST,
             r#"{"error":"foreign_target","message":"the request target names another host; this proxy forwards only to its configured upstream, so send origin-form requests (GET /path)"}"#,

@@ -164,12 +164,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             };
             return future;
         }
-        // Not a tunnel, whichever route would match.
-        if request.method() == Method::CONNECT {
-            return future.refused(
-                ClientError::TargetRefused,
-                refusal_response(Refusal::Connect),
-            );
+        // Not a tunnel, and no echo of the token, whichever route would match.
+        if let Some(refusal) = Refusal::of_method(request.method()) {
+            return future.refused(ClientError::TargetRefused, refusal_response(refusal));
         }
         let route = match table.select(request.uri(), request.headers()) {
             Ok(route) => route,

@@ -2,6 +2,9 @@
 //! are forwarded (and so given a token).
 //!
 //! * `CONNECT` is refused: the proxy is not a tunnel.
+//! * `TRACE` is refused: its final recipient answers with the request it
+//!   received, which would hand the injected token to the client (RFC 9110
+//!   §9.3.8: a client must not put credentials in a `TRACE`).
 //! * An HTTP/1 absolute-form target (`GET http://host/x HTTP/1.1`) must name
 //!   the proxy itself or the upstream (same scheme, host and port).
 //! * HTTP/2 always carries `:authority`; it is treated like an HTTP/1 `Host`
@@ -18,10 +21,25 @@ use http::{Method, Uri, Version, uri::Authority};
 pub enum Refusal {
     /// `CONNECT` (405).
     Connect,
+    /// `TRACE` (405): the upstream would echo the token back.
+    Trace,
     /// An absolute-form target naming another origin (400).
     ForeignTarget,
     /// A target form the proxy does not forward, e.g. `*` (400).
     UnsupportedTarget,
+}
+
+impl Refusal {
+    /// The refusal of a method that is never forwarded, whatever its target.
+    pub fn of_method(method: &Method) -> Option<Self> {
+        if method == Method::CONNECT {
+            Some(Self::Connect)
+        } else if method == Method::TRACE {
+            Some(Self::Trace)
+        } else {
+            None
+        }
+    }
 }
 
 /// The upstream's origin, as absolute-form targets are compared with it.
@@ -70,8 +88,8 @@ impl TargetCheck {
         uri: &Uri,
         local: SocketAddr,
     ) -> Result<(), Refusal> {
-        if method == Method::CONNECT {
-            return Err(Refusal::Connect);
+        if let Some(refusal) = Refusal::of_method(method) {
+            return Err(refusal);
         }
         if version == Version::HTTP_2 {
             // `:authority` is the h2 Host header; `:path` is the target.
@@ -193,6 +211,23 @@ mod tests {
             ),
             Err(Refusal::Connect)
         );
+    }
+
+    #[test]
+    fn trace_is_refused_whatever_its_target() {
+        for (version, target) in [
+            (Version::HTTP_11, "/x"),
+            (Version::HTTP_11, "http://up:9000/x"),
+            (Version::HTTP_2, "http://up:9000/x"),
+        ] {
+            assert_eq!(
+                check("http://up:9000", Method::TRACE, version, target),
+                Err(Refusal::Trace),
+                "{version:?} {target}"
+            );
+        }
+        assert_eq!(Refusal::of_method(&Method::OPTIONS), None);
+        assert_eq!(Refusal::of_method(&Method::GET), None);
     }
 
     #[test]

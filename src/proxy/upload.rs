@@ -8,6 +8,8 @@
 //!   `Content-Length`) ends it with [`ClientBodyError::Malformed`]. Either
 //!   aborts the upstream request, and the forwarder, reading [`Upload`],
 //!   answers it as the client's fault (`408`, `400`), not the upstream's.
+//! * Trailer fields the client sends after the body are dropped: the body
+//!   ends with them.
 //! * The upstream's response timer starts once the body has been sent:
 //!   [`Upload`] says when the last part went out, and whether the proxy is
 //!   waiting on the client (then the body's own timer applies).
@@ -158,11 +160,20 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
                 let now = Instant::now();
                 this.last_data = now;
                 this.upload.set(SENDING, Some(now));
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Ok(_trailers))) => {
+                // Trailers end the body and are not forwarded, as a
+                // buffered body's are not: no header rule of the proxy
+                // looks at them, so a client's `Authorization` there
+                // would be a second credential beside the token.
+                tracing::debug!("request trailers dropped");
+                this.upload.set(SENT, Some(Instant::now()));
+                Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 this.upload.set(MALFORMED, None);

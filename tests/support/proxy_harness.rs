@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -103,6 +103,8 @@ pub(crate) struct Seen {
     pub(crate) headers: HeaderMap,
     pub(crate) body_len: u64,
     pub(crate) body_sha256: String,
+    /// Trailer fields that came after the body, if any.
+    pub(crate) trailers: HeaderMap,
 }
 
 impl Seen {
@@ -151,6 +153,9 @@ struct UpstreamState {
 ///   the client.
 /// * `x-test-response-headers: N`: add N fields `x-h-0` … to the answer.
 /// * `x-test-response-header-bytes: N`: add one field of N bytes.
+///
+/// A `TRACE` is answered as its final recipient should: with the request
+/// head it received (token included) as a `message/http` body.
 pub(crate) struct Upstream {
     pub(crate) addr: SocketAddr,
     state: Arc<UpstreamState>,
@@ -394,11 +399,19 @@ async fn upstream_handle(
     let (parts, mut body) = req.into_parts();
     let mut hasher = Sha256::new();
     let mut body_len = 0u64;
+    let mut trailers = HeaderMap::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
-        if let Ok(data) = frame.into_data() {
-            body_len += data.len() as u64;
-            hasher.update(&data);
+        match frame.into_data() {
+            Ok(data) => {
+                body_len += data.len() as u64;
+                hasher.update(&data);
+            }
+            Err(frame) => {
+                if let Ok(fields) = frame.into_trailers() {
+                    trailers.extend(fields);
+                }
+            }
         }
     }
     let seen = Seen {
@@ -408,8 +421,26 @@ async fn upstream_handle(
         headers: parts.headers.clone(),
         body_len,
         body_sha256: hex(&hasher.finalize()),
+        trailers,
     };
     state.seen.lock().unwrap().push(seen);
+
+    // What RFC 9110 §9.3.8 asks of a TRACE's final recipient (Apache's
+    // default): the request head as received, back to the client.
+    if parts.method == Method::TRACE {
+        let mut echo = format!("TRACE {} {:?}\r\n", parts.uri, parts.version);
+        for (name, value) in &parts.headers {
+            echo.push_str(&format!(
+                "{name}: {}\r\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+        let mut response = Response::new(full(echo));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("message/http"));
+        return Ok(response);
+    }
 
     let headers = &parts.headers;
     if headers.contains_key("x-test-hold") {
