@@ -597,6 +597,8 @@ async fn trace_is_refused_so_no_upstream_can_echo_the_token() {
         "TRACE /x HTTP/1.1\r\nHost: x\r\n\r\n",
         "TRACE /x HTTP/1.1\r\nHost: x\r\nMax-Forwards: 5\r\nContent-Length: 2\r\n\r\nhi",
         "TRACE / HTTP/1.0\r\n\r\n",
+        "trace /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "TRACK /x HTTP/1.1\r\nHost: x\r\n\r\n",
         &absolute,
     ] {
         let answer = exchange(proxy.addr, request.as_bytes())

@@ -21,7 +21,8 @@ use http::{Method, Uri, Version, uri::Authority};
 pub enum Refusal {
     /// `CONNECT` (405).
     Connect,
-    /// `TRACE` (405): the upstream would echo the token back.
+    /// `TRACE` (405): the upstream would echo the token back. Also `TRACK`,
+    /// and either in another letter case.
     Trace,
     /// An absolute-form target naming another origin (400).
     ForeignTarget,
@@ -31,14 +32,17 @@ pub enum Refusal {
 
 impl Refusal {
     /// The refusal of a method that is never forwarded, whatever its target.
+    /// Method names are case-sensitive, but a server that matched `trace`
+    /// or IIS's old `TRACK` as an echo would leak the token just the same,
+    /// so those spellings are refused too.
     pub fn of_method(method: &Method) -> Option<Self> {
         if method == Method::CONNECT {
-            Some(Self::Connect)
-        } else if method == Method::TRACE {
-            Some(Self::Trace)
-        } else {
-            None
+            return Some(Self::Connect);
         }
+        let name = method.as_str();
+        let echoes = name.len() == 5
+            && (name.eq_ignore_ascii_case("TRACE") || name.eq_ignore_ascii_case("TRACK"));
+        echoes.then_some(Self::Trace)
     }
 }
 
@@ -226,8 +230,19 @@ mod tests {
                 "{version:?} {target}"
             );
         }
-        assert_eq!(Refusal::of_method(&Method::OPTIONS), None);
-        assert_eq!(Refusal::of_method(&Method::GET), None);
+        for spelling in ["trace", "Trace", "TRACK", "track"] {
+            let method = Method::from_bytes(spelling.as_bytes()).unwrap();
+            assert_eq!(
+                Refusal::of_method(&method),
+                Some(Refusal::Trace),
+                "{spelling}"
+            );
+        }
+        for method in [Method::OPTIONS, Method::GET, Method::PATCH] {
+            assert_eq!(Refusal::of_method(&method), None, "{method}");
+        }
+        let tracer = Method::from_bytes(b"TRACER").unwrap();
+        assert_eq!(Refusal::of_method(&tracer), None);
     }
 
     #[test]
