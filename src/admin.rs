@@ -9,8 +9,16 @@
 //! shows what a person must do to approve the device login of each source
 //! with `device_login = true` (JSON, or a small HTML page for a browser);
 //! never the device code.
+//!
+//! [`serve`] bounds what a client of the listener can hold, since in a pod
+//! the kubelet's probes need it on an address the whole cluster network
+//! can reach: at most [`MAX_CONNECTIONS`] connections (more wait in the
+//! listen backlog, so the files the proxy's own connections need stay
+//! free), and each request head due within the proxy's
+//! `header_read_timeout`, also while a kept-alive connection waits for its
+//! next request.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -19,7 +27,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{net::TcpListener, sync::Semaphore, sync::watch};
 
 use crate::{
     emulator::html_escape,
@@ -89,6 +103,60 @@ pub(crate) fn router(
             sinks,
             metrics,
         })
+}
+
+/// Connections the admin listener serves at once: the kubelet's probes and
+/// a scraper or two need a handful.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` turns true, then
+/// lets the requests in flight finish. See the module docs for the bounds.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    loop {
+        // A place first, so that at the cap new clients wait in the backlog.
+        let place = tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            place = Arc::clone(&places).acquire_owned() => place.expect("never closed"),
+        };
+        let stream = tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if crate::proxy::is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener cannot accept connections; pausing");
+                    tokio::time::sleep(crate::proxy::ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(place);
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// Until `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -378,6 +378,33 @@ fn listen_addrs(config: &Config) -> Vec<(String, SocketAddr)> {
 /// The proxy's listeners: each address some route is served on, with the
 /// key that names it (`proxy.listen`, else the first route's `listen`)
 /// and its routes in matching order.
+/// Raises the open-file limit as far as allowed, and warns when it is
+/// still below the connections the config lets the proxy hold.
+fn check_open_file_limit(config: &Config) {
+    if let Err(e) = crate::hardening::raise_open_file_limit() {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
+    // Client connections per listener, upstream connections per route, the
+    // admin listener's, and some for everything else (files, the SSO-OIDC
+    // endpoint, Redis, the runtime).
+    let needed = route_listeners(config).len() * config.proxy.max_connections
+        + config.routes.len() * config.proxy.upstream_max_connections
+        + admin::MAX_CONNECTIONS
+        + 64;
+    if let Some(limit) = crate::hardening::open_file_limit()
+        && limit < needed as u64
+    {
+        tracing::warn!(
+            open_files = limit,
+            needed,
+            "the open-file limit is below what proxy.max_connections and \
+             proxy.upstream_max_connections allow: connections beyond it cannot be \
+             accepted or opened; raise the hard limit (ulimit -Hn, LimitNOFILE=, the \
+             container runtime's nofile ulimit) or lower those keys"
+        );
+    }
+}
+
 fn route_listeners(config: &Config) -> Vec<(String, SocketAddr, Vec<&RouteConfig>)> {
     let mut out: Vec<(String, SocketAddr, Vec<&RouteConfig>)> = Vec::new();
     for route in &config.routes {
@@ -737,6 +764,7 @@ async fn run(path: &Path) -> Result<(), Failure> {
         RuntimeShape::WorkStealing => None,
         RuntimeShape::ThreadPerCore => Some(per_core::cores()),
     };
+    check_open_file_limit(&config);
     let mut listeners = Vec::new();
     let mut core_listeners = Vec::new();
     for (key, addr, routes) in route_listeners(&config) {
@@ -819,14 +847,12 @@ async fn run(path: &Path) -> Result<(), Failure> {
         sinks.iter().map(Sink::probe).collect(),
         metrics,
     );
-    let mut admin_shutdown = shutdown_rx.clone();
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(admin_listener, admin_app)
-            .with_graceful_shutdown(async move {
-                let _ = admin_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-    });
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_app,
+        config.proxy.header_read_timeout,
+        shutdown_rx.clone(),
+    ));
 
     let listener_count = proxies.len() + per_core_servers.first().map_or(0, Vec::len);
     if listener_count == 0 {

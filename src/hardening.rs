@@ -12,6 +12,9 @@
 //!
 //! Children started later (a `credential_process`) inherit the core limit
 //! but not the dumpable flag, which `execve` resets.
+//!
+//! The serving path also raises its open-file limit to the hard limit
+//! ([`raise_open_file_limit`]).
 
 use std::io;
 
@@ -31,6 +34,31 @@ pub(crate) fn keep_memory_private() -> io::Result<()> {
     core.and(dumpable).map_err(io::Error::from)
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime
+/// does at start and nginx's `worker_rlimit_nofile` is set for: every
+/// client and upstream connection is a file, and systemd and current
+/// container runtimes start processes with a soft limit of 1024 under a
+/// hard one hundreds of times larger. Returns the soft limit in force
+/// afterwards (`None`: unlimited); on an error the limit is unchanged.
+pub(crate) fn raise_open_file_limit() -> io::Result<Option<u64>> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return Ok(limit.current);
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised)?;
+    Ok(limit.maximum)
+}
+
+/// The soft limit on open files in force (`None`: unlimited).
+pub(crate) fn open_file_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +75,30 @@ mod tests {
         );
         // A second call (the limits are already at zero) still succeeds.
         keep_memory_private().unwrap();
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        let hard = before.maximum;
+        // Lower the soft limit (always allowed), as a runtime would start
+        // the process, when there is room below the hard one.
+        if hard.is_none_or(|h| h > 256) {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(256),
+                    maximum: hard,
+                },
+            )
+            .unwrap();
+            assert_eq!(getrlimit(Resource::Nofile).current, Some(256));
+        }
+        assert_eq!(raise_open_file_limit().unwrap(), hard);
+        let after = getrlimit(Resource::Nofile);
+        assert_eq!((after.current, after.maximum), (hard, hard));
+        // Already raised: nothing to do, same answer.
+        assert_eq!(raise_open_file_limit().unwrap(), hard);
     }
 }

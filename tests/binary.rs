@@ -1625,6 +1625,109 @@ async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
 /// the kernel does only for a process that is not dumpable, and another
 /// process of that same user cannot read its `/proc/PID/environ`.
 #[cfg(target_os = "linux")]
+/// Connections of `127.0.0.1:port` the process has accepted: established
+/// sockets on that local port with a file (an inode), which those still in
+/// the listen backlog do not have yet. `/proc/net/tcp` is readable by any
+/// user, whatever the proxy's dumpable flag.
+fn accepted_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9 && fields[1] == local && fields[3] == "01" && fields[9] != "0"
+        })
+        .count()
+}
+
+/// The admin listener is on an address the cluster network reaches (the
+/// kubelet probes it), so a stranger can open connections to it and send
+/// half a head. With the binary started at a soft open-file limit of 512,
+/// as systemd and container runtimes start processes at 1024, 600 such
+/// connections used to leave the proxy without a file for a new client,
+/// and held them forever. Now the limit is raised to the hard one, at most
+/// 256 admin connections are held, each closed once `header_read_timeout`
+/// passes without a whole head, and the proxy serves throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_heads_on_the_admin_listener_neither_starve_the_proxy_nor_stay() {
+    const HELD: usize = 600;
+    const ADMIN_CAP: usize = 256;
+    fn open_files(pid: u32) -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("an open files line");
+        let mut values = line["Max open files".len()..].split_whitespace();
+        (
+            values.next().unwrap().to_owned(),
+            values.next().unwrap().to_owned(),
+        )
+    }
+
+    bounded("admin connections", async {
+        let env = env().await;
+        let proxy = env
+            .start(Opts {
+                proxy: "shutdown_grace = \"10s\"\nheader_read_timeout = \"2s\"\n".to_owned(),
+                soft_open_files: Some(512),
+                ..Opts::default()
+            })
+            .await;
+        let pid = proxy.child.id().expect("running");
+        let (soft, hard) = open_files(pid);
+        assert_eq!(
+            soft, hard,
+            "the soft open-file limit is raised to the hard one"
+        );
+        assert!(
+            hard == "unlimited" || hard.parse::<u64>().unwrap() > 2 * HELD as u64,
+            "this test needs a hard open-file limit above {}: {hard}",
+            2 * HELD
+        );
+
+        let mut held = Vec::with_capacity(HELD);
+        for _ in 0..HELD {
+            let mut conn = TcpStream::connect(proxy.admin).await.unwrap();
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            held.push(conn);
+        }
+        // The proxy takes as many as it holds at most, and no more.
+        let port = proxy.admin.port();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted_on(port) < ADMIN_CAP && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let accepted = accepted_on(port);
+        assert_eq!(accepted, ADMIN_CAP, "admin connections held at once");
+        // Meanwhile clients of the proxy are served, with the token.
+        let http = Http::new();
+        for i in 0..20 {
+            let r = http.get(&proxy.url(&format!("/during-{i}"))).await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            assert_eq!(r.json()["authorized"], true);
+            assert!(accepted_on(port) <= ADMIN_CAP);
+        }
+        // Every half-sent head is closed by the proxy, in turns of 256, each
+        // 2 s after it was taken.
+        for (i, mut conn) in held.into_iter().enumerate() {
+            let mut buf = [0u8; 64];
+            match timeout(Duration::from_secs(30), conn.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {}
+                Ok(Ok(n)) => panic!("connection {i}: {n} bytes for half a head"),
+                Err(_) => panic!("connection {i} still open after 30 s"),
+            }
+        }
+        let r = http.get(&proxy.admin_url("/healthz")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_writes_no_core_file_and_its_own_user_cannot_read_it() {
     use std::os::unix::{fs::MetadataExt as _, process::CommandExt as _};

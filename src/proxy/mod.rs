@@ -118,6 +118,7 @@ pub use self::error::ProxyError;
 pub use self::path::{EscapedSlashes, PathRefusal, UpstreamPath};
 pub use self::route::Route;
 pub(crate) use self::route::{HostMatch, check_token_header, parse_path_prefix, prefix_covers};
+pub(crate) use self::server::{ACCEPT_ERROR_PAUSE, is_connection_error};
 pub use self::target::{Refusal, TargetCheck};
 use self::{
     activity::ConnTimers,

@@ -41,7 +41,7 @@ use super::{
 use crate::metric_names;
 
 /// How long to pause accepting after an error such as "too many open files".
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// What an HTTP/2 client without TLS sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -412,7 +412,9 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Errors about one connection, not about the listener.
-fn is_connection_error(e: &io::Error) -> bool {
+/// Whether an accept failed for the one connection only (it went before
+/// it was taken), not for the listener.
+pub(crate) fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused

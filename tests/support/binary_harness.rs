@@ -106,6 +106,9 @@ pub(crate) struct Opts {
     pub(crate) token_only: bool,
     /// Environment variables for the binary (e.g. `TOKIO_WORKER_THREADS`).
     pub(crate) env: Vec<(&'static str, String)>,
+    /// Start the binary with this soft limit on open files, as systemd and
+    /// container runtimes start a process with 1024.
+    pub(crate) soft_open_files: Option<u64>,
 }
 
 impl Default for Opts {
@@ -120,6 +123,7 @@ impl Default for Opts {
             extra: String::new(),
             token_only: false,
             env: Vec::new(),
+            soft_open_files: None,
         }
     }
 }
@@ -248,7 +252,17 @@ client_id = "{client_id}"
             let config_path = self.write("config.toml", &self.config_text(listen, admin, &opts));
             let stderr_path = self.path(&format!("proxy-{attempt}.stderr"));
             let stderr = std::fs::File::create(&stderr_path).unwrap();
-            let child = Command::new(BIN)
+            let mut command = match opts.soft_open_files {
+                None => Command::new(BIN),
+                Some(limit) => {
+                    let mut sh = Command::new("sh");
+                    sh.arg("-c")
+                        .arg(format!("ulimit -Sn {limit} && exec \"$0\" \"$@\""))
+                        .arg(BIN);
+                    sh
+                }
+            };
+            let child = command
                 .arg("--config")
                 .arg(&config_path)
                 .env("RUST_LOG", &opts.rust_log)
