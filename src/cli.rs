@@ -375,9 +375,6 @@ fn listen_addrs(config: &Config) -> Vec<(String, SocketAddr)> {
     out
 }
 
-/// The proxy's listeners: each address some route is served on, with the
-/// key that names it (`proxy.listen`, else the first route's `listen`)
-/// and its routes in matching order.
 /// Raises the open-file limit as far as allowed, and warns when it is
 /// still below the connections the config lets the proxy hold.
 fn check_open_file_limit(config: &Config) {
@@ -405,6 +402,9 @@ fn check_open_file_limit(config: &Config) {
     }
 }
 
+/// The proxy's listeners: each address some route is served on, with the
+/// key that names it (`proxy.listen`, else the first route's `listen`)
+/// and its routes in matching order.
 fn route_listeners(config: &Config) -> Vec<(String, SocketAddr, Vec<&RouteConfig>)> {
     let mut out: Vec<(String, SocketAddr, Vec<&RouteConfig>)> = Vec::new();
     for route in &config.routes {

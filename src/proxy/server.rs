@@ -412,8 +412,6 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Errors about one connection, not about the listener.
-/// Whether an accept failed for the one connection only (it went before
-/// it was taken), not for the listener.
 pub(crate) fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
