@@ -1616,19 +1616,11 @@ async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
     .await;
 }
 
-/// `SECURITY.md` row 16: from its start, the process writes no core file
-/// and (Linux) is not dumpable, so another process of its user cannot
-/// attach to it or read its memory, environment or file contents through
-/// `/proc`. The proxy as the harness runs it has a core limit of zero; a
-/// process of the binary running as a user other than root (`nobody` when
-/// the test runs as root) has its `/proc` entries owned by root, which
-/// the kernel does only for a process that is not dumpable, and another
-/// process of that same user cannot read its `/proc/PID/environ`.
-#[cfg(target_os = "linux")]
 /// Connections of `127.0.0.1:port` the process has accepted: established
 /// sockets on that local port with a file (an inode), which those still in
 /// the listen backlog do not have yet. `/proc/net/tcp` is readable by any
 /// user, whatever the proxy's dumpable flag.
+#[cfg(target_os = "linux")]
 fn accepted_on(port: u16) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     let local = format!("0100007F:{port:04X}");
@@ -1654,6 +1646,7 @@ fn accepted_on(port: u16) -> usize {
 /// and held them forever. Now the limit is raised to the hard one, at most
 /// 256 admin connections are held, each closed once `header_read_timeout`
 /// passes without a whole head, and the proxy serves throughout.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_heads_on_the_admin_listener_neither_starve_the_proxy_nor_stay() {
     const HELD: usize = 600;
@@ -1736,6 +1729,15 @@ async fn half_sent_heads_on_the_admin_listener_neither_starve_the_proxy_nor_stay
     .await;
 }
 
+/// `SECURITY.md` row 16: from its start, the process writes no core file
+/// and (Linux) is not dumpable, so another process of its user cannot
+/// attach to it or read its memory, environment or file contents through
+/// `/proc`. The proxy as the harness runs it has a core limit of zero; a
+/// process of the binary running as a user other than root (`nobody` when
+/// the test runs as root) has its `/proc` entries owned by root, which
+/// the kernel does only for a process that is not dumpable, and another
+/// process of that same user cannot read its `/proc/PID/environ`.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_writes_no_core_file_and_its_own_user_cannot_read_it() {
     use std::os::unix::{fs::MetadataExt as _, process::CommandExt as _};
