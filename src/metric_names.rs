@@ -122,7 +122,9 @@ pub const UPSTREAM_ERRORS_TOTAL: Metric = counter(
     "Upstream connect, timeout, connection-queue timeout and other failures, by route.",
 );
 /// Requests answered as the client's fault, by kind (`target_refused`,
-/// `path_refused`, `bad_body`, `body_timeout`, `no_route`).
+/// `path_refused`, `bad_body`, `body_timeout`, `no_route`, and
+/// `send_timeout`: an HTTP/2 stream reset because its client took no
+/// response bytes).
 pub const CLIENT_ERRORS_TOTAL: Metric = counter(
     "sso_token_proxy_client_errors_total",
     &["kind"],

@@ -1437,3 +1437,95 @@ async fn concurrent_streams_beyond_the_limit_are_refused() {
     upstream.release();
     assert_eq!(upstream.seen().len(), 5, "the first and four held");
 }
+
+/// An HTTP/2 client that opens no flow-control window (its
+/// `SETTINGS_INITIAL_WINDOW_SIZE` is 0) gets response heads but no body
+/// bytes, and its socket never fills: only a timer per stream can tell
+/// that it takes nothing. Without one, each such stream held an upstream
+/// connection for as long as the client kept its connection, and a few
+/// streams took every place under `upstream_max_connections`.
+#[tokio::test]
+async fn an_h2_stream_whose_client_opens_no_window_is_reset_after_the_send_timeout() {
+    const SIZE: usize = 32 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.send_timeout = Duration::from_millis(500);
+    config.upstream_max_connections = 2;
+    config.upstream_queue_timeout = Duration::from_secs(3);
+    // Neither the idle nor the first-head timer may be what ends it.
+    config.header_read_timeout = Duration::from_secs(20);
+    config.idle_timeout = Duration::from_secs(20);
+    let proxy = RunningProxy::start(config).await;
+    let mut h2 = RawH2::connect(proxy.addr).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
+    h2.send(&frame(adversary::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .await;
+    let size = SIZE.to_string();
+    for stream in [1, 3] {
+        let fields = get_fields("/big", &[("x-test-response-bytes", &size)]);
+        h2.send(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &header_block(&fields),
+        ))
+        .await;
+    }
+    let asked = Instant::now();
+    for stream in [1, 3] {
+        let head = h2.stream_head(stream).await.expect("a response head");
+        assert_eq!(head.kind, HEADERS, "{head:?}");
+        assert_eq!(static_status(&head), Some(200));
+    }
+    // Each stream is reset once it has taken nothing for the send
+    // timeout, and its upstream connection is dropped with it.
+    let mut reset = Vec::new();
+    while reset.len() < 2 {
+        let f = h2.frame().await.expect("frames until both resets");
+        assert_ne!(
+            f.kind,
+            adversary::GOAWAY,
+            "the connection was closed: {f:?}"
+        );
+        assert_ne!(
+            f.kind,
+            adversary::DATA,
+            "body bytes without a window: {f:?}"
+        );
+        if f.kind == RST_STREAM {
+            assert_eq!(f.error_code(), adversary::CANCEL, "{f:?}");
+            reset.push(f.stream);
+        }
+    }
+    reset.sort_unstable();
+    assert_eq!(reset, [1, 3]);
+    upstream.wait_ended(2).await;
+    let stopped = asked.elapsed();
+    assert!(
+        stopped < Duration::from_secs(10),
+        "reset after {stopped:?}, not on the send timer"
+    );
+    // The places under the cap are free again: another client is served
+    // at once, not after the queue timeout with a 503.
+    let answer = exchange(proxy.addr, &get("/after", "Connection: close\r\n"))
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Only the streams were reset: the connection serves a stream whose
+    // window the client opens.
+    let fields = get_fields("/small", &[]);
+    let mut open = frame(HEADERS, END_HEADERS | END_STREAM, 5, &header_block(&fields));
+    open.extend(frame(
+        adversary::WINDOW_UPDATE,
+        0,
+        5,
+        &1000u32.to_be_bytes(),
+    ));
+    h2.send(&open).await;
+    let (head, body) = h2.stream_response(5).await.expect("an answer");
+    assert_eq!(static_status(&head), Some(200));
+    assert_eq!(body, b"ok");
+    let uris: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(uris, ["/big", "/big", "/after", "/small"]);
+    assert_eq!(proxy.source.calls(), 1);
+}

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::{activity::RequestGuard, pool::Lease, upload::UpstreamBody};
+use super::{activity::RequestGuard, pool::Lease, stream_watch, upload::UpstreamBody};
 
 /// A response body: the upstream's, streamed through untouched, or a small
 /// one the proxy wrote itself (refusals and errors).
@@ -91,7 +91,7 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match &mut self.kind {
+        let frame = match &mut self.kind {
             Kind::Upstream(body, lease) => {
                 if let Some(lease) = lease {
                     lease.drive(cx);
@@ -108,7 +108,13 @@ impl Body for ProxyBody {
                 frame
             }
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match &frame {
+            Poll::Ready(Some(Ok(_))) => stream_watch::answered(),
+            Poll::Pending => stream_watch::upstream_pending(),
+            Poll::Ready(_) => {}
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

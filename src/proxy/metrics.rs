@@ -36,21 +36,25 @@ pub(super) enum ClientError {
     BodyTimeout,
     /// No route takes the request (`404`).
     NoRoute,
+    /// An HTTP/2 stream whose client took no response bytes for
+    /// `send_timeout`, reset.
+    SendTimeout,
 }
 
-const CLIENT_ERROR_KINDS: [&str; 5] = [
+const CLIENT_ERROR_KINDS: [&str; 6] = [
     "target_refused",
     "path_refused",
     "bad_body",
     "body_timeout",
     "no_route",
+    "send_timeout",
 ];
 
 /// Metric handles shared by every connection of one listener.
 #[derive(Debug, Default)]
 pub(super) struct ProxyMetrics {
     in_flight: OnceLock<Gauge>,
-    client_errors: [OnceLock<Counter>; 5],
+    client_errors: [OnceLock<Counter>; 6],
     connections: OnceLock<Gauge>,
 }
 

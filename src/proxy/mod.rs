@@ -101,6 +101,7 @@ mod pool;
 mod route;
 mod server;
 mod service;
+mod stream_watch;
 mod target;
 mod upload;
 

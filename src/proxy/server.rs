@@ -20,7 +20,7 @@ use std::{
 
 use hyper::server::conn::http1;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulConnection},
 };
 use tokio::{
@@ -37,6 +37,7 @@ use super::{
     io::ClientIo,
     metrics::ProxyMetrics,
     service::ConnService,
+    stream_watch::StreamExecutor,
 };
 use crate::metric_names;
 
@@ -84,13 +85,14 @@ macro_rules! http1_settings {
 #[derive(Debug)]
 struct Builders {
     http1: http1::Builder,
-    http2: auto::Builder<TokioExecutor>,
-    either: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<StreamExecutor>,
+    either: auto::Builder<StreamExecutor>,
 }
 
 impl Builders {
-    fn new(settings: &ServerSettings) -> Self {
-        let mut either = auto::Builder::new(TokioExecutor::new());
+    fn new(settings: &ServerSettings, metrics: &Arc<ProxyMetrics>) -> Self {
+        let streams = StreamExecutor::new(settings.timers.send, Arc::clone(metrics));
+        let mut either = auto::Builder::new(streams);
         http1_settings!(either.http1(), settings);
         either
             .http2()
@@ -135,7 +137,7 @@ pub(super) async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let settings = proxy.settings;
-    let builder = Arc::new(Builders::new(&settings));
+    let builder = Arc::new(Builders::new(&settings, &proxy.metrics));
     let permits = Arc::clone(&proxy.connections);
     // Accepted at the cap, waiting for a place.
     let mut waiting: Option<(TcpStream, SocketAddr)> = None;

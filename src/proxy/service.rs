@@ -47,6 +47,7 @@ use super::{
     forward::{ClientFault, ForwardError, Forwarder},
     metrics::{ClientError, RouteMetrics},
     route::{PerCaller, RouteTable, Unrouted},
+    stream_watch,
     target::Refusal,
     upload::{ClientBody, UpstreamBody},
 };
@@ -555,6 +556,7 @@ impl Future for ProxyFuture {
         if let Some(guard) = this.guard.take() {
             response.body_mut().set_guard(guard);
         }
+        stream_watch::answered();
         Poll::Ready(Ok(response))
     }
 }

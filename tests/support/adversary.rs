@@ -206,6 +206,7 @@ pub(crate) const ACK: u8 = 0x1;
 pub(crate) const END_HEADERS: u8 = 0x4;
 
 pub(crate) const PROTOCOL_ERROR: u32 = 1;
+pub(crate) const CANCEL: u32 = 8;
 pub(crate) const ENHANCE_YOUR_CALM: u32 = 11;
 
 /// One frame as read off the wire.
