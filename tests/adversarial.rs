@@ -1529,3 +1529,91 @@ async fn an_h2_stream_whose_client_opens_no_window_is_reset_after_the_send_timeo
     assert_eq!(uris, ["/big", "/big", "/after", "/small"]);
     assert_eq!(proxy.source.calls(), 1);
 }
+
+/// With an HTTP/2 upstream every request shares one upstream connection
+/// and its flow-control window (hyper's client: 5 MiB for the connection,
+/// 2 MiB a stream). What a stalled client stream does not take stays in
+/// that window, so three such streams shut it for every other client's
+/// response body. The stream send timer bounds that to `send_timeout`:
+/// the stalled streams are reset, their unread data given back, and the
+/// other client's answer arrives whole.
+#[tokio::test]
+async fn stalled_h2_clients_hold_an_h2_upstreams_window_only_until_their_send_timer() {
+    const BIG: usize = 32 * 1024 * 1024;
+    const MEDIUM: usize = 1024 * 1024;
+    let (upstream, ca_file) = Upstream::start_tls(&[b"h2"]).await;
+    let mut config = proxy_config(&upstream.https_url());
+    config.upstream_ca_file = Some(ca_file.path().to_owned());
+    config.send_timeout = Duration::from_secs(2);
+    config.header_read_timeout = Duration::from_secs(20);
+    config.idle_timeout = Duration::from_secs(20);
+    let proxy = RunningProxy::start(config).await;
+    // Once a first answer has come over h2, every request shares that
+    // connection.
+    let first = exchange(proxy.addr, &get("/first", "Connection: close\r\n"))
+        .await
+        .expect("an answer");
+    assert_eq!(first.status, 200, "{first:?}");
+    let mut stalled = RawH2::connect(proxy.addr).await;
+    stalled
+        .send(&frame(adversary::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .await;
+    let size = BIG.to_string();
+    let streams = [1, 3, 5, 7];
+    for stream in streams {
+        let fields = get_fields("/big", &[("x-test-response-bytes", &size)]);
+        stalled
+            .send(&frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                stream,
+                &header_block(&fields),
+            ))
+            .await;
+    }
+    for stream in streams {
+        let head = stalled.stream_head(stream).await.expect("a response head");
+        assert_eq!(static_status(&head), Some(200), "{head:?}");
+    }
+    let asked = Instant::now();
+    let answer = exchange(
+        proxy.addr,
+        &get(
+            "/medium",
+            &format!("X-Test-Response-Bytes: {MEDIUM}\r\nConnection: close\r\n"),
+        ),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body.len(), MEDIUM);
+    assert!(
+        answer
+            .body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == harness::pattern_byte(i)),
+        "the body arrived altered"
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "answered after {waited:?}, not once the stalled streams were reset"
+    );
+    let mut reset = 0;
+    while reset < streams.len() {
+        let f = stalled.frame().await.expect("frames until the resets");
+        if f.kind == RST_STREAM {
+            assert_eq!(f.error_code(), adversary::CANCEL, "{f:?}");
+            reset += 1;
+        }
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(upstream.connections(), 1, "one shared upstream connection");
+    assert!(seen.iter().all(|s| s.version == Version::HTTP_2));
+    assert!(
+        seen.iter()
+            .all(|s| s.all("authorization") == ["Bearer token-1"])
+    );
+}
