@@ -41,6 +41,7 @@ use std::{
     time::Duration,
 };
 
+use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::metrics::{ClientError, ProxyMetrics};
@@ -93,7 +94,7 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::spawn(Watched {
-            stream: Box::pin(fut),
+            stream: fut,
             send_timeout: self.send_timeout,
             waiting_since: None,
             timer: None,
@@ -102,40 +103,44 @@ where
     }
 }
 
-/// One HTTP/2 stream's task, dropped once it has waited on its client for
-/// `send_timeout`.
-struct Watched<F> {
-    stream: Pin<Box<F>>,
-    send_timeout: Duration,
-    /// When the stream last handed out a frame, while it waits on the
-    /// client; `None` while it waits on the service or the upstream.
-    waiting_since: Option<Instant>,
-    /// Set on the first wait on the client; moved on lazily, when it fires
-    /// early.
-    timer: Option<Pin<Box<Sleep>>>,
-    metrics: Arc<ProxyMetrics>,
+pin_project! {
+    /// One HTTP/2 stream's task, dropped once it has waited on its client
+    /// for `send_timeout`.
+    struct Watched<F> {
+        #[pin]
+        stream: F,
+        send_timeout: Duration,
+        // When the stream last handed out a frame, while it waits on the
+        // client; `None` while it waits on the service or the upstream.
+        waiting_since: Option<Instant>,
+        // Set on the first wait on the client (most streams never wait);
+        // moved on lazily, when it fires early.
+        timer: Option<Pin<Box<Sleep>>>,
+        metrics: Arc<ProxyMetrics>,
+    }
 }
 
 impl<F: Future<Output = ()>> Future for Watched<F> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
         let outer = SEEN.replace(Seen::Nothing);
-        let done = self.stream.as_mut().poll(cx);
+        let done = this.stream.poll(cx);
         let seen = SEEN.replace(outer);
         if done.is_ready() {
             return Poll::Ready(());
         }
         match seen {
-            Seen::Answered => self.waiting_since = Some(Instant::now()),
-            Seen::UpstreamPending => self.waiting_since = None,
+            Seen::Answered => *this.waiting_since = Some(Instant::now()),
+            Seen::UpstreamPending => *this.waiting_since = None,
             Seen::Nothing => {}
         }
-        let Some(since) = self.waiting_since else {
+        let Some(since) = *this.waiting_since else {
             return Poll::Pending;
         };
-        let due = since + self.send_timeout;
-        let timer = self
+        let due = since + *this.send_timeout;
+        let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
         if timer.deadline() != due && timer.deadline() <= Instant::now() {
@@ -146,10 +151,10 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
             return Poll::Pending;
         }
         tracing::debug!(
-            send_timeout = ?self.send_timeout,
+            send_timeout = ?this.send_timeout,
             "HTTP/2 client took no response bytes; resetting its stream"
         );
-        self.metrics
+        this.metrics
             .client_errors(ClientError::SendTimeout)
             .increment(1);
         // Dropping the stream resets it (`CANCEL`) and closes the upstream
@@ -188,9 +193,9 @@ mod tests {
     fn watched() -> (Pin<Box<Watched<Stream>>>, Arc<Mutex<Seen>>) {
         let next = Arc::new(Mutex::new(Seen::Nothing));
         let w = Watched {
-            stream: Box::pin(Stream {
+            stream: Stream {
                 next: Arc::clone(&next),
-            }),
+            },
             send_timeout: SEND_TIMEOUT,
             waiting_since: None,
             timer: None,
