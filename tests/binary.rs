@@ -1358,14 +1358,26 @@ async fn the_thread_per_core_runtime_serves_every_core_from_one_token_cache() {
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
         let pid = proxy.child.id().expect("running");
-        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_owned())
-            .filter(|n| n.starts_with("proxy-core-"))
-            .collect();
-        names.sort();
+        let core_threads = || {
+            let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .filter(|n| n.starts_with("proxy-core-"))
+                .collect();
+            names.sort();
+            names
+        };
         let want: Vec<String> = (0..cores).map(|i| format!("proxy-core-{i}")).collect();
+        // The listeners are bound before the threads start, so the proxy
+        // answers before a thread has run far enough to carry its name (a
+        // new thread names itself): look until every core's thread has.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut names = core_threads();
+        while names != want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            names = core_threads();
+        }
         assert_eq!(names, want, "one runtime thread per core");
 
         // New connections each, which the kernel spreads over the listeners.
