@@ -1456,20 +1456,11 @@ async fn an_h2_stream_whose_client_opens_no_window_is_reset_after_the_send_timeo
     config.header_read_timeout = Duration::from_secs(20);
     config.idle_timeout = Duration::from_secs(20);
     let proxy = RunningProxy::start(config).await;
-    let mut h2 = RawH2::connect(proxy.addr).await;
-    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
-    h2.send(&frame(adversary::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]))
-        .await;
+    let mut h2 = RawH2::connect_without_window(proxy.addr).await;
     let size = SIZE.to_string();
     for stream in [1, 3] {
-        let fields = get_fields("/big", &[("x-test-response-bytes", &size)]);
-        h2.send(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            stream,
-            &header_block(&fields),
-        ))
-        .await;
+        h2.get(stream, "/big", &[("x-test-response-bytes", &size)])
+            .await;
     }
     let asked = Instant::now();
     for stream in [1, 3] {
@@ -1513,15 +1504,14 @@ async fn an_h2_stream_whose_client_opens_no_window_is_reset_after_the_send_timeo
     assert_eq!(answer.status, 200, "{answer:?}");
     // Only the streams were reset: the connection serves a stream whose
     // window the client opens.
-    let fields = get_fields("/small", &[]);
-    let mut open = frame(HEADERS, END_HEADERS | END_STREAM, 5, &header_block(&fields));
-    open.extend(frame(
+    h2.get(5, "/small", &[]).await;
+    h2.send(&frame(
         adversary::WINDOW_UPDATE,
         0,
         5,
         &1000u32.to_be_bytes(),
-    ));
-    h2.send(&open).await;
+    ))
+    .await;
     let (head, body) = h2.stream_response(5).await.expect("an answer");
     assert_eq!(static_status(&head), Some(200));
     assert_eq!(body, b"ok");
@@ -1554,21 +1544,12 @@ async fn stalled_h2_clients_hold_an_h2_upstreams_window_only_until_their_send_ti
         .await
         .expect("an answer");
     assert_eq!(first.status, 200, "{first:?}");
-    let mut stalled = RawH2::connect(proxy.addr).await;
-    stalled
-        .send(&frame(adversary::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]))
-        .await;
+    let mut stalled = RawH2::connect_without_window(proxy.addr).await;
     let size = BIG.to_string();
     let streams = [1, 3, 5, 7];
     for stream in streams {
-        let fields = get_fields("/big", &[("x-test-response-bytes", &size)]);
         stalled
-            .send(&frame(
-                HEADERS,
-                END_HEADERS | END_STREAM,
-                stream,
-                &header_block(&fields),
-            ))
+            .get(stream, "/big", &[("x-test-response-bytes", &size)])
             .await;
     }
     for stream in streams {

@@ -302,6 +302,21 @@ impl RawH2 {
         conn
     }
 
+    /// Connects like [`RawH2::connect`], opening no flow-control window for
+    /// any stream: `SETTINGS_INITIAL_WINDOW_SIZE` (0x4) is 0.
+    pub(crate) async fn connect_without_window(addr: SocketAddr) -> Self {
+        let mut conn = Self::connect(addr).await;
+        conn.send(&frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0])).await;
+        conn
+    }
+
+    /// Opens `stream` with a whole GET of `path` (HEADERS with END_STREAM).
+    pub(crate) async fn get(&mut self, stream: u32, path: &str, extra: &[(&str, &str)]) {
+        let block = header_block(&get_fields(path, extra));
+        self.send(&frame(HEADERS, END_HEADERS | END_STREAM, stream, &block))
+            .await;
+    }
+
     pub(crate) async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }
