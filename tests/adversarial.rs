@@ -124,14 +124,7 @@ async fn h2_connection_header_is_a_stream_protocol_error() {
         (3, "keep-alive"),
         (5, "transfer-encoding"),
     ] {
-        let fields = get_fields("/h2-hop", &[(name, "authorization")]);
-        h2.send(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            stream,
-            &header_block(&fields),
-        ))
-        .await;
+        h2.get(stream, "/h2-hop", &[(name, "authorization")]).await;
         let end = h2
             .stream_end(stream)
             .await
@@ -141,14 +134,7 @@ async fn h2_connection_header_is_a_stream_protocol_error() {
     }
     // A stream error, not a connection error: the next request is served,
     // with the token.
-    let fields = get_fields("/after", &[]);
-    h2.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        7,
-        &header_block(&fields),
-    ))
-    .await;
+    h2.get(7, "/after", &[]).await;
     let head = h2.stream_head(7).await.expect("a response");
     assert_eq!(static_status(&head), Some(200));
     let seen = upstream.seen();
@@ -269,14 +255,7 @@ async fn h2_paths_climbing_above_the_base_path_are_refused() {
     }
     // `:path` as raw bytes, which no URL parser has seen first.
     let mut h2 = RawH2::connect(proxy.addr).await;
-    let fields = get_fields("/%2e%2e/%2e%2e/internal", &[]);
-    h2.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &header_block(&fields),
-    ))
-    .await;
+    h2.get(1, "/%2e%2e/%2e%2e/internal", &[]).await;
     let head = h2.stream_head(1).await.expect("a response");
     assert_eq!(static_status(&head), Some(400));
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
@@ -1231,14 +1210,7 @@ async fn an_idle_h2_connection_gets_goaway_and_is_closed_after_the_drain_timeout
     config.drain_timeout = Duration::from_millis(500);
     let proxy = RunningProxy::start(config).await;
     let mut h2 = RawH2::connect(proxy.addr).await;
-    let fields = get_fields("/once", &[]);
-    h2.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &header_block(&fields),
-    ))
-    .await;
+    h2.get(1, "/once", &[]).await;
     let (head, _) = h2.stream_response(1).await.expect("an answer");
     assert_eq!(static_status(&head), Some(200));
     let answered = Instant::now();
@@ -1403,25 +1375,11 @@ async fn concurrent_streams_beyond_the_limit_are_refused() {
     let proxy = RunningProxy::start(config).await;
     let mut h2 = RawH2::connect(proxy.addr).await;
     // Take in the server's SETTINGS (and its limit) first.
-    let fields = get_fields("/first", &[]);
-    h2.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &header_block(&fields),
-    ))
-    .await;
+    h2.get(1, "/first", &[]).await;
     let (head, _) = h2.stream_response(1).await.expect("an answer");
     assert_eq!(static_status(&head), Some(200));
     for i in 0..6u32 {
-        let fields = get_fields("/held", &[("x-test-hold", "1")]);
-        h2.send(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            3 + 2 * i,
-            &header_block(&fields),
-        ))
-        .await;
+        h2.get(3 + 2 * i, "/held", &[("x-test-hold", "1")]).await;
     }
     for _ in 0..4 {
         upstream.wait_arrived().await;
