@@ -1628,6 +1628,103 @@ async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
     .await;
 }
 
+/// At the cap, a connection that comes back goes to a request that waits
+/// for one, on its core, instead of being closed and another opened: with
+/// two runtimes, `upstream_max_connections = 4` and 32 keep-alive clients
+/// sending 8 requests each, every request is answered and the upstream is
+/// not connected to anew for each request. (That the cap holds is
+/// `upstream_max_connections_holds_for_the_process_across_runtimes`.) (The
+/// pool used to close every connection that came back while a request
+/// waited on the other core, even when requests waited on its own: one
+/// upstream connection per request, 4x the CPU per request of an uncapped
+/// pool in `benches/proxy/run.sh`.) A few connections move between the
+/// cores as their queues change, so the bound is loose: a tenth of the
+/// requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_upstream_cap_connections_pass_to_waiting_requests_instead_of_reopening() {
+    const CLIENTS: usize = 32;
+    const EACH: usize = 8;
+    const CAP: usize = 4;
+    bounded("upstream cap under load", async {
+        let env = env().await;
+        let upstream = counting_upstream().await;
+        let mut proxy = env
+            .start(Opts {
+                extra: format!(
+                    "[[route]]\nname = \"counted\"\npath_prefix = \"/c\"\nupstream = \"http://{}\"\n",
+                    upstream.addr
+                ),
+                ..two_runtimes(&format!(
+                    "upstream_max_connections = {CAP}\nupstream_queue_timeout = \"20s\"\n"
+                ))
+            })
+            .await;
+        let addr = proxy.addr;
+        let answered = futures_util::future::join_all((0..CLIENTS).map(|c| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut statuses = Vec::new();
+            for i in 0..EACH {
+                s.write_all(format!("GET /c/{c}/{i} HTTP/1.1\r\nHost: proxy\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                statuses.push(harness::read_raw_response(&mut s).await.status);
+            }
+            statuses
+        }))
+        .await;
+        let ok = answered.iter().flatten().filter(|&&s| s == 200).count();
+        assert_eq!(ok, CLIENTS * EACH, "{answered:?}");
+        let accepted = upstream.accepted.load(Ordering::SeqCst);
+        assert!(
+            accepted <= CLIENTS * EACH / 10,
+            "{accepted} upstream connections opened for {} requests",
+            CLIENTS * EACH
+        );
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "{status:?}: {}", proxy.stderr());
+    })
+    .await;
+}
+
+/// An HTTP/1.1 upstream answering `200 ok` on keep-alive connections,
+/// counting the connections it accepted.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+async fn counting_upstream() -> CountingUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            acc.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    CountingUpstream { addr, accepted }
+}
+
 /// Connections of `127.0.0.1:port` the process has accepted: established
 /// sockets on that local port with a file (an inode), which those still in
 /// the listen backlog do not have yet. `/proc/net/tcp` is readable by any

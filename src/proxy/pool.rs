@@ -41,11 +41,20 @@
 //!   idle and the cap reached waits for the first connection to come back
 //!   or close, at most `queue_timeout`; then it fails with
 //!   [`PoolError::Saturated`] (the proxy answers `503`). Envoy's circuit
-//!   breaker caps connections the same way (1024 by default). While a
-//!   request waits in one pool of a group, idle connections of the others
-//!   are closed (those idle already, and those that come back), so that
-//!   their places come to it: a cap is never held by connections idling on
-//!   another core. The group's pools also share one HTTP/2 connection.
+//!   breaker caps connections the same way (1024 by default). Waiting
+//!   requests are served in order: a connection that comes back is handed
+//!   to the pool's oldest waiting request (one wake-up), so a request that
+//!   arrives later cannot take it first, and at the cap connections pass
+//!   from request to request instead of being closed and opened again.
+//! - Between the pools of a group (one per core) places under the cap move
+//!   only by closing a connection so that another pool can open one: a
+//!   pool whose requests wait takes the place of another pool's idle
+//!   connection when it has none itself, when the other holds two more
+//!   than it does, or when that connection has idled across a reaper tick;
+//!   and a connection that comes back while such a pool waits is closed
+//!   for it. A cap is thus never held by connections idling on another
+//!   core, and two busy cores do not trade connections back and forth.
+//!   The group's pools also share one HTTP/2 connection.
 //! - Response heads may have up to `max_response_headers` fields and
 //!   `max_response_header_bytes` bytes (HTTP/1.1), or a header list of that
 //!   many bytes (HTTP/2), so that a healthy upstream with a large head is
@@ -56,6 +65,7 @@
 //! the idle HTTP/1.1 connections, sampled at each reaper tick.
 
 use std::{
+    collections::VecDeque,
     error::Error as StdError,
     fmt,
     future::Future,
@@ -85,7 +95,7 @@ use hyper_util::{
 };
 use tokio::{
     net::TcpStream,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     task::Unconstrained,
 };
 use tower::Service as _;
@@ -174,7 +184,7 @@ impl<B: Body + 'static> Clone for UpstreamPool<B> {
 
 impl<B: Body + 'static> fmt::Debug for UpstreamPool<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let idle = self.inner.idle.lock().map_or(0, |idle| idle.len());
+        let idle = self.inner.idle.lock().map_or(0, |idle| idle.conns.len());
         f.debug_struct("UpstreamPool")
             .field("origin", &self.inner.origin)
             .field("idle_http1", &idle)
@@ -221,8 +231,10 @@ impl<B: Body + 'static> PoolGroup<B> {
         lock(&self.pools).iter().filter_map(Weak::upgrade).collect()
     }
 
-    /// Closes the oldest idle connection of a pool other than `here`, so
-    /// that its place under the cap is free; whether there was one.
+    /// Closes the oldest idle connection of another pool, if that pool
+    /// owes `here` a connection ([`owes`]) or let the connection idle across
+    /// a reaper tick, so that its place under the cap comes to a request
+    /// that waits in `here`; whether there was one.
     fn close_idle_elsewhere(&self, here: &Inner<B>) -> bool {
         for pool in self.pools() {
             if std::ptr::eq(&*pool, here) {
@@ -230,7 +242,10 @@ impl<B: Body + 'static> PoolGroup<B> {
             }
             let oldest = {
                 let mut idle = lock(&pool.idle);
-                (!idle.is_empty()).then(|| idle.remove(0))
+                let spare = idle.conns.first().is_some_and(|oldest| {
+                    owes(&pool, here) || oldest.since_epoch != pool.epoch.load(Ordering::Relaxed)
+                });
+                spare.then(|| idle.conns.remove(0))
             };
             if oldest.is_some() {
                 return true;
@@ -241,7 +256,19 @@ impl<B: Body + 'static> PoolGroup<B> {
 
     /// Idle HTTP/1.1 connections over all pools.
     fn idle_count(&self) -> usize {
-        self.pools().iter().map(|p| lock(&p.idle).len()).sum()
+        self.pools().iter().map(|p| lock(&p.idle).conns.len()).sum()
+    }
+
+    /// Whether a request waits in another pool that `here` owes a
+    /// connection ([`owes`]).
+    fn owed_elsewhere(&self, here: &Inner<B>) -> bool {
+        lock(&self.pools).iter().any(|pool| {
+            pool.upgrade().is_some_and(|pool| {
+                !std::ptr::eq(&*pool, here)
+                    && pool.queued.load(Ordering::SeqCst) > 0
+                    && owes(here, &pool)
+            })
+        })
     }
 
     /// Stops sharing HTTP/2 connection `id`, which refused a request.
@@ -279,8 +306,10 @@ struct Inner<B: Body + 'static> {
     authority: Authority,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// Idle HTTP/1.1 connections; the most recently used last.
-    idle: Mutex<Vec<IdleConn<B>>>,
+    /// Idle HTTP/1.1 connections, and the requests waiting for one.
+    idle: Mutex<Idle<B>>,
+    /// HTTP/1.1 connections of this pool open now, idle or busy.
+    open: Arc<AtomicUsize>,
     /// The cap, the HTTP/2 connection, and the other pools under them.
     group: Arc<PoolGroup<B>>,
     /// `None`: idle connections are not kept.
@@ -292,10 +321,21 @@ struct Inner<B: Body + 'static> {
     epoch: AtomicU64,
     reaper_started: AtomicBool,
     queue_timeout: Duration,
-    /// Requests waiting for a connection in this pool, and their wake-up
-    /// when one comes back to it.
+    /// Requests waiting for a connection in this pool.
     queued: AtomicUsize,
-    returned: Notify,
+}
+
+/// A pool's idle connections and its queue, under one lock, so that a
+/// connection that comes back is either handed to a waiting request or
+/// kept, never left idle while a request waits.
+struct Idle<B: Body + 'static> {
+    /// The most recently used last.
+    conns: Vec<IdleConn<B>>,
+    /// Requests waiting at the cap, oldest first. A connection that comes
+    /// back goes to the first that still waits, so a request that arrives
+    /// later cannot take it before them, and one returned connection wakes
+    /// one request, not every one that waits.
+    waiters: VecDeque<oneshot::Sender<Http1Conn<B>>>,
 }
 
 // === impl Http1Conn ===
@@ -312,7 +352,30 @@ pub(crate) struct Http1Conn<B: Body + 'static> {
     relay: Arc<WakeRelay>,
     relay_waker: Waker,
     /// Its place under `max_connections`, given back when it is dropped.
+    _place: Place,
+}
+
+/// An HTTP/1.1 connection's place under the group's cap and in its pool's
+/// count of open connections; both are given back when it is dropped.
+struct Place {
     _permit: OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+}
+
+impl Place {
+    fn new(permit: OwnedSemaphorePermit, open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            open: Arc::clone(open),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Passes a connection's wake-ups on to the task that uses it, and to no
@@ -603,7 +666,11 @@ where
             authority,
             h1,
             h2,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idle {
+                conns: Vec::new(),
+                waiters: VecDeque::new(),
+            }),
+            open: Arc::new(AtomicUsize::new(0)),
             group: Arc::clone(&group),
             idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
             tick,
@@ -612,7 +679,6 @@ where
             reaper_started: AtomicBool::new(false),
             queue_timeout: settings.queue_timeout,
             queued: AtomicUsize::new(0),
-            returned: Notify::new(),
         });
         {
             let mut pools = lock(&group.pools);
@@ -878,27 +944,39 @@ where
 {
     /// A live idle connection, or the shared HTTP/2 one, if there is one.
     fn take_idle(&self) -> Option<Checkout<B>> {
-        if self.group.prefers_h2.load(Ordering::Relaxed)
-            && let Some((id, sender)) = self.group.live_h2()
-        {
-            return Some(Checkout::Http2 {
-                id,
-                sender,
-                reused: true,
-            });
+        if let Some(shared) = self.shared_h2() {
+            return Some(shared);
         }
         loop {
             // One at a time, the lock not held while the driver runs.
-            let mut idle = lock(&self.idle).pop()?;
-            if idle.conn.ready_after_idle() {
-                return Some(Checkout::Http1 {
-                    conn: idle.conn,
-                    reused: true,
-                    stale: idle.since_epoch != self.epoch.load(Ordering::Relaxed),
-                });
+            let idle = lock(&self.idle).conns.pop()?;
+            if let Some(checkout) = self.check_out(idle) {
+                return Some(checkout);
             }
-            // Closed by the upstream while idle: dropped here.
         }
+    }
+
+    /// The group's HTTP/2 connection, once the upstream speaks h2.
+    fn shared_h2(&self) -> Option<Checkout<B>> {
+        if !self.group.prefers_h2.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (id, sender) = self.group.live_h2()?;
+        Some(Checkout::Http2 {
+            id,
+            sender,
+            reused: true,
+        })
+    }
+
+    /// `idle`, if it is still open; one the upstream closed while it was
+    /// idle is dropped here.
+    fn check_out(&self, mut idle: IdleConn<B>) -> Option<Checkout<B>> {
+        idle.conn.ready_after_idle().then(|| Checkout::Http1 {
+            conn: idle.conn,
+            reused: true,
+            stale: idle.since_epoch != self.epoch.load(Ordering::Relaxed),
+        })
     }
 
     /// The response head is in: a connection whose response has been read
@@ -925,26 +1003,60 @@ where
             return self.connect(permit).await;
         }
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        // Counted as queued before looking, so that a connection another
+        // pool takes back after this look is closed there (`put`).
         let _queued = Queued::count(&self.queued, &self.group.queued);
         loop {
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            // Registered before looking, so a return in between wakes it.
-            returned.as_mut().enable();
-            if let Some(checkout) = self.take_idle() {
-                return Ok(checkout);
+            if let Some(shared) = self.shared_h2() {
+                return Ok(shared);
             }
-            // Counted as queued before looking, so that a connection another
-            // pool takes back after this look is closed there (`put`).
+            let (handover, mut handed) = oneshot::channel();
+            // Looked for and queued under one lock: a connection that comes
+            // back after the look is handed over, not left idle.
+            let found = {
+                let mut idle = lock(&self.idle);
+                let found = idle.conns.pop();
+                if found.is_none() {
+                    // Requests that stopped waiting (timed out, or their
+                    // client left) are let go from the front.
+                    while idle.waiters.front().is_some_and(oneshot::Sender::is_closed) {
+                        idle.waiters.pop_front();
+                    }
+                    idle.waiters.push_back(handover);
+                }
+                found
+            };
+            if let Some(found) = found {
+                match self.check_out(found) {
+                    Some(checkout) => return Ok(checkout),
+                    None => continue,
+                }
+            }
             self.group.close_idle_elsewhere(&self);
             tokio::select! {
+                biased;
+                conn = &mut handed => {
+                    // `put` sends on a handover it takes or gets the
+                    // connection back; an error cannot come, and would
+                    // only mean looking again.
+                    if let Ok(conn) = conn {
+                        return Ok(handed_over(conn));
+                    }
+                }
                 permit = Arc::clone(&self.group.permits).acquire_owned() => {
                     // The semaphore is never closed.
                     let permit = permit.map_err(|e| PoolError::Connect(e.into()))?;
+                    // Handed a connection in the same instant: that one is
+                    // used, and the place goes back.
+                    if let Ok(conn) = handed.try_recv() {
+                        return Ok(handed_over(conn));
+                    }
                     return self.connect(permit).await;
                 }
-                () = &mut returned => {}
                 () = tokio::time::sleep_until(deadline) => {
+                    if let Ok(conn) = handed.try_recv() {
+                        return Ok(handed_over(conn));
+                    }
                     tracing::debug!(
                         waited_ms = self.queue_timeout.as_millis() as u64,
                         "every upstream connection stayed busy"
@@ -1022,7 +1134,7 @@ where
                     driver: Some(Box::new(driver)),
                     relay_waker: Waker::from(Arc::clone(&relay)),
                     relay,
-                    _permit: permit,
+                    _place: Place::new(permit, &self.open),
                 },
                 reused: false,
                 stale: false,
@@ -1030,28 +1142,40 @@ where
         }
     }
 
-    fn put(&self, conn: Http1Conn<B>) {
-        if self.idle_timeout.is_none() {
-            return;
-        }
+    /// A connection ready for another request: closed if another pool
+    /// whose requests wait is owed it, else to the request of this pool
+    /// that has waited longest, else into the idle stack.
+    fn put(&self, mut conn: Http1Conn<B>) {
         conn.relay.clear();
-        let since_epoch = self.epoch.load(Ordering::Relaxed);
-        {
+        let group = &self.group;
+        loop {
             let mut idle = lock(&self.idle);
-            // A request waits in another pool of the group and none here:
-            // closed, so that its place goes there. Looked at under the
-            // lock: a request that starts waiting after this look finds the
-            // connection in `idle` (`close_idle_elsewhere`).
-            if self.group.queued.load(Ordering::SeqCst) > self.queued.load(Ordering::SeqCst) {
+            // Decided under the lock: a request of another pool that starts
+            // waiting after this look finds the connection in the stack
+            // (`close_idle_elsewhere`).
+            let give_up = group.queued.load(Ordering::SeqCst) > self.queued.load(Ordering::SeqCst)
+                && group.owed_elsewhere(self);
+            if !give_up && let Some(waiter) = idle.waiters.pop_front() {
+                drop(idle);
+                match waiter.send(conn) {
+                    Ok(()) => return,
+                    // It stopped waiting: the next one, if any.
+                    Err(back) => {
+                        conn = back;
+                        continue;
+                    }
+                }
+            }
+            if give_up || self.idle_timeout.is_none() {
                 drop(idle);
                 drop(conn);
                 return;
             }
-            idle.push(IdleConn { conn, since_epoch });
-        }
-        // Only when at the cap does anyone wait for a returned connection.
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            self.returned.notify_waiters();
+            idle.conns.push(IdleConn {
+                conn,
+                since_epoch: self.epoch.load(Ordering::Relaxed),
+            });
+            return;
         }
     }
 
@@ -1085,7 +1209,7 @@ where
                 let Some(pool) = pool.upgrade() else { break };
                 let now = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
                 let expired: Vec<IdleConn<B>> = {
-                    let mut idle = lock(&pool.idle);
+                    let idle = &mut lock(&pool.idle).conns;
                     // Oldest first: stop at the first that is still young.
                     let keep_from = idle
                         .iter()
@@ -1123,6 +1247,26 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
     *copy.headers_mut() = request.headers().clone();
     *copy.extensions_mut() = request.extensions().clone();
     Some(copy)
+}
+
+/// Whether pool `there` should give one of its HTTP/1.1 connections up (by
+/// closing it) to a request that waits in pool `here`: when `here` has none,
+/// or two fewer. The places under the cap thus follow the requests from
+/// core to core, and two pools that both have requests waiting keep their
+/// connections (a connection passes between the pools only by being closed
+/// and another opened).
+fn owes<B: Body + 'static>(there: &Inner<B>, here: &Inner<B>) -> bool {
+    let mine = here.open.load(Ordering::Relaxed);
+    mine == 0 || mine + 1 < there.open.load(Ordering::Relaxed)
+}
+
+/// A connection a returning request handed to one that waited for it.
+fn handed_over<B: Body + 'static>(conn: Http1Conn<B>) -> Checkout<B> {
+    Checkout::Http1 {
+        conn,
+        reused: true,
+        stale: false,
+    }
 }
 
 /// Runs a shared HTTP/2 connection's driver until the connection closes,
