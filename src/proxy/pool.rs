@@ -236,6 +236,9 @@ impl<B: Body + 'static> PoolGroup<B> {
     /// a reaper tick, so that its place under the cap comes to a request
     /// that waits in `here`; whether there was one.
     fn close_idle_elsewhere(&self, here: &Inner<B>) -> bool {
+        if lock(&self.pools).len() < 2 {
+            return false;
+        }
         for pool in self.pools() {
             if std::ptr::eq(&*pool, here) {
                 continue;
@@ -1000,7 +1003,7 @@ where
     /// waiting at most `queue_timeout`.
     async fn connect_or_wait(self: Arc<Self>) -> Result<Checkout<B>, PoolError> {
         if let Ok(permit) = Arc::clone(&self.group.permits).try_acquire_owned() {
-            return self.connect(permit).await;
+            return Box::pin(self.connect(permit)).await;
         }
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
         // Counted as queued before looking, so that a connection another
@@ -1051,7 +1054,9 @@ where
                     if let Ok(conn) = handed.try_recv() {
                         return Ok(handed_over(conn));
                     }
-                    return self.connect(permit).await;
+                    // Boxed: the handshake's state would otherwise make
+                    // every wait as large as a connect.
+                    return Box::pin(self.connect(permit)).await;
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     if let Ok(conn) = handed.try_recv() {
