@@ -1049,8 +1049,12 @@ where
                 permit = Arc::clone(&self.group.permits).acquire_owned() => {
                     // The semaphore is never closed.
                     let permit = permit.map_err(|e| PoolError::Connect(e.into()))?;
-                    // Handed a connection in the same instant: that one is
-                    // used, and the place goes back.
+                    // Out of the queue first: a connection that comes back
+                    // while this one connects goes to the next waiting
+                    // request, not into a channel no one reads. One handed
+                    // over in the same instant is used, and the place goes
+                    // back.
+                    handed.close();
                     if let Ok(conn) = handed.try_recv() {
                         return Ok(handed_over(conn));
                     }
@@ -1059,6 +1063,7 @@ where
                     return Box::pin(self.connect(permit)).await;
                 }
                 () = tokio::time::sleep_until(deadline) => {
+                    handed.close();
                     if let Ok(conn) = handed.try_recv() {
                         return Ok(handed_over(conn));
                     }
