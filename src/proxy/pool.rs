@@ -341,6 +341,34 @@ struct Idle<B: Body + 'static> {
     waiters: VecDeque<oneshot::Sender<Http1Conn<B>>>,
 }
 
+impl<B: Body + 'static> Idle<B> {
+    /// Queues a request for the next connection that comes back.
+    /// `still_waiting` is how many of the pool's requests wait now.
+    ///
+    /// Requests that stopped waiting (timed out, or their client left) are
+    /// let go from the front at once. Behind a request that still waits
+    /// they would stay until it is served, and a flood of clients that
+    /// hang up while the pool is at its cap could pile them up for a whole
+    /// `queue_timeout`: so once the queue holds more than twice as many
+    /// entries as there are waiting requests (and a few more), the ones
+    /// that stopped are swept out. A sweep leaves about as many entries as
+    /// requests wait, so the next comes only after as many again have been
+    /// queued: its cost per queued request stays constant.
+    fn enqueue(&mut self, waiter: oneshot::Sender<Http1Conn<B>>, still_waiting: usize) {
+        while self.waiters.front().is_some_and(oneshot::Sender::is_closed) {
+            self.waiters.pop_front();
+        }
+        if self.waiters.len() > 2 * still_waiting + SWEEP_SLACK {
+            self.waiters.retain(|w| !w.is_closed());
+        }
+        self.waiters.push_back(waiter);
+    }
+}
+
+/// How many more queue entries than twice the waiting requests are left
+/// before entries of requests that stopped waiting are swept out.
+const SWEEP_SLACK: usize = 16;
+
 // === impl Http1Conn ===
 
 /// An HTTP/1.1 connection and its driver. The driver is polled by the task
@@ -1020,12 +1048,7 @@ where
                 let mut idle = lock(&self.idle);
                 let found = idle.conns.pop();
                 if found.is_none() {
-                    // Requests that stopped waiting (timed out, or their
-                    // client left) are let go from the front.
-                    while idle.waiters.front().is_some_and(oneshot::Sender::is_closed) {
-                        idle.waiters.pop_front();
-                    }
-                    idle.waiters.push_back(handover);
+                    idle.enqueue(handover, self.queued.load(Ordering::Relaxed));
                 }
                 found
             };
@@ -1324,4 +1347,89 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+
+    type Conn = Http1Conn<Empty<Bytes>>;
+
+    fn queue() -> Idle<Empty<Bytes>> {
+        Idle {
+            conns: Vec::new(),
+            waiters: VecDeque::new(),
+        }
+    }
+
+    fn live(idle: &Idle<Empty<Bytes>>) -> usize {
+        idle.waiters.iter().filter(|w| !w.is_closed()).count()
+    }
+
+    #[test]
+    fn requests_that_hang_up_behind_a_waiting_one_do_not_pile_up_in_the_queue() {
+        let mut idle = queue();
+        // The oldest request keeps waiting; a flood of others queue behind
+        // it and leave at once, as clients that hang up at the cap do.
+        let (first, _first_waits) = oneshot::channel::<Conn>();
+        idle.enqueue(first, 1);
+        let mut longest = 0;
+        for _ in 0..10_000 {
+            let (handover, handed) = oneshot::channel::<Conn>();
+            idle.enqueue(handover, 2);
+            longest = longest.max(idle.waiters.len());
+            drop(handed);
+        }
+        assert!(
+            longest <= 2 * 2 + SWEEP_SLACK + 1,
+            "the queue grew to {longest} entries for 2 waiting requests"
+        );
+        // The request that waits is still first in line.
+        assert!(!idle.waiters.front().expect("queued").is_closed());
+        assert_eq!(live(&idle), 1);
+    }
+
+    #[test]
+    fn a_sweep_keeps_every_request_that_still_waits_in_its_order() {
+        let mut idle = queue();
+        let mut waiting = Vec::new();
+        // Every third request stays; the others leave.
+        for i in 0..300 {
+            let (handover, handed) = oneshot::channel::<Conn>();
+            let still_waiting = waiting.len() + 1;
+            idle.enqueue(handover, still_waiting);
+            if i % 3 == 0 {
+                waiting.push(handed);
+            }
+        }
+        assert_eq!(live(&idle), waiting.len());
+        assert!(idle.waiters.len() <= 2 * waiting.len() + SWEEP_SLACK + 1);
+        // Served oldest first: closing the requests in the order they came
+        // always closes the queue's first live entry.
+        for mut handed in waiting {
+            let front = idle
+                .waiters
+                .iter()
+                .position(|w| !w.is_closed())
+                .expect("a live entry");
+            assert!(!idle.waiters[front].is_closed());
+            handed.close();
+            assert!(idle.waiters[front].is_closed());
+        }
+        assert_eq!(live(&idle), 0);
+    }
+
+    #[test]
+    fn dead_entries_at_the_front_go_at_once() {
+        let mut idle = queue();
+        for _ in 0..5 {
+            let (handover, handed) = oneshot::channel::<Conn>();
+            idle.enqueue(handover, 1);
+            drop(handed);
+        }
+        let (handover, _handed) = oneshot::channel::<Conn>();
+        idle.enqueue(handover, 1);
+        assert_eq!(idle.waiters.len(), 1);
+    }
 }
