@@ -12,6 +12,10 @@
 #                                              # one per line: label|binary|[proxy] keys (;)|env.
 #                                              # Unset: the work-stealing runtime beside the default
 #                                              # (thread per core); STP_VARIANTS= for none
+#   PGO=0 bash benches/proxy/run.sh            # without the profile-guided build (the container
+#                                              # image's binary, scripts/pgo-build.sh), which a
+#                                              # full run adds as the variant `pgo`; SMOKE=1 PGO=1
+#                                              # adds it to the smoke
 #
 # From the repository root. Loopback only (127.0.0.1), every load bounded by
 # wrk's -d, every process this script starts is stopped on exit.
@@ -62,9 +66,12 @@ UPSTREAM_WORKERS="${UPSTREAM_WORKERS:-1}"
 WS_VARIANT='work_stealing||runtime = "work_stealing"|'
 if [[ "$SMOKE" == 1 ]]; then
     STP_VARIANTS="${STP_VARIANTS:-}"
+    PGO="${PGO:-0}"
 else
     STP_VARIANTS="${STP_VARIANTS-$WS_VARIANT}"
+    PGO="${PGO:-1}"
 fi
+STP_VARIANTS_GIVEN="$STP_VARIANTS"
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 [[ -f Cargo.toml && -d benches/proxy ]] || {
@@ -108,6 +115,13 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # --- build -----------------------------------------------------------------
 log "cargo build --release"
 cargo build --release --quiet
+if [[ $PGO == 1 ]]; then
+    # The container image's build (deploy/Dockerfile, ARG PGO=1), measured
+    # beside the plain release build.
+    log "bash scripts/pgo-build.sh"
+    bash scripts/pgo-build.sh
+    STP_VARIANTS+=$'\n''pgo|'"$ROOT/target/pgo/sso-token-proxy"'||'
+fi
 
 WORK="$(mktemp -d /tmp/stp-bench.XXXXXX)"
 source "$ROOT/benches/proxy/common.sh"
@@ -539,7 +553,9 @@ CMD="bash benches/proxy/run.sh"
 [[ "$SMOKE" == 1 ]] && CMD="SMOKE=1 $CMD"
 [[ "$DURATION" != 10 && "$SMOKE" != 1 ]] && CMD="DURATION=$DURATION $CMD"
 [[ "$ROUNDS" != 3 && "$SMOKE" != 1 ]] && CMD="ROUNDS=$ROUNDS $CMD"
-[[ -z $STP_VARIANTS || $STP_VARIANTS == "$WS_VARIANT" ]] || CMD="STP_VARIANTS=… $CMD"
+[[ -z $STP_VARIANTS_GIVEN || $STP_VARIANTS_GIVEN == "$WS_VARIANT" ]] || CMD="STP_VARIANTS=… $CMD"
+[[ $PGO == 1 && "$SMOKE" == 1 ]] && CMD="PGO=1 $CMD"
+[[ $PGO != 1 && "$SMOKE" != 1 ]] && CMD="PGO=0 $CMD"
 REPORT="$WORK/report.md"
 {
     echo "## Proxy vs nginx and HAProxy"
