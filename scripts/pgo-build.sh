@@ -100,9 +100,9 @@ grep -q 'location = /unauthorized' "$WORK/upstream.conf" || {
 nginx -c "$WORK/upstream.conf" -p "$WORK" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
 
-# The emulator runs from the instrumented binary too: its process writes
-# its own profile (merged below), which only adds counts to code the proxy
-# does not run on its request path.
+# The emulator runs from the instrumented binary too. Its process writes a
+# profile of its own, merged below: a handful of token requests, next to
+# the proxy's hundreds of thousands of proxied ones.
 start_bench_emulator "$instrumented" "$P_EMU" "$WORK/emulator.log"
 write_bench_proxy_config "$WORK/proxy.toml" "$P_PROXY" "$P_UP" "$P_ADMIN" "$WORK/emulator.log"
 "$instrumented" --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
