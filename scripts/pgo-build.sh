@@ -59,19 +59,8 @@ fi
     echo "no llvm-profdata at $profdata (rustup component add llvm-tools)" >&2
     exit 1
 }
-need_install=()
-command -v wrk >/dev/null || need_install+=(wrk)
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_install+=(nginx-light)
-command -v curl >/dev/null || need_install+=(curl)
-command -v h2load >/dev/null || need_install+=(nghttp2-client)
-if ((${#need_install[@]})); then
-    log "installing ${need_install[*]}"
-    SUDO=()
-    [[ $(id -u) == 0 ]] || SUDO=(sudo)
-    "${SUDO[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin:/sbin"
+source "$ROOT/benches/proxy/tools.sh"
+install_missing wrk=wrk nginx=nginx-light curl=curl h2load=nghttp2-client
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # --- 2. instrumented build ---------------------------------------------------

@@ -46,21 +46,10 @@ ROOT="$PWD"
 BIN="$PWD/target/release/sso-token-proxy"
 log() { printf '[soak %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-need_install=()
-command -v wrk >/dev/null || need_install+=(wrk)
-command -v curl >/dev/null || need_install+=(curl)
-command -v python3 >/dev/null || need_install+=(python3)
-if [[ $SOAK_UPSTREAM == nginx ]]; then
-    command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_install+=(nginx-light)
-fi
-if ((${#need_install[@]})); then
-    log "installing ${need_install[*]}"
-    SUDO=()
-    [[ $(id -u) == 0 ]] || SUDO=(sudo)
-    "${SUDO[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin:/sbin"
+tools=(wrk=wrk curl=curl python3=python3)
+[[ $SOAK_UPSTREAM != nginx ]] || tools+=(nginx=nginx-light)
+source "$ROOT/benches/proxy/tools.sh"
+install_missing "${tools[@]}"
 
 log "cargo build --release"
 cargo build --release --quiet

@@ -86,21 +86,8 @@ CORES="$(nproc)"
 log() { printf '[bench] %s\n' "$*" >&2; }
 
 # --- tools -----------------------------------------------------------------
-need_install=()
-command -v wrk >/dev/null || need_install+=(wrk)
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_install+=(nginx-light)
-command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || need_install+=(haproxy)
-command -v taskset >/dev/null || need_install+=(util-linux)
-command -v curl >/dev/null || need_install+=(curl)
-command -v python3 >/dev/null || need_install+=(python3)
-if ((${#need_install[@]})); then
-    log "installing ${need_install[*]}"
-    SUDO=()
-    [[ $(id -u) == 0 ]] || SUDO=(sudo)
-    "${SUDO[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin:/sbin"
+source "$ROOT/benches/proxy/tools.sh"
+install_missing wrk=wrk nginx=nginx-light haproxy=haproxy taskset=util-linux curl=curl python3=python3
 
 # Everything measured, wrk and the upstream included, runs at the same
 # raised priority (as root), so that other work on a shared machine disturbs
