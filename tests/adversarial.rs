@@ -443,6 +443,54 @@ async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
     }
 }
 
+/// A chunked body whose trailer section breaks a line with a bare LF. A
+/// front end that ends lines at LF reads what follows `0\r\n\n` as a
+/// second request; a back end that took it for trailers would answer once
+/// where the front end waits for two answers, and the next client's
+/// request on that front-end connection would get the wrong response.
+/// The proxy refuses such a body (`400`, the connection closed) instead of
+/// answering it, and nothing after the last chunk reaches the upstream,
+/// neither as a request nor as a trailer. hyper accepted these bytes as
+/// trailers before 1.13, and the proxy answered `200`.
+#[tokio::test]
+async fn a_bare_lf_in_chunked_trailers_is_refused_not_answered() {
+    let upstream = Upstream::start().await;
+    let proxy = RunningProxy::start(proxy_config(&upstream.url())).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let trailer_sections = [
+        format!("\n{smuggled}"),
+        format!("X-T: value\n\n{smuggled}"),
+        format!("X-T: value\r\n\n{smuggled}"),
+        "X-T: val\nue\r\n\r\n".to_owned(),
+    ];
+    for trailers in &trailer_sections {
+        let request = format!(
+            "POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n{trailers}"
+        );
+        let mut conn = RawConn::connect(proxy.addr).await;
+        conn.send(request.as_bytes()).await;
+        let first = conn.response().await;
+        let second = conn.response().await;
+        let first = first.unwrap_or_else(|| panic!("{trailers:?}: no response"));
+        assert_eq!(first.status, 400, "{trailers:?}: {first:?}");
+        assert!(
+            second.is_none(),
+            "{trailers:?}: a second response {second:?}"
+        );
+    }
+    let received = String::from_utf8_lossy(&upstream.received_bytes()).into_owned();
+    assert!(!received.contains("smuggled"), "{received}");
+    assert!(
+        !received.contains("X-T") && !received.contains("x-t"),
+        "{received}"
+    );
+    for s in upstream.seen() {
+        assert_eq!(s.uri, "/front", "{s:?}");
+        assert!(s.trailers.is_empty(), "{s:?}");
+    }
+}
+
 /// A bare LF ends a line for the proxy's parser; what it forwards is
 /// always re-framed with CRLF, so the upstream cannot read it differently.
 #[tokio::test]
