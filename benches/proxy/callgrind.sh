@@ -25,13 +25,8 @@ BIN="${1:-$ROOT/target/release/sso-token-proxy}"
 SECONDS_RUN="${CG_SECONDS:-10}"
 BASE="${BENCH_PORT_BASE:-26080}"
 P_UP=$((BASE + 1)) P_PROXY=$((BASE + 2)) P_ADMIN=$((BASE + 3)) P_EMU=$((BASE + 4))
-export PATH="$PATH:/usr/sbin:/sbin"
-for tool in valgrind callgrind_control callgrind_annotate wrk nginx curl; do
-    command -v "$tool" >/dev/null || {
-        echo "needs $tool (apt-get install valgrind wrk nginx-light curl)" >&2
-        exit 2
-    }
-done
+source "$ROOT/benches/proxy/tools.sh"
+install_missing valgrind=valgrind callgrind_control=valgrind callgrind_annotate=valgrind wrk=wrk nginx=nginx-light curl=curl
 if [[ $# == 0 ]]; then
     cargo build --release --quiet
 fi

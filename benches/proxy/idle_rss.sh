@@ -30,15 +30,10 @@ LOAD_CONNS="${LOAD_CONNS:-512}"
 BASE="${BENCH_PORT_BASE:-27080}"
 P_UP=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_STP=$((BASE + 3)) P_ADMIN=$((BASE + 4)) P_EMU=$((BASE + 5))
 HOLD="$ROOT/benches/proxy/hold_conns.py"
-export PATH="$PATH:/usr/sbin:/sbin"
-tools=(nginx curl python3)
-((LOAD_CONNS == 0)) || tools+=(wrk)
-for tool in "${tools[@]}"; do
-    command -v "$tool" >/dev/null || {
-        echo "needs $tool (apt-get install nginx-light curl python3)" >&2
-        exit 2
-    }
-done
+tools=(nginx=nginx-light curl=curl python3=python3)
+((LOAD_CONNS == 0)) || tools+=(wrk=wrk)
+source "$ROOT/benches/proxy/tools.sh"
+install_missing "${tools[@]}"
 [[ $# != 0 ]] || cargo build --release --quiet
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 

@@ -1,5 +1,5 @@
-# Shared by benches/proxy/run.sh, scripts/soak.sh and scripts/pgo-build.sh
-# (sourced, not run): the Debian packages they need, installed when missing.
+# Shared by benches/proxy/run.sh, idle_rss.sh and callgrind.sh,
+# scripts/soak.sh and scripts/pgo-build.sh (sourced, not run): the Debian packages they need, installed when missing.
 
 # Each argument is COMMAND=PACKAGE. A command counts as present when it is
 # on PATH or in /usr/sbin (nginx and haproxy live there, outside a normal
@@ -9,7 +9,8 @@ install_missing() {
     local need=() pair cmd
     for pair in "$@"; do
         cmd=${pair%%=*}
-        command -v "$cmd" >/dev/null || [[ -x /usr/sbin/$cmd ]] || need+=("${pair#*=}")
+        command -v "$cmd" >/dev/null || [[ -x /usr/sbin/$cmd ]] || [[ " ${need[*]} " == *" ${pair#*=} "* ]] ||
+            need+=("${pair#*=}")
     done
     if ((${#need[@]})); then
         printf 'installing %s\n' "${need[*]}" >&2
