@@ -16,8 +16,8 @@
 # extra `[proxy]` keys from CG_PROXY_KEYS, `;`-separated; instrumentation
 # off until warmed up), then counts instructions over `wrk -t1
 # -c${CG_CONNS:-16} -d${CG_SECONDS:-10}s` and divides by the requests
-# served. Keeps the
-# profile in target/callgrind/ for `callgrind_annotate --inclusive=yes`.
+# served. Keeps the profile in target/callgrind/ for `callgrind_annotate
+# --inclusive=yes`.
 # With CG_CACHE=1 callgrind also simulates the caches (CG_CACHE_GEOMETRY,
 # valgrind's --I1/--D1/--LL options; by default a 32 KiB 8-way L1i and L1d
 # and, as the last level, one core's 512 KiB 8-way L2 of the 2-core AMD
