@@ -1,7 +1,9 @@
 //! `[proxy] runtime = "thread_per_core"`: one single-threaded tokio
 //! runtime per core, each on its own thread with its own `SO_REUSEPORT`
 //! listener for every address and its own [`Proxy`] (so its own upstream
-//! pools). The kernel spreads new connections over the listeners; a
+//! pools). The kernel spreads new connections over the listeners, and a
+//! runtime that gets one while another serves fewer hands it over before
+//! reading it (`proxy/balance.rs`), so each serves its share; a
 //! connection, its requests and their upstream connections then stay on
 //! one thread, as an nginx worker keeps them. Token caches, the admin
 //! listener and the emulator stay on the main runtime and are shared, and

@@ -89,6 +89,7 @@
 //! ```
 
 mod activity;
+mod balance;
 mod body;
 mod error;
 mod forward;
@@ -146,6 +147,9 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     /// One permit per KiB of request body held for a replay, shared too.
     replay_budget: Arc<Semaphore>,
+    /// Its runtime's part in spreading the listener's connections evenly
+    /// over the runtimes of its [`SharedLimits`].
+    member: balance::Member,
 }
 
 /// The caps that several [`Proxy`]s of one listener keep together, one
@@ -160,6 +164,8 @@ pub(crate) struct SharedLimits {
     upstream_max_connections: usize,
     /// By route name.
     pool_groups: Arc<Mutex<HashMap<String, Arc<PoolGroup<UpstreamBody>>>>>,
+    /// The proxies' client connections, spread evenly over them.
+    balancer: Arc<balance::Balancer>,
 }
 
 impl SharedLimits {
@@ -170,6 +176,7 @@ impl SharedLimits {
             replay_budget: Arc::new(Semaphore::new(config.replay_buffer_bytes / 1024)),
             upstream_max_connections: config.upstream_max_connections,
             pool_groups: Arc::default(),
+            balancer: Arc::default(),
         }
     }
 
@@ -284,6 +291,7 @@ impl Proxy {
             metrics,
             connections: Arc::clone(&limits.connections),
             replay_budget: Arc::clone(&limits.replay_budget),
+            member: limits.balancer.join(),
             settings: ServerSettings {
                 timers: ConnTimers {
                     header_read: config.header_read_timeout,

@@ -13,6 +13,10 @@
 //! own backlog is empty would keep a client queued on another listener
 //! waiting. So at the cap each loop holds at most one accepted connection,
 //! unread and without timers, until a place comes free.
+//!
+//! A connection with its place goes to the runtime of the listener that
+//! serves the fewest connections (`balance.rs`): the kernel's choice of
+//! listener does not look at how many each runtime already has.
 
 use std::{
     future::Future, io, net::SocketAddr, ops::DerefMut, pin::Pin, sync::Arc, time::Duration,
@@ -25,7 +29,7 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, watch},
+    sync::{OwnedSemaphorePermit, mpsc, watch},
     task::JoinSet,
     time::{Instant, Sleep},
 };
@@ -34,6 +38,7 @@ use tower::BoxError;
 use super::{
     Proxy, ServerSettings,
     activity::{ConnActivity, ConnTimers, Step},
+    balance::{Assigned, Handoff, Place},
     io::ClientIo,
     metrics::ProxyMetrics,
     service::ConnService,
@@ -139,6 +144,7 @@ pub(super) async fn serve(
     let settings = proxy.settings;
     let builder = Arc::new(Builders::new(&settings, &proxy.metrics));
     let permits = Arc::clone(&proxy.connections);
+    let mut member = proxy.member;
     // Accepted at the cap, waiting for a place.
     let mut waiting: Option<(TcpStream, SocketAddr)> = None;
     // Warned once each time the cap is reached.
@@ -146,14 +152,46 @@ pub(super) async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let start = |connections: &mut JoinSet<()>, stream: TcpStream, remote: SocketAddr, place| {
+        let local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(e) => {
+                tracing::debug!(error = %e, "accepted connection already gone");
+                return;
+            }
+        };
+        let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
+        let service = ConnService {
+            routes: Arc::clone(&proxy.routes),
+            client_ip: ConnService::client_ip_value(remote.ip()),
+            local,
+            max_replay_body_bytes: settings.max_replay_body_bytes,
+            max_request_header_bytes: settings.max_request_header_bytes,
+            replay_budget: Arc::clone(&proxy.replay_budget),
+            request_body_timeout: settings.request_body_timeout,
+            activity: Arc::clone(&activity),
+        };
+        connections.spawn(serve_connection(Connection {
+            builder: Arc::clone(&builder),
+            stream,
+            remote,
+            service,
+            activity,
+            timers: settings.timers,
+            control_frames_per_second: settings.http2_max_control_frames_per_second,
+            metrics: Arc::clone(&proxy.metrics),
+            stop: stop_rx.clone(),
+            place,
+        }));
+    };
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
+        let next = tokio::select! {
             biased;
             () = &mut shutdown => break,
             // The semaphore is never closed.
             Ok(permit) = Arc::clone(&permits).acquire_owned(), if waiting.is_some() => {
-                waiting.take().map(|accepted| (accepted, permit))
+                waiting.take().map_or(Next::Nothing, |accepted| Next::Accepted(accepted, permit))
             }
             Some(done) = connections.join_next(), if !connections.is_empty() => {
                 if let Err(e) = done
@@ -161,13 +199,15 @@ pub(super) async fn serve(
                 {
                     tracing::error!("a connection task panicked");
                 }
-                None
+                Next::Nothing
             }
+            // Senders live as long as the balancer, so `None` never comes.
+            Some(handoff) = member.inbox.recv() => Next::Handed(handoff),
             accepted = listener.accept(), if waiting.is_none() => match accepted {
                 Ok(accepted) => match Arc::clone(&permits).try_acquire_owned() {
                     Ok(permit) => {
                         at_cap = false;
-                        Some((accepted, permit))
+                        Next::Accepted(accepted, permit)
                     }
                     Err(_) => {
                         if !at_cap {
@@ -178,54 +218,47 @@ pub(super) async fn serve(
                         }
                         at_cap = true;
                         waiting = Some(accepted);
-                        None
+                        Next::Nothing
                     }
                 },
                 Err(e) if is_connection_error(&e) => {
                     tracing::debug!(error = %e, "connection failed before it was accepted");
-                    None
+                    Next::Nothing
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot accept connections; pausing");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    None
+                    Next::Nothing
                 }
             },
         };
-        if let Some(((stream, remote), permit)) = accepted {
-            let local = match stream.local_addr() {
-                Ok(local) => local,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accepted connection already gone");
-                    continue;
+        match next {
+            Next::Nothing => {}
+            Next::Accepted((stream, remote), permit) => match member.assign(permit) {
+                Assigned::Keep(place) => start(&mut connections, stream, remote, place),
+                Assigned::Send(inbox, place) => {
+                    if let Some(kept) = hand_over(inbox, stream, remote, place) {
+                        let (stream, remote, place) = kept;
+                        start(&mut connections, stream, remote, member.keep(place));
+                    }
                 }
-            };
-            let activity = ConnActivity::new(Arc::clone(&proxy.metrics));
-            let service = ConnService {
-                routes: Arc::clone(&proxy.routes),
-                client_ip: ConnService::client_ip_value(remote.ip()),
-                local,
-                max_replay_body_bytes: settings.max_replay_body_bytes,
-                max_request_header_bytes: settings.max_request_header_bytes,
-                replay_budget: Arc::clone(&proxy.replay_budget),
-                request_body_timeout: settings.request_body_timeout,
-                activity: Arc::clone(&activity),
-            };
-            connections.spawn(serve_connection(Connection {
-                builder: Arc::clone(&builder),
-                stream,
-                remote,
-                service,
-                activity,
-                timers: settings.timers,
-                control_frames_per_second: settings.http2_max_control_frames_per_second,
-                metrics: Arc::clone(&proxy.metrics),
-                stop: stop_rx.clone(),
-                permit,
-            }));
+            },
+            Next::Handed(handoff) => {
+                if let Some((stream, remote, place)) = take_over(handoff) {
+                    start(&mut connections, stream, remote, place);
+                }
+            }
         }
     }
 
+    // Connections handed over before the other runtimes stopped are served
+    // (and drained) here; from now on the others keep what they accept.
+    member.inbox.close();
+    while let Ok(handoff) = member.inbox.try_recv() {
+        if let Some((stream, remote, place)) = take_over(handoff) {
+            start(&mut connections, stream, remote, place);
+        }
+    }
     // New connections are refused from here on.
     drop(listener);
     let _ = stop_tx.send(true);
@@ -249,6 +282,52 @@ pub(super) async fn serve(
     Ok(())
 }
 
+/// What the accept loop's wait ended with.
+enum Next {
+    Nothing,
+    /// Accepted on this runtime's listener, with a place under the cap.
+    Accepted((TcpStream, SocketAddr), OwnedSemaphorePermit),
+    /// Accepted by another runtime of the listener for this one.
+    Handed(Handoff),
+}
+
+/// Sends a connection to the runtime `inbox` belongs to, off this
+/// runtime's event loop. Gives it back when that runtime has stopped.
+fn hand_over(
+    inbox: mpsc::UnboundedSender<Handoff>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    place: Place,
+) -> Option<(TcpStream, SocketAddr, Place)> {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "accepted connection already gone");
+            return None;
+        }
+    };
+    let back = inbox
+        .send(Handoff {
+            stream,
+            remote,
+            place,
+        })
+        .err()?
+        .0;
+    take_over(back)
+}
+
+/// A connection from another runtime, put on this runtime's event loop.
+fn take_over(handoff: Handoff) -> Option<(TcpStream, SocketAddr, Place)> {
+    match TcpStream::from_std(handoff.stream) {
+        Ok(stream) => Some((stream, handoff.remote, handoff.place)),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot serve a connection another core accepted");
+            None
+        }
+    }
+}
+
 /// One client connection and what serving it needs.
 struct Connection {
     builder: Arc<Builders>,
@@ -260,8 +339,9 @@ struct Connection {
     control_frames_per_second: u32,
     metrics: Arc<ProxyMetrics>,
     stop: watch::Receiver<bool>,
-    /// Its place under `max_connections`, given back when it ends.
-    permit: OwnedSemaphorePermit,
+    /// Its place under `max_connections` and its count on this runtime,
+    /// given back when it ends.
+    place: Place,
 }
 
 /// Serves one client connection until it ends, asking it to close on
@@ -282,7 +362,7 @@ fn serve_connection(conn: Connection) -> impl Future<Output = ()> + Send + 'stat
         control_frames_per_second,
         metrics,
         mut stop,
-        permit,
+        place,
     } = conn;
     async move {
         if let Err(e) = stream.set_nodelay(true) {
@@ -335,7 +415,7 @@ fn serve_connection(conn: Connection) -> impl Future<Output = ()> + Send + 'stat
         }
         drop(open);
         // Its place under `max_connections` is given back last.
-        drop(permit);
+        drop(place);
     }
 }
 
