@@ -39,7 +39,8 @@ pub(crate) struct Balancer {
 }
 
 /// One runtime's count of connections it serves, and where others hand it
-/// theirs.
+/// theirs. The inbox is unbounded, but every connection in it holds a
+/// `max_connections` place, so it holds at most that many.
 struct Slot {
     live: AtomicUsize,
     inbox: mpsc::UnboundedSender<Handoff>,
