@@ -4,10 +4,11 @@
 //! Each runtime accepts on its own `SO_REUSEPORT` listener, and the kernel
 //! picks the listener by a hash of the connection's addresses, not by how
 //! busy a runtime is. With a few dozen long-lived keep-alive connections
-//! the split is uneven (64 connections over two runtimes often land 38 and
-//! 26), and since a connection stays on its runtime for life, the clients
-//! of the fuller one wait longer for every request: the proxy's p99 came
-//! from them. So a runtime that accepts a connection while another runtime
+//! the split is uneven (of 64 connections over two runtimes, one gets 36
+//! or more about a third of the time), and since a connection stays on
+//! its runtime for life, the clients of the fuller one wait longer for
+//! every request: much of the proxy's p99 at 64 connections came from
+//! them (BENCHMARKS.md). So a runtime that accepts a connection while another runtime
 //! of the listener serves fewer hands it over (as a plain socket, before a
 //! byte is read), and each runtime ends up with its share, as Envoy's
 //! `exact_balance` keeps its workers. A connection is handed over at most
