@@ -5,7 +5,7 @@
 //! picks the listener by a hash of the connection's addresses, not by how
 //! busy a runtime is. With a few dozen long-lived keep-alive connections
 //! the split is uneven (of 64 connections over two runtimes, one gets 36
-//! or more about a third of the time), and since a connection stays on
+//! or more in 38 % of splits), and since a connection stays on
 //! its runtime for life, the clients of the fuller one wait longer for
 //! every request: much of the proxy's p99 at 64 connections came from
 //! them (BENCHMARKS.md). So a runtime that accepts a connection while another runtime
