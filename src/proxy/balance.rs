@@ -4,13 +4,13 @@
 //! Each runtime accepts on its own `SO_REUSEPORT` listener, and the kernel
 //! picks the listener by a hash of the connection's addresses, not by how
 //! busy a runtime is. With a few dozen long-lived keep-alive connections
-//! the split is uneven (of 64 connections over two runtimes, one gets 36
-//! or more in 38 % of splits), and since a connection stays on
-//! its runtime for life, the clients of the fuller one wait longer for
-//! every request: much of the proxy's p99 at 64 connections came from
-//! them (BENCHMARKS.md). So a runtime that accepts a connection while another runtime
-//! of the listener serves fewer hands it over (as a plain socket, before a
-//! byte is read), and each runtime ends up with its share, as Envoy's
+//! the split is uneven (of 64 connections over two runtimes, one gets 36 or
+//! more in 38 % of splits), and since a connection stays on its runtime for
+//! life, the clients of the fuller one wait longer for every request: much
+//! of the proxy's p99 at 64 connections came from them (BENCHMARKS.md). So
+//! a runtime that accepts a connection while another runtime of the
+//! listener serves fewer hands it over (as a plain socket, before a byte is
+//! read), and each runtime ends up with its share, as Envoy's
 //! `exact_balance` keeps its workers. A connection is handed over at most
 //! once, and only when accepted: nothing moves while it is served.
 
