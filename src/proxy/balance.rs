@@ -97,12 +97,17 @@ impl Balancer {
         }
     }
 
-    /// Connections each runtime serves now, in the order they joined.
-    #[cfg(test)]
-    pub(crate) fn live(&self) -> Vec<usize> {
+    /// The runtimes' slots, in the order they joined.
+    fn members(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Slot>>> {
         self.members
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Connections each runtime serves now, in the order they joined.
+    #[cfg(test)]
+    pub(crate) fn live(&self) -> Vec<usize> {
+        self.members()
             .iter()
             .map(|slot| slot.live.load(Ordering::Relaxed))
             .collect()
@@ -115,11 +120,7 @@ impl Member {
     /// the fewest. The count is taken at once, so that a burst of
     /// connections spreads out before any is served.
     pub(super) fn assign(&self, permit: OwnedSemaphorePermit) -> Assigned {
-        let members = self
-            .balancer
-            .members
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let members = self.balancer.members();
         let own = &members[self.index];
         let mut target = own;
         let mut fewest = own.live.load(Ordering::Relaxed);
@@ -141,11 +142,7 @@ impl Member {
     /// A connection this runtime keeps whatever the others serve (one sent
     /// back because its target stopped): counted here.
     pub(super) fn keep(&self, mut place: Place) -> Place {
-        let members = self
-            .balancer
-            .members
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let members = self.balancer.members();
         let own = &members[self.index];
         own.live.fetch_add(1, Ordering::Relaxed);
         if let Some(before) = place.counted.replace(Arc::clone(own)) {
