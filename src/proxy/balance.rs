@@ -187,7 +187,7 @@ mod tests {
             match a.assign(permit(&cap)) {
                 Assigned::Keep(place) => served.push(place),
                 Assigned::Send(inbox, place) => {
-                    assert!(inbox.same_channel(&balancer.members.read().unwrap()[1].inbox));
+                    assert!(inbox.same_channel(&balancer.members()[1].inbox));
                     served.push(place);
                 }
             }

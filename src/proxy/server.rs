@@ -237,8 +237,7 @@ pub(super) async fn serve(
             Next::Accepted((stream, remote), permit) => match member.assign(permit) {
                 Assigned::Keep(place) => start(&mut connections, stream, remote, place),
                 Assigned::Send(inbox, place) => {
-                    if let Some(kept) = hand_over(inbox, stream, remote, place) {
-                        let (stream, remote, place) = kept;
+                    if let Some((stream, remote, place)) = hand_over(inbox, stream, remote, place) {
                         start(&mut connections, stream, remote, member.keep(place));
                     }
                 }
