@@ -14,7 +14,8 @@
 # `CG_ENV`, by default TOKIO_WORKER_THREADS=1 so that the count does not
 # depend on how valgrind interleaves threads; RUST_LOG=info as deployed;
 # extra `[proxy]` keys from CG_PROXY_KEYS, `;`-separated; instrumentation
-# off until warmed up), then counts instructions over `wrk -t1
+# off until warmed up by 3 s of the same load, so that the count leaves out
+# opening the upstream connections), then counts instructions over `wrk -t1
 # -c${CG_CONNS:-16} -d${CG_SECONDS:-10}s` and divides by the requests
 # served. Keeps the profile in target/callgrind/ for `callgrind_annotate
 # --inclusive=yes`.
@@ -75,7 +76,7 @@ for _ in $(seq 600); do
     [[ $(curl -s -o /dev/null -w '%{http_code}' "$READY") == 200 ]] && break
     sleep 0.1
 done
-wrk -t1 -c16 -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
+wrk -t1 -c"${CG_CONNS:-16}" -d3s "http://127.0.0.1:$P_PROXY/" >/dev/null
 callgrind_control -i on "$PID" >/dev/null
 wrk -t1 -c"${CG_CONNS:-16}" -d"${SECONDS_RUN}s" "http://127.0.0.1:$P_PROXY/" >"$WORK/wrk.txt"
 callgrind_control -i off "$PID" >/dev/null

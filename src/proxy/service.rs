@@ -623,4 +623,14 @@ mod tests {
         let size = std::mem::size_of::<ProxyFuture>();
         assert!(size <= 512, "ProxyFuture is {size} bytes");
     }
+
+    /// The token layer's and forwarder's future is boxed anew for every
+    /// request, and the whole of it is written into memory that at high
+    /// concurrency is no longer in cache; what only a rare path needs (the
+    /// keep-alive race's copy of the request) is boxed on its own.
+    #[test]
+    fn the_forwarding_future_stays_small() {
+        let size = std::mem::size_of::<Oneshot<Stack, Request<UpstreamBody>>>();
+        assert!(size <= 720, "the forwarding future is {size} bytes");
+    }
 }
