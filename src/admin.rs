@@ -32,31 +32,32 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::{net::TcpListener, sync::Semaphore, sync::watch};
 
 use crate::{
     emulator::html_escape,
+    hot_metrics::{DURATION_BUCKETS, HotRecorder, MetricsHandle},
     login::{DeviceLogin, LoginPrompt, LoginState},
     metric_names,
     sink::SinkProbe,
     sources::TokenSources,
 };
 
-/// Installs the process-wide Prometheus recorder and returns its handle.
-/// Call once, at start.
-pub(crate) fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
+/// Installs the process-wide Prometheus recorder, with the per-request
+/// metrics kept per thread in front of it ([`HotRecorder`]), and returns
+/// its handle. Call once, at start.
+pub(crate) fn install_metrics_recorder() -> Result<MetricsHandle, String> {
+    let exporter = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("duration_seconds".to_owned()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ],
+            &DURATION_BUCKETS,
         )
         .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
+        .build_recorder();
+    let recorder = HotRecorder::new(exporter);
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     metric_names::describe_all();
     Ok(handle)
 }
@@ -82,7 +83,7 @@ struct AdminState {
     sources: TokenSources,
     users: Arc<SourceUsers>,
     sinks: Vec<SinkProbe>,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<MetricsHandle>,
 }
 
 /// The admin router.
@@ -90,7 +91,7 @@ pub(crate) fn router(
     sources: TokenSources,
     users: SourceUsers,
     sinks: Vec<SinkProbe>,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<MetricsHandle>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(healthz))

@@ -82,6 +82,8 @@ pub mod emulator;
 mod fs_atomic;
 #[cfg(feature = "proxy")]
 mod hardening;
+#[cfg(feature = "proxy")]
+mod hot_metrics;
 #[cfg(feature = "layer")]
 pub mod layer;
 #[cfg(feature = "proxy")]
