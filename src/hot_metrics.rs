@@ -437,9 +437,10 @@ mod tests {
         });
         let text = recorder.handle().render();
         assert!(
-            text.contains(
-                "sso_token_proxy_requests_total{route=\"r\",status_class=\"2xx\"} 4000\n"
-            ),
+            text.contains(&format!(
+                "{}{{route=\"r\",status_class=\"2xx\"}} 4000\n",
+                metric_names::REQUESTS_TOTAL.name
+            )),
             "{text}"
         );
         // The same key registered again is the same counter.
@@ -473,7 +474,7 @@ mod tests {
         });
         let text = recorder.handle().render();
         assert!(
-            text.contains("\nsso_token_proxy_requests_in_flight 1\n"),
+            text.contains(&format!("\n{} 1\n", metric_names::REQUESTS_IN_FLIGHT.name)),
             "{text}"
         );
     }
@@ -534,14 +535,20 @@ mod tests {
         let sum: f64 = text
             .lines()
             .find_map(|l| {
-                l.strip_prefix("sso_token_proxy_request_duration_seconds_sum{route=\"a\"} ")
+                l.strip_prefix(&format!(
+                    "{}_sum{{route=\"a\"}} ",
+                    metric_names::REQUEST_DURATION_SECONDS.name
+                ))
             })
             .unwrap_or_else(|| panic!("{text}"))
             .parse()
             .unwrap();
         assert!((sum - 31.0011).abs() < 1e-9, "{sum}");
         assert!(
-            text.contains("sso_token_proxy_request_duration_seconds_count{route=\"a\"} 3\n"),
+            text.contains(&format!(
+                "{}_count{{route=\"a\"}} 3\n",
+                metric_names::REQUEST_DURATION_SECONDS.name
+            )),
             "{text}"
         );
         let b_buckets = family("b\\\"q");
@@ -549,8 +556,11 @@ mod tests {
         assert_eq!(at(&b_buckets, 2.5), 1.0);
         // One HELP and TYPE for the family, its label sets together.
         assert_eq!(
-            text.matches("# TYPE sso_token_proxy_request_duration_seconds ")
-                .count(),
+            text.matches(&format!(
+                "# TYPE {} ",
+                metric_names::REQUEST_DURATION_SECONDS.name
+            ))
+            .count(),
             1
         );
     }
@@ -568,13 +578,17 @@ mod tests {
         let text = recorder.handle().render();
         parse(&text);
         assert!(
-            text.contains(
-                "sso_token_proxy_token_fetch_duration_seconds_bucket{source=\"s\",le=\"0.25\"} 1\n"
-            ),
+            text.contains(&format!(
+                "{}_bucket{{source=\"s\",le=\"0.25\"}} 1\n",
+                metric_names::TOKEN_FETCH_DURATION_SECONDS.name
+            )),
             "{text}"
         );
         assert!(
-            text.contains("sso_token_proxy_client_errors_total{kind=\"no_route\"} 2\n"),
+            text.contains(&format!(
+                "{}{{kind=\"no_route\"}} 2\n",
+                metric_names::CLIENT_ERRORS_TOTAL.name
+            )),
             "{text}"
         );
     }
