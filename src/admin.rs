@@ -32,12 +32,11 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::{net::TcpListener, sync::Semaphore, sync::watch};
 
 use crate::{
     emulator::html_escape,
-    hot_metrics::{DURATION_BUCKETS, HotRecorder, MetricsHandle},
+    hot_metrics::{HotRecorder, MetricsHandle},
     login::{DeviceLogin, LoginPrompt, LoginState},
     metric_names,
     sink::SinkProbe,
@@ -48,14 +47,7 @@ use crate::{
 /// metrics kept per thread in front of it ([`HotRecorder`]), and returns
 /// its handle. Call once, at start.
 pub(crate) fn install_metrics_recorder() -> Result<MetricsHandle, String> {
-    let exporter = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("duration_seconds".to_owned()),
-            &DURATION_BUCKETS,
-        )
-        .map_err(|e| e.to_string())?
-        .build_recorder();
-    let recorder = HotRecorder::new(exporter);
+    let recorder = HotRecorder::new()?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     metric_names::describe_all();

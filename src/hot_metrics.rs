@@ -38,14 +38,14 @@ use metrics::{
     SharedString, Unit,
 };
 use metrics_exporter_prometheus::{
-    PrometheusHandle, PrometheusRecorder,
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
     formatting::{sanitize_label_key, sanitize_label_value, write_help_line, write_type_line},
 };
 
 use crate::metric_names;
 
 /// The bucket bounds of every `…_duration_seconds` histogram, in seconds.
-pub(crate) const DURATION_BUCKETS: [f64; 15] = [
+const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
@@ -218,11 +218,20 @@ pub(crate) struct HotRecorder {
 }
 
 impl HotRecorder {
-    pub(crate) fn new(inner: PrometheusRecorder) -> Self {
-        Self {
+    /// The exporter, its `…_duration_seconds` histograms bucketed by
+    /// [`DURATION_BUCKETS`], behind the hot metrics.
+    pub(crate) fn new() -> Result<Self, String> {
+        let inner = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("duration_seconds".to_owned()),
+                &DURATION_BUCKETS,
+            )
+            .map_err(|e| e.to_string())?
+            .build_recorder();
+        Ok(Self {
             inner,
             hot: Arc::default(),
-        }
+        })
     }
 
     /// What renders `/metrics`.
@@ -329,9 +338,15 @@ impl MetricsHandle {
 
     /// The Prometheus text exposition of every metric.
     pub(crate) fn render(&self) -> String {
-        let entries = self.hot.entries.lock().unwrap_or_else(|e| e.into_inner());
+        // A copy of the handles, so that no registration waits on a render.
+        let entries = self
+            .hot
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut histograms: Vec<(&Key, &BucketedHistogram)> = Vec::new();
-        for (key, hot) in entries.iter() {
+        for (key, hot) in &entries {
             match hot {
                 Hot::Counter(c) => c.exported.absolute(c.total()),
                 Hot::Gauge(g) => g.exported.set(g.total()),
@@ -397,20 +412,10 @@ fn render_histogram(text: &mut String, key: &Key, histogram: &BucketedHistogram)
 
 #[cfg(test)]
 mod tests {
-    use metrics_exporter_prometheus::PrometheusBuilder;
-
     use super::*;
 
     fn recorder() -> HotRecorder {
-        HotRecorder::new(
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Suffix("duration_seconds".to_owned()),
-                    &DURATION_BUCKETS,
-                )
-                .unwrap()
-                .build_recorder(),
-        )
+        HotRecorder::new().unwrap()
     }
 
     /// `text` as Prometheus parses it; fails the test if it does not parse.
