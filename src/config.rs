@@ -128,6 +128,13 @@ pub struct ProxyConfig {
     pub upstream_max_connections: usize,
     /// Limit for a request to wait for an upstream connection (then 503).
     pub upstream_queue_timeout: Duration,
+    /// How long a request that finds every upstream connection busy waits
+    /// for one to come back before opening another, once a route holds
+    /// `upstream_connect_wait_above`; zero: never.
+    pub upstream_connect_wait: Duration,
+    /// Upstream connections a route opens without waiting first (the
+    /// binary: over all its runtimes).
+    pub upstream_connect_wait_above: usize,
     /// Header fields an upstream response head may have.
     pub upstream_max_response_headers: usize,
     /// Bytes an upstream response head may have.
@@ -180,6 +187,8 @@ impl ProxyConfig {
             max_request_header_bytes: 64 * 1024,
             upstream_max_connections: 1024,
             upstream_queue_timeout: Duration::from_secs(5),
+            upstream_connect_wait: Duration::from_millis(20),
+            upstream_connect_wait_above: 128,
             upstream_max_response_headers: 256,
             upstream_max_response_header_bytes: 128 * 1024,
             http2_max_concurrent_streams: 128,
@@ -1274,6 +1283,8 @@ impl Reader {
                 "max_request_header_bytes",
                 "upstream_max_connections",
                 "upstream_queue_timeout",
+                "upstream_connect_wait",
+                "upstream_connect_wait_above",
                 "upstream_max_response_headers",
                 "upstream_max_response_header_bytes",
                 "http2_max_concurrent_streams",
@@ -1424,6 +1435,18 @@ impl Reader {
                 "upstream_queue_timeout",
                 d.upstream_queue_timeout,
                 ms(1)..=seconds(600),
+            ),
+            upstream_connect_wait: self.duration_within(
+                &s,
+                "upstream_connect_wait",
+                d.upstream_connect_wait,
+                Duration::ZERO..=seconds(60),
+            ),
+            upstream_connect_wait_above: self.count(
+                &s,
+                "upstream_connect_wait_above",
+                d.upstream_connect_wait_above,
+                1..=1_000_000,
             ),
             upstream_max_response_headers: self.count(
                 &s,
@@ -2781,6 +2804,7 @@ refresh_token = "r"
         ("proxy", "send_timeout"),
         ("proxy", "drain_timeout"),
         ("proxy", "upstream_queue_timeout"),
+        ("proxy", "upstream_connect_wait"),
         ("oidc", "connect_timeout"),
         ("oidc", "call_timeout"),
         ("token", "refresh_before_expiry"),
@@ -2942,6 +2966,39 @@ refresh_token = "r"
                 "proxy.max_connections",
                 "proxy.upstream_max_response_headers",
                 "proxy.http2_max_control_frames_per_second",
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_connect_wait_defaults_to_20ms_above_128_connections_and_zero_turns_it_off() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.upstream_connect_wait, Duration::from_millis(20));
+        assert_eq!(c.proxy.upstream_connect_wait_above, 128);
+
+        let with = |keys: &str| {
+            MINIMAL.replace(
+                "upstream = \"http://127.0.0.1:9000\"",
+                &format!("upstream = \"http://127.0.0.1:9000\"\n{keys}"),
+            )
+        };
+        let c = parse(&with(
+            "upstream_connect_wait = \"0s\"\nupstream_connect_wait_above = 16",
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.upstream_connect_wait, Duration::ZERO);
+        assert_eq!(c.proxy.upstream_connect_wait_above, 16);
+
+        let err = parse(&with(
+            "upstream_connect_wait = \"2m\"\nupstream_connect_wait_above = 0",
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "proxy.upstream_connect_wait",
+                "proxy.upstream_connect_wait_above"
             ]
         );
     }

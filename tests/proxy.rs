@@ -840,6 +840,120 @@ async fn upstream_connections_are_pooled_and_reused() {
 }
 
 #[tokio::test]
+async fn above_upstream_connect_wait_above_a_request_waits_for_a_connection_to_come_back() {
+    // One connection opened without waiting; the next request finds it
+    // busy and waits for it (up to 10 s) instead of opening a second.
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_connect_wait_above = 1;
+    config.upstream_connect_wait = Duration::from_secs(10);
+    config.upstream_queue_timeout = Duration::from_secs(30);
+    let proxy = RunningProxy::start(config).await;
+    let client = h1_client();
+
+    let held = get(&proxy.url("/first"))
+        .header("x-test-hold", "1")
+        .body(empty())
+        .unwrap();
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, held).await }
+    });
+    assert_eq!(upstream.wait_arrived().await, "/first");
+    let mut second = tokio::spawn({
+        let client = client.clone();
+        let request = get(&proxy.url("/second")).body(empty()).unwrap();
+        async move { send(&client, request).await }
+    });
+    // While the only connection is held, the second request is not
+    // answered; a second connection would have answered it at once. (A
+    // correct proxy cannot fail this by timing: the second request has no
+    // other way to the upstream.)
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut second).await;
+    assert!(
+        early.is_err(),
+        "the second request was answered while the first held the only connection"
+    );
+    assert_eq!(upstream.connections(), 1);
+
+    upstream.release();
+    for response in [first, second] {
+        let (parts, _) = tokio::time::timeout(HANG_GUARD, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+    let order: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(order, ["/first", "/second"]);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the second request was handed the first's connection"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_waited_upstream_connect_wait_in_vain_opens_a_connection() {
+    // The only connection stays busy: after `upstream_connect_wait` the
+    // waiting request opens a second one instead of waiting for the first
+    // (which a slow upstream would make it do for as long as it answers).
+    const WAIT: Duration = Duration::from_millis(150);
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_connect_wait_above = 1;
+    config.upstream_connect_wait = WAIT;
+    let proxy = RunningProxy::start(config).await;
+    let client = h1_client();
+
+    let held = get(&proxy.url("/held"))
+        .header("x-test-hold", "1")
+        .body(empty())
+        .unwrap();
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, held).await }
+    });
+    upstream.wait_arrived().await;
+    let started = tokio::time::Instant::now();
+    let (parts, _) = tokio::time::timeout(
+        HANG_GUARD,
+        send(&client, get(&proxy.url("/after")).body(empty()).unwrap()),
+    )
+    .await
+    .expect("the waiting request opened no connection");
+    assert_eq!(parts.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= WAIT,
+        "answered after {:?}, before upstream_connect_wait ran out",
+        started.elapsed()
+    );
+    assert_eq!(upstream.connections(), 2);
+
+    upstream.release();
+    let (parts, _) = tokio::time::timeout(HANG_GUARD, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(parts.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn below_upstream_connect_wait_above_busy_connections_are_not_waited_for() {
+    // Two held requests with room for two connections: the second opens
+    // its own at once, however long `upstream_connect_wait` is.
+    let upstream = Upstream::start().await;
+    let mut config = proxy_config(&upstream.url());
+    config.upstream_connect_wait_above = 2;
+    config.upstream_connect_wait = Duration::from_secs(60);
+    config.upstream_queue_timeout = Duration::from_secs(120);
+    let proxy = RunningProxy::start(config).await;
+    // Both must reach the upstream while neither has been answered.
+    concurrent_held_requests(&proxy, &upstream, 2).await;
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test]
 async fn a_connection_returns_to_the_pool_after_a_streamed_response() {
     // A response too large to have been read when its head arrives: the
     // connection goes back to the pool once its body has been relayed.

@@ -360,7 +360,7 @@ mod tests {
             upstream: &upstream.parse().unwrap(),
             connector: crate::tls::https_connector(config, Duration::from_secs(1)),
             pool: PoolSettings::default(),
-            pool_group: PoolGroup::new(1024),
+            pool_group: PoolGroup::new(1024, 1024),
             preserve_host: false,
             forwarded_headers: true,
             response_timeout: Duration::from_secs(1),

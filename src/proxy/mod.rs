@@ -162,6 +162,7 @@ pub(crate) struct SharedLimits {
     connections: Arc<Semaphore>,
     replay_budget: Arc<Semaphore>,
     upstream_max_connections: usize,
+    upstream_connect_wait_above: usize,
     /// By route name.
     pool_groups: Arc<Mutex<HashMap<String, Arc<PoolGroup<UpstreamBody>>>>>,
     /// The proxies' client connections, spread evenly over them.
@@ -175,6 +176,7 @@ impl SharedLimits {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             replay_budget: Arc::new(Semaphore::new(config.replay_buffer_bytes / 1024)),
             upstream_max_connections: config.upstream_max_connections,
+            upstream_connect_wait_above: config.upstream_connect_wait_above,
             pool_groups: Arc::default(),
             balancer: Arc::default(),
         }
@@ -185,11 +187,12 @@ impl SharedLimits {
             .pool_groups
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(
-            groups
-                .entry(route.to_owned())
-                .or_insert_with(|| PoolGroup::new(self.upstream_max_connections)),
-        )
+        Arc::clone(groups.entry(route.to_owned()).or_insert_with(|| {
+            PoolGroup::new(
+                self.upstream_max_connections,
+                self.upstream_connect_wait_above,
+            )
+        }))
     }
 }
 
@@ -365,6 +368,7 @@ fn active_route(
         pool: PoolSettings {
             idle_timeout: config.idle_timeout,
             queue_timeout: config.upstream_queue_timeout,
+            connect_wait: config.upstream_connect_wait,
             max_response_headers: config.upstream_max_response_headers,
             max_response_header_bytes: config.upstream_max_response_header_bytes,
         },

@@ -156,6 +156,10 @@ pub(crate) struct PoolSettings {
     pub(crate) max_response_headers: usize,
     /// Bytes in a response head (HTTP/1.1) or header list (HTTP/2).
     pub(crate) max_response_header_bytes: usize,
+    /// How long a request that finds every HTTP/1.1 connection busy waits
+    /// for one to come back before it opens another, once the group holds
+    /// its [`PoolGroup::new`] `wait_above` connections; zero: never.
+    pub(crate) connect_wait: Duration,
 }
 
 impl Default for PoolSettings {
@@ -165,6 +169,7 @@ impl Default for PoolSettings {
             queue_timeout: Duration::from_secs(5),
             max_response_headers: 256,
             max_response_header_bytes: 128 * 1024,
+            connect_wait: Duration::ZERO,
         }
     }
 }
@@ -199,6 +204,11 @@ impl<B: Body + 'static> fmt::Debug for UpstreamPool<B> {
 pub(crate) struct PoolGroup<B: Body + 'static> {
     /// One permit per open connection, of any pool of the group.
     permits: Arc<Semaphore>,
+    /// Connections the group opens without waiting first (see
+    /// [`PoolSettings::connect_wait`]), shared out evenly over its pools.
+    wait_above: usize,
+    /// Pools in the group, for each one's share of `wait_above`.
+    pool_count: AtomicUsize,
     /// Requests waiting for a connection, in every pool of the group.
     queued: AtomicUsize,
     pools: Mutex<Vec<Weak<Inner<B>>>>,
@@ -214,10 +224,14 @@ pub(crate) struct PoolGroup<B: Body + 'static> {
 }
 
 impl<B: Body + 'static> PoolGroup<B> {
-    /// A group whose pools keep at most `max_connections` open together.
-    pub(crate) fn new(max_connections: usize) -> Arc<Self> {
+    /// A group whose pools keep at most `max_connections` open together,
+    /// and open more than `wait_above` only after a wait for one to come
+    /// back (when their `connect_wait` is not zero).
+    pub(crate) fn new(max_connections: usize, wait_above: usize) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(max_connections)),
+            wait_above,
+            pool_count: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
@@ -313,6 +327,9 @@ struct Inner<B: Body + 'static> {
     idle: Mutex<Idle<B>>,
     /// HTTP/1.1 connections of this pool open now, idle or busy.
     open: Arc<AtomicUsize>,
+    /// Connections this pool is opening now.
+    connecting: AtomicUsize,
+    connect_wait: Duration,
     /// The cap, the HTTP/2 connection, and the other pools under them.
     group: Arc<PoolGroup<B>>,
     /// `None`: idle connections are not kept.
@@ -702,6 +719,8 @@ where
                 waiters: VecDeque::new(),
             }),
             open: Arc::new(AtomicUsize::new(0)),
+            connecting: AtomicUsize::new(0),
+            connect_wait: settings.connect_wait.min(settings.queue_timeout),
             group: Arc::clone(&group),
             idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
             tick,
@@ -715,6 +734,7 @@ where
             let mut pools = lock(&group.pools);
             pools.retain(|p| p.strong_count() > 0);
             pools.push(Arc::downgrade(&inner));
+            group.pool_count.store(pools.len(), Ordering::Relaxed);
         }
         Ok(Self { inner })
     }
@@ -893,7 +913,7 @@ where
                         // Boxed: the handshake futures are large.
                         None => {
                             this.state = SendState::Connecting(Box::pin(
-                                Arc::clone(&this.pool).connect_or_wait(),
+                                Arc::clone(&this.pool).connect_or_wait(!this.resent),
                             ));
                         }
                     }
@@ -1031,7 +1051,17 @@ where
     /// group; else the first that comes back to this pool, or a new one
     /// once another closes (an idle one of another pool is closed for it),
     /// waiting at most `queue_timeout`.
-    async fn connect_or_wait(self: Arc<Self>) -> Result<Checkout<B>, PoolError> {
+    ///
+    /// Beyond the pool's share of the group's `wait_above`, a request that
+    /// may take a used connection (`may_reuse`) first waits up to
+    /// `connect_wait` for one to come back, and opens one only then.
+    async fn connect_or_wait(self: Arc<Self>, may_reuse: bool) -> Result<Checkout<B>, PoolError> {
+        if may_reuse
+            && self.waits_before_connecting()
+            && let Some(checkout) = self.wait_for_return().await
+        {
+            return Ok(checkout);
+        }
         if let Ok(permit) = Arc::clone(&self.group.permits).try_acquire_owned() {
             return Box::pin(self.connect(permit)).await;
         }
@@ -1102,6 +1132,44 @@ where
         }
     }
 
+    /// Whether this pool, with every connection busy, already holds (or is
+    /// opening) its share of the group's `wait_above`, so that a request
+    /// waits for a connection to come back before opening another.
+    fn waits_before_connecting(&self) -> bool {
+        if self.connect_wait.is_zero() || self.group.prefers_h2.load(Ordering::Relaxed) {
+            return false;
+        }
+        let pools = self.group.pool_count.load(Ordering::Relaxed).max(1);
+        let held = self.open.load(Ordering::Relaxed) + self.connecting.load(Ordering::Relaxed);
+        held * pools >= self.group.wait_above
+    }
+
+    /// A connection of this pool that comes back (or sits idle) within
+    /// `connect_wait`, if one does. The request waits in the pool's queue
+    /// like one at the cap, but is not counted as one: no other pool closes
+    /// a connection for it.
+    async fn wait_for_return(&self) -> Option<Checkout<B>> {
+        let (handover, mut handed) = oneshot::channel();
+        let found = {
+            let mut idle = lock(&self.idle);
+            let found = idle.conns.pop();
+            if found.is_none() {
+                idle.enqueue(handover, self.queued.load(Ordering::Relaxed) + 1);
+            }
+            found
+        };
+        if let Some(found) = found {
+            return self.check_out(found);
+        }
+        match tokio::time::timeout(self.connect_wait, &mut handed).await {
+            Ok(Ok(conn)) => Some(handed_over(conn)),
+            _ => {
+                handed.close();
+                handed.try_recv().ok().map(handed_over)
+            }
+        }
+    }
+
     /// A new connection: TCP (and TLS), then the HTTP/1.1 or HTTP/2
     /// handshake that ALPN chose. An HTTP/2 connection's driver is spawned
     /// (the connection is shared); an HTTP/1.1 one's runs where the
@@ -1111,6 +1179,8 @@ where
         self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
     ) -> Result<Checkout<B>, PoolError> {
+        self.connecting.fetch_add(1, Ordering::Relaxed);
+        let _opening = Opening(&self.connecting);
         let group = &self.group;
         let _one_at_a_time = if group.prefers_h2.load(Ordering::Relaxed) {
             let guard = group.h2_connecting.lock().await;
@@ -1293,6 +1363,15 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
 fn owes<B: Body + 'static>(there: &Inner<B>, here: &Inner<B>) -> bool {
     let mine = here.open.load(Ordering::Relaxed);
     mine == 0 || mine + 1 < there.open.load(Ordering::Relaxed)
+}
+
+/// Counts a connection as being opened while it lives.
+struct Opening<'a>(&'a AtomicUsize);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection a returning request handed to one that waited for it.
