@@ -46,6 +46,15 @@
 //!   to the pool's oldest waiting request (one wake-up), so a request that
 //!   arrives later cannot take it first, and at the cap connections pass
 //!   from request to request instead of being closed and opened again.
+//! - Beyond `wait_above` connections (open or being opened; each pool of a
+//!   group its share), a request that finds every connection busy first
+//!   waits up to `connect_wait` in the queue for one to come back, and
+//!   opens a connection only if none does. A burst of requests to an
+//!   upstream that answers fast is then served by the connections already
+//!   open instead of opening one each (whose buffers and channels would
+//!   stay allocated until `idle_timeout`); a slow upstream still gets its
+//!   new connections, `connect_wait` later. Such a request is not counted
+//!   as waiting at the cap: no other pool closes a connection for it.
 //! - Between the pools of a group (one per core) places under the cap move
 //!   only by closing a connection so that another pool can open one: a
 //!   pool whose requests wait takes the place of another pool's idle
