@@ -1061,12 +1061,14 @@ where
     /// once another closes (an idle one of another pool is closed for it),
     /// waiting at most `queue_timeout`.
     ///
-    /// Beyond the pool's share of the group's `wait_above`, a request that
-    /// may take a used connection (`may_reuse`) first waits up to
-    /// `connect_wait` for one to come back, and opens one only then.
+    /// Beyond the pool's share of the group's `wait_above`, and below the
+    /// cap, a request that may take a used connection (`may_reuse`) first
+    /// waits up to `connect_wait` for one to come back, and opens one only
+    /// then. At the cap it waits as before.
     async fn connect_or_wait(self: Arc<Self>, may_reuse: bool) -> Result<Checkout<B>, PoolError> {
         if may_reuse
             && self.waits_before_connecting()
+            && self.group.permits.available_permits() > 0
             && let Some(checkout) = self.wait_for_return().await
         {
             return Ok(checkout);
@@ -1174,7 +1176,14 @@ where
             Ok(Ok(conn)) => Some(handed_over(conn)),
             _ => {
                 handed.close();
-                handed.try_recv().ok().map(handed_over)
+                let late = handed.try_recv().ok().map(handed_over);
+                if late.is_none() {
+                    tracing::debug!(
+                        waited_ms = self.connect_wait.as_millis() as u64,
+                        "no upstream connection came back; opening another"
+                    );
+                }
+                late
             }
         }
     }
