@@ -188,7 +188,7 @@ impl ProxyConfig {
             upstream_max_connections: 1024,
             upstream_queue_timeout: Duration::from_secs(5),
             upstream_connect_wait: Duration::from_millis(20),
-            upstream_connect_wait_above: 128,
+            upstream_connect_wait_above: 64,
             upstream_max_response_headers: 256,
             upstream_max_response_header_bytes: 128 * 1024,
             http2_max_concurrent_streams: 128,
@@ -2971,10 +2971,10 @@ refresh_token = "r"
     }
 
     #[test]
-    fn upstream_connect_wait_defaults_to_20ms_above_128_connections_and_zero_turns_it_off() {
+    fn upstream_connect_wait_defaults_to_20ms_above_64_connections_and_zero_turns_it_off() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.proxy.upstream_connect_wait, Duration::from_millis(20));
-        assert_eq!(c.proxy.upstream_connect_wait_above, 128);
+        assert_eq!(c.proxy.upstream_connect_wait_above, 64);
 
         let with = |keys: &str| {
             MINIMAL.replace(

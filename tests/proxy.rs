@@ -18,8 +18,8 @@ use std::{
 
 use futures_util::FutureExt as _;
 use harness::{
-    HANG_GUARD, RunningProxy, Upstream, chunked_pattern, empty, full, h1_client, h2c_client, hex,
-    pattern_sha256, proxy_config, raw, send,
+    HANG_GUARD, RunningProxy, Upstream, answered_ok, chunked_pattern, empty, full, h1_client,
+    h2c_client, hex, pattern_sha256, proxy_config, raw, send,
 };
 use http::{Method, Request, StatusCode, Version};
 use sha2::{Digest as _, Sha256};
@@ -802,11 +802,7 @@ async fn concurrent_held_requests(proxy: &RunningProxy, upstream: &Upstream, n: 
     }
     upstream.release();
     for response in pending {
-        let (parts, _) = tokio::time::timeout(HANG_GUARD, response)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(parts.status, StatusCode::OK);
+        answered_ok(response).await;
     }
 }
 
@@ -878,11 +874,7 @@ async fn above_upstream_connect_wait_above_a_request_waits_for_a_connection_to_c
 
     upstream.release();
     for response in [first, second] {
-        let (parts, _) = tokio::time::timeout(HANG_GUARD, response)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(parts.status, StatusCode::OK);
+        answered_ok(response).await;
     }
     let order: Vec<String> = upstream.seen().into_iter().map(|s| s.uri).collect();
     assert_eq!(order, ["/first", "/second"]);
@@ -931,11 +923,7 @@ async fn a_request_that_waited_upstream_connect_wait_in_vain_opens_a_connection(
     assert_eq!(upstream.connections(), 2);
 
     upstream.release();
-    let (parts, _) = tokio::time::timeout(HANG_GUARD, first)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(parts.status, StatusCode::OK);
+    answered_ok(first).await;
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 # `wrk -t1 -c256` for 6 s, with the wait off ("0s") and at its default,
 # alternating, ROUNDS times each. Every run starts a fresh proxy (and
 # emulator), so the pool grows from nothing past `upstream_connect_wait_above`
-# (128) during the run: the ramp the wait delays.
+# (64) during the run: the ramp the wait delays.
 #
 #   bash benches/proxy/slow_upstream.sh            # the release build
 #   bash benches/proxy/slow_upstream.sh BINARY

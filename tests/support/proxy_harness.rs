@@ -675,6 +675,16 @@ pub(crate) async fn send(
     (parts, body)
 }
 
+/// Waits, at most [`HANG_GUARD`], for a request spawned earlier (a task
+/// that ran [`send`]) and asserts that it was answered `200 OK`.
+pub(crate) async fn answered_ok(spawned: tokio::task::JoinHandle<(http::response::Parts, Bytes)>) {
+    let (parts, _) = tokio::time::timeout(HANG_GUARD, spawned)
+        .await
+        .expect("the spawned request was answered in time")
+        .expect("the spawned request's task ran to its end");
+    assert_eq!(parts.status, http::StatusCode::OK);
+}
+
 /// A response read off a raw socket.
 #[derive(Debug)]
 pub(crate) struct RawResponse {
