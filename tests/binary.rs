@@ -1637,9 +1637,13 @@ async fn upstream_max_connections_holds_for_the_process_across_runtimes() {
 /// pool used to close every connection that came back while a request
 /// waited on the other core, even when requests waited on its own: one
 /// upstream connection per request, 4x the CPU per request of an uncapped
-/// pool in `benches/proxy/run.sh`.) A few connections move between the
-/// cores as their queues change, so the bound is loose: a tenth of the
-/// requests.
+/// pool in `benches/proxy/run.sh`.) Connections move between the cores
+/// as their queues change (a core whose clients finish first gives its
+/// places to the other), and how often depends on how evenly the two
+/// runtimes get CPU time: on an idle host usually fewer than 25 connections
+/// are opened, on a loaded 2-core CI host up to 50 were seen. So the bound
+/// is a quarter of the requests, well below the 248–254 of the old
+/// behaviour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_upstream_cap_connections_pass_to_waiting_requests_instead_of_reopening() {
     const CLIENTS: usize = 32;
@@ -1676,7 +1680,7 @@ async fn at_the_upstream_cap_connections_pass_to_waiting_requests_instead_of_reo
         assert_eq!(ok, CLIENTS * EACH, "{answered:?}");
         let accepted = upstream.accepted.load(Ordering::SeqCst);
         assert!(
-            accepted <= CLIENTS * EACH / 10,
+            accepted <= CLIENTS * EACH / 4,
             "{accepted} upstream connections opened for {} requests",
             CLIENTS * EACH
         );
