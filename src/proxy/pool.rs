@@ -256,14 +256,14 @@ impl<B: Body + 'static> PoolGroup<B> {
 
     /// Closes the oldest idle connection of another pool, if that pool
     /// owes `here` a connection ([`owes`]) or let the connection idle across
-    /// a reaper tick, so that its place under the cap comes to a request
-    /// that waits in `here`; whether there was one.
-    fn close_idle_elsewhere(&self, here: &Inner<B>) -> bool {
+    /// a reaper tick, and gives its place under the cap to the request that
+    /// has waited longest in `here`; whether there was one.
+    fn close_idle_elsewhere(&self, here: &Arc<Inner<B>>) -> bool {
         if lock(&self.pools).len() < 2 {
             return false;
         }
         for pool in self.pools() {
-            if std::ptr::eq(&*pool, here) {
+            if Arc::ptr_eq(&pool, here) {
                 continue;
             }
             let oldest = {
@@ -273,7 +273,8 @@ impl<B: Body + 'static> PoolGroup<B> {
                 });
                 spare.then(|| idle.conns.remove(0))
             };
-            if oldest.is_some() {
+            if let Some(oldest) = oldest {
+                here.take_place(oldest.conn.close_keeping_place());
                 return true;
             }
         }
@@ -285,16 +286,17 @@ impl<B: Body + 'static> PoolGroup<B> {
         self.pools().iter().map(|p| lock(&p.idle).conns.len()).sum()
     }
 
-    /// Whether a request waits in another pool that `here` owes a
-    /// connection ([`owes`]).
-    fn owed_elsewhere(&self, here: &Inner<B>) -> bool {
-        lock(&self.pools).iter().any(|pool| {
-            pool.upgrade().is_some_and(|pool| {
-                !std::ptr::eq(&*pool, here)
+    /// Another pool that a request waits in and that `here` owes a
+    /// connection ([`owes`]), if there is one.
+    fn owed_elsewhere(&self, here: &Inner<B>) -> Option<Arc<Inner<B>>> {
+        lock(&self.pools)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|pool| {
+                !std::ptr::eq(&**pool, here)
                     && pool.queued.load(Ordering::SeqCst) > 0
-                    && owes(here, &pool)
+                    && owes(here, pool)
             })
-        })
     }
 
     /// Stops sharing HTTP/2 connection `id`, which refused a request.
@@ -322,6 +324,26 @@ impl<B: Body + 'static> PoolGroup<B> {
     }
 }
 
+impl<B: Body + 'static> Inner<B> {
+    /// A place under the cap that another pool closed a connection for:
+    /// to this pool's request that has waited longest, or back to the cap
+    /// if none waits any more.
+    fn take_place(self: &Arc<Self>, permit: OwnedSemaphorePermit) {
+        let mut place = PromisedPlace::new(permit, Arc::clone(self));
+        loop {
+            let Some(waiter) = lock(&self.idle).waiters.pop_front() else {
+                return;
+            };
+            match waiter.send(Handed::Place(place)) {
+                Ok(()) => return,
+                // It stopped waiting: the next one, if any.
+                Err(Handed::Place(back)) => place = back,
+                Err(Handed::Conn(_)) => return,
+            }
+        }
+    }
+}
+
 struct Inner<B: Body + 'static> {
     /// The route's name, the `route` label of the pool's metrics.
     route: Arc<str>,
@@ -338,6 +360,9 @@ struct Inner<B: Body + 'static> {
     open: Arc<AtomicUsize>,
     /// Connections this pool is opening now.
     connecting: AtomicUsize,
+    /// Places under the cap other pools gave up for this pool's waiting
+    /// requests, not yet taken up ([`PromisedPlace`]).
+    promised: AtomicUsize,
     connect_wait: Duration,
     /// The cap, the HTTP/2 connection, and the other pools under them.
     group: Arc<PoolGroup<B>>,
@@ -364,7 +389,46 @@ struct Idle<B: Body + 'static> {
     /// back goes to the first that still waits, so a request that arrives
     /// later cannot take it before them, and one returned connection wakes
     /// one request, not every one that waits.
-    waiters: VecDeque<oneshot::Sender<Http1Conn<B>>>,
+    waiters: VecDeque<oneshot::Sender<Handed<B>>>,
+}
+
+/// What a waiting request is handed: a connection of its pool that came
+/// back, or the place under the cap of one that another pool closed for
+/// it, to open its own with.
+enum Handed<B: Body + 'static> {
+    Conn(Http1Conn<B>),
+    Place(PromisedPlace<B>),
+}
+
+/// A place under the cap that a pool gave up for a request waiting in
+/// another (`to`). Until that request starts connecting with it (or it is
+/// dropped, and the place goes back to the cap), `to` counts it among the
+/// connections it holds, so that the giving pool does not give up another
+/// for the same shortfall.
+struct PromisedPlace<B: Body + 'static> {
+    permit: Option<OwnedSemaphorePermit>,
+    to: Arc<Inner<B>>,
+}
+
+impl<B: Body + 'static> PromisedPlace<B> {
+    fn new(permit: OwnedSemaphorePermit, to: Arc<Inner<B>>) -> Self {
+        to.promised.fetch_add(1, Ordering::Relaxed);
+        Self {
+            permit: Some(permit),
+            to,
+        }
+    }
+
+    /// The place, no longer counted as promised.
+    fn redeem(mut self) -> OwnedSemaphorePermit {
+        self.permit.take().expect("redeemed once")
+    }
+}
+
+impl<B: Body + 'static> Drop for PromisedPlace<B> {
+    fn drop(&mut self) {
+        self.to.promised.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<B: Body + 'static> Idle<B> {
@@ -380,7 +444,7 @@ impl<B: Body + 'static> Idle<B> {
     /// that stopped are swept out. A sweep leaves about as many entries as
     /// requests wait, so the next comes only after as many again have been
     /// queued: its cost per queued request stays constant.
-    fn enqueue(&mut self, waiter: oneshot::Sender<Http1Conn<B>>, still_waiting: usize) {
+    fn enqueue(&mut self, waiter: oneshot::Sender<Handed<B>>, still_waiting: usize) {
         while self.waiters.front().is_some_and(oneshot::Sender::is_closed) {
             self.waiters.pop_front();
         }
@@ -409,29 +473,32 @@ pub(crate) struct Http1Conn<B: Body + 'static> {
     relay: Arc<WakeRelay>,
     relay_waker: Waker,
     /// Its place under `max_connections`, given back when it is dropped.
-    _place: Place,
+    place: Place,
 }
 
 /// An HTTP/1.1 connection's place under the group's cap and in its pool's
 /// count of open connections; both are given back when it is dropped.
 struct Place {
-    _permit: OwnedSemaphorePermit,
-    open: Arc<AtomicUsize>,
+    permit: OwnedSemaphorePermit,
+    _open: OpenCount,
 }
 
 impl Place {
     fn new(permit: OwnedSemaphorePermit, open: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
         Self {
-            _permit: permit,
-            open: Arc::clone(open),
+            permit,
+            _open: OpenCount(Arc::clone(open)),
         }
     }
 }
 
-impl Drop for Place {
+/// Counts a connection in its pool's `open` while it lives.
+struct OpenCount(Arc<AtomicUsize>);
+
+impl Drop for OpenCount {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -550,6 +617,21 @@ impl std::task::Wake for WakeRelay {
         if let Some(task) = task {
             task.wake();
         }
+    }
+}
+
+impl<B: Body + 'static> Http1Conn<B> {
+    /// Closes the connection and keeps its place under the cap.
+    fn close_keeping_place(self) -> OwnedSemaphorePermit {
+        let Self {
+            sender,
+            driver,
+            place,
+            ..
+        } = self;
+        drop(driver);
+        drop(sender);
+        place.permit
     }
 }
 
@@ -729,6 +811,7 @@ where
             }),
             open: Arc::new(AtomicUsize::new(0)),
             connecting: AtomicUsize::new(0),
+            promised: AtomicUsize::new(0),
             connect_wait: settings.connect_wait.min(settings.queue_timeout),
             group: Arc::clone(&group),
             idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
@@ -1071,7 +1154,7 @@ where
             && self.group.permits.available_permits() > 0
             && let Some(checkout) = self.wait_for_return().await
         {
-            return Ok(checkout);
+            return checkout;
         }
         if let Ok(permit) = Arc::clone(&self.group.permits).try_acquire_owned() {
             return Box::pin(self.connect(permit)).await;
@@ -1104,12 +1187,12 @@ where
             self.group.close_idle_elsewhere(&self);
             tokio::select! {
                 biased;
-                conn = &mut handed => {
-                    // `put` sends on a handover it takes or gets the
-                    // connection back; an error cannot come, and would
-                    // only mean looking again.
-                    if let Ok(conn) = conn {
-                        return Ok(handed_over(conn));
+                handed = &mut handed => {
+                    // `put` and `take_place` send on a handover they take
+                    // or get what they sent back; an error cannot come,
+                    // and would only mean looking again.
+                    if let Ok(handed) = handed {
+                        return self.take_handed(handed).await;
                     }
                 }
                 permit = Arc::clone(&self.group.permits).acquire_owned() => {
@@ -1119,9 +1202,9 @@ where
                     // while this one connects goes to the next waiting
                     // request, not into a channel no one reads. One handed
                     // over in the same instant is used, and the place goes
-                    // back.
+                    // back; of two places, one goes back.
                     handed.close();
-                    if let Ok(conn) = handed.try_recv() {
+                    if let Ok(Handed::Conn(conn)) = handed.try_recv() {
                         return Ok(handed_over(conn));
                     }
                     // Boxed: the handshake's state would otherwise make
@@ -1130,8 +1213,8 @@ where
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     handed.close();
-                    if let Ok(conn) = handed.try_recv() {
-                        return Ok(handed_over(conn));
+                    if let Ok(handed) = handed.try_recv() {
+                        return self.take_handed(handed).await;
                     }
                     tracing::debug!(
                         waited_ms = self.queue_timeout.as_millis() as u64,
@@ -1140,6 +1223,16 @@ where
                     return Err(PoolError::Saturated(self.queue_timeout));
                 }
             }
+        }
+    }
+
+    /// A connection handed over, or one opened in a place handed over.
+    async fn take_handed(self: &Arc<Self>, handed: Handed<B>) -> Result<Checkout<B>, PoolError> {
+        match handed {
+            Handed::Conn(conn) => Ok(handed_over(conn)),
+            // Boxed: the handshake's state would otherwise make every wait
+            // as large as a connect.
+            Handed::Place(place) => Box::pin(self.connect(place.redeem())).await,
         }
     }
 
@@ -1159,7 +1252,7 @@ where
     /// `connect_wait`, if one does. The request waits in the pool's queue
     /// like one at the cap, but is not counted as one: no other pool closes
     /// a connection for it.
-    async fn wait_for_return(&self) -> Option<Checkout<B>> {
+    async fn wait_for_return(self: &Arc<Self>) -> Option<Result<Checkout<B>, PoolError>> {
         let (handover, mut handed) = oneshot::channel();
         let found = {
             let mut idle = lock(&self.idle);
@@ -1170,22 +1263,23 @@ where
             found
         };
         if let Some(found) = found {
-            return self.check_out(found);
+            return self.check_out(found).map(Ok);
         }
-        match tokio::time::timeout(self.connect_wait, &mut handed).await {
-            Ok(Ok(conn)) => Some(handed_over(conn)),
+        let handed = match tokio::time::timeout(self.connect_wait, &mut handed).await {
+            Ok(Ok(handed)) => handed,
             _ => {
                 handed.close();
-                let late = handed.try_recv().ok().map(handed_over);
-                if late.is_none() {
+                let Ok(late) = handed.try_recv() else {
                     tracing::debug!(
                         waited_ms = self.connect_wait.as_millis() as u64,
                         "no upstream connection came back; opening another"
                     );
-                }
+                    return None;
+                };
                 late
             }
-        }
+        };
+        Some(self.take_handed(handed).await)
     }
 
     /// A new connection: TCP (and TLS), then the HTTP/1.1 or HTTP/2
@@ -1257,7 +1351,7 @@ where
                     driver: Some(Box::new(driver)),
                     relay_waker: Waker::from(Arc::clone(&relay)),
                     relay,
-                    _place: Place::new(permit, &self.open),
+                    place: Place::new(permit, &self.open),
                 },
                 reused: false,
                 stale: false,
@@ -1266,7 +1360,8 @@ where
     }
 
     /// A connection ready for another request: closed if another pool
-    /// whose requests wait is owed it, else to the request of this pool
+    /// whose requests wait is owed it (its place then goes to that pool's
+    /// request that has waited longest), else to the request of this pool
     /// that has waited longest, else into the idle stack.
     fn put(&self, mut conn: Http1Conn<B>) {
         conn.relay.clear();
@@ -1276,20 +1371,30 @@ where
             // Decided under the lock: a request of another pool that starts
             // waiting after this look finds the connection in the stack
             // (`close_idle_elsewhere`).
-            let give_up = group.queued.load(Ordering::SeqCst) > self.queued.load(Ordering::SeqCst)
-                && group.owed_elsewhere(self);
-            if !give_up && let Some(waiter) = idle.waiters.pop_front() {
+            let owed = if group.queued.load(Ordering::SeqCst) > self.queued.load(Ordering::SeqCst) {
+                group.owed_elsewhere(self)
+            } else {
+                None
+            };
+            if let Some(there) = owed {
                 drop(idle);
-                match waiter.send(conn) {
+                there.take_place(conn.close_keeping_place());
+                return;
+            }
+            if let Some(waiter) = idle.waiters.pop_front() {
+                drop(idle);
+                match waiter.send(Handed::Conn(conn)) {
                     Ok(()) => return,
                     // It stopped waiting: the next one, if any.
                     Err(back) => {
+                        // What comes back is what was sent.
+                        let Handed::Conn(back) = back else { return };
                         conn = back;
                         continue;
                     }
                 }
             }
-            if give_up || self.idle_timeout.is_none() {
+            if self.idle_timeout.is_none() {
                 drop(idle);
                 drop(conn);
                 return;
@@ -1373,14 +1478,22 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
 }
 
 /// Whether pool `there` should give one of its HTTP/1.1 connections up (by
-/// closing it) to a request that waits in pool `here`: when `here` has none,
-/// or two fewer. The places under the cap thus follow the requests from
-/// core to core, and two pools that both have requests waiting keep their
-/// connections (a connection passes between the pools only by being closed
-/// and another opened).
+/// closing it) to a request that waits in pool `here`: when `here` holds
+/// none, or two fewer. The places under the cap thus follow the requests
+/// from core to core, and two pools that both have requests waiting keep
+/// their connections (a connection passes between the pools only by being
+/// closed and another opened). A pool holds the connections it has open,
+/// those it is opening and the places promised to it ([`PromisedPlace`]):
+/// counting only open ones, a pool whose new connection is still being
+/// opened would look owed another, and get it, and then owe one back.
 fn owes<B: Body + 'static>(there: &Inner<B>, here: &Inner<B>) -> bool {
-    let mine = here.open.load(Ordering::Relaxed);
-    mine == 0 || mine + 1 < there.open.load(Ordering::Relaxed)
+    let held = |pool: &Inner<B>| {
+        pool.open.load(Ordering::Relaxed)
+            + pool.connecting.load(Ordering::Relaxed)
+            + pool.promised.load(Ordering::Relaxed)
+    };
+    let mine = held(here);
+    mine == 0 || mine + 1 < held(there)
 }
 
 /// Counts a connection as being opened while it lives.
@@ -1453,7 +1566,7 @@ mod tests {
     use super::*;
     use http_body_util::Empty;
 
-    type Conn = Http1Conn<Empty<Bytes>>;
+    type Conn = Handed<Empty<Bytes>>;
 
     fn queue() -> Idle<Empty<Bytes>> {
         Idle {
@@ -1529,5 +1642,149 @@ mod tests {
         let (handover, _handed) = oneshot::channel::<Conn>();
         idle.enqueue(handover, 1);
         assert_eq!(idle.waiters.len(), 1);
+    }
+
+    /// A request the test upstream holds: the number of the connection it
+    /// came on, its path, and what answers it.
+    type Held = (usize, String, oneshot::Sender<()>);
+
+    /// An HTTP/1.1 upstream that numbers its connections and answers each
+    /// request (`200`, empty) only when the test says so.
+    async fn holding_upstream() -> (Authority, tokio::sync::mpsc::UnboundedReceiver<Held>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (held, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for number in 0.. {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                        let (answer, answered) = oneshot::channel();
+                        if held.send((number, path, answer)).is_err() || answered.await.is_err() {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (authority, requests)
+    }
+
+    fn pool_of(
+        group: &Arc<PoolGroup<Empty<Bytes>>>,
+        upstream: &Authority,
+    ) -> UpstreamPool<Empty<Bytes>> {
+        let connector = crate::tls::https_connector(
+            crate::tls::client_config(None).unwrap(),
+            Duration::from_secs(5),
+        );
+        UpstreamPool::new(
+            Scheme::HTTP,
+            upstream.clone(),
+            connector,
+            PoolSettings {
+                queue_timeout: Duration::from_secs(30),
+                ..PoolSettings::default()
+            },
+            Arc::from("test"),
+            Arc::clone(group),
+        )
+        .unwrap()
+    }
+
+    fn get(pool: &UpstreamPool<Empty<Bytes>>, path: &str) -> tokio::task::JoinHandle<u16> {
+        let request = Request::get(path)
+            .header(http::header::HOST, "upstream")
+            .body(Empty::new())
+            .unwrap();
+        let sent = pool.send(request);
+        tokio::spawn(async move { sent.await.unwrap().0.status().as_u16() })
+    }
+
+    /// Lets the other tasks run until `pool` has `n` requests waiting at
+    /// the cap.
+    async fn until_queued(pool: &UpstreamPool<Empty<Bytes>>, n: usize) {
+        while pool.inner.queued.load(Ordering::SeqCst) != n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Two pools share a cap of 2. Pool `a` holds both places and has a
+    /// request waiting; then a request of pool `b` waits too. When one of
+    /// `a`'s connections comes back, `a` owes `b` (which holds none): it
+    /// closes the connection, and the place goes to `b`'s request, although
+    /// `a`'s request has waited longer for the cap. (Let go to the cap, the
+    /// place went to the request that waited longest, `a`'s, which opened a
+    /// connection again, and `a` gave the next one up again: a connection
+    /// opened for each request while both cores had requests waiting.)
+    #[tokio::test]
+    async fn a_place_given_up_for_another_pool_goes_to_its_request_not_back_to_the_giver() {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            let (upstream, mut held) = holding_upstream().await;
+            let group = PoolGroup::new(2, 1024);
+            let (a, b) = (pool_of(&group, &upstream), pool_of(&group, &upstream));
+            let first = get(&a, "/a/1");
+            let second = get(&a, "/a/2");
+            let mut open = vec![held.recv().await.unwrap(), held.recv().await.unwrap()];
+            open.sort_by_key(|(_, path, _)| path.clone());
+            let third = get(&a, "/a/3");
+            until_queued(&a, 1).await;
+            let fourth = get(&b, "/b/4");
+            until_queued(&b, 1).await;
+
+            let (_, _, answer) = open.remove(0);
+            answer.send(()).unwrap();
+            assert_eq!(first.await.unwrap(), 200);
+            let (number, path, answer_b) = held.recv().await.unwrap();
+            assert_eq!(
+                (number, path.as_str()),
+                (2, "/b/4"),
+                "the third connection's request"
+            );
+            assert_eq!(
+                a.inner.queued.load(Ordering::SeqCst),
+                1,
+                "a's request still waits"
+            );
+            assert_eq!(b.inner.promised.load(Ordering::SeqCst), 0);
+
+            // `a`'s other connection, when it comes back, serves `a`'s
+            // request: nothing is owed any more.
+            let (second_conn, _, answer) = open.remove(0);
+            answer.send(()).unwrap();
+            assert_eq!(second.await.unwrap(), 200);
+            let (number, path, answer_a) = held.recv().await.unwrap();
+            assert_eq!((number, path.as_str()), (second_conn, "/a/3"));
+            answer_a.send(()).unwrap();
+            answer_b.send(()).unwrap();
+            assert_eq!(third.await.unwrap(), 200);
+            assert_eq!(fourth.await.unwrap(), 200);
+            assert!(
+                held.try_recv().is_err(),
+                "no other request reached the upstream"
+            );
+        })
+        .await
+        .expect("the requests were answered");
     }
 }
