@@ -324,26 +324,6 @@ impl<B: Body + 'static> PoolGroup<B> {
     }
 }
 
-impl<B: Body + 'static> Inner<B> {
-    /// A place under the cap that another pool closed a connection for:
-    /// to this pool's request that has waited longest, or back to the cap
-    /// if none waits any more.
-    fn take_place(self: &Arc<Self>, permit: OwnedSemaphorePermit) {
-        let mut place = PromisedPlace::new(permit, Arc::clone(self));
-        loop {
-            let Some(waiter) = lock(&self.idle).waiters.pop_front() else {
-                return;
-            };
-            match waiter.send(Handed::Place(place)) {
-                Ok(()) => return,
-                // It stopped waiting: the next one, if any.
-                Err(Handed::Place(back)) => place = back,
-                Err(Handed::Conn(_)) => return,
-            }
-        }
-    }
-}
-
 struct Inner<B: Body + 'static> {
     /// The route's name, the `route` label of the pool's metrics.
     route: Arc<str>,
@@ -379,6 +359,35 @@ struct Inner<B: Body + 'static> {
     queued: AtomicUsize,
 }
 
+impl<B: Body + 'static> Inner<B> {
+    /// HTTP/1.1 connections the pool has open or is opening, and places
+    /// under the cap promised to it.
+    fn held(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+            + self.connecting.load(Ordering::Relaxed)
+            + self.promised.load(Ordering::Relaxed)
+    }
+
+    /// A place under the cap that another pool closed a connection for:
+    /// to this pool's request that has waited longest, or back to the cap
+    /// if none waits any more.
+    fn take_place(self: &Arc<Self>, permit: OwnedSemaphorePermit) {
+        let mut place = PromisedPlace::new(permit, Arc::clone(self));
+        loop {
+            let Some(waiter) = lock(&self.idle).waiters.pop_front() else {
+                return;
+            };
+            match waiter.send(Handed::Place(place)) {
+                Ok(()) => return,
+                // It stopped waiting: the next one, if any.
+                Err(Handed::Place(back)) => place = back,
+                // What comes back is what was sent.
+                Err(Handed::Conn(_)) => return,
+            }
+        }
+    }
+}
+
 /// A pool's idle connections and its queue, under one lock, so that a
 /// connection that comes back is either handed to a waiting request or
 /// kept, never left idle while a request waits.
@@ -401,33 +410,36 @@ enum Handed<B: Body + 'static> {
 }
 
 /// A place under the cap that a pool gave up for a request waiting in
-/// another (`to`). Until that request starts connecting with it (or it is
-/// dropped, and the place goes back to the cap), `to` counts it among the
-/// connections it holds, so that the giving pool does not give up another
-/// for the same shortfall.
+/// another. Until that request starts connecting with it (or it is
+/// dropped, and the place goes back to the cap), the receiving pool counts
+/// it among the connections it holds, so that the giving pool does not
+/// give up another for the same shortfall.
 struct PromisedPlace<B: Body + 'static> {
-    permit: Option<OwnedSemaphorePermit>,
-    to: Arc<Inner<B>>,
+    permit: OwnedSemaphorePermit,
+    _promised: Promised<B>,
 }
 
 impl<B: Body + 'static> PromisedPlace<B> {
     fn new(permit: OwnedSemaphorePermit, to: Arc<Inner<B>>) -> Self {
         to.promised.fetch_add(1, Ordering::Relaxed);
         Self {
-            permit: Some(permit),
-            to,
+            permit,
+            _promised: Promised(to),
         }
     }
 
     /// The place, no longer counted as promised.
-    fn redeem(mut self) -> OwnedSemaphorePermit {
-        self.permit.take().expect("redeemed once")
+    fn redeem(self) -> OwnedSemaphorePermit {
+        self.permit
     }
 }
 
-impl<B: Body + 'static> Drop for PromisedPlace<B> {
+/// Counts a place in its pool's `promised` while it lives.
+struct Promised<B: Body + 'static>(Arc<Inner<B>>);
+
+impl<B: Body + 'static> Drop for Promised<B> {
     fn drop(&mut self) {
-        self.to.promised.fetch_sub(1, Ordering::Relaxed);
+        self.0.promised.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1244,8 +1256,7 @@ where
             return false;
         }
         let pools = self.group.pool_count.load(Ordering::Relaxed).max(1);
-        let held = self.open.load(Ordering::Relaxed) + self.connecting.load(Ordering::Relaxed);
-        held * pools >= self.group.wait_above
+        self.held() * pools >= self.group.wait_above
     }
 
     /// A connection of this pool that comes back (or sits idle) within
@@ -1386,12 +1397,12 @@ where
                 match waiter.send(Handed::Conn(conn)) {
                     Ok(()) => return,
                     // It stopped waiting: the next one, if any.
-                    Err(back) => {
-                        // What comes back is what was sent.
-                        let Handed::Conn(back) = back else { return };
+                    Err(Handed::Conn(back)) => {
                         conn = back;
                         continue;
                     }
+                    // What comes back is what was sent.
+                    Err(Handed::Place(_)) => return,
                 }
             }
             if self.idle_timeout.is_none() {
@@ -1482,18 +1493,13 @@ fn copy_if_idempotent<B: ReplayableBody>(request: &Request<B>) -> Option<Request
 /// none, or two fewer. The places under the cap thus follow the requests
 /// from core to core, and two pools that both have requests waiting keep
 /// their connections (a connection passes between the pools only by being
-/// closed and another opened). A pool holds the connections it has open,
-/// those it is opening and the places promised to it ([`PromisedPlace`]):
+/// closed and another opened). What a pool holds ([`Inner::held`])
+/// includes the connections it is opening and the places promised to it:
 /// counting only open ones, a pool whose new connection is still being
 /// opened would look owed another, and get it, and then owe one back.
 fn owes<B: Body + 'static>(there: &Inner<B>, here: &Inner<B>) -> bool {
-    let held = |pool: &Inner<B>| {
-        pool.open.load(Ordering::Relaxed)
-            + pool.connecting.load(Ordering::Relaxed)
-            + pool.promised.load(Ordering::Relaxed)
-    };
-    let mine = held(here);
-    mine == 0 || mine + 1 < held(there)
+    let mine = here.held();
+    mine == 0 || mine + 1 < there.held()
 }
 
 /// Counts a connection as being opened while it lives.
@@ -1727,6 +1733,39 @@ mod tests {
         while pool.inner.queued.load(Ordering::SeqCst) != n {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// A place promised to requests that stopped waiting, before or after
+    /// it was sent to them, goes back to the cap, and the pool no longer
+    /// counts it: a promise that outlived its request would make the pool
+    /// look as if it held a connection it does not.
+    #[tokio::test]
+    async fn a_place_promised_to_requests_that_left_goes_back_to_the_cap() {
+        let (upstream, _held) = holding_upstream().await;
+        let group = PoolGroup::new(1, 1024);
+        let pool = pool_of(&group, &upstream);
+        let promised = || pool.inner.promised.load(Ordering::SeqCst);
+        let place = || Arc::clone(&group.permits).try_acquire_owned().unwrap();
+
+        // Nobody waits.
+        pool.inner.take_place(place());
+        assert_eq!((promised(), group.permits.available_permits()), (0, 1));
+
+        // The first request left before the place came; the second takes
+        // it, and then leaves without reading it.
+        let (left_before, gone) = oneshot::channel();
+        let (left_after, handed) = oneshot::channel();
+        {
+            let mut idle = lock(&pool.inner.idle);
+            idle.waiters.push_back(left_before);
+            idle.waiters.push_back(left_after);
+        }
+        drop(gone);
+        pool.inner.take_place(place());
+        assert_eq!((promised(), group.permits.available_permits()), (1, 0));
+        assert!(lock(&pool.inner.idle).waiters.is_empty());
+        drop(handed);
+        assert_eq!((promised(), group.permits.available_permits()), (0, 1));
     }
 
     /// Two pools share a cap of 2. Pool `a` holds both places and has a
