@@ -81,7 +81,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker, ready},
     time::Duration,
@@ -527,6 +527,9 @@ struct WakeRelay {
     /// Set when the socket wakes the driver, cleared before each drive:
     /// whether anything arrived on the socket since the driver last ran.
     socket_woken: AtomicBool,
+    /// How many times the socket has woken the driver (wrapping): a read
+    /// that found nothing need not be tried again until this moves.
+    socket_wakes: AtomicU32,
 }
 
 impl WakeRelay {
@@ -552,6 +555,7 @@ impl std::task::Wake for SocketWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        self.0.socket_wakes.fetch_add(1, Ordering::Release);
         self.0.socket_woken.store(true, Ordering::Release);
         self.0.wake_by_ref();
     }
@@ -560,9 +564,21 @@ impl std::task::Wake for SocketWake {
 /// An HTTP/1.1 connection's socket, polled with its [`SocketWake`]
 /// whatever waker hyper passes (always the relay's: the driver is only
 /// polled through [`Http1Conn::drive`]).
+///
+/// hyper tries a read several times a request where nothing can have
+/// arrived: before it writes the request, after it has written it, and
+/// once the response is in. After a read that found nothing, the socket's
+/// wake-up stays registered with the runtime until the socket is ready
+/// again, and it is always the same one, so until it fires another read
+/// would find nothing too: it is answered `Pending` here without asking
+/// the runtime (whose answer takes a lock on the socket's waiters).
 struct WatchedIo {
     io: UpstreamIo,
     waker: Waker,
+    relay: Arc<WakeRelay>,
+    /// After a read that found nothing: the relay's `socket_wakes` as it
+    /// was before that read.
+    parked_at: Option<u32>,
 }
 
 impl WatchedIo {
@@ -570,6 +586,8 @@ impl WatchedIo {
         Self {
             io,
             waker: Waker::from(Arc::new(SocketWake(Arc::clone(relay)))),
+            relay: Arc::clone(relay),
+            parked_at: None,
         }
     }
 }
@@ -581,7 +599,15 @@ impl hyper::rt::Read for WatchedIo {
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        Pin::new(&mut this.io).poll_read(&mut Context::from_waker(&this.waker), buf)
+        // Read before the attempt: a wake-up that comes while the runtime
+        // registers the waker moves it, and the next read is tried.
+        let wakes = this.relay.socket_wakes.load(Ordering::Acquire);
+        if this.parked_at == Some(wakes) {
+            return Poll::Pending;
+        }
+        let read = Pin::new(&mut this.io).poll_read(&mut Context::from_waker(&this.waker), buf);
+        this.parked_at = read.is_pending().then_some(wakes);
+        read
     }
 }
 
@@ -1776,6 +1802,55 @@ mod tests {
     /// place went to the request that waited longest, `a`'s, which opened a
     /// connection again, and `a` gave the next one up again: a connection
     /// opened for each request while both cores had requests waiting.)
+    /// A read that found nothing is answered `Pending` without asking the
+    /// runtime until the socket wakes, and what arrives after it is read:
+    /// no wake-up is lost to the shortcut.
+    #[tokio::test]
+    async fn a_read_that_found_nothing_is_tried_again_once_the_socket_wakes() {
+        use hyper::rt::Read as _;
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let relay = Arc::new(WakeRelay::default());
+        let mut io = WatchedIo::new(MaybeHttpsStream::Http(TokioIo::new(ours)), &relay);
+        let mut storage = [0u8; 16];
+        let mut read = |cx: &mut Context<'_>| {
+            relay.set(cx.waker());
+            let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+            let polled = Pin::new(&mut io).poll_read(cx, buf.unfilled());
+            (polled.map(Result::unwrap), buf.filled().to_vec())
+        };
+
+        // Nothing sent yet: the first read asks the socket, the second is
+        // answered from memory, and neither wakes anyone.
+        let parked = std::future::poll_fn(|cx| {
+            let first = read(cx);
+            let second = read(cx);
+            Poll::Ready((first, second))
+        })
+        .await;
+        assert_eq!(parked, ((Poll::Pending, vec![]), (Poll::Pending, vec![])));
+        assert_eq!(relay.socket_wakes.load(Ordering::Acquire), 0);
+
+        // Once the peer writes, the socket's wake-up reaches this task
+        // through the relay, and the read that follows gets the bytes.
+        peer.write_all(b"late").await.unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| match read(cx) {
+                (Poll::Ready(()), bytes) => Poll::Ready(bytes),
+                (Poll::Pending, _) => Poll::Pending,
+            }),
+        )
+        .await
+        .expect("the socket's wake-up was lost");
+        assert_eq!(got, b"late");
+        assert!(relay.socket_wakes.load(Ordering::Acquire) >= 1);
+    }
+
     #[tokio::test]
     async fn a_place_given_up_for_another_pool_goes_to_its_request_not_back_to_the_giver() {
         tokio::time::timeout(Duration::from_secs(20), async {
