@@ -565,13 +565,14 @@ impl std::task::Wake for SocketWake {
 /// whatever waker hyper passes (always the relay's: the driver is only
 /// polled through [`Http1Conn::drive`]).
 ///
-/// hyper tries a read several times a request where nothing can have
-/// arrived: before it writes the request, after it has written it, and
-/// once the response is in. After a read that found nothing, the socket's
-/// wake-up stays registered with the runtime until the socket is ready
-/// again, and it is always the same one, so until it fires another read
-/// would find nothing too: it is answered `Pending` here without asking
-/// the runtime (whose answer takes a lock on the socket's waiters).
+/// hyper reads a connection more often than anything can arrive: once
+/// more after each response (which finds nothing), then before it writes
+/// the next request and again after writing it. After a read that found
+/// nothing, the socket's wake-up stays registered with the runtime until
+/// the socket is ready again, and it is always the same one, so until it
+/// fires another read would find nothing too: it is answered `Pending`
+/// here without asking the runtime (whose answer takes a lock on the
+/// socket's waiters).
 struct WatchedIo {
     io: UpstreamIo,
     waker: Waker,
