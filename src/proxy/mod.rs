@@ -104,6 +104,7 @@ mod server;
 mod service;
 mod stream_watch;
 mod target;
+mod task_waker;
 mod upload;
 
 use std::{

@@ -109,6 +109,7 @@ use tokio::{
 };
 use tower::Service as _;
 
+use super::task_waker::TaskWaker;
 use crate::layer::ReplayableBody;
 use crate::metric_names;
 
@@ -523,26 +524,13 @@ impl Drop for OpenCount {
 /// another worker.
 #[derive(Default)]
 struct WakeRelay {
-    task: Mutex<Option<Waker>>,
+    task: TaskWaker,
     /// Set when the socket wakes the driver, cleared before each drive:
     /// whether anything arrived on the socket since the driver last ran.
     socket_woken: AtomicBool,
     /// How many times the socket has woken the driver (wrapping): a read
     /// that found nothing need not be tried again until this moves.
     socket_wakes: AtomicU32,
-}
-
-impl WakeRelay {
-    fn set(&self, waker: &Waker) {
-        let mut task = lock(&self.task);
-        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
-    }
-
-    fn clear(&self) {
-        *lock(&self.task) = None;
-    }
 }
 
 /// The waker an HTTP/1.1 connection's socket is polled with: it notes
@@ -652,10 +640,7 @@ impl std::task::Wake for WakeRelay {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let task = lock(&self.task).clone();
-        if let Some(task) = task {
-            task.wake();
-        }
+        self.task.wake();
     }
 }
 
@@ -685,7 +670,7 @@ where
         let Some(driver) = self.driver.as_mut() else {
             return false;
         };
-        self.relay.set(cx.waker());
+        self.relay.task.set(cx.waker());
         self.relay.socket_woken.store(false, Ordering::Relaxed);
         let mut relayed = Context::from_waker(&self.relay_waker);
         match Pin::new(&mut **driver).poll(&mut relayed) {
@@ -714,7 +699,7 @@ where
             return self.driver.is_some() && self.sender.is_ready();
         }
         let alive = self.drive(&mut Context::from_waker(Waker::noop()));
-        self.relay.clear();
+        self.relay.task.clear();
         alive && self.sender.is_ready()
     }
 }
@@ -1402,7 +1387,7 @@ where
     /// request that has waited longest), else to the request of this pool
     /// that has waited longest, else into the idle stack.
     fn put(&self, mut conn: Http1Conn<B>) {
-        conn.relay.clear();
+        conn.relay.task.clear();
         let group = &self.group;
         loop {
             let mut idle = lock(&self.idle);
@@ -1795,14 +1780,6 @@ mod tests {
         assert_eq!((promised(), group.permits.available_permits()), (0, 1));
     }
 
-    /// Two pools share a cap of 2. Pool `a` holds both places and has a
-    /// request waiting; then a request of pool `b` waits too. When one of
-    /// `a`'s connections comes back, `a` owes `b` (which holds none): it
-    /// closes the connection, and the place goes to `b`'s request, although
-    /// `a`'s request has waited longer for the cap. (Let go to the cap, the
-    /// place went to the request that waited longest, `a`'s, which opened a
-    /// connection again, and `a` gave the next one up again: a connection
-    /// opened for each request while both cores had requests waiting.)
     /// A read that found nothing is answered `Pending` without asking the
     /// runtime until the socket wakes, and what arrives after it is read:
     /// no wake-up is lost to the shortcut.
@@ -1819,7 +1796,7 @@ mod tests {
         let mut io = WatchedIo::new(MaybeHttpsStream::Http(TokioIo::new(ours)), &relay);
         let mut storage = [0u8; 16];
         let mut read = |cx: &mut Context<'_>| {
-            relay.set(cx.waker());
+            relay.task.set(cx.waker());
             let mut buf = hyper::rt::ReadBuf::new(&mut storage);
             let polled = Pin::new(&mut io).poll_read(cx, buf.unfilled());
             (polled.map(Result::unwrap), buf.filled().to_vec())
@@ -1852,6 +1829,14 @@ mod tests {
         assert!(relay.socket_wakes.load(Ordering::Acquire) >= 1);
     }
 
+    /// Two pools share a cap of 2. Pool `a` holds both places and has a
+    /// request waiting; then a request of pool `b` waits too. When one of
+    /// `a`'s connections comes back, `a` owes `b` (which holds none): it
+    /// closes the connection, and the place goes to `b`'s request, although
+    /// `a`'s request has waited longer for the cap. (Let go to the cap, the
+    /// place went to the request that waited longest, `a`'s, which opened a
+    /// connection again, and `a` gave the next one up again: a connection
+    /// opened for each request while both cores had requests waiting.)
     #[tokio::test]
     async fn a_place_given_up_for_another_pool_goes_to_its_request_not_back_to_the_giver() {
         tokio::time::timeout(Duration::from_secs(20), async {

@@ -25,7 +25,7 @@ use std::{
     ops::DerefMut,
     pin::{Pin, pin},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
@@ -53,6 +53,7 @@ use super::{
     metrics::ProxyMetrics,
     service::ConnService,
     stream_watch::StreamExecutor,
+    task_waker::TaskWaker,
 };
 use crate::metric_names;
 
@@ -469,7 +470,7 @@ where
                 }
                 return Poll::Ready(());
             }
-            side.set_task(cx.waker());
+            side.task.set(cx.waker());
             if !side.woken.swap(false, Ordering::AcqRel) {
                 return Poll::Pending;
             }
@@ -515,23 +516,14 @@ struct SideWake {
     /// Set when the shutdown signal or the timer wakes the task, and at
     /// first, so that the first poll registers them.
     woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
+    task: TaskWaker,
 }
 
 impl Default for SideWake {
     fn default() -> Self {
         Self {
             woken: AtomicBool::new(true),
-            task: Mutex::new(None),
-        }
-    }
-}
-
-impl SideWake {
-    fn set_task(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            *task = Some(waker.clone());
+            task: TaskWaker::default(),
         }
     }
 }
@@ -543,14 +535,7 @@ impl Wake for SideWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(task) = task {
-            task.wake();
-        }
+        self.task.wake();
     }
 }
 
