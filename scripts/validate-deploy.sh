@@ -536,6 +536,11 @@ def check_consistency():
         problems.append(f"{SIDECAR}: capabilities.drop must contain ALL")
     if "cpu" in sc.get("resources", {}).get("limits", {}):
         problems.append(f"{SIDECAR}: has a CPU limit (throttling adds latency to every request)")
+    # Without a CPU limit the binary would start a runtime per core of the
+    # node; a sidecar names its own count.
+    workers = {e["name"]: e.get("value", "") for e in sc.get("env", [])}.get("TOKIO_WORKER_THREADS", "")
+    if not (workers.isdigit() and int(workers) > 0):
+        problems.append(f"{SIDECAR}: TOKIO_WORKER_THREADS is {workers!r}, want a count of runtimes (see deploy/README.md, Resources)")
     return problems
 
 

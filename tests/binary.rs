@@ -1345,73 +1345,104 @@ async fn malformed_request_bodies_count_as_client_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_thread_per_core_runtime_serves_every_core_from_one_token_cache() {
     bounded("thread per core", async {
-        let env = env().await;
-        let mut proxy = env
-            .start(Opts {
-                proxy: "shutdown_grace = \"10s\"\nruntime = \"thread_per_core\"\n".to_owned(),
-                ..Opts::default()
-            })
-            .await;
         let cores = std::env::var("TOKIO_WORKER_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-        let pid = proxy.child.id().expect("running");
-        let core_threads = || {
-            let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .map(|n| n.trim().to_owned())
-                .filter(|n| n.starts_with("proxy-core-"))
-                .collect();
-            names.sort();
-            names
-        };
-        let want: Vec<String> = (0..cores).map(|i| format!("proxy-core-{i}")).collect();
-        // The listeners are bound before the threads start, so the proxy
-        // answers before a thread has run far enough to carry its name (a
-        // new thread names itself): look until every core's thread has.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut names = core_threads();
-        while names != want && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            names = core_threads();
-        }
-        assert_eq!(names, want, "one runtime thread per core");
-
-        // New connections each, which the kernel spreads over the listeners.
-        for i in 0..16 {
-            let r = raw_request(
-                proxy.addr,
-                &format!("GET /core/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"),
-            )
-            .await;
-            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-            let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            assert_eq!(echo["authorized"], true, "{echo}");
-            assert_eq!(echo["path"], format!("/core/{i}"));
-        }
-        let c = env.emulator.counters();
-        assert_eq!(c.echo_authorized, 16, "{c:?}");
-        assert_eq!(c.create_token, 1, "one cache for every core: {c:?}");
-
-        env.emulator.revoke_access_tokens();
-        let r = Http::new().get(&proxy.url("/after-revoke")).await;
-        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-        let after = env.emulator.counters();
-        assert_eq!(after.create_token, 2, "{after:?}");
-        assert_eq!(
-            after.echo_unauthorized,
-            c.echo_unauthorized + 1,
-            "{after:?}"
-        );
-
-        proxy.sigterm();
-        let status = proxy.wait_exit(Duration::from_secs(30)).await;
-        assert!(status.success(), "{status:?}: {}", proxy.stderr());
+        serves_every_core_from_one_token_cache(
+            Opts {
+                proxy: "shutdown_grace = \"10s\"\nruntime = \"thread_per_core\"\n".to_owned(),
+                ..Opts::default()
+            },
+            cores,
+        )
+        .await;
     })
     .await;
+}
+
+/// What the Kubernetes manifests in deploy/ run: `TOKIO_WORKER_THREADS=1`,
+/// one core runtime on a thread of its own beside the single-threaded main
+/// runtime, with the default `runtime`. The same guarantees as with a
+/// runtime per core: one token cache, a `401` replayed with a fresh token,
+/// SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_as_the_manifests_set_it_serves_from_one_core_thread() {
+    bounded("one worker", async {
+        serves_every_core_from_one_token_cache(
+            Opts {
+                env: vec![("TOKIO_WORKER_THREADS", "1".to_owned())],
+                ..Opts::default()
+            },
+            1,
+        )
+        .await;
+    })
+    .await;
+}
+
+/// Starts the proxy with `opts`, expects `cores` runtime threads named
+/// `proxy-core-N`, and checks that they all serve from one token cache.
+async fn serves_every_core_from_one_token_cache(opts: Opts, cores: usize) {
+    let env = env().await;
+    let mut proxy = env.start(opts).await;
+    let pid = proxy.child.id().expect("running");
+    let core_threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("proxy-core-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let want: Vec<String> = (0..cores).map(|i| format!("proxy-core-{i}")).collect();
+    // The listeners are bound before the threads start, so the proxy
+    // answers before a thread has run far enough to carry its name (a
+    // new thread names itself): look until every core's thread has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut names = core_threads();
+    while names != want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        names = core_threads();
+    }
+    assert_eq!(names, want, "one runtime thread per core");
+
+    // New connections each, which the kernel spreads over the listeners.
+    for i in 0..16 {
+        let r = raw_request(
+            proxy.addr,
+            &format!("GET /core/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(echo["authorized"], true, "{echo}");
+        assert_eq!(echo["path"], format!("/core/{i}"));
+    }
+    let c = env.emulator.counters();
+    assert_eq!(c.echo_authorized, 16, "{c:?}");
+    assert_eq!(c.create_token, 1, "one cache for every core: {c:?}");
+
+    env.emulator.revoke_access_tokens();
+    let r = Http::new().get(&proxy.url("/after-revoke")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let after = env.emulator.counters();
+    assert_eq!(after.create_token, 2, "{after:?}");
+    assert_eq!(
+        after.echo_unauthorized,
+        c.echo_unauthorized + 1,
+        "{after:?}"
+    );
+    // The admin listener is served by the main runtime, not a core's.
+    let ready = Http::new().get(&proxy.admin_url("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK, "{:?}", ready.body);
+
+    proxy.sigterm();
+    let status = proxy.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}: {}", proxy.stderr());
 }
 
 /// Two runtimes, one `SO_REUSEPORT` listener each, for the cap tests.
