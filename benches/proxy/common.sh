@@ -1,4 +1,4 @@
-# Shared by benches/proxy/run.sh, benches/proxy/callgrind.sh and
+# Shared by benches/proxy/run.sh, callgrind.sh and sched_wait.sh and
 # scripts/soak.sh (sourced, not run). Callers set WORK (a scratch dir) and
 # append the pids they start to PIDS.
 
