@@ -1,7 +1,6 @@
 # Shared by benches/proxy/run.sh, idle_rss.sh, callgrind.sh and
 # sched_wait.sh, scripts/soak.sh and scripts/pgo-build.sh (sourced, not
-# run): the Debian
-# packages they need, installed when missing.
+# run): the Debian packages they need, installed when missing.
 
 # Each argument is COMMAND=PACKAGE. A command counts as present when it is
 # on PATH or in /usr/sbin (nginx and haproxy live there, outside a normal
