@@ -14,6 +14,7 @@
 #   SW_ENV=TOKIO_WORKER_THREADS=1 bash benches/proxy/sched_wait.sh    # the proxy's environment
 #   SW_PROXY_KEYS='upstream_connect_wait = "0s"' bash benches/proxy/sched_wait.sh
 #   SW_CONNS=512 SW_RUNS=4 bash benches/proxy/sched_wait.sh
+#   SW_PERF=1 SW_CONNS=512 bash benches/proxy/sched_wait.sh   # and where the CPU time goes
 #
 # From the repository root. Set up as benches/proxy/run.sh's default view:
 # a one-worker nginx upstream answering 200 "ok", the proxy with its
@@ -21,6 +22,14 @@
 # pinned, everything measured at nice BENCH_NICE (-10 as root). Each run
 # warms up with 2 s at c=64 first and opens its connections anew. Loopback
 # only, SW_RUNS runs (default 4) of 12 s each; stops by itself.
+#
+# With SW_PERF=1 the proxy's processes are also sampled by `perf record -F
+# SW_PERF_HZ` (default 1999, cpu-clock) over the same 8 s, and the run prints
+# the symbols that took the most time, in ns of CPU per request served
+# (user-space `[.]` and kernel `[k]`); the profiles stay in
+# target/sched-wait/ for `perf report -i`. Time per request is what this
+# shows that callgrind's instruction counts do not: cache misses, and
+# work whose amount depends on timing (queue lengths under load).
 set -euo pipefail
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -41,6 +50,12 @@ P_UP=$((BASE + 1)) P_PROXY=$((BASE + 2)) P_ADMIN=$((BASE + 3)) P_EMU=$((BASE + 4
 
 source benches/proxy/tools.sh
 install_missing wrk=wrk nginx=nginx-light curl=curl ss=iproute2
+PERF="${SW_PERF:-0}"
+PERF_HZ="${SW_PERF_HZ:-1999}"
+if [[ $PERF == 1 ]]; then
+    install_missing perf=linux-perf
+    mkdir -p target/sched-wait
+fi
 WORK="$(mktemp -d /tmp/stp-sched-wait.XXXXXX)"
 source benches/proxy/common.sh
 require_free_ports SW_PORT_BASE "$P_UP" "$P_PROXY" "$P_ADMIN" "$P_EMU"
@@ -107,7 +122,13 @@ for r in $(seq "$RUNS"); do
     # proxy of one process, one per worker for nginx).
     spread=$(ss -Htnp state established "( sport = :$P_PROXY )" | grep -o 'pid=[0-9]*' | sort | uniq -c |
         awk '{printf "%s%s", sep, $1; sep = "/"}')
-    sleep 8
+    if [[ $PERF == 1 ]]; then
+        profile="target/sched-wait/perf-$TARGET-c$CONNS-run$r.data"
+        perf record -q -F "$PERF_HZ" -g -o "$profile" -p "$(proc_tree "$PROXY" | paste -sd,)" -- sleep 8 \
+            >/dev/null 2>&1
+    else
+        sleep 8
+    fi
     snapshot >"$WORK/after"
     wait "$LOAD"
     rps=$(awk '/^Requests\/sec/ {print $2}' "$WORK/wrk.txt")
@@ -120,4 +141,17 @@ for r in $(seq "$RUNS"); do
             printf "  %-16s CPU %5.0f ms  runnable, waiting %5.0f ms  runs %6d  (%3.0f us waited a run)\n",
                 $2, run, wait, n, (n > 0 ? wait * 1000 / n : 0)
     }'
+    if [[ $PERF == 1 ]]; then
+        # Samples over the 8 s, and about as many requests as wrk's rate
+        # gives for them.
+        samples=$(perf script -i "$profile" -F period 2>/dev/null | grep -c .)
+        echo "  CPU of the proxy by symbol ($samples samples at $PERF_HZ Hz; profile $profile):"
+        # awk reads the whole report (no early exit for pipefail to see).
+        perf report -i "$profile" --no-children --sort=sym --stdio 2>/dev/null |
+            awk -v top="${SW_PERF_TOP:-20}" -v s="$samples" -v hz="$PERF_HZ" -v rps="$rps" '
+                /^ +[0-9.]+%/ && ++k <= top {
+                    share = $1; sub(/%/, "", share); $1 = ""
+                    printf "  %7.0f ns/request %s\n", share / 100 * s / hz / (rps * 8) * 1e9, $0
+                }'
+    fi
 done
