@@ -25,8 +25,8 @@
 #
 # With SW_PERF=1 the proxy's processes are also sampled by `perf record -F
 # SW_PERF_HZ` (default 1999, cpu-clock) over the same 8 s, and the run prints
-# the symbols that took the most time, in ns of CPU per request served
-# (user-space `[.]` and kernel `[k]`); the profiles stay in
+# the SW_PERF_TOP (default 20) symbols that took the most time, in ns of CPU
+# per request served (user-space `[.]` and kernel `[k]`); the profiles stay in
 # target/sched-wait/ for `perf report -i`. Time per request is what this
 # shows that callgrind's instruction counts do not: cache misses, and
 # work whose amount depends on timing (queue lengths under load).
