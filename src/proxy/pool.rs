@@ -1747,6 +1747,21 @@ mod tests {
         group: &Arc<PoolGroup<Empty<Bytes>>>,
         upstream: &Authority,
     ) -> UpstreamPool<Empty<Bytes>> {
+        pool_with(
+            group,
+            upstream,
+            PoolSettings {
+                queue_timeout: Duration::from_secs(30),
+                ..PoolSettings::default()
+            },
+        )
+    }
+
+    fn pool_with(
+        group: &Arc<PoolGroup<Empty<Bytes>>>,
+        upstream: &Authority,
+        settings: PoolSettings,
+    ) -> UpstreamPool<Empty<Bytes>> {
         let connector = crate::tls::https_connector(
             crate::tls::client_config(None).unwrap(),
             Duration::from_secs(5),
@@ -1755,10 +1770,7 @@ mod tests {
             Scheme::HTTP,
             upstream.clone(),
             connector,
-            PoolSettings {
-                queue_timeout: Duration::from_secs(30),
-                ..PoolSettings::default()
-            },
+            settings,
             Arc::from("test"),
             Arc::clone(group),
         )
@@ -1937,23 +1949,15 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), async {
             let (upstream, mut held) = holding_upstream().await;
             let group = PoolGroup::new(1024, 1);
-            let connector = crate::tls::https_connector(
-                crate::tls::client_config(None).unwrap(),
-                Duration::from_secs(5),
-            );
-            let pool = UpstreamPool::new(
-                Scheme::HTTP,
-                upstream.clone(),
-                connector,
+            let pool = pool_with(
+                &group,
+                &upstream,
                 PoolSettings {
                     queue_timeout: Duration::from_secs(30),
                     connect_wait: Duration::from_secs(30),
                     ..PoolSettings::default()
                 },
-                Arc::from("test"),
-                Arc::clone(&group),
-            )
-            .unwrap();
+            );
             let first = get(&pool, "/0");
             let (number, path, answer) = held.recv().await.unwrap();
             assert_eq!((number, path.as_str()), (0, "/0"));
