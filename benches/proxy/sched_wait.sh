@@ -30,6 +30,9 @@
 # target/sched-wait/ for `perf report -i`. Time per request is what this
 # shows that callgrind's instruction counts do not: cache misses, and
 # work whose amount depends on timing (queue lengths under load).
+# SW_PERF_CALL_GRAPH=dwarf records call chains the release builds can be
+# unwound by (they keep no frame pointers), for `perf report -G` on the
+# callers of one symbol; larger profiles.
 set -euo pipefail
 
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -124,7 +127,7 @@ for r in $(seq "$RUNS"); do
         awk '{printf "%s%s", sep, $1; sep = "/"}')
     if [[ $PERF == 1 ]]; then
         profile="target/sched-wait/perf-$TARGET-c$CONNS-run$r.data"
-        perf record -q -F "$PERF_HZ" -g -o "$profile" -p "$(proc_tree "$PROXY" | paste -sd,)" -- sleep 8 \
+        perf record -q -F "$PERF_HZ" --call-graph "${SW_PERF_CALL_GRAPH:-fp}" -o "$profile" -p "$(proc_tree "$PROXY" | paste -sd,)" -- sleep 8 \
             >/dev/null 2>&1
     else
         sleep 8

@@ -20,7 +20,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, ready},
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
@@ -33,7 +33,6 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
-use tower::util::Oneshot;
 use tracing::{Span, field::Empty};
 
 use super::{
@@ -67,6 +66,10 @@ type ReexchangeFuture = Pin<Box<dyn Future<Output = Reexchange> + Send>>;
 
 /// Token layer over forwarder.
 pub(super) type Stack = BearerTokenService<Forwarder>;
+/// What the token layer's call returns.
+type StackFuture = <Stack as tower::Service<Request<UpstreamBody>>>::Future;
+/// What the forwarder's call returns.
+type ForwardFuture = <Forwarder as tower::Service<Request<UpstreamBody>>>::Future;
 
 /// Per-connection request handler.
 #[derive(Debug, Clone)]
@@ -293,7 +296,7 @@ pin_project! {
         },
         // Token layer and forwarder at work.
         Calling {
-            call: Pin<Box<Oneshot<Stack, Request<UpstreamBody>>>>,
+            call: Pin<Box<StackFuture>>,
         },
         // A per-caller route: the caller's token being exchanged.
         Exchanging {
@@ -303,7 +306,7 @@ pin_project! {
         // A per-caller route: the forwarder at work, the caller's token set;
         // `caller` is there until a `401` has been dealt with once.
         Forwarding {
-            call: Pin<Box<Oneshot<Forwarder, Request<UpstreamBody>>>>,
+            call: Pin<Box<ForwardFuture>>,
             caller: Option<Box<CallerCall>>,
         },
         // A per-caller route after a `401`: the caller's token exchanged
@@ -348,9 +351,9 @@ impl ProxyFuture {
 }
 
 impl ProxyState {
-    fn call(stack: Stack, parts: request::Parts, body: UpstreamBody) -> Self {
+    fn call(mut stack: Stack, parts: request::Parts, body: UpstreamBody) -> Self {
         Self::Calling {
-            call: Box::pin(Oneshot::new(stack, Request::from_parts(parts, body))),
+            call: call_now(&mut stack, Request::from_parts(parts, body)),
         }
     }
 
@@ -362,6 +365,24 @@ impl ProxyState {
             request: Some((parts, body, caller)),
         }
     }
+}
+
+/// `service`'s response future for `request`, boxed. The forwarder is
+/// always ready (its pool queues requests itself) and so is the token layer
+/// over it, so the call is made at once: tower's `Oneshot` would move the
+/// request into itself and then move the future it gets over the request,
+/// a copy of each on every request. `poll_ready` is still asked first, as
+/// tower's contract wants.
+fn call_now<S>(service: &mut S, request: Request<UpstreamBody>) -> Pin<Box<S::Future>>
+where
+    S: tower::Service<Request<UpstreamBody>>,
+{
+    let ready = service.poll_ready(&mut Context::from_waker(Waker::noop()));
+    debug_assert!(
+        matches!(ready, Poll::Ready(Ok(()))),
+        "the token layer and the forwarder are always ready"
+    );
+    Box::pin(service.call(request))
 }
 
 /// Where a request goes once its body is in memory.
@@ -393,7 +414,7 @@ impl CallerCall {
         self.copy = ReplayCopy::of(&request);
         self.token = Some(token);
         ProxyState::Forwarding {
-            call: Box::pin(Oneshot::new(self.forwarder.clone(), request)),
+            call: call_now(&mut self.forwarder, request),
             caller: Some(self),
         }
     }
@@ -524,7 +545,7 @@ impl Future for ProxyFuture {
                             drop(unauthorized);
                             caller.per_caller.apply(copy.headers_mut(), &token);
                             this.state.set(ProxyState::Forwarding {
-                                call: Box::pin(Oneshot::new(caller.forwarder, copy)),
+                                call: call_now(&mut caller.forwarder, copy),
                                 caller: None,
                             });
                         }
@@ -630,7 +651,7 @@ mod tests {
     /// keep-alive race's copy of the request) is boxed on its own.
     #[test]
     fn the_forwarding_future_stays_small() {
-        let size = std::mem::size_of::<Oneshot<Stack, Request<UpstreamBody>>>();
+        let size = std::mem::size_of::<StackFuture>();
         assert!(size <= 720, "the forwarding future is {size} bytes");
     }
 }
