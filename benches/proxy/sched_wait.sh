@@ -101,7 +101,8 @@ echo "target $TARGET${SW_ENV:+ ($SW_ENV)}${SW_PROXY_KEYS:+ [$SW_PROXY_KEYS]}, c=
 
 # Every thread of the proxy's, the upstream's and this run's wrk's
 # processes: path, name, then schedstat's run time, wait time (ns) and
-# times run.
+# times run, and the times it left a core asleep (voluntary switches: it
+# blocked, here in epoll_wait) and preempted (nonvoluntary).
 threads() {
     local pid
     for pid in $(proc_tree "$PROXY") $(proc_tree "$UPSTREAM") $(proc_tree "$LOAD"); do
@@ -111,7 +112,8 @@ threads() {
 snapshot() {
     local t
     for t in $(threads); do
-        printf '%s %s %s\n' "$t" "$(tr ' ' _ <"$t/comm" 2>/dev/null)" "$(cat "$t/schedstat" 2>/dev/null)"
+        printf '%s %s %s %s\n' "$t" "$(tr ' ' _ <"$t/comm" 2>/dev/null)" "$(cat "$t/schedstat" 2>/dev/null)" \
+            "$(awk '/^(non)?voluntary_ctxt_switches/ {printf "%s ", $2}' "$t/status" 2>/dev/null)"
     done | sort
 }
 
@@ -139,10 +141,10 @@ for r in $(seq "$RUNS"); do
     p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk.txt")
     echo "run $r: $rps req/s, p50 $p50, p99 $p99, client connections by process $spread"
     join "$WORK/before" "$WORK/after" | awk '{
-        run = ($7 - $3) / 1e6; wait = ($8 - $4) / 1e6; n = $9 - $5
+        run = ($9 - $3) / 1e6; wait = ($10 - $4) / 1e6; n = $11 - $5
         if (run >= 1)
-            printf "  %-16s CPU %5.0f ms  runnable, waiting %5.0f ms  runs %6d  (%3.0f us waited a run)\n",
-                $2, run, wait, n, (n > 0 ? wait * 1000 / n : 0)
+            printf "  %-16s CPU %5.0f ms  runnable, waiting %5.0f ms  runs %6d  (%3.0f us waited a run; switched out: %d asleep, %d preempted)\n",
+                $2, run, wait, n, (n > 0 ? wait * 1000 / n : 0), $12 - $6, $13 - $7
     }'
     if [[ $PERF == 1 ]]; then
         # Samples over the 8 s, and about as many requests as wrk's rate

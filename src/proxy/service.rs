@@ -43,7 +43,7 @@ use super::{
         caller_token_missing_response, head_too_large_response, no_route_response,
         path_refusal_response, refusal_response, upstream_error_response,
     },
-    forward::{ClientFault, ForwardError, Forwarder},
+    forward::{ClientFault, ForwardError, ForwardFuture, Forwarder},
     metrics::{ClientError, RouteMetrics},
     route::{PerCaller, RouteTable, Unrouted},
     stream_watch,
@@ -68,8 +68,6 @@ type ReexchangeFuture = Pin<Box<dyn Future<Output = Reexchange> + Send>>;
 pub(super) type Stack = BearerTokenService<Forwarder>;
 /// What the token layer's call returns.
 type StackFuture = <Stack as tower::Service<Request<UpstreamBody>>>::Future;
-/// What the forwarder's call returns.
-type ForwardFuture = <Forwarder as tower::Service<Request<UpstreamBody>>>::Future;
 
 /// Per-connection request handler.
 #[derive(Debug, Clone)]
