@@ -885,8 +885,16 @@ async fn run(path: &Path) -> Result<(), Failure> {
             let _ = stop.wait_for(|stop| *stop).await;
         }));
     }
+    let cpus = per_core::cpus_for(config.cpu_affinity, per_core_servers.len());
+    if let Some(cpus) = &cpus {
+        tracing::info!(
+            ?cpus,
+            "each core's runtime bound to its CPU (cpu_affinity = \"auto\")"
+        );
+    }
     for (core, core_servers) in per_core_servers.into_iter().enumerate() {
-        let done = per_core::spawn(core, core_servers, shutdown_rx.clone())
+        let cpu = cpus.as_ref().map(|cpus| cpus[core]);
+        let done = per_core::spawn(core, cpu, core_servers, shutdown_rx.clone())
             .map_err(|e| Failure::Other(format!("cannot start the thread of core {core}: {e}")))?;
         servers.spawn(async move {
             done.await

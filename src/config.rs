@@ -457,6 +457,9 @@ pub(crate) struct Config {
     pub(crate) sinks: Vec<SinkConfig>,
     /// `[proxy] runtime`: how the binary schedules its listeners.
     pub(crate) runtime: RuntimeShape,
+    /// `[proxy] cpu_affinity`: whether each core's runtime is bound to its
+    /// CPU (`runtime = "thread_per_core"` only).
+    pub(crate) cpu_affinity: CpuAffinity,
     /// The `[sources.NAME]` tables with `source = "exchange"`, in name
     /// order (not in `sources`: they hold no token of their own).
     pub(crate) exchanges: Vec<ExchangeConfig>,
@@ -473,6 +476,19 @@ pub(crate) enum RuntimeShape {
     /// the connection caps hold over all of them together.
     #[default]
     ThreadPerCore,
+}
+
+/// Whether the runtimes of `runtime = "thread_per_core"` are bound to
+/// CPUs (`[proxy] cpu_affinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum CpuAffinity {
+    /// `"auto"` (the default): when the process starts as many runtimes as
+    /// there are CPUs it may run on, two or more, runtime N is bound to the
+    /// Nth of them; otherwise none is bound.
+    #[default]
+    Auto,
+    /// `"off"`: the kernel places every runtime's thread.
+    Off,
 }
 
 /// What `login` reads: a config file where only `[oidc]` and the login keys
@@ -938,6 +954,7 @@ impl Reader {
             store: s.store?,
             sinks: s.sinks,
             runtime: self.runtime(root),
+            cpu_affinity: self.cpu_affinity(root),
             exchanges: s.exchanges,
         })
     }
@@ -960,6 +977,25 @@ impl Reader {
                     ),
                 );
                 RuntimeShape::default()
+            }
+        }
+    }
+
+    /// `[proxy] cpu_affinity`, read apart for the same reason as `runtime`.
+    fn cpu_affinity(&mut self, root: &Table) -> CpuAffinity {
+        let s = Section {
+            name: "proxy",
+            table: root.get("proxy").and_then(Value::as_table),
+        };
+        match self.string(&s, "cpu_affinity").as_deref() {
+            None | Some("auto") => CpuAffinity::Auto,
+            Some("off") => CpuAffinity::Off,
+            Some(other) => {
+                self.problem(
+                    "proxy.cpu_affinity",
+                    format!("`{other}` is not a CPU affinity; write \"auto\" or \"off\""),
+                );
+                CpuAffinity::default()
             }
         }
     }
@@ -1292,6 +1328,7 @@ impl Reader {
                 "http2_max_local_error_reset_streams",
                 "http2_max_control_frames_per_second",
                 "runtime",
+                "cpu_affinity",
             ],
         );
         // A token-only sidecar: sinks, and nothing to proxy.
@@ -3037,6 +3074,31 @@ refresh_token = "r"
         let err = parse(&with("per_core")).unwrap_err();
         assert_eq!(err.problems[0].0, "proxy.runtime");
         assert!(err.problems[0].1.contains("thread_per_core"), "{err}");
+    }
+
+    #[test]
+    fn cpu_affinity_is_auto_unless_turned_off() {
+        assert_eq!(parse(MINIMAL).unwrap().cpu_affinity, CpuAffinity::Auto);
+        let with = |value: &str| {
+            MINIMAL.replace(
+                "upstream = \"http://127.0.0.1:9000\"",
+                &format!("upstream = \"http://127.0.0.1:9000\"\ncpu_affinity = {value}"),
+            )
+        };
+        assert_eq!(
+            parse(&with("\"auto\"")).unwrap().cpu_affinity,
+            CpuAffinity::Auto
+        );
+        assert_eq!(
+            parse(&with("\"off\"")).unwrap().cpu_affinity,
+            CpuAffinity::Off
+        );
+        let err = parse(&with("\"0-1\"")).unwrap_err();
+        assert_eq!(keys(&err), ["proxy.cpu_affinity"]);
+        assert!(err.problems[0].1.contains("\"auto\" or \"off\""), "{err}");
+        let err = parse(&with("true")).unwrap_err();
+        assert_eq!(keys(&err), ["proxy.cpu_affinity"]);
+        assert!(err.problems[0].1.contains("must be a string"), "{err}");
     }
 
     fn keys(err: &ConfigError) -> Vec<&str> {

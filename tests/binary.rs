@@ -1445,6 +1445,145 @@ async fn serves_every_core_from_one_token_cache(opts: Opts, cores: usize) {
     assert!(status.success(), "{status:?}: {}", proxy.stderr());
 }
 
+/// `[proxy] cpu_affinity`: with the default `"auto"` and as many runtimes
+/// as CPUs the process may run on, the runtime of core N runs on the Nth of
+/// them and nowhere else, while the main runtime's thread keeps them all;
+/// with `"off"`, or one runtime more than there are CPUs, every core's
+/// thread keeps them all. The proxy serves through its cores in each case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_core_runtime_is_bound_to_its_own_cpu_when_they_match_one_for_one() {
+    bounded("cpu affinity", async {
+        let allowed = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+        let n = allowed.len();
+        let cases = [
+            ("", n, true),
+            ("cpu_affinity = \"off\"\n", n, false),
+            ("", n + 1, false),
+        ];
+        let env = env().await;
+        for (keys, runtimes, bound) in cases {
+            let mut proxy = env
+                .start(Opts {
+                    proxy: format!("runtime = \"thread_per_core\"\n{keys}"),
+                    env: vec![("TOKIO_WORKER_THREADS", runtimes.to_string())],
+                    ..Opts::default()
+                })
+                .await;
+            let pid = proxy.child.id().expect("running");
+            let want: Vec<Vec<usize>> = (0..runtimes)
+                .map(|i| {
+                    if bound && n >= 2 {
+                        vec![allowed[i]]
+                    } else {
+                        allowed.clone()
+                    }
+                })
+                .collect();
+            // A core's thread binds itself first thing, before it builds
+            // its runtime; once it has gone to sleep (a voluntary switch:
+            // its runtime waiting for a connection) its mask is final.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut threads = core_threads(pid);
+            while (threads.len() != runtimes
+                || threads.iter().any(|t| t.sleeps == 0)
+                || threads.iter().map(|t| &t.cpus).ne(want.iter()))
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                threads = core_threads(pid);
+            }
+            let got: Vec<&Vec<usize>> = threads.iter().map(|t| &t.cpus).collect();
+            assert_eq!(
+                got,
+                want.iter().collect::<Vec<_>>(),
+                "{keys:?}, {runtimes} runtime(s) on {allowed:?}: {threads:?}"
+            );
+            let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            assert_eq!(
+                cpus_allowed(&main),
+                allowed,
+                "the main thread stays unbound"
+            );
+            for i in 0..8 {
+                let r = raw_request(
+                    proxy.addr,
+                    &format!("GET /cpu/{i} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"),
+                )
+                .await;
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            }
+            proxy.sigterm();
+            let status = proxy.wait_exit(Duration::from_secs(30)).await;
+            assert!(status.success(), "{status:?}: {}", proxy.stderr());
+            if bound && n >= 2 {
+                assert!(
+                    proxy.stderr().contains("bound to its CPU"),
+                    "the binding is logged: {}",
+                    proxy.stderr()
+                );
+            } else {
+                assert!(
+                    !proxy.stderr().contains("bound to its CPU"),
+                    "{}",
+                    proxy.stderr()
+                );
+            }
+        }
+    })
+    .await;
+}
+
+/// `Cpus_allowed_list` of a `/proc/.../status` text, as CPU numbers.
+fn cpus_allowed(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+#[derive(Debug)]
+struct CoreThread {
+    cpus: Vec<usize>,
+    sleeps: u64,
+}
+
+/// The `proxy-core-N` threads of `pid`, in N's order.
+fn core_threads(pid: u32) -> Vec<CoreThread> {
+    let mut found: Vec<(usize, CoreThread)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let path = t.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let index = name.trim().strip_prefix("proxy-core-")?.parse().ok()?;
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            let sleeps = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((
+                index,
+                CoreThread {
+                    cpus: cpus_allowed(&status),
+                    sleeps,
+                },
+            ))
+        })
+        .collect();
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, t)| t).collect()
+}
+
 /// Two runtimes, one `SO_REUSEPORT` listener each, for the cap tests.
 fn two_runtimes(proxy_keys: &str) -> Opts {
     Opts {

@@ -84,10 +84,13 @@ CONF
 # Writes the config of nginx as the header-injecting reverse proxy it is
 # compared with: the token and forwarding headers set, upstream keep-alive
 # of 1024 connections per worker.
+# NGINX_WORKER_CPU_AFFINITY (e.g. auto): nginx's worker_cpu_affinity,
+# which is off unless set (as in nginx's own default).
 write_nginx_proxy() { # conf-file workers pid-file listen-port upstream-port token
     mkdir -p "$WORK/tmp"
     cat >"$1" <<CONF
 worker_processes $2;
+${NGINX_WORKER_CPU_AFFINITY:+worker_cpu_affinity $NGINX_WORKER_CPU_AFFINITY;}
 daemon off;
 pid $3;
 error_log stderr error;
