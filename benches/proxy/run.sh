@@ -25,8 +25,10 @@
 # * default: what users run first. Every proxy with its default shape on
 #   all cores, nothing pinned: nginx `worker_processes auto` (master and
 #   workers), HAProxy `nbthread` = cores, sso-token-proxy with its default
-#   configuration (`runtime = "thread_per_core"`: one runtime per core) and
-#   no environment tuning. Upstream keep-alive pools are
+#   configuration (`runtime = "thread_per_core"`: one runtime per core,
+#   each of which binds itself to a CPU of its own, `cpu_affinity = "auto"`)
+#   and no environment tuning; nginx's `worker_cpu_affinity` stays off, its
+#   default (NGINX_WORKER_CPU_AFFINITY=auto sets it). Upstream keep-alive pools are
 #   at least as large as the largest client connection count (nginx
 #   `keepalive 1024` per worker, HAProxy `http-reuse always`, sso-token-proxy
 #   its pool, 1024 connections by default).
@@ -571,9 +573,10 @@ REPORT="$WORK/report.md"
         echo
         targets_list default stp
         echo
-        echo "Set-up: every process unpinned on all $CORES cores. nginx \`worker_processes auto\` (a master and"
-        echo "$CORES workers), HAProxy \`nbthread $CORES\`, sso-token-proxy with its default configuration (no"
-        echo "environment variables; \`runtime = \"thread_per_core\"\`, one runtime per core; its token from the"
+        echo "Set-up: no process pinned by this script, all on $CORES cores. nginx \`worker_processes auto\` (a master and"
+        echo "$CORES workers${NGINX_WORKER_CPU_AFFINITY:+, \`worker_cpu_affinity $NGINX_WORKER_CPU_AFFINITY\`}), HAProxy \`nbthread $CORES\`, sso-token-proxy with its default configuration (no"
+        echo "environment variables; \`runtime = \"thread_per_core\"\`, one runtime per core, each bound by the proxy"
+        echo "itself to a CPU of its own when there are as many runtimes as CPUs, \`cpu_affinity = \"auto\"\`; its token from the"
         echo "SSO-OIDC emulator run alone, \`sso-token-proxy emulator\`, in a process of its own, as a deployed"
         echo "proxy gets it from the real service). Upstream"
         echo "keep-alive: nginx \`keepalive 1024\` per worker, HAProxy \`http-reuse always\`, sso-token-proxy its"
