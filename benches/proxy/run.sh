@@ -28,8 +28,8 @@
 #   configuration (`runtime = "thread_per_core"`: one runtime per core,
 #   each of which binds itself to a CPU of its own, `cpu_affinity = "auto"`)
 #   and no environment tuning; nginx's `worker_cpu_affinity` stays off, its
-#   default (NGINX_WORKER_CPU_AFFINITY=auto sets it). Upstream keep-alive pools are
-#   at least as large as the largest client connection count (nginx
+#   default (NGINX_WORKER_CPU_AFFINITY=auto sets it). Upstream keep-alive
+#   pools are at least as large as the largest client connection count (nginx
 #   `keepalive 1024` per worker, HAProxy `http-reuse always`, sso-token-proxy
 #   its pool, 1024 connections by default).
 # * pinned: each proxy pinned to core 1 with one worker (nginx
